@@ -1,0 +1,268 @@
+"""`lmforge <command>`: parses arguments, calls the library, prints results. No logic lives here."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from lmforge.cli_options import with_config
+from lmforge.data.clean import CleanConfig
+from lmforge.data.pack import PackConfig
+from lmforge.data.sources import DEFAULT_EXTENSIONS, EncodingErrors
+from lmforge.errors import LmforgeError
+from lmforge.tokenizer import TokenizerTrainConfig
+
+app = typer.Typer(
+    name="lmforge",
+    help="lmforge: build language models end to end — clean text, train tokenizers, pack shards, "
+    "pretrain, fine-tune, evaluate, generate.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain click help: compact, greppable, the same in a pipe and a terminal
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
+tokenizer_app = typer.Typer(help="Train, apply and inspect tokenizers.", no_args_is_help=True, rich_markup_mode=None)
+app.add_typer(tokenizer_app, name="tokenizer")
+
+Inputs = Annotated[list[str], typer.Argument(help="Files, folders (walked recursively) or globs.", show_default=False)]
+Out = Annotated[Path, typer.Option("-o", "--out", help="Output folder (written atomically).", show_default=False)]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace the output if it exists.")]
+TextField = Annotated[str, typer.Option(help="JSONL field / Parquet column holding the text.")]
+EncodingOpt = Annotated[
+    EncodingErrors, typer.Option(help="Invalid UTF-8: 'replace' with U+FFFD (counted) or 'strict' (error).")
+]
+Extensions = Annotated[
+    list[str], typer.Option("--ext", help="Extensions picked up when walking folders (repeat the flag).")
+]
+Progress = Annotated[bool, typer.Option(help="Show a progress bar.")]
+
+
+def _echo_json(data) -> None:
+    typer.echo(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+@app.command()
+@with_config(config=CleanConfig)
+def clean(
+    inputs: Inputs,
+    out: Out,
+    config: CleanConfig,
+    text_field: TextField = "text",
+    encoding_errors: EncodingOpt = "replace",
+    ext: Extensions = list(DEFAULT_EXTENSIONS),
+    skip_bad_files: Annotated[bool, typer.Option(help="Skip unreadable/binary files (listed in stats.json) instead of failing.")] = False,
+    shard_mb: Annotated[float, typer.Option(help="Size of each output JSONL shard in MB.")] = 64.0,
+    workers: Annotated[int, typer.Option(help="Cleaning processes (0 = one per core).")] = 0,
+    overwrite: Overwrite = False,
+    progress: Progress = True,
+):
+    """Clean raw text (txt/md/html/jsonl/parquet, .gz too) into deduplicated JSONL documents."""
+    from lmforge.data.clean import clean_corpus
+
+    stats = clean_corpus(
+        inputs, out, config, text_field=text_field, encoding_errors=encoding_errors, extensions=ext,
+        skip_bad_files=skip_bad_files, shard_mb=shard_mb, workers=workers or None, overwrite=overwrite, progress=progress,
+    )
+    inp, outp = stats["input"], stats["output"]
+    typer.echo(f"read {inp['documents']} documents from {inp['files']} files ({inp['bytes_read'] / 1e6:.1f} MB, "
+               f"{stats['mb_per_s']:.2f} MB/s); kept {outp['documents']}")
+    for reason, n in sorted(stats["removed"].items(), key=lambda kv: -kv[1]):
+        typer.echo(f"  removed {n:>7}  {reason}")
+    if inp["decode_replacements"]:
+        typer.echo(f"  {inp['decode_replacements']} invalid UTF-8 bytes replaced with U+FFFD")
+    if inp["skipped_files"]:
+        typer.echo(f"  skipped {len(inp['skipped_files'])} unreadable files (see stats.json)")
+    typer.echo(f"wrote {out}/ ({len(outp['shards'])} shards, stats.json)")
+
+
+@tokenizer_app.command("train")
+@with_config(config=TokenizerTrainConfig)
+def tokenizer_train(
+    inputs: Inputs,
+    out: Out,
+    config: TokenizerTrainConfig,
+    text_field: TextField = "text",
+    encoding_errors: EncodingOpt = "replace",
+    ext: Extensions = list(DEFAULT_EXTENSIONS),
+    overwrite: Overwrite = False,
+    progress: Progress = True,
+):
+    """Train a BPE/WordPiece/Unigram/word/char tokenizer; writes OUT/tokenizer.json."""
+    from lmforge.tokenizer import inspect_tokenizer, save_tokenizer_dir, train_tokenizer
+    from lmforge.data.sources import DocumentReader
+
+    reader = DocumentReader(inputs, text_field=text_field, encoding_errors=encoding_errors, extensions=ext)
+    tok = train_tokenizer((d.text for d in reader), config, source=", ".join(inputs), show_progress=progress)
+    save_tokenizer_dir(tok, out, overwrite=overwrite)
+    report = inspect_tokenizer(tok)
+    typer.echo(f"trained a {config.kind} tokenizer with {tok.vocab_size} tokens on {reader.stats.documents} documents "
+               f"({reader.stats.bytes_read / 1e6:.1f} MB); special tokens: {', '.join(report.special_tokens)}")
+    typer.echo(f"wrote {out}/tokenizer.json")
+
+
+TokenizerArg = Annotated[str, typer.Argument(help="A tokenizer.json, or a folder holding one (tokenizer or model dir).")]
+
+
+@tokenizer_app.command("encode")
+def tokenizer_encode(
+    tokenizer: TokenizerArg,
+    text: Annotated[Optional[str], typer.Argument(help="Text to encode (or use --file).")] = None,
+    file: Annotated[Optional[Path], typer.Option(help="Encode this file's contents instead.")] = None,
+    tokens: Annotated[bool, typer.Option("--tokens", help="Also print each token as text.")] = False,
+):
+    """Print the token ids of a text."""
+    from lmforge.tokenizer import Tokenizer
+
+    if (text is None) == (file is None):
+        raise LmforgeError("give either TEXT or --file, not both or neither")
+    if file is not None:
+        if not file.is_file():
+            raise LmforgeError(f"{file}: no such file")
+        text = file.read_text(encoding="utf-8")
+    tok = Tokenizer.load(tokenizer)
+    ids = tok.encode(text)
+    typer.echo(" ".join(map(str, ids)))
+    if tokens:
+        typer.echo(" ".join(json.dumps(tok.decode([i]), ensure_ascii=False) for i in ids))
+
+
+@tokenizer_app.command("decode")
+def tokenizer_decode(
+    tokenizer: TokenizerArg,
+    ids: Annotated[list[int], typer.Argument(help="Token ids.", show_default=False)],
+    skip_special: Annotated[bool, typer.Option("--skip-special", help="Drop special tokens.")] = False,
+):
+    """Print the text of token ids."""
+    from lmforge.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(tokenizer)
+    bad = [i for i in ids if not 0 <= i < tok.vocab_size]
+    if bad:
+        raise LmforgeError(f"token ids out of range 0..{tok.vocab_size - 1}: {bad[:10]}")
+    typer.echo(tok.decode(ids, skip_special_tokens=skip_special))
+
+
+@tokenizer_app.command("inspect")
+def tokenizer_inspect(
+    tokenizer: TokenizerArg,
+    sample: Annotated[Optional[list[str]], typer.Option(help="Files/folders to measure compression and token frequency on.")] = None,
+    sample_mb: Annotated[float, typer.Option(help="Read at most this much of the sample.")] = 5.0,
+    top: Annotated[int, typer.Option(help="How many frequent / longest tokens to list.")] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+):
+    """Show vocab size, special tokens, longest and most frequent tokens, bytes per token."""
+    from itertools import takewhile
+
+    from lmforge.data.sources import DocumentReader
+    from lmforge.tokenizer import Tokenizer, inspect_tokenizer
+
+    tok = Tokenizer.load(tokenizer)
+    texts = []
+    if sample:
+        budget = [sample_mb * 1e6]
+
+        def within_budget(doc) -> bool:
+            budget[0] -= len(doc.text.encode("utf-8"))
+            return budget[0] + len(doc.text.encode("utf-8")) > 0
+
+        texts = [d.text for d in takewhile(within_budget, DocumentReader(sample))]
+    report = inspect_tokenizer(tok, texts, top=top)
+    if as_json:
+        _echo_json(report.to_dict())
+        return
+    typer.echo(f"kind: {report.kind}   vocab size: {report.vocab_size}")
+    typer.echo("roles: " + ", ".join(f"{r}={t}" for r, t in report.roles.items() if t))
+    typer.echo("special tokens: " + ", ".join(f"{t}={i}" for t, i in report.special_tokens.items()))
+    typer.echo("longest tokens: " + "  ".join(report.longest_tokens))
+    if report.sample_tokens:
+        typer.echo(f"sample: {report.sample_bytes} bytes -> {report.sample_tokens} tokens = "
+                   f"{report.bytes_per_token:.3f} bytes/token")
+        typer.echo("most frequent: " + "  ".join(f"{t}×{n}" for t, n in report.most_frequent))
+
+
+@app.command()
+@with_config(config=PackConfig)
+def pack(
+    inputs: Inputs,
+    tokenizer: Annotated[str, typer.Option(help="tokenizer.json or a folder holding one.", show_default=False)],
+    out: Out,
+    config: PackConfig,
+    text_field: TextField = "text",
+    encoding_errors: EncodingOpt = "replace",
+    ext: Extensions = list(DEFAULT_EXTENSIONS),
+    overwrite: Overwrite = False,
+    progress: Progress = True,
+):
+    """Tokenize a corpus into train/val token shards (.bin + meta.json) for pretraining."""
+    from lmforge.data.pack import pack_corpus
+
+    meta = pack_corpus(
+        inputs, tokenizer, out, config, text_field=text_field, encoding_errors=encoding_errors,
+        extensions=ext, overwrite=overwrite, progress=progress,
+    )
+    s = meta["splits"]
+    typer.echo(f"packed {meta['documents']} documents ({meta['source_bytes'] / 1e6:.1f} MB) in {meta['seconds']:.1f} s: "
+               f"train {s['train']['tokens']} tokens, val {s['val']['tokens']} tokens ({meta['dtype']})")
+    typer.echo(f"wrote {out}/ (meta.json, tokenizer.json, {sum(len(v['shards']) for v in s.values())} shards)")
+
+
+@app.command()
+def shards(
+    path: Annotated[Path, typer.Argument(help="A shards dir made by `lmforge pack`.", show_default=False)],
+    tokenizer: Annotated[Optional[str], typer.Option(help="Check the shards were made with this tokenizer.")] = None,
+    sample_tokens: Annotated[int, typer.Option(help="Decode this many tokens from the start of train.")] = 64,
+):
+    """Show a shards dir: token counts per split, its tokenizer, a decoded sample."""
+    from lmforge.data.loader import TokenShards
+    from lmforge.tokenizer import Tokenizer
+
+    expected = Tokenizer.load(tokenizer).sha256 if tokenizer else None
+    ts = TokenShards(path, expect_tokenizer_sha256=expected)
+    meta = ts.meta
+    typer.echo(f"{path}: {meta['documents']} documents, vocab {meta['vocab_size']}, {meta['dtype']}, "
+               f"tokenizer {ts.tokenizer_sha256[:12]} ({meta['tokenizer']['kind']})")
+    for name, info in meta["splits"].items():
+        split = ts.split(name)
+        typer.echo(f"  {name}: {split.tokens} tokens, {info['documents']} documents, {len(info['shards'])} shards")
+    if expected:
+        typer.echo(f"  tokenizer matches {tokenizer}")
+    train = ts.split("train")
+    if sample_tokens > 0 and train.shards:
+        tok = Tokenizer.load(path)
+        typer.echo("sample: " + json.dumps(tok.decode(train.shards[0][:sample_tokens].tolist()), ensure_ascii=False))
+
+
+@app.command()
+def quickstart(
+    out: Annotated[Path, typer.Option("-o", "--out", help="Working folder for every stage's output.")] = Path("runs/quickstart"),
+    inputs: Annotated[Optional[list[str]], typer.Option("--input", help="Your own files/folders instead of the Python standard library (repeat the flag).")] = None,
+    vocab_size: Annotated[int, typer.Option(help="Tokenizer vocabulary size.")] = 4096,
+    overwrite: Overwrite = False,
+    progress: Progress = True,
+):
+    """Run the whole pipeline on the embedded corpus (the Python standard library source)."""
+    from lmforge.quickstart import run_quickstart
+
+    run_quickstart(out, inputs=inputs, vocab_size=vocab_size, overwrite=overwrite, progress=progress)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: usage errors and help are typer's; lmforge errors print one line and exit 1."""
+    command = typer.main.get_command(app)
+    try:
+        command.main(args=argv, prog_name="lmforge", standalone_mode=True)
+    except LmforgeError as e:
+        print(f"lmforge: error: {e}", file=sys.stderr)
+        return 1
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else int(e.code is not None)
+    return 0
+
+
+def entry() -> None:
+    sys.exit(main())

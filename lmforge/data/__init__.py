@@ -1,0 +1,1 @@
+"""The data stage: read raw text, clean it, and pack it into token shards."""
