@@ -203,14 +203,22 @@ def train_tokenizer(
 ) -> Tokenizer:
     """Train on an iterator of documents; refuse a vocabulary larger than the corpus supports."""
     hf, trainer = _build(cfg, show_progress)
+    seen_chars = 0
+
+    def counted(items: Iterable[str]) -> Iterator[str]:
+        nonlocal seen_chars
+        for text in items:
+            seen_chars += len(text)
+            yield text
+
     try:
-        hf.train_from_iterator(texts, trainer)
+        hf.train_from_iterator(counted(texts), trainer)
     except LmforgeError:
         raise
     except Exception as e:  # the Rust trainers raise plain Exceptions
         raise LmforgeError(f"{source}: tokenizer training failed ({e})") from None
     actual = hf.get_vocab_size(with_added_tokens=True)
-    if actual == len(cfg.special_tokens()):
+    if seen_chars == 0:
         raise LmforgeError(f"{source}: no text to train on (the corpus is empty)")
     if actual < cfg.vocab_size:
         raise LmforgeError(

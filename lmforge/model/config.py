@@ -1,0 +1,149 @@
+"""ModelConfig: one dataclass that describes every decoder-only model lmforge builds.
+
+Like litgpt's `Config`, the architecture is not a class hierarchy but a handful of switches
+(norm, mlp, position, bias, tied embeddings): GPT-2 and Llama are two settings of the same
+fields, so one model file serves both and a new family is a new preset, not new code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from lmforge.errors import LmforgeError
+
+NormKind = Literal["layernorm", "rmsnorm"]
+MlpKind = Literal["gelu", "swiglu"]
+PositionKind = Literal["learned", "rope"]
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"  # a label for the architecture, recorded in config.json and HF exports
+    vocab_size: int = 4096  # token embedding rows; set from the tokenizer when training
+    block_size: int = 256  # context length: the most positions the model attends over
+    n_layer: int = 4  # number of transformer blocks
+    n_head: int = 4  # query heads per attention layer
+    n_kv_head: int = 4  # key/value heads (grouped-query attention); equal to n_head for MHA
+    n_embd: int = 256  # width of the residual stream (hidden size)
+    intermediate_size: int = 768  # MLP hidden width (for swiglu, the width of gate and up each)
+    norm: NormKind = "rmsnorm"  # layernorm (GPT-2) or rmsnorm (Llama)
+    norm_eps: float = 1e-5  # epsilon added inside the norm's square root
+    mlp: MlpKind = "swiglu"  # gelu (GPT-2, tanh approximation) or swiglu (Llama)
+    position: PositionKind = "rope"  # learned absolute position embeddings or rotary (RoPE)
+    rope_theta: float = 10000.0  # RoPE base wavelength; larger suits longer contexts
+    bias: bool = False  # biases in the linear layers and in LayerNorm
+    tie_embeddings: bool = True  # share the token embedding matrix with the output head
+    dropout: float = 0.0  # dropout on embeddings, attention weights and residual branches
+    init_std: float = 0.02  # std of the normal init; residual projections get /sqrt(2*n_layer)
+
+    def __post_init__(self) -> None:
+        self._check_types()
+        for f in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size"):
+            if getattr(self, f) < 1:
+                raise LmforgeError(f"model config: {f} must be positive, got {getattr(self, f)}")
+        if self.n_embd % self.n_head:
+            raise LmforgeError(
+                f"model config: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
+            )
+        if self.n_head % self.n_kv_head:
+            raise LmforgeError(
+                f"model config: n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})"
+            )
+        for f, allowed in (("norm", ("layernorm", "rmsnorm")), ("mlp", ("gelu", "swiglu")),
+                           ("position", ("learned", "rope"))):
+            if getattr(self, f) not in allowed:
+                raise LmforgeError(f"model config: {f} must be one of {', '.join(allowed)}; got {getattr(self, f)!r}")
+        if self.position == "rope" and self.head_dim % 2:
+            raise LmforgeError(f"model config: rope needs an even head_dim, got n_embd/n_head = {self.head_dim}")
+        if not self.rope_theta > 0:
+            raise LmforgeError(f"model config: rope_theta must be positive, got {self.rope_theta}")
+        if not self.norm_eps > 0:
+            raise LmforgeError(f"model config: norm_eps must be positive, got {self.norm_eps}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise LmforgeError(f"model config: dropout must be in [0, 1), got {self.dropout}")
+        if not self.init_std > 0:
+            raise LmforgeError(f"model config: init_std must be positive, got {self.init_std}")
+
+    def _check_types(self) -> None:
+        # Configs arrive from JSON and YAML, where "4" and 4.0 are easy mistakes; catch them here
+        # rather than as a confusing error deep inside torch.
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            default = f.default
+            if isinstance(default, bool):
+                ok = isinstance(value, bool)
+            elif isinstance(default, int):
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            elif isinstance(default, float):
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+                if ok:
+                    setattr(self, f.name, float(value))
+            else:
+                ok = isinstance(value, str)
+            if not ok:
+                raise LmforgeError(
+                    f"model config: {f.name} must be {type(default).__name__}, got {value!r}"
+                )
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "model config") -> "ModelConfig":
+        """Build from a dict (e.g. config.json's "lmforge_model"); unknown keys are an error.
+
+        A key we don't know is most likely a typo or a field from a newer lmforge; silently
+        dropping it would build a different model than the one that was described.
+        """
+        if not isinstance(d, dict):
+            raise LmforgeError(f"{source}: expected a JSON object of model fields, got {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in d:
+            if key not in known:
+                raise LmforgeError(f"{source}: unknown model config key {key!r} (known: {', '.join(sorted(known))})")
+        try:
+            return cls(**d)
+        except LmforgeError as e:
+            raise LmforgeError(f"{source}: {str(e).removeprefix('model config: ')}") from None
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        """A copy with some fields changed (validated again), e.g. vocab_size from a tokenizer."""
+        return dataclasses.replace(self, **changes)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # A few million parameters: trains to readable output on a laptop CPU in minutes.
+    "tiny": ModelConfig(),
+    # GPT-2 small exactly as OpenAI released it (124,439,808 parameters).
+    "gpt2-124m": ModelConfig(
+        name="gpt2-124m", vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_kv_head=12,
+        n_embd=768, intermediate_size=3072, norm="layernorm", norm_eps=1e-5, mlp="gelu",
+        position="learned", bias=True, tie_embeddings=True,
+    ),
+    # A small Llama with grouped-query attention (3 query heads share each kv head), untied
+    # embeddings as in Llama 2.
+    "llama-tiny": ModelConfig(
+        name="llama-tiny", vocab_size=32000, block_size=1024, n_layer=6, n_head=6, n_kv_head=2,
+        n_embd=384, intermediate_size=1024, norm="rmsnorm", norm_eps=1e-5, mlp="swiglu",
+        position="rope", rope_theta=10000.0, bias=False, tie_embeddings=False,
+    ),
+    # HuggingFaceTB/SmolLM2-135M (134,515,008 parameters), the embedded default pretrained model.
+    "smollm2-135m": ModelConfig(
+        name="smollm2-135m", vocab_size=49152, block_size=8192, n_layer=30, n_head=9, n_kv_head=3,
+        n_embd=576, intermediate_size=1536, norm="rmsnorm", norm_eps=1e-5, mlp="swiglu",
+        position="rope", rope_theta=100000.0, bias=False, tie_embeddings=True,
+    ),
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+    """A fresh copy of a named preset (callers may change it without touching PRESETS)."""
+    if name not in PRESETS:
+        raise LmforgeError(f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)}")
+    return dataclasses.replace(PRESETS[name])

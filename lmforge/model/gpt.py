@@ -1,0 +1,388 @@
+"""A decoder-only Transformer, GPT-2 and Llama in one file, readable top to bottom.
+
+The order follows the data: token (+ learned position) embedding -> n_layer pre-norm blocks
+(attention, then MLP, each added to the residual stream) -> final norm -> lm_head. The config
+switches pick LayerNorm or RMSNorm, GELU or SwiGLU, learned positions or RoPE; weights are laid
+out so that Hugging Face GPT-2 and Llama checkpoints map onto them by renaming, concatenating
+and (for GPT-2's Conv1D) transposing, never by permuting (see lmforge.interop.hf).
+
+State-dict names:
+    tok_emb.weight, pos_emb.weight (learned positions only),
+    blocks.{i}.norm_1.*, blocks.{i}.attn.qkv.*, blocks.{i}.attn.proj.*,
+    blocks.{i}.norm_2.*, blocks.{i}.mlp.fc.*, blocks.{i}.mlp.proj.*,
+    norm_f.*, lm_head.weight (the same tensor as tok_emb.weight when tied)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from lmforge.errors import LmforgeError
+from lmforge.model.config import ModelConfig
+
+
+def _sdpa_supports_gqa() -> bool:
+    # `enable_gqa` arrived in torch 2.5; it lets SDPA read the shared kv heads directly instead
+    # of materialising n_head/n_kv_head copies of K and V every step.
+    try:
+        t = torch.zeros(1, 2, 1, 2)
+        F.scaled_dot_product_attention(t, t[:, :1], t[:, :1], enable_gqa=True)
+        return True
+    except (TypeError, RuntimeError):
+        return False
+
+
+SDPA_GQA = _sdpa_supports_gqa()
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in fp32 and cast back, exactly as HF Llama does."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.n_embd, config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+
+
+def rope_cache(config: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables [block_size, head_dim] in fp32, in HF's "rotate_half" layout.
+
+    Frequency i covers dimensions i and i + head_dim/2 (not the interleaved pairs of the RoPE
+    paper), which is how HF stores Llama's q/k weights, so they load without a permutation.
+    """
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim))
+    t = torch.arange(config.block_size, device=device, dtype=torch.float32)
+    freqs = torch.outer(t, inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, T, heads, head_dim]; cos/sin broadcastable to it ([T, 1, hd] or [B, T, 1, hd])."""
+    # Under autocast x may be bf16 while the tables are fp32; match x (a no-op otherwise).
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return x * cos + rotate_half(x) * sin
+
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding, allocated once.
+
+    k, v: [n_layer, B, n_kv_head, max_len, head_dim]; positions [0, pos) hold valid entries.
+    Attention writes a chunk's keys/values at [pos, pos + T) with `update`; the model advances
+    `pos` once after all layers. Nothing is allocated per step: decoding writes into and reads
+    views of these two tensors.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int | None = None, *,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+        max_len = config.block_size if max_len is None else max_len
+        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self._k_layers = self.k.unbind(0)  # per-layer views, made once instead of per call
+        self._v_layers = self.v.unbind(0)
+        self.pos = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [B, n_kv_head, T, hd] at [pos, pos+T); return the keys/values [0, pos+T)."""
+        end = self.pos + k.shape[2]
+        kl, vl = self._k_layers[layer], self._v_layers[layer]
+        kl[:, :, self.pos:end].copy_(k)
+        vl[:, :, self.pos:end].copy_(v)
+        return kl[:, :, :end], vl[:, :, :end]
+
+    def reset(self) -> None:
+        self.pos = 0
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        # One fused projection for q, k and v: [q (n_head*hd) | k (n_kv*hd) | v (n_kv*hd)].
+        self.qkv = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * config.head_dim, bias=config.bias)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+        self.gqa = config.n_kv_head != config.n_head
+
+    def forward(self, x, rope, mask, cache: KVCache | None, layer: int) -> torch.Tensor:
+        B, T, C = x.shape
+        H, Hkv = self.n_head, self.n_kv_head
+        qkv = self.qkv(x).view(B, T, H + 2 * Hkv, self.head_dim)
+        qk, v = qkv.split((H + Hkv, Hkv), dim=2)
+        if rope is not None:  # rotate q and k together: one set of ops instead of two
+            qk = apply_rope(qk, *rope)
+        q, k = qk.split((H, Hkv), dim=2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, hd]
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        dropout = self.dropout if self.training else 0.0
+        # mask None: plain causal attention (the fast path); mask False: decoding one token
+        # against the whole cache, where every key is visible; else the bool mask says it all.
+        is_causal = mask is None
+        if mask is False:
+            mask = None
+        if self.gqa and not SDPA_GQA:
+            rep = H // Hkv
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        extra = {"enable_gqa": True} if self.gqa and SDPA_GQA else {}
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, **extra)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        y = self.proj(y)
+        return F.dropout(y, dropout, True) if dropout else y
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.swiglu = config.mlp == "swiglu"
+        # SwiGLU fuses gate and up into one matmul: fc = [gate (I) | up (I)].
+        width = 2 * config.intermediate_size if self.swiglu else config.intermediate_size
+        self.fc = nn.Linear(config.n_embd, width, bias=config.bias)
+        self.proj = nn.Linear(config.intermediate_size, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh")  # GPT-2's "gelu_new"
+        h = self.proj(h)
+        dropout = self.dropout if self.training else 0.0
+        return F.dropout(h, dropout, True) if dropout else h
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.norm_1 = make_norm(config)
+        self.attn = CausalSelfAttention(config)
+        self.norm_2 = make_norm(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rope=None, mask=None, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.norm_1(x), rope, mask, cache, layer)
+        return x + self.mlp(self.norm_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
+        self.pos_emb = nn.Embedding(config.block_size, config.n_embd) if config.position == "learned" else None
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm_f = make_norm(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.tie_weights()
+        # Recompute activations in backward instead of storing them (set by the trainer).
+        self.activation_checkpointing = False
+        if config.position == "rope":
+            # Non-persistent: derived from the config, so never saved and never stale.
+            cos, sin = rope_cache(config, device=self.tok_emb.weight.device)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # GPT-2: scale the residual output projections by 1/sqrt(2*n_layer) so the residual
+        # stream's variance does not grow with depth (two residual additions per block).
+        for block in self.blocks:
+            for proj in (block.attn.proj, block.mlp.proj):
+                nn.init.normal_(proj.weight, mean=0.0, std=config.init_std / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    def tie_weights(self) -> None:
+        """Make lm_head share tok_emb's matrix (again: moving a model off `meta` unties it)."""
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+
+    def reset_rope(self) -> None:
+        """Recompute the RoPE tables, e.g. after `to_empty` left them uninitialised."""
+        if self.config.position == "rope":
+            cos, sin = rope_cache(self.config, device=self.rope_cos.device)
+            self.rope_cos = cos.to(self.rope_cos.dtype)
+            self.rope_sin = sin.to(self.rope_sin.dtype)
+
+    # -- forward ----------------------------------------------------------------------------
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        positions: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        logits_to_keep: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx [B, T] token ids -> (logits [B, T, vocab], loss or None).
+
+        targets: [B, T] int64, -100 = ignore; loss is the mean cross-entropy (in fp32) over the
+            other positions.
+        positions: [B, T] int64 position of each token (left-padded batches); default
+            start..start+T-1, where start is cache.pos (0 without a cache). Not range-checked:
+            they must be < block_size.
+        attn_mask: bool, True = may attend, [B, S] (key padding) or broadcastable to
+            [B, 1, T, S], where S = cache.pos + T with a cache, else T. It is combined with the
+            causal mask; without it the fused is_causal path runs.
+        cache: a KVCache; the chunk's keys/values are appended and cache.pos advances by T.
+            Prefill any number of tokens, then decode one (or more) at a time.
+        logits_to_keep: if > 0 and no targets, compute logits only for the last N positions
+            (generation needs just the last one; the full [B, T, vocab] head is the costliest
+            matmul of a long prefill).
+        """
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        S = start + T
+        if cache is not None and S > cache.max_len:
+            raise LmforgeError(f"KV cache full: {start} cached + {T} new tokens exceed its max_len {cache.max_len}")
+        if positions is None and S > self.config.block_size:
+            raise LmforgeError(f"sequence of {S} positions exceeds the model's block_size {self.config.block_size}")
+
+        x = self.tok_emb(idx)
+        rope = None
+        if self.pos_emb is not None:
+            x = x + (self.pos_emb.weight[start:S] if positions is None else self.pos_emb(positions))
+        else:
+            if positions is None:  # a slice of the tables: no gather, no allocation
+                rope = (self.rope_cos[start:S].unsqueeze(1), self.rope_sin[start:S].unsqueeze(1))
+            else:
+                rope = (self.rope_cos[positions].unsqueeze(2), self.rope_sin[positions].unsqueeze(2))
+        if self.config.dropout and self.training:
+            x = F.dropout(x, self.config.dropout, True)
+
+        mask = self._attention_mask(attn_mask, B, T, start, idx.device)
+        for i, block in enumerate(self.blocks):
+            if self.activation_checkpointing and self.training and cache is None:
+                x = checkpoint(block, x, rope, mask, None, i, use_reentrant=False)
+            else:
+                x = block(x, rope, mask, cache, i)
+        if cache is not None:
+            cache.pos = S
+
+        if targets is None and logits_to_keep > 0:
+            x = x[:, -logits_to_keep:]
+        logits = self.lm_head(self.norm_f(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return logits, loss
+
+    @staticmethod
+    def _attention_mask(attn_mask, B: int, T: int, start: int, device) -> torch.Tensor | bool | None:
+        """None -> SDPA's is_causal; False -> no mask at all; else a bool [B|1, 1, T, S] mask."""
+        S = start + T
+        if attn_mask is None:
+            if start == 0:
+                return None  # square causal: the fused path
+            if T == 1:
+                return False  # one new token sees the whole cache
+            # A chunk after a cached prefix: query i sits at position start+i. (SDPA's
+            # is_causal aligns a non-square mask top-left, which would be wrong here.)
+            return torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=start)
+        if attn_mask.dtype != torch.bool:
+            raise LmforgeError(f"attn_mask must be a bool tensor (True = attend), got {attn_mask.dtype}")
+        if attn_mask.dim() == 2:
+            attn_mask = attn_mask[:, None, None, :]
+        if attn_mask.shape[-1] != S:
+            raise LmforgeError(f"attn_mask covers {attn_mask.shape[-1]} keys, expected {S} (cached + new tokens)")
+        q_pos = torch.arange(start, S, device=device)[:, None]
+        k_pos = torch.arange(S, device=device)[None, :]
+        # Each query always sees its own key: a padding row would otherwise have no key at all,
+        # SDPA would return NaN for it, and 0 * NaN in the next layer would spread the NaN to
+        # real tokens. The padding rows' outputs are garbage either way and never attended to.
+        return (attn_mask & (k_pos <= q_pos)) | (k_pos == q_pos)
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        """A KVCache on this model's device and dtype (max_len defaults to block_size)."""
+        w = self.tok_emb.weight
+        return KVCache(self.config, batch_size, max_len, device=w.device, dtype=w.dtype)
+
+    # -- accounting --------------------------------------------------------------------------
+    def param_count(self, non_embedding: bool = False) -> int:
+        """Parameters, each shared tensor once. non_embedding=True leaves out the vocabulary and
+        position tables (token embedding, position embedding, lm_head), Kaplan et al.'s N."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.tok_emb.weight.numel()
+            if self.pos_emb is not None:
+                n -= self.pos_emb.weight.numel()
+            if not self.config.tie_embeddings:
+                n -= self.lm_head.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs (forward + backward) per token at context seq_len: 6N + 12*L*H*Q*T.
+
+        N counts the parameters that take part in matmuls: everything but the embedding lookups,
+        plus the lm_head matrix once (tied or not). 12*L*H*Q*T is attention's QK^T and AV
+        (the nanoGPT / PaLM appendix B estimate; no discount for the causal half).
+        """
+        c = self.config
+        n = self.param_count(non_embedding=True) + c.vocab_size * c.n_embd
+        return 6 * n + 12 * c.n_layer * c.n_head * c.head_dim * seq_len
+
+    def configure_optimizer_groups(self, weight_decay: float) -> list[dict]:
+        """Two param groups: weight decay on the 2-D weights of linear layers; none on norms,
+        biases and embeddings (a tied lm_head is the embedding, so it gets none either)."""
+        embeddings = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
+        decay_ids = {
+            id(m.weight) for m in self.modules() if isinstance(m, nn.Linear) and id(m.weight) not in embeddings
+        }
+        decay, no_decay = [], []
+        for p in self.parameters():  # deduplicated: a tied matrix appears once
+            if p.requires_grad:
+                (decay if id(p) in decay_ids else no_decay).append(p)
+        return [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+
+
+def build_empty(config: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> GPT:
+    """A GPT with uninitialised weights (about to be overwritten by a checkpoint): built on the
+    meta device, so no time goes into a random init that would be thrown away."""
+    with torch.device("meta"):
+        model = GPT(config).to(dtype)
+    model = model.to_empty(device=device)
+    model.tie_weights()
+    model.reset_rope()
+    return model

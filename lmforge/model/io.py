@@ -1,0 +1,148 @@
+"""Model dirs: the one on-disk form of a model that every stage reads and writes.
+
+    config.json        {"lmforge_model": ModelConfig.to_dict(), "format_version": 1, ...extra}
+    model.safetensors  the weights (never pickle: loading a checkpoint must not run code);
+                       a tied lm_head is stored once, as tok_emb.weight
+    tokenizer.json     + tokenizer_config.json, when a tokenizer is given
+
+Everything is checked on load (keys, shapes, a complete safetensors file), and a problem is
+reported as an LmforgeError naming the file and what is wrong, not as a torch traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lmforge.errors import LmforgeError
+from lmforge.fsutil import atomic_dir, atomic_file
+from lmforge.model.config import ModelConfig
+from lmforge.model.gpt import GPT, build_empty
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+MODEL_KEY = "lmforge_model"
+FORMAT_VERSION = 1
+
+
+def model_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """The weights to save: detached, contiguous, a tied lm_head left out (safetensors refuses
+    two names for one storage, and the config says to re-tie it on load)."""
+    sd = model.state_dict()
+    if model.config.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    return {k: v.detach().contiguous() for k, v in sd.items()}
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor a checkpoint for `config` holds (built on `meta`: free)."""
+    with torch.device("meta"):
+        model = GPT(config)
+    return {k: tuple(v.shape) for k, v in model_state_dict(model).items()}
+
+
+def check_state_dict(sd: dict[str, torch.Tensor], config: ModelConfig, source: str) -> None:
+    """Raise an LmforgeError naming `source` unless `sd` has exactly the tensors `config` needs."""
+    expected = expected_shapes(config)
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    if unexpected:
+        hint = " (the config ties embeddings, so lm_head.weight is not stored)" if "lm_head.weight" in unexpected else ""
+        raise LmforgeError(f"{source}: unexpected tensors {_few(unexpected)}{hint}")
+    if missing:
+        raise LmforgeError(f"{source}: missing tensors {_few(missing)}")
+    for k, shape in expected.items():
+        if tuple(sd[k].shape) != shape:
+            raise LmforgeError(f"{source}: {k} has shape {list(sd[k].shape)}, the config needs {list(shape)}")
+
+
+def _few(names: list[str], n: int = 5) -> str:
+    shown = ", ".join(names[:n])
+    return shown + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def model_from_state_dict(config: ModelConfig, sd: dict[str, torch.Tensor], *, source: str = "state dict",
+                          device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> GPT:
+    """Check `sd` against `config` and load it into a new GPT (in eval mode)."""
+    check_state_dict(sd, config, source)
+    model = build_empty(config, device=device, dtype=dtype)
+    with torch.no_grad():
+        model.load_state_dict(sd, strict=not config.tie_embeddings)  # tied: lm_head is tok_emb
+    return model.eval()
+
+
+def write_model_files(model: GPT, folder: str | os.PathLike, tokenizer=None,
+                      extra_config: dict[str, Any] | None = None) -> None:
+    """Write config.json, model.safetensors and the tokenizer into an existing folder.
+
+    Not atomic by itself: `save_model_dir` and the trainer's checkpoint writer call it inside a
+    temporary folder that is renamed into place once complete.
+    """
+    folder = Path(folder)
+    extra = dict(extra_config or {})
+    if MODEL_KEY in extra:
+        raise LmforgeError(f"extra_config must not contain {MODEL_KEY!r}: it is written from the model itself")
+    config = {MODEL_KEY: model.config.to_dict(), "format_version": FORMAT_VERSION, **extra}
+    with atomic_file(folder / CONFIG_FILE, "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
+        f.write("\n")
+    sd = {k: v.cpu() for k, v in model_state_dict(model).items()}
+    save_file(sd, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    if tokenizer is not None:
+        tokenizer.save(folder)
+
+
+def save_model_dir(model: GPT, path: str | os.PathLike, tokenizer=None,
+                   extra_config: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
+    """Write a complete model dir at `path`, atomically (temp folder, fsync, rename)."""
+    with atomic_dir(path, overwrite=overwrite) as tmp:
+        write_model_files(model, tmp, tokenizer=tokenizer, extra_config=extra_config)
+    return Path(path)
+
+
+def read_json(file: Path) -> Any:
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LmforgeError(f"{file}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LmforgeError(f"{file}: invalid JSON ({e})") from None
+
+
+def read_model_config(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any]]:
+    """The ModelConfig of a model dir, plus the whole config.json (for the extra entries)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise LmforgeError(f"{path}: not a folder (a model dir holds {CONFIG_FILE} and {WEIGHTS_FILE})")
+    file = path / CONFIG_FILE
+    if not file.exists():
+        raise LmforgeError(f"{path}: no {CONFIG_FILE} here, so not a model dir")
+    raw = read_json(file)
+    if not isinstance(raw, dict) or MODEL_KEY not in raw:
+        hint = " (a Hugging Face model? import it first)" if isinstance(raw, dict) and "architectures" in raw else ""
+        raise LmforgeError(f"{file}: no {MODEL_KEY!r} entry{hint}")
+    return ModelConfig.from_dict(raw[MODEL_KEY], source=f"{file} {MODEL_KEY}"), raw
+
+
+def read_safetensors(file: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    if not file.exists():
+        raise LmforgeError(f"{file}: no such file")
+    try:
+        return load_file(str(file), device=str(device))
+    except Exception as e:  # safetensors raises its own SafetensorError (and OSError) on bad files
+        raise LmforgeError(f"{file}: not a complete safetensors file ({e})") from None
+
+
+def load_model_dir(path: str | os.PathLike, device: torch.device | str = "cpu",
+                   dtype: torch.dtype = torch.float32) -> tuple[GPT, ModelConfig]:
+    """Load a model dir's GPT (in eval mode) and its ModelConfig."""
+    path = Path(path)
+    config, _ = read_model_config(path)
+    file = path / WEIGHTS_FILE
+    sd = read_safetensors(file, device)
+    return model_from_state_dict(config, sd, source=str(file), device=device, dtype=dtype), config

@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+# Tests must not depend on how many cores the machine has or flood CI's two.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from lmforge.cli import main  # noqa: E402
+from lmforge.data.embedded import stdlib_files  # noqa: E402
+
+
+class CliResult:
+    def __init__(self, code: int, out: str, err: str):
+        self.code, self.out, self.err = code, out, err
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run `lmforge ARGS` in-process; returns exit code, stdout, stderr."""
+
+    def run(*args) -> CliResult:
+        code = main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def stdlib_texts() -> list[str]:
+    """Real text and code: a few hundred KB of the standard library, the same on every run."""
+    files = [p for p in stdlib_files(include_tests=False) if p.stat().st_size > 2000][:60]
+    return [p.read_text(encoding="utf-8", errors="replace") for p in files]
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return path
+
+
+def read_jsonl_dir(folder: Path) -> list[dict]:
+    out = []
+    for f in sorted(folder.glob("part-*.jsonl")):
+        out += [json.loads(line) for line in f.read_text(encoding="utf-8").splitlines()]
+    return out
+
+
+def leftovers(parent: Path) -> list[str]:
+    """Temp names an interrupted atomic write would leave behind."""
+    return [p.name for p in parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+
+
