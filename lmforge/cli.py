@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -9,12 +10,14 @@ from typing import Annotated, Optional
 
 import typer
 
-from lmforge.cli_options import with_config
+from lmforge.cli_options import Spec, given_on_command_line, load_yaml_defaults, with_config
 from lmforge.data.clean import CleanConfig
 from lmforge.data.pack import PackConfig
 from lmforge.data.sources import DEFAULT_EXTENSIONS, EncodingErrors
 from lmforge.errors import LmforgeError
+from lmforge.model.config import ModelConfig
 from lmforge.tokenizer import TokenizerTrainConfig
+from lmforge.train.config import TrainConfig
 
 app = typer.Typer(
     name="lmforge",
@@ -238,17 +241,109 @@ def shards(
 
 
 @app.command()
+@with_config(cfg=Spec(TrainConfig, "train.", alias=True), model_overrides=Spec(ModelConfig, "model.", overrides=True))
+def pretrain(
+    ctx: typer.Context,
+    data: Annotated[Optional[Path], typer.Option(help="A shards dir made by `lmforge pack` (its tokenizer is the model's).", show_default=False)] = None,
+    model: Annotated[str, typer.Option(help="A preset (see `lmforge models --presets`) or a YAML/JSON file of model settings.")] = "tiny",
+    out: Annotated[Optional[Path], typer.Option("-o", "--out", help="Run dir: checkpoints, metrics.csv, report.", show_default=False)] = None,
+    cfg: TrainConfig = None,
+    model_overrides: dict = None,
+    config_file: Annotated[Optional[Path], typer.Option("--config", help="YAML run config ({data, model, out, train: {...}}); flags override it.", is_eager=True, callback=load_yaml_defaults)] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its latest checkpoint (its saved config is the default).")] = False,
+    resume_from: Annotated[Optional[str], typer.Option(help="Continue from this checkpoint folder instead.")] = None,
+    overwrite: Overwrite = False,
+    progress: Progress = True,
+):
+    """Pretrain a model from scratch on token shards (AdamW/SGD, checkpoints, exact resume)."""
+    from lmforge.cli_options import build_config
+    from lmforge.train.pretrain import RUN_CONFIG, describe, pretrain as run_pretrain
+
+    if out is None:
+        raise LmforgeError("--out is required: the run dir to write (or resume)")
+    if resume or resume_from:
+        saved_file = out / RUN_CONFIG
+        if saved_file.exists():
+            import yaml
+
+            saved = yaml.safe_load(saved_file.read_text())
+            values = {k: v for k, v in saved.get("train", {}).items()}
+            current = dataclasses.asdict(cfg)
+            for name in current:
+                if given_on_command_line(ctx, f"train__{name}"):
+                    values[name] = current[name]
+            cfg = TrainConfig(**{k: v for k, v in values.items() if k in current})
+            if data is None:
+                data = Path(saved["data"])
+    if data is None:
+        raise LmforgeError("--data is required: a shards dir made by `lmforge pack`")
+    summary = run_pretrain(data, model, out, cfg, model_overrides=model_overrides, resume=resume,
+                           resume_from=resume_from, overwrite=overwrite, progress=progress)
+    typer.echo(describe(summary))
+
+
+@app.command()
+def models(
+    presets: Annotated[bool, typer.Option("--presets", help="List the architecture presets.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+):
+    """List model presets (architectures) with their sizes."""
+    from lmforge.model.config import PRESETS
+    from lmforge.model.estimate import estimate_memory
+
+    rows = []
+    for name, c in PRESETS.items():
+        est = estimate_memory(c, 1, min(c.block_size, 1024))
+        rows.append({"name": name, "family": "llama" if c.position == "rope" else "gpt2", "params": est["params"],
+                     "layers": c.n_layer, "heads": f"{c.n_head}/{c.n_kv_head}", "width": c.n_embd,
+                     "context": c.block_size, "vocab": c.vocab_size})
+    if as_json:
+        _echo_json(rows)
+        return
+    typer.echo(f"{'preset':<14} {'family':<7} {'params':>10} {'layers':>6} {'heads q/kv':>10} {'width':>6} {'context':>8} {'vocab':>7}")
+    for r in rows:
+        typer.echo(f"{r['name']:<14} {r['family']:<7} {r['params'] / 1e6:>9.1f}M {r['layers']:>6} {r['heads']:>10} "
+                   f"{r['width']:>6} {r['context']:>8} {r['vocab']:>7}")
+
+
+@app.command()
+@with_config(model_overrides=Spec(ModelConfig, "model.", overrides=True))
+def estimate(
+    model: Annotated[str, typer.Option(help="A preset or a YAML/JSON file of model settings.")] = "tiny",
+    batch_size: Annotated[int, typer.Option(help="Sequences per batch.")] = 16,
+    seq_len: Annotated[int, typer.Option(help="Tokens per sequence (0 = the model's context).")] = 0,
+    optimizer: Annotated[str, typer.Option(help="adamw or sgd.")] = "adamw",
+    model_overrides: dict = None,
+):
+    """Estimate parameters, FLOPs per token and training memory for a model."""
+    from lmforge.model.estimate import estimate_memory
+    from lmforge.train.pretrain import resolve_model_config
+
+    config = resolve_model_config(model, model_overrides)
+    est = estimate_memory(config, batch_size, seq_len or config.block_size, optimizer=optimizer)
+    gib = lambda b: f"{b / 2**30:.3f} GiB"  # noqa: E731
+    typer.echo(f"{config.name}: {est['params']:,} parameters, {est['flops_per_token'] / 1e9:.3f} GFLOP per token (train)")
+    for key in ("weights", "grads", "optimizer", "activations", "logits", "total"):
+        typer.echo(f"  {key:<12} {gib(est[key])}")
+
+
+@app.command()
 def quickstart(
     out: Annotated[Path, typer.Option("-o", "--out", help="Working folder for every stage's output.")] = Path("runs/quickstart"),
     inputs: Annotated[Optional[list[str]], typer.Option("--input", help="Your own files/folders instead of the Python standard library (repeat the flag).")] = None,
     vocab_size: Annotated[int, typer.Option(help="Tokenizer vocabulary size.")] = 4096,
+    model: Annotated[str, typer.Option(help="Model preset to pretrain.")] = "tiny",
+    minutes: Annotated[float, typer.Option(help="Time budget for pretraining, in minutes.")] = 5.0,
+    batch_size: Annotated[int, typer.Option(help="Sequences per step.")] = 16,
+    block_size: Annotated[int, typer.Option(help="Tokens per sequence.")] = 256,
     overwrite: Overwrite = False,
     progress: Progress = True,
 ):
     """Run the whole pipeline on the embedded corpus (the Python standard library source)."""
     from lmforge.quickstart import run_quickstart
 
-    run_quickstart(out, inputs=inputs, vocab_size=vocab_size, overwrite=overwrite, progress=progress)
+    run_quickstart(out, inputs=inputs, vocab_size=vocab_size, model=model, minutes=minutes, batch_size=batch_size,
+                   block_size=block_size, overwrite=overwrite, progress=progress)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,7 +42,10 @@ def _param_name(prefix: str, name: str) -> str:
     return (prefix + name).replace(".", "__").replace("-", "_")
 
 
-def config_parameters(cls: type, prefix: str = "", panel: str | None = None) -> list[inspect.Parameter]:
+def config_parameters(cls: type, prefix: str = "", panel: str | None = None, *, alias: bool = False,
+                      overrides: bool = False) -> list[inspect.Parameter]:
+    """Options for `cls`'s fields. `alias` adds the unprefixed name too (`--lr` beside `--train.lr`);
+    `overrides` makes every option default to None ("keep the value from elsewhere")."""
     hints = typing.get_type_hints(cls)
     comments = field_comments(cls)
     params = []
@@ -51,17 +54,22 @@ def config_parameters(cls: type, prefix: str = "", panel: str | None = None) -> 
             continue
         ftype = hints[f.name]
         if dataclasses.is_dataclass(ftype):
-            params += config_parameters(ftype, f"{prefix}{f.name}.", panel)
+            params += config_parameters(ftype, f"{prefix}{f.name}.", panel, alias=alias, overrides=overrides)
             continue
-        if f.default is not dataclasses.MISSING:
+        if overrides:
+            default = None
+        elif f.default is not dataclasses.MISSING:
             default = f.default
         elif f.default_factory is not dataclasses.MISSING:
             default = f.default_factory()
         else:
             default = ...
-        flag = _flag(prefix, f.name)
-        decls = [f"{flag}/--no-{flag[2:]}"] if ftype is bool else [flag]
-        option = typer.Option(*decls, help=comments.get(f.name, ""), rich_help_panel=panel)
+        names = [_flag(prefix, f.name)] + ([_flag("", f.name)] if alias and prefix else [])
+        decls = [f"{n}/--no-{n[2:]}" for n in names] if ftype is bool else names
+        help_text = comments.get(f.name, "")
+        if overrides:
+            ftype = typing.Optional[ftype]
+        option = typer.Option(*decls, help=help_text, rich_help_panel=panel, show_default=not overrides)
         params.append(
             inspect.Parameter(
                 _param_name(prefix, f.name), inspect.Parameter.KEYWORD_ONLY,
@@ -71,24 +79,45 @@ def config_parameters(cls: type, prefix: str = "", panel: str | None = None) -> 
     return params
 
 
-def build_config(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+def config_values(cls: type, values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Pop `cls`'s options out of a command's keyword arguments, as a (nested) dict."""
     hints = typing.get_type_hints(cls)
-    kwargs = {}
+    out = {}
     for f in dataclasses.fields(cls):
         if not f.init:
             continue
         if dataclasses.is_dataclass(hints[f.name]):
-            kwargs[f.name] = build_config(hints[f.name], values, f"{prefix}{f.name}.")
+            out[f.name] = config_values(hints[f.name], values, f"{prefix}{f.name}.")
         else:
-            kwargs[f.name] = values.pop(_param_name(prefix, f.name))
+            out[f.name] = values.pop(_param_name(prefix, f.name))
+    return out
+
+
+def build_config(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs = config_values(cls, values, prefix)
+    for f in dataclasses.fields(cls):
+        if f.init and dataclasses.is_dataclass(hints[f.name]):
+            kwargs[f.name] = hints[f.name](**kwargs[f.name])
     return cls(**kwargs)
 
 
-def with_config(**configs: type | tuple[type, str]) -> Callable:
+@dataclasses.dataclass
+class Spec:
+    """How a config appears on the command line (see `with_config`)."""
+
+    cls: type
+    prefix: str = ""
+    alias: bool = False  # also accept the unprefixed option names
+    overrides: bool = False  # options default to None; the command receives a dict of the given ones
+
+
+def with_config(**configs: type | Spec) -> Callable:
     """Decorator: add each named dataclass's fields as options; call the command with built configs.
 
-    `@with_config(config=CleanConfig)` gives flat options; `(TrainConfig, "train.")` gives
-    `--train.lr`-style ones.
+    `@with_config(config=CleanConfig)` gives flat options; `Spec(TrainConfig, "train.", alias=True)`
+    gives `--train.lr` and `--lr`; `Spec(ModelConfig, "model.", overrides=True)` passes a dict of
+    only the options the user gave.
     """
 
     def decorate(fn: Callable) -> Callable:
@@ -96,16 +125,20 @@ def with_config(**configs: type | tuple[type, str]) -> Callable:
         # Resolve string annotations against the command's own module, not this one.
         hints = typing.get_type_hints(fn, include_extras=True)
         sig = sig.replace(parameters=[p.replace(annotation=hints.get(p.name, p.annotation)) for p in sig.parameters.values()])
-        specs = {name: spec if isinstance(spec, tuple) else (spec, "") for name, spec in configs.items()}
+        specs = {name: spec if isinstance(spec, Spec) else Spec(spec) for name, spec in configs.items()}
         kept = [p for p in sig.parameters.values() if p.name not in specs]
         added = []
-        for name, (cls, prefix) in specs.items():
-            added += config_parameters(cls, prefix, panel=f"{cls.__name__} options")
+        for spec in specs.values():
+            added += config_parameters(spec.cls, spec.prefix, panel=f"{spec.cls.__name__} options",
+                                       alias=spec.alias, overrides=spec.overrides)
 
         @functools.wraps(fn)
         def wrapper(**kwargs):
-            for name, (cls, prefix) in specs.items():
-                kwargs[name] = build_config(cls, kwargs, prefix)
+            for name, spec in specs.items():
+                if spec.overrides:
+                    kwargs[name] = {k: v for k, v in config_values(spec.cls, kwargs, spec.prefix).items() if v is not None}
+                else:
+                    kwargs[name] = build_config(spec.cls, kwargs, spec.prefix)
             return fn(**kwargs)
 
         wrapper.__signature__ = sig.replace(parameters=kept + added)
@@ -114,3 +147,45 @@ def with_config(**configs: type | tuple[type, str]) -> Callable:
         return wrapper
 
     return decorate
+
+
+def flatten_to_params(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A YAML run config {"train": {"lr": 3e-4}} as command parameter names {"train__lr": 3e-4}."""
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}".replace("-", "_")
+        if isinstance(value, dict):
+            out.update(flatten_to_params(value, name + "__"))
+        else:
+            out[name] = value
+    return out
+
+
+def load_yaml_defaults(ctx: typer.Context, param, value: str | None) -> str | None:
+    """Eager `--config FILE` callback: the file's values become the defaults; flags still win."""
+    if value:
+        import yaml
+
+        from lmforge.errors import LmforgeError
+
+        path = __import__("pathlib").Path(value)
+        if not path.is_file():
+            raise LmforgeError(f"--config {value}: no such file")
+        try:
+            tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise LmforgeError(f"{value}: invalid YAML ({e})") from None
+        if not isinstance(tree, dict):
+            raise LmforgeError(f"{value}: expected a mapping at the top level")
+        known = {p.name for p in ctx.command.params}
+        flat = flatten_to_params(tree)
+        unknown = sorted(set(flat) - known)
+        if unknown:
+            raise LmforgeError(f"{value}: unknown settings {', '.join(u.replace('__', '.') for u in unknown)}")
+        ctx.default_map = {**(ctx.default_map or {}), **flat}
+    return value
+
+
+def given_on_command_line(ctx: typer.Context, name: str) -> bool:
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT", "DEFAULT_MAP")

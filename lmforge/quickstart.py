@@ -1,11 +1,14 @@
 """`lmforge quickstart`: the whole pipeline on the embedded corpus, in one command.
 
-Stages (each writes a folder under OUT, atomically): clean -> tokenizer -> shards.
+Stages (each writes a folder under OUT): clean -> tokenizer -> shards -> run (pretraining,
+evaluation against the unigram baseline, samples from `def fibonacci(n):`, report.md).
 """
 
 from __future__ import annotations
 
 import time
+
+import torch
 from pathlib import Path
 from typing import Sequence
 
@@ -14,7 +17,12 @@ from lmforge.data.embedded import stdlib_dir, stdlib_files
 from lmforge.data.pack import PackConfig, pack_corpus
 from lmforge.data.sources import DocumentReader
 from lmforge.fsutil import check_output_free
+from lmforge.data.loader import TokenShards
+from lmforge.model.config import get_preset
+from lmforge.model.gpt import GPT
 from lmforge.tokenizer import TokenizerTrainConfig, save_tokenizer_dir, train_tokenizer
+from lmforge.train.config import TrainConfig
+from lmforge.train.pretrain import describe, pretrain, resolve_model_config
 
 
 def _say(msg: str) -> None:
@@ -26,6 +34,10 @@ def run_quickstart(
     *,
     inputs: Sequence[str] | None = None,
     vocab_size: int = 4096,
+    model: str = "tiny",
+    minutes: float = 5.0,
+    batch_size: int = 16,
+    block_size: int = 256,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
@@ -62,6 +74,41 @@ def run_quickstart(
     timings["pack_s"] = time.perf_counter() - t
     s = meta["splits"]
     _say(f"pack: train {s['train']['tokens']:,} tokens, val {s['val']['tokens']:,} tokens -> {shards_dir}")
-    _say("pretraining, sampling and the report join this command with the model stage (issue 3); "
-         "the data stage is done")
-    return {"clean": stats, "shards": meta, "timings": timings}
+
+    t = time.perf_counter()
+    cfg = plan_training(shards_dir, model, minutes, batch_size, block_size)
+    _say(f"pretrain: {model} for about {minutes:g} minutes ({cfg.max_steps} steps of {batch_size} x {block_size} tokens)")
+    summary = pretrain(shards_dir, model, out / "run", cfg, overwrite=True, progress=progress)
+    timings["pretrain_s"] = time.perf_counter() - t
+    _say(describe(summary))
+    best, unigram = summary["best_val_loss"], summary["unigram_val_loss"]
+    _say(f"val loss {best:.4f} vs unigram baseline {unigram:.4f}: "
+         + (f"{unigram - best:.3f} nats/token better" if best < unigram else "NOT below the baseline"))
+    return {"clean": stats, "shards": meta, "pretrain": summary, "timings": timings}
+
+
+def plan_training(shards_dir: Path, model: str, minutes: float, batch_size: int, block_size: int) -> TrainConfig:
+    """Choose max_steps so the learning-rate schedule completes within the time budget: time a few
+    steps of the real model on this machine first (the budget also stops the run as a backstop)."""
+    shards = TokenShards(shards_dir)
+    config = resolve_model_config(model, {"block_size": max(block_size, get_preset(model).block_size)}, shards.vocab_size)
+    net = GPT(config)
+    opt = torch.optim.AdamW(net.configure_optimizer_groups(0.1), lr=1e-4, fused=True)
+    x = torch.randint(0, shards.vocab_size, (batch_size, block_size + 1))
+    times = []
+    for _ in range(4):
+        start = time.perf_counter()
+        _, loss = net(x[:, :-1], x[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+    step_s = sorted(times[1:])[1]  # the first step pays one-off allocation costs
+    budget = minutes * 60
+    # Evaluation and checkpoints take time too: plan for 85% of the budget in steps.
+    max_steps = max(20, int(0.85 * budget / step_s))
+    return TrainConfig(
+        max_steps=max_steps, batch_size=batch_size, block_size=block_size, lr=2e-3, min_lr=2e-4,
+        warmup_steps=max(10, max_steps // 20), eval_every=max(10, max_steps // 10), eval_batches=10,
+        checkpoint_every=max(10, max_steps // 4), log_every=max(1, max_steps // 100), time_budget=budget,
+    )

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, baselines, BLEU, task accuracy, reports."""

@@ -1,0 +1,1 @@
+"""Text generation: sampling, the KV-cache Engine, the pipeline API."""

@@ -1,0 +1,73 @@
+"""Where and how computation runs: device choice, precision, measured peak FLOP/s, free memory."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from functools import lru_cache
+
+import torch
+
+from lmforge.errors import LmforgeError
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise LmforgeError(f"--device {name!r} is not a device (try cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LmforgeError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' means bf16 autocast on GPUs that support it; CPUs train in fp32 (bf16 matmuls on CPUs
+    without AMX are slower than fp32, and fp32 makes runs exactly reproducible)."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise LmforgeError(f"--precision bf16: {torch.cuda.get_device_name(device)} does not support bfloat16")
+    return precision
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@lru_cache(maxsize=None)
+def measured_peak_flops(device_str: str, precision: str) -> float:
+    """Dense matmul FLOP/s this device reaches now (the denominator of MFU): a measured peak is
+    honest on CPUs, whose datasheet peak depends on clocks, vector units and thread count."""
+    device = torch.device(device_str)
+    n = 1024 if device.type == "cpu" else 8192
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    # A private generator: measuring must not move the global RNG that seeds training.
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    best = float("inf")
+    for _ in range(5):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return free
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise LmforgeError("cannot read available memory from /proc/meminfo")

@@ -1,0 +1,1 @@
+"""Training: one loop (`Trainer`) shared by pretraining and fine-tuning."""

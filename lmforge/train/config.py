@@ -1,0 +1,66 @@
+"""Typed configs for a training run; the CLI generates its options from these fields."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from lmforge.errors import LmforgeError
+
+OptimizerName = Literal["adamw", "sgd"]
+Schedule = Literal["cosine", "linear", "constant"]
+Precision = Literal["auto", "fp32", "bf16"]
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000  # optimizer steps to run (the schedule decays over these)
+    batch_size: int = 16  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step (effective batch = batch_size * grad_accum)
+    block_size: int = 0  # training sequence length; 0 = the model's context length
+    optimizer: OptimizerName = "adamw"  # adamw (decoupled weight decay) or sgd (with momentum)
+    lr: float = 1e-3  # peak learning rate
+    min_lr: float = 1e-4  # learning rate at the end of the decay
+    warmup_steps: int = 100  # linear warmup from 0 to lr
+    schedule: Schedule = "cosine"  # decay after warmup: cosine, linear, or constant
+    weight_decay: float = 0.1  # on 2-D weights only; never on norms, biases, embeddings
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.95  # AdamW second-moment decay
+    eps: float = 1e-8  # AdamW denominator epsilon
+    momentum: float = 0.9  # SGD momentum
+    grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
+    eval_every: int = 100  # evaluate on the val split every N steps (0 = only at the end)
+    eval_batches: int = 20  # batches per evaluation
+    checkpoint_every: int = 500  # save a resumable checkpoint every N steps (0 = only at the end)
+    keep_last: int = 2  # checkpoints kept (older ones are deleted; the best model is kept apart)
+    early_stop: int = 0  # stop after N evaluations without val improvement (0 = off)
+    log_every: int = 10  # write metrics.csv / TensorBoard every N steps
+    seed: int = 1337  # seeds init, data order and dropout: same seed, same run
+    precision: Precision = "auto"  # auto = bf16 autocast where the hardware supports it, else fp32
+    compile: bool = False  # torch.compile the model (first steps are slow while it compiles)
+    time_budget: float = 0.0  # stop after this many seconds of training (0 = no limit)
+    device: str = "auto"  # auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...
+
+    def __post_init__(self) -> None:
+        positive = ("max_steps", "batch_size", "grad_accum", "eval_batches", "log_every", "keep_last")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise LmforgeError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        non_negative = ("block_size", "warmup_steps", "eval_every", "checkpoint_every", "early_stop",
+                        "grad_clip", "weight_decay", "time_budget", "min_lr")
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise LmforgeError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise LmforgeError(f"--lr must be positive, got {self.lr}")
+        if self.min_lr > self.lr:
+            raise LmforgeError(f"--min-lr ({self.min_lr}) must not exceed --lr ({self.lr})")
+        for name in ("beta1", "beta2", "momentum"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise LmforgeError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise LmforgeError(f"--optimizer must be adamw or sgd, got {self.optimizer!r}")
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise LmforgeError(f"--schedule must be cosine, linear or constant, got {self.schedule!r}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise LmforgeError(f"--precision must be auto, fp32 or bf16, got {self.precision!r}")

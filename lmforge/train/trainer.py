@@ -1,0 +1,253 @@
+"""The one training loop. Pretraining and fine-tuning both run it; what differs between them is
+the batches (`BatchSource`), which parameters train, and how the model is written to disk.
+
+Per optimizer step: `grad_accum` micro-batches forward/backward (under autocast when bf16),
+gradient clipping, a finite-loss check, the optimizer step with the scheduled learning rate.
+Around it: metrics every `log_every` steps, evaluation every `eval_every` (best model kept in
+RUN/best), checkpoints every `checkpoint_every`, early stopping, a time budget, and a clean stop
+with a final checkpoint on SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Protocol
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from lmforge.errors import LmforgeError
+from lmforge.fsutil import atomic_dir
+from lmforge.runtime import autocast, measured_peak_flops, resolve_device, resolve_precision
+from lmforge.train.checkpoint import checkpoint_name, latest_checkpoint, list_checkpoints, load_checkpoint_state, save_checkpoint
+from lmforge.train.config import TrainConfig
+from lmforge.train.metrics import MetricsLog
+from lmforge.train.optim import build_optimizer, lr_at, set_lr
+
+BEST_DIR = "best"
+
+
+class BatchSource(Protocol):
+    """Where batches come from. Batches are a pure function of (step, micro) so that a resumed
+    run sees exactly the batches the uninterrupted run would have."""
+
+    def train_batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets) int64 [B, T]; targets -100 where no loss is taken."""
+
+    def val_batches(self) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        """The same fixed batches at every evaluation, so evaluations compare."""
+
+
+@dataclass
+class TrainResult:
+    step: int
+    stopped_because: str  # max_steps | early_stop | time_budget | interrupted | paused
+    train_loss: float | None
+    val_loss: float | None
+    best_val_loss: float | None
+    best_step: int | None
+    tokens_seen: int
+    train_seconds: float
+    tokens_per_s: float
+    mfu: float | None
+    checkpoint: Path | None
+    history: list[dict] = field(default_factory=list)
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM ask the loop to stop after the current step; a second Ctrl-C forces it."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n[lmforge] {signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
+              "(Ctrl-C again to abort without saving)", flush=True)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: TrainConfig,
+        data: BatchSource,
+        run_dir: str | Path,
+        *,
+        write_model: Callable[[Path], None],
+        param_groups: list[dict],
+        flops_per_token: float,
+        tokens_per_step: int,
+        progress: bool = True,
+    ):
+        self.model = model
+        self.cfg = cfg
+        self.data = data
+        self.run_dir = Path(run_dir)
+        self.write_model = write_model
+        self.device = resolve_device(cfg.device)
+        self.precision = resolve_precision(cfg.precision, self.device)
+        self.flops_per_token = flops_per_token
+        self.tokens_per_step = tokens_per_step
+        self.progress = progress
+        self.model.to(self.device)
+        self.params = [p for g in param_groups for p in g["params"]]
+        self.optimizer = build_optimizer(param_groups, cfg, self.device)
+        self.forward_model = torch.compile(model) if cfg.compile else model
+
+    # -- evaluation ----------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        total, count = 0.0, 0
+        for x, y in self.data.val_batches():
+            x, y = x.to(self.device), y.to(self.device)
+            with autocast(self.device, self.precision):
+                _, loss = self.forward_model(x, y)
+            n = int((y != -100).sum())
+            total += float(loss) * n
+            count += n
+        self.model.train()
+        if count == 0:
+            raise LmforgeError("the val split yields no batches to evaluate on")
+        return total / count
+
+    def _save_best(self) -> None:
+        with atomic_dir(self.run_dir / BEST_DIR, overwrite=True) as tmp:
+            self.write_model(tmp)
+
+    # -- the loop ------------------------------------------------------------------------
+    def fit(self, resume_from: Path | None = None, pause_at: int | None = None) -> TrainResult:
+        cfg = self.cfg
+        state = {"tokens_seen": 0, "best_val_loss": None, "best_step": None, "evals_since_best": 0, "train_seconds": 0.0}
+        step = 0
+        if resume_from is not None:
+            state.update(load_checkpoint_state(resume_from, self.optimizer))
+            step = state.pop("step")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        log = MetricsLog(self.run_dir, resume_step=step if resume_from is not None else None)
+        peak = measured_peak_flops(str(self.device), self.precision)
+        history: list[dict] = []
+        last_ckpt = resume_from
+        stopped = "max_steps"
+        train_loss = val_loss = None
+        window_tokens, window_seconds = 0, 0.0  # training time only: evals and checkpoints excluded
+        tokens_per_s = mfu = None
+        bar = tqdm(total=cfg.max_steps, initial=step, unit="step", desc="train", disable=not self.progress, dynamic_ncols=True)
+        run_start = time.perf_counter() - state["train_seconds"]
+        self.model.train()
+
+        def checkpoint() -> Path:
+            state["train_seconds"] = time.perf_counter() - run_start
+            return save_checkpoint(self.run_dir, step, self.write_model, self.optimizer, state, cfg.keep_last)
+
+        with _StopFlag() as stop:
+            try:
+                while step < cfg.max_steps:
+                    step_start = time.perf_counter()
+                    lr = lr_at(step, cfg)
+                    set_lr(self.optimizer, lr)
+                    loss_sum = torch.zeros((), device=self.device)
+                    for micro in range(cfg.grad_accum):
+                        x, y = self.data.train_batch(step, micro)
+                        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                        with autocast(self.device, self.precision):
+                            _, loss = self.forward_model(x, y)
+                        (loss / cfg.grad_accum).backward()
+                        loss_sum += loss.detach()
+                    grad_norm = None
+                    if cfg.grad_clip > 0:
+                        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip, foreach=True)
+                    train_loss = float(loss_sum) / cfg.grad_accum
+                    if not math.isfinite(train_loss):
+                        good = list_checkpoints(self.run_dir)
+                        raise LmforgeError(
+                            f"training diverged: loss is {train_loss} at step {step + 1}; "
+                            f"the last good checkpoint is {good[-1] if good else 'none (none was saved yet)'}; "
+                            "lower --lr or raise --warmup-steps"
+                        )
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    step += 1
+                    state["tokens_seen"] += self.tokens_per_step
+                    window_tokens += self.tokens_per_step
+                    window_seconds += time.perf_counter() - step_start
+                    bar.update(1)
+
+                    row: dict = {}
+                    if step % cfg.log_every == 0 or step == cfg.max_steps or stop.requested:
+                        tokens_per_s = window_tokens / max(window_seconds, 1e-9)
+                        mfu = self.flops_per_token * tokens_per_s / peak
+                        window_tokens, window_seconds = 0, 0.0
+                        row.update(train_loss=train_loss, lr=lr, tokens_per_s=round(tokens_per_s, 1), mfu=round(mfu, 5),
+                                   grad_norm=None if grad_norm is None else round(float(grad_norm), 5))
+                    stop_now = False
+                    if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps:
+                        val_loss = self.evaluate()
+                        row.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
+                        if state["best_val_loss"] is None or val_loss < state["best_val_loss"]:
+                            state.update(best_val_loss=val_loss, best_step=step, evals_since_best=0)
+                            self._save_best()
+                        else:
+                            state["evals_since_best"] += 1
+                            if cfg.early_stop and state["evals_since_best"] >= cfg.early_stop:
+                                stopped, stop_now = "early_stop", True
+                    if row:
+                        row.update(tokens_seen=state["tokens_seen"], elapsed_s=round(time.perf_counter() - run_start, 3))
+                        log.log(step, **row)
+                        history.append({"step": step, **row})
+                        bar.set_postfix(loss=f"{train_loss:.4f}", **({"val": f"{val_loss:.4f}"} if val_loss is not None else {}),
+                                        tok_s=f"{tokens_per_s or 0:,.0f}", mfu=f"{(mfu or 0) * 100:.1f}%")
+                    if cfg.time_budget and time.perf_counter() - run_start >= cfg.time_budget and step < cfg.max_steps:
+                        stopped, stop_now = "time_budget", True
+                    if stop.requested:
+                        stopped, stop_now = "interrupted", True
+                    if pause_at is not None and step >= pause_at and step < cfg.max_steps:
+                        stopped, stop_now = "paused", True
+                    if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not stop_now:
+                        last_ckpt = checkpoint()
+                    if stop_now:
+                        break
+                if last_ckpt is None or last_ckpt.name != checkpoint_name(step):
+                    last_ckpt = checkpoint()
+            finally:
+                bar.close()
+                log.close()
+        train_seconds = time.perf_counter() - run_start
+        return TrainResult(
+            step=step, stopped_because=stopped, train_loss=train_loss, val_loss=val_loss,
+            best_val_loss=state["best_val_loss"], best_step=state["best_step"], tokens_seen=state["tokens_seen"],
+            train_seconds=train_seconds, tokens_per_s=state["tokens_seen"] / max(train_seconds, 1e-9) if step else 0.0,
+            mfu=mfu, checkpoint=last_ckpt, history=history,
+        )
+
+
+def resume_checkpoint(run_dir: Path, resume: bool, resume_from: str | None) -> Path | None:
+    """The checkpoint to resume from: an explicit one, RUN/latest, or none."""
+    if resume_from:
+        folder = Path(resume_from)
+        if not folder.is_dir():
+            raise LmforgeError(f"--resume-from {folder}: no such checkpoint folder")
+        return folder
+    if resume:
+        return latest_checkpoint(run_dir)
+    return None
