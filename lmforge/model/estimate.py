@@ -12,14 +12,18 @@ choices this model allows, per layer:
                              each of the two norms also keeps its normalised input
   + d * s*b * m*I            MLP hidden of width I: gelu keeps its input and output (m = 2);
                              swiglu keeps gate, silu(gate), up and their product (m = 4)
-  + 2 * s*b                  two 1-byte dropout masks on the residual branches (if dropout > 0)
+  + 2 * k * s*b*h            two dropout masks on the residual branches (if dropout > 0)
   + attention scores         fused SDPA (flash / memory-efficient): only a fp32 log-sum-exp,
                              4*a*s*b; materialised: softmax output and its dropout output,
-                             2d*a*s^2*b, plus a 1-byte dropout mask a*s^2*b (if dropout > 0)
+                             2d*a*s^2*b, plus a dropout mask k*a*s^2*b (if dropout > 0)
+
+k is the size of a dropout mask element: 1 byte on CUDA (bool masks, the paper's case), d on
+the CPU, where torch keeps masks in the activation dtype. Fused attention is the default on
+CUDA and on the CPU without attention dropout; with dropout the CPU takes the materialised path.
 
 For GPT-2 (kv = h, I = 4h, gelu, dropout) at d = 2 with materialised attention this is exactly
 the paper's 34*s*b*h + 5*a*s^2*b. Outside the layers: the final norm's input and output
-(2*d*s*b*h, 3*d*s*b*h for rmsnorm) and the logits (see `logits`). With activation checkpointing each layer keeps only
+(2*d*s*b*h, 3*d*s*b*h for rmsnorm), the embedding dropout mask (k*s*b*h) and the logits (see `logits`). With activation checkpointing each layer keeps only
 its input (d*s*b*h) and one layer's activations exist at a time, during its recomputation.
 """
 
@@ -38,29 +42,30 @@ OPTIMIZER_STATE_BYTES = {
 
 
 def activation_bytes_per_layer(config: ModelConfig, batch_size: int, seq_len: int, dtype_bytes: int = 4,
-                               fused_attention: bool = True) -> int:
+                               fused_attention: bool = True, dropout_mask_bytes: int = 1) -> int:
     """The per-layer formula from the module docstring."""
-    s, b, d = seq_len, batch_size, dtype_bytes
+    s, b, d, k = seq_len, batch_size, dtype_bytes, dropout_mask_bytes
     h, a, kv, i = config.n_embd, config.n_head, config.n_kv_head * config.head_dim, config.intermediate_size
     m = 4 if config.mlp == "swiglu" else 2
     dropout = config.dropout > 0
     rms = 2 * h if config.norm == "rmsnorm" else 0
     n = d * s * b * (6 * h + 2 * kv + rms) + d * s * b * m * i
     if dropout:
-        n += 2 * s * b
+        n += 2 * k * s * b * h
     if fused_attention:
         n += 4 * a * s * b
     else:
-        n += 2 * d * a * s * s * b + (a * s * s * b if dropout else 0)
+        n += 2 * d * a * s * s * b + (k * a * s * s * b if dropout else 0)
     return n
 
 
 def estimate_memory(config: ModelConfig, batch_size: int, seq_len: int, *, optimizer: str = "adamw",
                     dtype_bytes: int = 4, activation_checkpointing: bool = False,
-                    fused_attention: bool = True) -> dict[str, int]:
+                    fused_attention: bool = True, dropout_mask_bytes: int = 1) -> dict[str, int]:
     """Bytes needed to train `config` on batches of [batch_size, seq_len] tokens.
 
-    weights and grads are in dtype_bytes per parameter; optimizer states are fp32. The total
+    weights and grads are in dtype_bytes per parameter; optimizer states are fp32.
+    fused_attention and dropout_mask_bytes: see the module docstring. The total
     sums every term, an upper bound on the peak (activations are freed while grads appear).
     Returns bytes for weights, grads, optimizer, activations, logits, total; plus params and
     flops_per_token (training, forward + backward).
@@ -75,12 +80,14 @@ def estimate_memory(config: ModelConfig, batch_size: int, seq_len: int, *, optim
         model = GPT(config)
     n = model.param_count()
     s, b, d, h, v = seq_len, batch_size, dtype_bytes, config.n_embd, config.vocab_size
-    layer = activation_bytes_per_layer(config, b, s, d, fused_attention)
+    layer = activation_bytes_per_layer(config, b, s, d, fused_attention, dropout_mask_bytes)
     if activation_checkpointing:
         activations = config.n_layer * d * s * b * h + layer
     else:
         activations = config.n_layer * layer
     activations += (3 if config.norm == "rmsnorm" else 2) * d * s * b * h  # final norm
+    if config.dropout > 0:
+        activations += dropout_mask_bytes * s * b * h  # embedding dropout
     # Logits in the model dtype, their fp32 copy for the loss (when not fp32 already), and the
     # fp32 log-softmax cross_entropy keeps for backward.
     logits = s * b * v * (d + (4 if d != 4 else 0) + 4)

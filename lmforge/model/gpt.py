@@ -38,6 +38,7 @@ def _sdpa_supports_gqa() -> bool:
 
 
 SDPA_GQA = _sdpa_supports_gqa()
+_FUSED_RMS_NORM = hasattr(F, "rms_norm")  # torch >= 2.4
 
 
 class RMSNorm(nn.Module):
@@ -49,6 +50,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _FUSED_RMS_NORM and x.dtype == torch.float32:  # one kernel, same arithmetic
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -62,29 +65,29 @@ def make_norm(config: ModelConfig) -> nn.Module:
 
 
 def rope_cache(config: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables [block_size, head_dim] in fp32, in HF's "rotate_half" layout.
+    """cos and signed-sin tables [block_size, head_dim] in fp32, in HF's "rotate_half" layout.
 
-    Frequency i covers dimensions i and i + head_dim/2 (not the interleaved pairs of the RoPE
-    paper), which is how HF stores Llama's q/k weights, so they load without a permutation.
+    Frequency i rotates the pair (dimension i, dimension i + head_dim/2), not the interleaved
+    pairs (2i, 2i+1) of the RoPE paper: that is how HF stores Llama's q/k weights, so they load
+    without a permutation. HF computes x*cos + rotate_half(x)*sin with
+    rotate_half(x) = cat(-x2, x1); we fold the minus sign into the table (sin_signed =
+    cat(-sin, sin)) so that rotate_half becomes a plain roll, one op instead of three. The
+    products are bit-identical: (-a)*b == a*(-b).
     """
     dim = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim))
     t = torch.arange(config.block_size, device=device, dtype=torch.float32)
     freqs = torch.outer(t, inv_freq)
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
+    cos = torch.cat((freqs, freqs), dim=-1).cos()
+    sin = freqs.sin()
+    return cos, torch.cat((-sin, sin), dim=-1)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, T, heads, head_dim]; cos/sin broadcastable to it ([T, 1, hd] or [B, T, 1, hd])."""
-    # Under autocast x may be bf16 while the tables are fp32; match x (a no-op otherwise).
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return x * cos + rotate_half(x) * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """x [B, T, heads, head_dim]; the tables broadcastable to it ([T, 1, hd] or [B, T, 1, hd])."""
+    if cos.dtype != x.dtype:  # under autocast x is bf16 while the tables are fp32
+        cos, sin_signed = cos.to(x.dtype), sin_signed.to(x.dtype)
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin_signed
 
 
 class KVCache:
@@ -118,9 +121,9 @@ class KVCache:
         """Store k, v [B, n_kv_head, T, hd] at [pos, pos+T); return the keys/values [0, pos+T)."""
         end = self.pos + k.shape[2]
         kl, vl = self._k_layers[layer], self._v_layers[layer]
-        kl[:, :, self.pos:end].copy_(k)
-        vl[:, :, self.pos:end].copy_(v)
-        return kl[:, :, :end], vl[:, :, :end]
+        kl.narrow(2, self.pos, end - self.pos).copy_(k)
+        vl.narrow(2, self.pos, end - self.pos).copy_(v)
+        return kl.narrow(2, 0, end), vl.narrow(2, 0, end)
 
     def reset(self) -> None:
         self.pos = 0
@@ -134,7 +137,10 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * config.head_dim, bias=config.bias)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
-        self.gqa = config.n_kv_head != config.n_head
+        gqa = config.n_kv_head != config.n_head
+        # Without SDPA's enable_gqa (torch < 2.5), repeat each kv head for its group of queries.
+        self.kv_repeat = config.n_head // config.n_kv_head if gqa and not SDPA_GQA else 1
+        self.sdpa_kwargs = {"enable_gqa": True} if gqa and SDPA_GQA else {}
 
     def forward(self, x, rope, mask, cache: KVCache | None, layer: int) -> torch.Tensor:
         B, T, C = x.shape
@@ -153,11 +159,11 @@ class CausalSelfAttention(nn.Module):
         is_causal = mask is None
         if mask is False:
             mask = None
-        if self.gqa and not SDPA_GQA:
-            rep = H // Hkv
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        extra = {"enable_gqa": True} if self.gqa and SDPA_GQA else {}
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, **extra)
+        if self.kv_repeat > 1:
+            k, v = k.repeat_interleave(self.kv_repeat, dim=1), v.repeat_interleave(self.kv_repeat, dim=1)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, **self.sdpa_kwargs
+        )
         y = y.transpose(1, 2).reshape(B, T, C)
         y = self.proj(y)
         return F.dropout(y, dropout, True) if dropout else y
@@ -216,7 +222,7 @@ class GPT(nn.Module):
             # Non-persistent: derived from the config, so never saved and never stale.
             cos, sin = rope_cache(config, device=self.tok_emb.weight.device)
             self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
+            self.register_buffer("rope_sin_signed", sin, persistent=False)
         self.apply(self._init_weights)
         # GPT-2: scale the residual output projections by 1/sqrt(2*n_layer) so the residual
         # stream's variance does not grow with depth (two residual additions per block).
@@ -240,7 +246,7 @@ class GPT(nn.Module):
         if self.config.position == "rope":
             cos, sin = rope_cache(self.config, device=self.rope_cos.device)
             self.rope_cos = cos.to(self.rope_cos.dtype)
-            self.rope_sin = sin.to(self.rope_sin.dtype)
+            self.rope_sin_signed = sin.to(self.rope_sin_signed.dtype)
 
     # -- forward ----------------------------------------------------------------------------
     def forward(
@@ -269,7 +275,7 @@ class GPT(nn.Module):
             (generation needs just the last one; the full [B, T, vocab] head is the costliest
             matmul of a long prefill).
         """
-        B, T = idx.shape
+        T = idx.shape[1]
         start = cache.pos if cache is not None else 0
         S = start + T
         if cache is not None and S > cache.max_len:
@@ -283,13 +289,13 @@ class GPT(nn.Module):
             x = x + (self.pos_emb.weight[start:S] if positions is None else self.pos_emb(positions))
         else:
             if positions is None:  # a slice of the tables: no gather, no allocation
-                rope = (self.rope_cos[start:S].unsqueeze(1), self.rope_sin[start:S].unsqueeze(1))
+                rope = (self.rope_cos[start:S].unsqueeze(1), self.rope_sin_signed[start:S].unsqueeze(1))
             else:
-                rope = (self.rope_cos[positions].unsqueeze(2), self.rope_sin[positions].unsqueeze(2))
+                rope = (self.rope_cos[positions].unsqueeze(2), self.rope_sin_signed[positions].unsqueeze(2))
         if self.config.dropout and self.training:
             x = F.dropout(x, self.config.dropout, True)
 
-        mask = self._attention_mask(attn_mask, B, T, start, idx.device)
+        mask = self._attention_mask(attn_mask, T, start, idx.device)
         for i, block in enumerate(self.blocks):
             if self.activation_checkpointing and self.training and cache is None:
                 x = checkpoint(block, x, rope, mask, None, i, use_reentrant=False)
@@ -307,7 +313,7 @@ class GPT(nn.Module):
         return logits, loss
 
     @staticmethod
-    def _attention_mask(attn_mask, B: int, T: int, start: int, device) -> torch.Tensor | bool | None:
+    def _attention_mask(attn_mask, T: int, start: int, device) -> torch.Tensor | bool | None:
         """None -> SDPA's is_causal; False -> no mask at all; else a bool [B|1, 1, T, S] mask."""
         S = start + T
         if attn_mask is None:
