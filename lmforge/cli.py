@@ -15,6 +15,7 @@ from lmforge.data.clean import CleanConfig
 from lmforge.data.pack import PackConfig
 from lmforge.data.sources import DEFAULT_EXTENSIONS, EncodingErrors
 from lmforge.errors import LmforgeError
+from lmforge.generate.params import SamplingParams
 from lmforge.model.config import ModelConfig
 from lmforge.tokenizer import TokenizerTrainConfig
 from lmforge.train.config import TrainConfig
@@ -344,6 +345,115 @@ def quickstart(
 
     run_quickstart(out, inputs=inputs, vocab_size=vocab_size, model=model, minutes=minutes, batch_size=batch_size,
                    block_size=block_size, overwrite=overwrite, progress=progress)
+
+
+ModelArg = Annotated[str, typer.Argument(help="A model dir, a run dir (its best model) or a known model name.", show_default=False)]
+
+
+def _sampling_from(ctx: typer.Context, params: SamplingParams, generation: dict) -> SamplingParams:
+    """A model dir's generation.json fills the sampling options the user did not give."""
+    from lmforge.generate.params import SamplingParams
+
+    values = dataclasses.asdict(params)
+    for key, value in generation.items():
+        if key in values and not given_on_command_line(ctx, key):
+            values[key] = value
+    return SamplingParams(**values)
+
+
+@app.command()
+@with_config(params=SamplingParams)
+def generate(
+    ctx: typer.Context,
+    model: ModelArg,
+    prompt: Annotated[str, typer.Argument(help="The text to continue.", show_default=False)],
+    params: SamplingParams = None,
+    stream: Annotated[Optional[bool], typer.Option("--stream/--no-stream", help="Print tokens as they come (default: when stdout is a terminal).", show_default=False)] = None,
+    truncate: Annotated[Optional[str], typer.Option(help="'left': cut a too-long prompt from the left (with a warning) instead of failing.")] = None,
+):
+    """Continue a prompt with a model (sampling options as in transformers)."""
+    from lmforge.generate.engine import Engine
+    from lmforge.interop.registry import load_model
+
+    if truncate not in (None, "left"):
+        raise LmforgeError(f"--truncate must be 'left', got {truncate!r}")
+    loaded = load_model(model)
+    params = _sampling_from(ctx, params, loaded.generation)
+    engine = Engine(loaded.model, loaded.tokenizer, stop_token_ids=loaded.generation.get("stop_token_ids", ()))
+    ids = engine.encode(prompt)
+    kept = engine.check_length(ids, params, truncate)
+    if len(kept) < len(ids):
+        print(f"lmforge: warning: prompt cut from {len(ids)} to its last {len(kept)} tokens to fit the context", file=sys.stderr)
+    if stream is None:
+        stream = sys.stdout.isatty()
+    if stream:
+        for piece in engine.stream_ids(kept, params):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    else:
+        typer.echo(engine.generate_ids([kept], params)[0].text)
+
+
+@app.command()
+@with_config(params=SamplingParams)
+def chat(
+    ctx: typer.Context,
+    model: ModelArg,
+    params: SamplingParams = None,
+    system: Annotated[Optional[str], typer.Option(help="System prompt.")] = None,
+):
+    """Chat with a model in the terminal (/system TEXT, /reset, /save FILE, /exit); reads a pipe too."""
+    from lmforge.generate.chat_session import ChatSession
+    from lmforge.generate.engine import Engine
+    from lmforge.interop.registry import load_model
+
+    loaded = load_model(model)
+    params = _sampling_from(ctx, params, loaded.generation)
+    engine = Engine(loaded.model, loaded.tokenizer, stop_token_ids=loaded.generation.get("stop_token_ids", ()))
+    if not loaded.tokenizer.chat_template:
+        raise LmforgeError(f"{loaded.path}: this model has no chat template; use `lmforge generate` for plain text")
+    interactive = sys.stdin.isatty()
+    note = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    session = ChatSession(engine, params, system=system, notify=note)
+    if interactive:
+        note(f"chatting with {loaded.path} — /system TEXT, /reset, /save FILE, /exit")
+    while True:
+        try:
+            line = input(">>> " if interactive else "")
+        except EOFError:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            cmd, _, arg = line.partition(" ")
+            if cmd == "/exit":
+                break
+            elif cmd == "/reset":
+                session.reset()
+                note("[history cleared]")
+            elif cmd == "/system":
+                session.system = arg.strip() or None
+                note(f"[system prompt {'set' if session.system else 'cleared'}]")
+            elif cmd == "/save":
+                if not arg.strip():
+                    note("usage: /save FILE")
+                else:
+                    note(f"[saved to {session.save(arg.strip())}]")
+            else:
+                note(f"unknown command {cmd}; commands: /system TEXT, /reset, /save FILE, /exit")
+            continue
+        try:
+            for piece in session.send(line):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        except LmforgeError as e:
+            note(f"lmforge: error: {e}")
+            if not interactive:
+                raise
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -58,3 +58,37 @@ def leftovers(parent: Path) -> list[str]:
     return [p.name for p in parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
 
 
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, stdlib_texts):
+    """A small random-weight Llama-style model dir with a ChatML byte-level BPE tokenizer."""
+    import torch
+
+    from lmforge.model.config import ModelConfig
+    from lmforge.model.gpt import GPT
+    from lmforge.model.io import save_model_dir
+    from lmforge.tokenizer import TokenizerTrainConfig, train_tokenizer
+
+    tok = train_tokenizer(stdlib_texts[:20], TokenizerTrainConfig(vocab_size=400), show_progress=False)
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(name="test-llama", vocab_size=tok.vocab_size, block_size=128, n_layer=2, n_head=4,
+                            n_kv_head=2, n_embd=64, intermediate_size=128))
+    return save_model_dir(model, tmp_path_factory.mktemp("models") / "llama", tokenizer=tok)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory, stdlib_texts):
+    import torch
+
+    from lmforge.model.config import ModelConfig
+    from lmforge.model.gpt import GPT
+    from lmforge.model.io import save_model_dir
+    from lmforge.tokenizer import TokenizerTrainConfig, train_tokenizer
+
+    tok = train_tokenizer(stdlib_texts[:20], TokenizerTrainConfig(vocab_size=400), show_progress=False)
+    torch.manual_seed(1)
+    model = GPT(ModelConfig(name="test-gpt2", vocab_size=tok.vocab_size, block_size=128, n_layer=2, n_head=4,
+                            n_kv_head=4, n_embd=64, intermediate_size=128, norm="layernorm", mlp="gelu",
+                            position="learned", bias=True))
+    return save_model_dir(model, tmp_path_factory.mktemp("models") / "gpt2", tokenizer=tok)

@@ -103,3 +103,19 @@ def test_ctrl_c_leaves_nothing_half_written(tmp_path, stdlib_texts):
     assert proc.returncode != 0
     assert not out.exists()
     assert leftovers(tmp_path) == []
+
+
+def test_models_and_estimate_commands(cli):
+    r = cli("models", "--presets")
+    assert r.code == 0
+    for name in ("tiny", "gpt2-124m", "llama-tiny", "smollm2-135m"):
+        assert name in r.out
+    assert "124.4M" in r.out and "134.5M" in r.out
+    r = cli("estimate", "--model", "gpt2-124m", "--batch-size", "2", "--seq-len", "128")
+    assert r.code == 0 and "124,439,808 parameters" in r.out
+    weights = float(r.out.split("weights")[1].split()[0])
+    assert weights == pytest.approx(124_439_808 * 4 / 2**30, abs=1e-3)
+    r = cli("estimate", "--model", "tiny", "--model.n-layer", "8")
+    assert r.code == 0 and "tiny:" in r.out
+    r = cli("estimate", "--model", "nope")
+    assert r.code == 1 and "unknown model preset 'nope'" in r.err

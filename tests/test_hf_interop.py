@@ -47,11 +47,12 @@ def _perturb(model: torch.nn.Module, seed: int) -> None:
             p.add_(torch.randn(p.shape, generator=g) * 0.1)
 
 
-def hf_gpt2(tie: bool):
+def hf_gpt2(tie: bool, activation: str = "gelu_new"):
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(
         vocab_size=VOCAB, n_positions=40, n_embd=32, n_layer=2, n_head=4, n_inner=80,
         tie_word_embeddings=tie, bos_token_id=0, eos_token_id=0, layer_norm_epsilon=1e-5,
+        activation_function=activation,
     )
     cfg._attn_implementation = "eager"
     model = transformers.GPT2LMHeadModel(cfg)
@@ -75,6 +76,7 @@ def hf_llama(tie: bool, n_kv: int = 2):
 HF_MODELS = {
     "gpt2-tied": lambda: hf_gpt2(True),
     "gpt2-untied": lambda: hf_gpt2(False),
+    "gpt2-exact-gelu": lambda: hf_gpt2(True, activation="gelu"),
     "llama-gqa-tied": lambda: hf_llama(True),
     "llama-gqa-untied": lambda: hf_llama(False),
     "llama-mha": lambda: hf_llama(False, n_kv=6),
@@ -136,6 +138,9 @@ def _random_lmforge(cfg: ModelConfig) -> GPT:
 EXPORTABLE = {
     "gpt2": ModelConfig(name="g", vocab_size=VOCAB, block_size=32, n_layer=2, n_head=4, n_kv_head=4, n_embd=32,
                         intermediate_size=64, norm="layernorm", mlp="gelu", position="learned", bias=True),
+    "gpt2-exact-gelu": ModelConfig(name="g", vocab_size=VOCAB, block_size=32, n_layer=2, n_head=4, n_kv_head=4,
+                                   n_embd=32, intermediate_size=64, norm="layernorm", mlp="gelu_exact",
+                                   position="learned", bias=True),
     "llama-gqa-untied": ModelConfig(name="l", vocab_size=VOCAB, block_size=32, n_layer=2, n_head=6, n_kv_head=3,
                                     n_embd=48, intermediate_size=72, rope_theta=777.0, tie_embeddings=False),
     "llama-bias-tied": ModelConfig(name="lb", vocab_size=VOCAB, block_size=32, n_layer=2, n_head=4, n_kv_head=2,
@@ -149,7 +154,7 @@ def test_export_reloads_in_transformers_with_identical_logits(tmp_path, kind):
     model = _random_lmforge(cfg)
     out = save_hf_dir(model, cfg, tmp_path / "hf")
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
-    assert type(hf).__name__ == ("GPT2LMHeadModel" if kind == "gpt2" else "LlamaForCausalLM")
+    assert type(hf).__name__ == ("GPT2LMHeadModel" if kind.startswith("gpt2") else "LlamaForCausalLM")
     ids = _ids(20)
     with torch.no_grad():
         assert _max_diff(hf(ids).logits, model(ids)[0]) <= 1e-5

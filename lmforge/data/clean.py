@@ -18,12 +18,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Literal, Sequence
 
-import ftfy
 import numpy as np
 from tqdm import tqdm
 
-from lmforge.data.dedup import ExactDuplicateFilter, NearDuplicateFilter, exact_signature, minhash_signature
-from lmforge.data.html import html_to_text
 from lmforge.data.sources import DEFAULT_EXTENSIONS, Document, DocumentReader, EncodingErrors
 from lmforge.errors import LmforgeError
 from lmforge.fsutil import atomic_dir, atomic_file
@@ -134,8 +131,12 @@ def transform(doc: Document, c: CleanConfig) -> tuple[str, list[str]]:
             text = new
 
     if c.html and doc.is_html:
+        from lmforge.data.html import html_to_text
+
         step("html", html_to_text(text))
     if c.fix_mojibake:
+        import ftfy
+
         step("fix_mojibake", ftfy.fix_encoding(text))
     if c.normalize != "none":
         step("normalize", unicodedata.normalize(c.normalize.upper(), text))
@@ -169,6 +170,8 @@ def clean_document(doc: Document, c: CleanConfig) -> CleanedDocument:
     rejected = quality_rejection(text, c)
     out = CleanedDocument(text, doc.source, modified, rejected)
     if rejected is None:
+        from lmforge.data.dedup import exact_signature, minhash_signature
+
         if c.dedup_exact:
             out.digest = exact_signature(text)
         if c.dedup_near:
@@ -196,6 +199,9 @@ class Cleaner:
         self.workers = max(1, workers)
         self.modified: Counter[str] = Counter()
         self.removed: Counter[str] = Counter()
+        # Imported here: datasketch pulls in scipy, which the CLI should not pay for at startup.
+        from lmforge.data.dedup import ExactDuplicateFilter, NearDuplicateFilter
+
         self._exact = ExactDuplicateFilter() if config.dedup_exact else None
         self._near = NearDuplicateFilter(config.near_threshold, config.near_num_perm) if config.dedup_near else None
 

@@ -1,43 +1,12 @@
-"""Sampling parameters and the logits -> next-token step."""
+"""The logits -> next-token step: repetition penalty, temperature, top-k, top-p, min-p."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
-from lmforge.errors import LmforgeError
+from lmforge.generate.params import SamplingParams
 
-
-@dataclass
-class SamplingParams:
-    max_new_tokens: int = 128  # tokens to generate at most
-    temperature: float = 1.0  # 0 = greedy; higher = more random
-    top_k: int = 0  # keep only the k most likely tokens (0 = off)
-    top_p: float = 1.0  # keep the smallest set of tokens whose probability reaches p (1 = off)
-    min_p: float = 0.0  # drop tokens less likely than min_p x the top token's probability (0 = off)
-    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the text (CTRL-style)
-    stop: list[str] = field(default_factory=list)  # stop when the text contains any of these
-    stop_token_ids: list[int] = field(default_factory=list)  # extra token ids that end generation
-    seed: int | None = None  # same seed, same text
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens <= 0:
-            raise LmforgeError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise LmforgeError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise LmforgeError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise LmforgeError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0.0 <= self.min_p < 1.0:
-            raise LmforgeError(f"min_p must be in [0, 1), got {self.min_p}")
-        if self.repetition_penalty <= 0:
-            raise LmforgeError(f"repetition_penalty must be positive, got {self.repetition_penalty}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
+__all__ = ["SamplingParams", "apply_repetition_penalty", "filter_logits", "next_tokens"]
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

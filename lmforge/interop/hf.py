@@ -68,8 +68,9 @@ def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
     name = str(d.get("_name_or_path") or d.get("model_type") or family).rstrip("/").split("/")[-1] or family
     if family == "gpt2":
         act = d.get("activation_function", "gelu_new")
-        if act not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise LmforgeError(f"HF config: GPT-2 activation_function {act!r} is not supported (only gelu_new)")
+        mlp = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "gelu": "gelu_exact"}.get(act)
+        if mlp is None:
+            raise LmforgeError(f"HF config: GPT-2 activation_function {act!r} is not supported (gelu_new or gelu)")
         for key, bad in (("add_cross_attention", True), ("scale_attn_by_inverse_layer_idx", True),
                          ("scale_attn_weights", False)):
             if d.get(key, not bad) == bad:
@@ -79,7 +80,7 @@ def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
             name=name, vocab_size=d.get("vocab_size", 50257), block_size=d.get("n_positions", 1024),
             n_layer=d.get("n_layer", 12), n_head=d.get("n_head", 12), n_kv_head=d.get("n_head", 12),
             n_embd=n_embd, intermediate_size=d.get("n_inner") or 4 * n_embd, norm="layernorm",
-            norm_eps=d.get("layer_norm_epsilon", 1e-5), mlp="gelu", position="learned", bias=True,
+            norm_eps=d.get("layer_norm_epsilon", 1e-5), mlp=mlp, position="learned", bias=True,
             tie_embeddings=d.get("tie_word_embeddings", True), dropout=d.get("resid_pdrop", 0.0),
             init_std=d.get("initializer_range", 0.02),
         )
@@ -104,7 +105,7 @@ def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
 def family_of(config: ModelConfig) -> str:
     """Which HF architecture can hold this ModelConfig exactly ('gpt2' or 'llama'); else an error."""
     c = config
-    if (c.norm, c.mlp, c.position) == ("layernorm", "gelu", "learned") and c.bias and c.n_kv_head == c.n_head:
+    if (c.norm, c.position) == ("layernorm", "learned") and c.mlp in ("gelu", "gelu_exact") and c.bias and c.n_kv_head == c.n_head:
         return "gpt2"
     if (c.norm, c.mlp, c.position) == ("rmsnorm", "swiglu", "rope"):
         return "llama"
@@ -130,7 +131,8 @@ def config_to_hf(config: ModelConfig, *, dtype: str = "float32", bos_token_id: i
         return {
             "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", **common,
             "n_positions": c.block_size, "n_ctx": c.block_size, "n_layer": c.n_layer, "n_head": c.n_head,
-            "n_embd": c.n_embd, "n_inner": c.intermediate_size, "activation_function": "gelu_new",
+            "n_embd": c.n_embd, "n_inner": c.intermediate_size,
+            "activation_function": "gelu_new" if c.mlp == "gelu" else "gelu",
             "layer_norm_epsilon": c.norm_eps, "resid_pdrop": c.dropout, "embd_pdrop": c.dropout,
             "attn_pdrop": c.dropout, "scale_attn_weights": True,
         }

@@ -1,10 +1,20 @@
 """Models: ModelConfig and presets, the decoder-only GPT (GPT-2 and Llama layouts), model dirs.
 
-The submodules are the API; the names below are re-exported for convenience.
+The submodules are the API; the names below are re-exported lazily, so that importing the
+config (as the CLI does to build its options) does not import torch.
 """
 
-from lmforge.model.config import PRESETS, ModelConfig, get_preset
-from lmforge.model.gpt import GPT, KVCache
-from lmforge.model.io import load_model_dir, save_model_dir
+from importlib import import_module
 
-__all__ = ["GPT", "KVCache", "ModelConfig", "PRESETS", "get_preset", "load_model_dir", "save_model_dir"]
+_EXPORTS = {
+    "ModelConfig": "lmforge.model.config", "PRESETS": "lmforge.model.config", "get_preset": "lmforge.model.config",
+    "GPT": "lmforge.model.gpt", "KVCache": "lmforge.model.gpt",
+    "load_model_dir": "lmforge.model.io", "save_model_dir": "lmforge.model.io",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'lmforge.model' has no attribute {name!r}")

@@ -14,7 +14,7 @@ from typing import Any, Literal
 from lmforge.errors import LmforgeError
 
 NormKind = Literal["layernorm", "rmsnorm"]
-MlpKind = Literal["gelu", "swiglu"]
+MlpKind = Literal["gelu", "gelu_exact", "swiglu"]
 PositionKind = Literal["learned", "rope"]
 
 
@@ -30,7 +30,7 @@ class ModelConfig:
     intermediate_size: int = 768  # MLP hidden width (for swiglu, the width of gate and up each)
     norm: NormKind = "rmsnorm"  # layernorm (GPT-2) or rmsnorm (Llama)
     norm_eps: float = 1e-5  # epsilon added inside the norm's square root
-    mlp: MlpKind = "swiglu"  # gelu (GPT-2, tanh approximation) or swiglu (Llama)
+    mlp: MlpKind = "swiglu"  # gelu (GPT-2, tanh approximation), gelu_exact (erf, as nanoGPT/BERT) or swiglu (Llama)
     position: PositionKind = "rope"  # learned absolute position embeddings or rotary (RoPE)
     rope_theta: float = 10000.0  # RoPE base wavelength; larger suits longer contexts
     bias: bool = False  # biases in the linear layers and in LayerNorm
@@ -51,7 +51,7 @@ class ModelConfig:
             raise LmforgeError(
                 f"model config: n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})"
             )
-        for f, allowed in (("norm", ("layernorm", "rmsnorm")), ("mlp", ("gelu", "swiglu")),
+        for f, allowed in (("norm", ("layernorm", "rmsnorm")), ("mlp", ("gelu", "gelu_exact", "swiglu")),
                            ("position", ("learned", "rope"))):
             if getattr(self, f) not in allowed:
                 raise LmforgeError(f"model config: {f} must be one of {', '.join(allowed)}; got {getattr(self, f)!r}")

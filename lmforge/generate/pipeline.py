@@ -1,0 +1,98 @@
+"""`lmforge.pipeline("text-generation", model=...)`: the transformers pipeline experience on
+lmforge models, generating through the Engine.
+
+    gen = lmforge.pipeline("text-generation", model="runs/quickstart/run")
+    gen("def fibonacci(n):", max_new_tokens=50)            # [{"generated_text": "def fibonacci(n): ..."}]
+    gen(["a", "b"], do_sample=True, seed=0)                 # [[{...}], [{...}]]
+    gen([{"role": "user", "content": "Hi"}])                # [{"generated_text": [..., {"role": "assistant", ...}]}]
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lmforge.chat import render_chat
+from lmforge.errors import LmforgeError
+from lmforge.generate.engine import Engine
+from lmforge.generate.sampling import SamplingParams
+from lmforge.interop.registry import LoadedModel, load_model
+
+TASKS = ("text-generation",)
+_SAMPLING_KEYS = {"max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "stop",
+                  "stop_token_ids", "seed", "do_sample"}
+
+
+class TextGenerationPipeline:
+    def __init__(self, loaded: LoadedModel):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.engine = Engine(loaded.model, loaded.tokenizer, stop_token_ids=loaded.generation.get("stop_token_ids", ()))
+
+    def sampling_params(self, **kwargs) -> SamplingParams:
+        """transformers' conventions: greedy unless do_sample; sampling defaults to top_k=50.
+        The model dir's generation.json supplies defaults; call arguments override them."""
+        unknown = set(kwargs) - _SAMPLING_KEYS - {"num_return_sequences", "return_full_text", "truncate"}
+        if unknown:
+            raise LmforgeError(f"unknown generation arguments: {', '.join(sorted(unknown))}")
+        merged = {**{k: v for k, v in self.loaded.generation.items() if k in _SAMPLING_KEYS - {"stop_token_ids"}},
+                  **{k: v for k, v in kwargs.items() if k in _SAMPLING_KEYS and v is not None}}
+        do_sample = merged.pop("do_sample", None)
+        if do_sample is None:
+            do_sample = "temperature" in kwargs and kwargs["temperature"] not in (None, 0)
+        if not do_sample:
+            merged["temperature"] = 0.0
+        else:
+            merged.setdefault("temperature", 1.0)
+            merged.setdefault("top_k", 50)
+            if merged["temperature"] == 0:
+                raise LmforgeError("do_sample=True needs a temperature > 0")
+        merged.setdefault("max_new_tokens", 128)
+        if isinstance(merged.get("stop"), str):
+            merged["stop"] = [merged["stop"]]
+        return SamplingParams(**merged)
+
+    def __call__(self, inputs: Any, *, num_return_sequences: int = 1, return_full_text: bool = True,
+                 truncate: str | None = None, **kwargs) -> list:
+        params = self.sampling_params(**kwargs)
+        if num_return_sequences < 1:
+            raise LmforgeError(f"num_return_sequences must be >= 1, got {num_return_sequences}")
+        if num_return_sequences > 1 and params.greedy:
+            raise LmforgeError("greedy decoding returns one sequence: pass do_sample=True for num_return_sequences > 1")
+        single = isinstance(inputs, str) or _is_chat(inputs)
+        batch = [inputs] if single else list(inputs)
+        if not batch:
+            raise LmforgeError("no prompts given")
+        prompt_ids = []
+        for item in batch:
+            if isinstance(item, str):
+                ids = self.engine.encode(item)
+            elif _is_chat(item):
+                ids = render_chat(self.tokenizer, item, add_generation_prompt=True).ids
+            else:
+                raise LmforgeError(f"a prompt must be a string or a list of {{role, content}} messages, got {type(item).__name__}")
+            prompt_ids.append(self.engine.check_length(ids, params, truncate))
+        expanded = [ids for ids in prompt_ids for _ in range(num_return_sequences)]
+        completions = self.engine.generate_ids(expanded, params)
+        results = []
+        for i, item in enumerate(batch):
+            outs = []
+            for c in completions[i * num_return_sequences : (i + 1) * num_return_sequences]:
+                if _is_chat(item):
+                    reply = c.text.strip()
+                    outs.append({"generated_text": [*item, {"role": "assistant", "content": reply}] if return_full_text else reply})
+                else:
+                    outs.append({"generated_text": item + c.text if return_full_text else c.text})
+            results.append(outs)
+        return results[0] if single else results
+
+
+def _is_chat(x: Any) -> bool:
+    return isinstance(x, list) and bool(x) and all(isinstance(m, dict) for m in x)
+
+
+def pipeline(task: str, model: str, device: str = "cpu") -> TextGenerationPipeline:
+    """Build a pipeline; `model` is a model dir, a run dir (its best model) or a known name."""
+    if task not in TASKS:
+        raise LmforgeError(f"unsupported task {task!r}; lmforge pipelines: {', '.join(TASKS)}")
+    return TextGenerationPipeline(load_model(model, device=device))
