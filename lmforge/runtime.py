@@ -71,3 +71,61 @@ def available_memory_bytes(device: torch.device) -> int:
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
     raise LmforgeError("cannot read available memory from /proc/meminfo")
+
+
+_BACKEND_CHOICE: dict[tuple, str] = {}
+
+
+@contextlib.contextmanager
+def inference_backend(model: torch.nn.Module, backend: str):
+    """Run inference matmuls through numpy's BLAS ('numpy') or torch ('torch').
+
+    With 'numpy', torch drops to one thread meanwhile: numpy's BLAS keeps its own threads busy,
+    and torch's OpenMP workers spinning beside them on the same cores made decoding 5x slower.
+    """
+    if backend != "numpy":
+        yield
+        return
+    from lmforge.model.gpt import Linear
+
+    layers = [m for m in model.modules() if isinstance(m, Linear)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    for m in layers:
+        m.numpy_blas = True
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.numpy_blas = False
+        torch.set_num_threads(threads)
+
+
+def choose_inference_backend(model: torch.nn.Module) -> str:
+    """'numpy' where it decodes faster on this machine (measured once per architecture), else
+    'torch'. Only CPU fp32 models are candidates."""
+    weight = next(model.parameters())
+    if weight.device.type != "cpu" or weight.dtype != torch.float32:
+        return "torch"
+    config = model.config
+    key = (config.n_layer, config.n_embd, config.intermediate_size, config.vocab_size, torch.get_num_threads())
+    if key not in _BACKEND_CHOICE:
+        _BACKEND_CHOICE[key] = _measure_backends(model)
+    return _BACKEND_CHOICE[key]
+
+
+def _measure_backends(model: torch.nn.Module) -> str:
+    timings = {}
+    token = torch.zeros((1, 1), dtype=torch.long)
+    for backend in ("torch", "numpy", "torch", "numpy"):
+        with inference_backend(model, backend), torch.inference_mode():
+            cache = model.new_cache(1, 8)
+            model(token, cache=cache, logits_to_keep=1)  # warm-up
+            runs = []
+            for _ in range(3):
+                start = time.perf_counter()
+                model(token, cache=cache, logits_to_keep=1)
+                runs.append(time.perf_counter() - start)
+        timings.setdefault(backend, []).extend(runs)
+    best = {b: sorted(t)[len(t) // 2] for b, t in timings.items()}
+    return "numpy" if best["numpy"] < 0.9 * best["torch"] else "torch"

@@ -132,3 +132,20 @@ def test_prompt_errors(engine):
         engine.generate([long], SamplingParams(max_new_tokens=8))
     out = engine.generate([long], SamplingParams(max_new_tokens=8, **GREEDY), truncate="left")[0]
     assert len(out.prompt_ids) == 120
+
+
+@pytest.mark.parametrize("rows", [1, 8, 70])
+def test_numpy_blas_backend_gives_the_same_logits(tiny_model_dir, rows):
+    from lmforge.runtime import choose_inference_backend, inference_backend
+
+    model = load_model(tiny_model_dir).model
+    ids = torch.randint(0, 300, (1, rows))
+    threads = torch.get_num_threads()
+    with torch.no_grad():
+        ref, _ = model(ids)
+        with inference_backend(model, "numpy"):
+            assert torch.get_num_threads() == 1
+            got, _ = model(ids)
+    assert torch.get_num_threads() == threads
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    assert choose_inference_backend(model) in ("numpy", "torch")

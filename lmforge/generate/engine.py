@@ -16,7 +16,19 @@ import torch
 from lmforge.errors import LmforgeError
 from lmforge.generate.sampling import SamplingParams, apply_repetition_penalty, next_tokens
 from lmforge.model.gpt import GPT, KVCache
+from lmforge.runtime import choose_inference_backend, inference_backend
 from lmforge.tokenizer import Tokenizer
+
+
+@dataclass
+class _Batch:
+    ids: torch.Tensor  # [B, longest] left-padded prompt ids
+    total: int  # longest prompt + max_new_tokens: the cache length needed
+    pad: int
+    key_mask: torch.Tensor | None = None  # [B, total] True on real tokens (only when lengths differ)
+    positions: torch.Tensor | None = None  # [B, longest] each row's positions, 0 at its first token
+    next_pos: torch.Tensor | None = None  # [B] position of each row's next token
+    seen: torch.Tensor | None = None  # [B, V] tokens seen so far (repetition penalty)
 
 
 @dataclass
@@ -42,6 +54,7 @@ class Engine:
             stops.add(end_of_turn)
         self.stop_token_ids = sorted(stops)
         self._cache: KVCache | None = None
+        self.backend = choose_inference_backend(model)
 
     @property
     def device(self) -> torch.device:
@@ -74,12 +87,8 @@ class Engine:
         return prompt_ids
 
     # -- the core loop -------------------------------------------------------------------
-    @torch.inference_mode()
-    def _run(self, prompts: list[list[int]], params: SamplingParams) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield (next_ids [B], alive [B] before this step) once per decode step."""
-        B = len(prompts)
-        if B == 0:
-            return
+    def _prepare(self, prompts: list[list[int]], params: SamplingParams) -> "_Batch":
+        """Left-pad the prompts; build the padding mask and positions when lengths differ."""
         lengths = [len(p) for p in prompts]
         if min(lengths) == 0:
             raise LmforgeError("empty prompt: give some text to continue")
@@ -90,50 +99,66 @@ class Engine:
                 f"prompt of {longest} tokens + max_new_tokens {params.max_new_tokens} exceeds the model's "
                 f"context of {self.config.block_size} tokens"
             )
-        device = self.device
+        device, B = self.device, len(prompts)
         pad = self.stop_token_ids[0] if self.stop_token_ids else 0
         ids = torch.full((B, longest), pad, dtype=torch.long, device=device)
         for row, p in enumerate(prompts):
             ids[row, longest - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
-        padded = min(lengths) != longest
-        key_mask = positions = None
-        if padded:
-            key_mask = torch.zeros((B, total), dtype=torch.bool, device=device)
+        batch = _Batch(ids=ids, total=total, pad=pad)
+        if min(lengths) != longest:
+            batch.key_mask = torch.zeros((B, total), dtype=torch.bool, device=device)
             for row, n in enumerate(lengths):
-                key_mask[row, longest - n : longest] = True
-            positions = (key_mask[:, :longest].long().cumsum(-1) - 1).clamp(min=0)
-            next_pos = torch.tensor(lengths, dtype=torch.long, device=device)
-        generator = None
-        if params.seed is not None:
-            generator = torch.Generator(device=device).manual_seed(params.seed)
-        seen = None
+                batch.key_mask[row, longest - n : longest] = True
+            batch.positions = (batch.key_mask[:, :longest].long().cumsum(-1) - 1).clamp(min=0)
+            batch.next_pos = torch.tensor(lengths, dtype=torch.long, device=device)
         if params.repetition_penalty != 1.0:
-            seen = torch.zeros((B, self.config.vocab_size), dtype=torch.bool, device=device)
+            batch.seen = torch.zeros((B, self.config.vocab_size), dtype=torch.bool, device=device)
             for row, p in enumerate(prompts):
-                seen[row, torch.tensor(p, device=device)] = True
+                batch.seen[row, torch.tensor(p, device=device)] = True
+        return batch
+
+    def _run(self, prompts: list[list[int]], params: SamplingParams) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield (next_ids [B], alive [B] before this step) once per decode step."""
+        if not prompts:
+            return
+        batch = self._prepare(prompts, params)
+        steps = self._steps(batch, params)
+        while True:
+            # Inference mode and the BLAS backend hold only while a step runs, never while the
+            # caller holds control between tokens (a streaming consumer may run torch code).
+            with torch.inference_mode(), inference_backend(self.model, self.backend):
+                try:
+                    item = next(steps)
+                except StopIteration:
+                    return
+            yield item
+
+    def _steps(self, b: "_Batch", params: SamplingParams) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        device, B = self.device, b.ids.shape[0]
+        generator = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
         stop_ids = torch.tensor(self.stop_token_ids + list(params.stop_token_ids), dtype=torch.long, device=device)
         alive = torch.ones(B, dtype=torch.bool, device=device)
-
-        cache = self._cache_for(B, total)
-        logits, _ = self.model(ids, positions=positions, attn_mask=None if key_mask is None else key_mask[:, :longest],
-                               cache=cache, logits_to_keep=1)
+        cache = self._cache_for(B, b.total)
+        longest = b.ids.shape[1]
+        logits, _ = self.model(b.ids, positions=b.positions, cache=cache, logits_to_keep=1,
+                               attn_mask=None if b.key_mask is None else b.key_mask[:, :longest])
         for step in range(params.max_new_tokens):
             last = logits[:, -1, :]
-            if seen is not None:
-                last = apply_repetition_penalty(last.float(), seen, params.repetition_penalty)
+            if b.seen is not None:
+                last = apply_repetition_penalty(last.float(), b.seen, params.repetition_penalty)
             nxt = next_tokens(last, params, generator)
-            nxt = torch.where(alive, nxt, torch.full_like(nxt, pad))
+            nxt = torch.where(alive, nxt, torch.full_like(nxt, b.pad))
             yield nxt, alive
             alive = alive & ~torch.isin(nxt, stop_ids)
-            if seen is not None:
-                seen[torch.arange(B, device=device), nxt] = True
+            if b.seen is not None:
+                b.seen[torch.arange(B, device=device), nxt] = True
             if step == params.max_new_tokens - 1 or not bool(alive.any()):
                 break
-            if padded:
-                key_mask[:, cache.pos] = True
-                logits, _ = self.model(nxt[:, None], positions=next_pos[:, None], attn_mask=key_mask[:, : cache.pos + 1],
-                                       cache=cache, logits_to_keep=1)
-                next_pos += 1
+            if b.key_mask is not None:
+                b.key_mask[:, cache.pos] = True
+                logits, _ = self.model(nxt[:, None], positions=b.next_pos[:, None], cache=cache, logits_to_keep=1,
+                                       attn_mask=b.key_mask[:, : cache.pos + 1])
+                b.next_pos += 1
             else:
                 logits, _ = self.model(nxt[:, None], cache=cache, logits_to_keep=1)
 
