@@ -245,6 +245,9 @@ class GPT(nn.Module):
         self.tie_weights()
         # Recompute activations in backward instead of storing them (set by the trainer).
         self.activation_checkpointing = False
+        # > 0: compute the loss over this many tokens at a time, recomputing each chunk's logits
+        # in backward, so the [tokens, vocab] logits never exist whole (forward returns logits None).
+        self.loss_chunk = 0
         if config.position == "rope":
             # Non-persistent: derived from the config, so never saved and never stale.
             cos, sin = rope_cache(config, device=self.tok_emb.weight.device)
@@ -333,11 +336,26 @@ class GPT(nn.Module):
 
         if targets is None and logits_to_keep > 0:
             x = x[:, -logits_to_keep:]
-        logits = self.lm_head(self.norm_f(x))
+        h = self.norm_f(x)
+        if targets is not None and self.loss_chunk and h.shape[0] * h.shape[1] > self.loss_chunk:
+            return None, self._chunked_loss(h, targets)
+        logits = self.lm_head(h)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return logits, loss
+
+    def _chunk_loss_sum(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(h).float()
+        return F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
+
+    def _chunked_loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        flat_h, flat_t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+        total = h.new_zeros((), dtype=torch.float32)
+        for i in range(0, flat_h.shape[0], self.loss_chunk):
+            total = total + checkpoint(self._chunk_loss_sum, flat_h[i : i + self.loss_chunk],
+                                       flat_t[i : i + self.loss_chunk], use_reentrant=False)
+        return total / (flat_t != -100).sum().clamp(min=1)
 
     @staticmethod
     def _attention_mask(attn_mask, T: int, start: int, device) -> torch.Tensor | bool | None:

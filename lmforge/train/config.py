@@ -38,6 +38,8 @@ class TrainConfig:
     seed: int = 1337  # seeds init, data order and dropout: same seed, same run
     precision: Precision = "auto"  # auto = bf16 autocast where the hardware supports it, else fp32
     compile: bool = False  # torch.compile the model (first steps are slow while it compiles)
+    activation_checkpointing: bool = False  # recompute block activations in backward: less memory, ~30% more compute
+    loss_chunk: int = 0  # compute the loss over this many tokens at a time (0 = all at once): big vocabularies need it
     time_budget: float = 0.0  # stop after this many seconds of training (0 = no limit)
     device: str = "auto"  # auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...
 
@@ -46,7 +48,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise LmforgeError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        non_negative = ("block_size", "warmup_steps", "eval_every", "checkpoint_every", "early_stop",
+        non_negative = ("block_size", "warmup_steps", "eval_every", "checkpoint_every", "early_stop", "loss_chunk",
                         "grad_clip", "weight_decay", "time_budget", "min_lr")
         for name in non_negative:
             if getattr(self, name) < 0:

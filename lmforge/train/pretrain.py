@@ -78,7 +78,8 @@ def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
 
 
 def check_memory(config: ModelConfig, cfg: TrainConfig, block_size: int, device: torch.device) -> dict:
-    est = estimate_memory(config, cfg.batch_size, block_size, optimizer=cfg.optimizer)
+    est = estimate_memory(config, cfg.batch_size, block_size, optimizer=cfg.optimizer,
+                          activation_checkpointing=cfg.activation_checkpointing)
     free = available_memory_bytes(device)
     if est["total"] > 0.9 * free:
         gb = lambda b: f"{b / 2**30:.1f} GB"  # noqa: E731

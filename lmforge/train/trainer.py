@@ -37,10 +37,11 @@ class BatchSource(Protocol):
     """Where batches come from. Batches are a pure function of (step, micro) so that a resumed
     run sees exactly the batches the uninterrupted run would have."""
 
-    def train_batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, targets) int64 [B, T]; targets -100 where no loss is taken."""
+    def train_batch(self, step: int, micro: int) -> tuple:
+        """(inputs, targets) int64 [B, T], targets -100 where no loss is taken; optionally a third
+        item {"positions": [B, T], "attn_mask": [B, 1, T, T]} for packed rows."""
 
-    def val_batches(self) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    def val_batches(self) -> Iterable[tuple]:
         """The same fixed batches at every evaluation, so evaluations compare."""
 
 
@@ -110,6 +111,10 @@ class Trainer:
         self.tokens_per_step = tokens_per_step
         self.progress = progress
         self.model.to(self.device)
+        if hasattr(model, "activation_checkpointing"):
+            model.activation_checkpointing = cfg.activation_checkpointing
+        if hasattr(model, "loss_chunk"):
+            model.loss_chunk = cfg.loss_chunk
         self.params = [p for g in param_groups for p in g["params"]]
         self.optimizer = build_optimizer(param_groups, cfg, self.device)
         self.forward_model = torch.compile(model) if cfg.compile else model
@@ -119,10 +124,10 @@ class Trainer:
     def evaluate(self) -> float:
         self.model.eval()
         total, count = 0.0, 0
-        for x, y in self.data.val_batches():
-            x, y = x.to(self.device), y.to(self.device)
+        for batch in self.data.val_batches():
+            x, y, extra = self._to_device(batch)
             with autocast(self.device, self.precision):
-                _, loss = self.forward_model(x, y)
+                _, loss = self.forward_model(x, y, **extra)
             n = int((y != -100).sum())
             total += float(loss) * n
             count += n
@@ -130,6 +135,12 @@ class Trainer:
         if count == 0:
             raise LmforgeError("the val split yields no batches to evaluate on")
         return total / count
+
+    def _to_device(self, batch: tuple) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """(inputs, targets) or (inputs, targets, {positions, attn_mask}) on the training device."""
+        x, y, *rest = batch
+        extra = {k: v.to(self.device, non_blocking=True) for k, v in (rest[0] if rest else {}).items()}
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), extra
 
     def _save_best(self) -> None:
         with atomic_dir(self.run_dir / BEST_DIR, overwrite=True) as tmp:
@@ -168,10 +179,9 @@ class Trainer:
                     set_lr(self.optimizer, lr)
                     loss_sum = torch.zeros((), device=self.device)
                     for micro in range(cfg.grad_accum):
-                        x, y = self.data.train_batch(step, micro)
-                        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                        x, y, extra = self._to_device(self.data.train_batch(step, micro))
                         with autocast(self.device, self.precision):
-                            _, loss = self.forward_model(x, y)
+                            _, loss = self.forward_model(x, y, **extra)
                         (loss / cfg.grad_accum).backward()
                         loss_sum += loss.detach()
                     grad_norm = None
