@@ -21,16 +21,20 @@ _FIELD_COMMENT = re.compile(r"^\s*(\w+)\s*:[^#]*#\s*(.+)$")
 
 @functools.lru_cache(maxsize=None)
 def field_comments(cls: type) -> dict[str, str]:
-    """`name: type = default  # help text` -> {name: help text}."""
-    try:
-        source = inspect.getsource(cls)
-    except (OSError, TypeError):
-        return {}
-    out = {}
-    for line in source.splitlines():
-        m = _FIELD_COMMENT.match(line)
-        if m:
-            out.setdefault(m.group(1), m.group(2).strip())
+    """`name: type = default  # help text` -> {name: help text}, base classes included (a
+    subclass that only changes defaults keeps its parents' help)."""
+    out: dict[str, str] = {}
+    for klass in cls.__mro__:
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        for line in source.splitlines():
+            m = _FIELD_COMMENT.match(line)
+            if m:
+                out.setdefault(m.group(1), m.group(2).strip())
     return out
 
 

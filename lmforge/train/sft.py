@@ -263,10 +263,10 @@ def collate(rows: list[list[Example]], pad_id: int):
         if packed:
             offset = 0
             for k, e in enumerate(row):
-                span = len(e.ids)
+                span = min(len(e.ids), T - offset)  # the row's last token is a target only
                 seg[b, offset : offset + span] = k
                 pos[b, offset : offset + span] = torch.arange(span)
-                offset += span
+                offset += len(e.ids)
             # The last token of one example must not be trained to predict the next example's first.
             ends = np.cumsum([len(e.ids) for e in row])[:-1] - 1
             for end in ends:

@@ -1,0 +1,225 @@
+"""`lmforge finetune`: adapt a model to a task or domain, full or LoRA, with the one Trainer.
+
+What differs from pretraining is only the data (SFT examples with a loss mask), which parameters
+train (all, or LoRA adapters on a frozen base) and what a checkpoint holds (a full model dir, or
+the adapters alone plus the name of the base). The loop, checkpoints, exact resume, logs and the
+report are the pretraining ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import yaml
+
+import lmforge
+from lmforge.errors import LmforgeError
+from lmforge.fsutil import write_text_atomic
+from lmforge.interop.registry import GENERATION_FILE, LoadedModel, load_model
+from lmforge.model.estimate import estimate_memory
+from lmforge.model.io import load_model_dir, write_model_files
+from lmforge.model.lora import LoRAConfig, apply_lora, count_parameters, load_adapter, save_adapter
+from lmforge.report import perplexity, write_training_report
+from lmforge.runtime import available_memory_bytes, resolve_device
+from lmforge.train.config import TrainConfig
+from lmforge.train.metrics import METRICS_FILE, read_metrics
+from lmforge.train.pretrain import RUN_CONFIG, SUMMARY, prepare_run_dir
+from lmforge.train.sft import DataFormat, Overlong, SFTBatches, load_examples, split_examples
+from lmforge.train.trainer import Trainer, resume_checkpoint
+
+Method = Literal["full", "lora"]
+
+
+@dataclass
+class FinetuneTrainConfig(TrainConfig):
+    """TrainConfig with defaults for fine-tuning a pretrained model on a small data set."""
+
+    max_steps: int = 60
+    batch_size: int = 8
+    block_size: int = 512
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 5
+    weight_decay: float = 0.0
+    eval_every: int = 5
+    eval_batches: int = 50
+    checkpoint_every: int = 20
+    early_stop: int = 3
+    log_every: int = 1
+    activation_checkpointing: bool = True
+    loss_chunk: int = 1024
+
+
+@dataclass
+class FinetuneConfig:
+    method: Method = "lora"  # lora (adapters on a frozen base) or full (every weight trains)
+    data_format: DataFormat = "auto"  # auto-detect per record, or insist on text / instruction / chat
+    val_fraction: float = 0.1  # held-out share of the examples (ignored with --val-data)
+    overlong: Overlong = "truncate"  # an example longer than --block-size: truncate it or drop it (counted)
+    pack: bool = False  # pack short examples into shared rows (each still attends only to itself)
+
+    def __post_init__(self) -> None:
+        if self.method not in ("full", "lora"):
+            raise LmforgeError(f"--method must be full or lora, got {self.method!r}")
+
+
+def write_generation_defaults(loaded: LoadedModel, folder: Path) -> None:
+    if loaded.generation:
+        write_text_atomic(folder / GENERATION_FILE, json.dumps(loaded.generation, indent=2))
+
+
+def _check_memory(model, cfg: TrainConfig, block_size: int, trainable: int, total: int, device) -> dict:
+    est = estimate_memory(model.config, cfg.batch_size, block_size, optimizer=cfg.optimizer,
+                          activation_checkpointing=cfg.activation_checkpointing)
+    share = trainable / max(total, 1)
+    logits = est["logits"] if not cfg.loss_chunk else est["logits"] * min(1.0, cfg.loss_chunk / (cfg.batch_size * block_size))
+    need = est["weights"] + (est["grads"] + est["optimizer"]) * share + est["activations"] + logits
+    free = available_memory_bytes(device)
+    if need > 0.9 * free:
+        raise LmforgeError(
+            f"fine-tuning at batch {cfg.batch_size} x {block_size} needs about {need / 2**30:.1f} GB but {device} has "
+            f"{free / 2**30:.1f} GB free; lower --batch-size or --block-size, or use --method lora"
+        )
+    return {"estimated_bytes": int(need)}
+
+
+def finetune(
+    model: str,
+    data: str | Path,
+    out: str | Path,
+    ft: FinetuneConfig,
+    cfg: TrainConfig,
+    lora: LoRAConfig,
+    *,
+    val_data: str | Path | None = None,
+    resume: bool = False,
+    resume_from: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    sample_count: int = 3,
+) -> dict:
+    run_dir = Path(out)
+    ckpt = resume_checkpoint(run_dir, resume, resume_from) if (resume or resume_from) else None
+    if ckpt is None:
+        prepare_run_dir(run_dir, overwrite)
+    loaded = load_model(model)
+    net, tok = loaded.model, loaded.tokenizer
+    block_size = min(cfg.block_size or net.config.block_size, net.config.block_size)
+    examples, stats = load_examples(data, tok, block_size=block_size, fmt=ft.data_format, overlong=ft.overlong)
+    if val_data:
+        val, vstats = load_examples(val_data, tok, block_size=block_size, fmt=ft.data_format, overlong=ft.overlong)
+        train = examples
+    else:
+        train, val = split_examples(examples, ft.val_fraction)
+    print(f"[finetune] {stats.format} data: {len(train)} train / {len(val)} val examples, {stats.trained_tokens:,} of "
+          f"{stats.total_tokens:,} tokens under the loss; {stats.truncated} truncated, {stats.dropped} dropped "
+          f"(longer than {block_size} tokens)", flush=True)
+
+    torch.manual_seed(cfg.seed)
+    if ft.method == "lora":
+        if ckpt is not None:
+            load_adapter(net, ckpt)
+        else:
+            apply_lora(net, lora)
+    elif ckpt is not None:
+        net, _ = load_model_dir(ckpt)
+    trainable, total = count_parameters(net)
+    device = resolve_device(cfg.device)
+    _check_memory(net, cfg, block_size, trainable, total, device)
+    print(f"[finetune] {ft.method}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)", flush=True)
+
+    run_config = {
+        "lmforge_version": lmforge.__version__, "base_model": str(loaded.path), "data": str(Path(data).resolve()),
+        "val_data": str(Path(val_data).resolve()) if val_data else None, "finetune": dataclasses.asdict(ft),
+        "lora": dataclasses.asdict(lora) if ft.method == "lora" else None,
+        "train": {**dataclasses.asdict(cfg), "block_size": block_size},
+    }
+    write_text_atomic(run_dir / RUN_CONFIG, yaml.safe_dump(run_config, sort_keys=False))
+
+    def write_model(folder: Path) -> None:
+        if ft.method == "lora":
+            save_adapter(net, folder, lora, base=str(loaded.path))
+            tok.save(folder)
+        else:
+            write_model_files(net, folder, tok)
+        write_generation_defaults(loaded, folder)
+
+    batches = SFTBatches(train, val, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
+                         pad_id=tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0), seed=cfg.seed,
+                         pack=ft.pack, block_size=block_size)
+    mean_len = sum(len(e.ids) for e in train) / len(train)
+    trainer = Trainer(
+        net, cfg, batches, run_dir, write_model=write_model,
+        param_groups=net.configure_optimizer_groups(cfg.weight_decay),
+        # LoRA computes no weight gradients for the frozen base: ~4N of the 6N FLOPs per token.
+        flops_per_token=net.flops_per_token(block_size) * (4 / 6 if ft.method == "lora" else 1.0),
+        tokens_per_step=int(cfg.batch_size * cfg.grad_accum * mean_len), progress=progress,
+    )
+    start_val = trainer.evaluate() if ckpt is None else None
+    result = trainer.fit(resume_from=ckpt)
+    summary = {
+        "method": ft.method, "base_model": str(loaded.path), "trainable_params": trainable, "total_params": total,
+        "examples": {"train": len(train), "val": len(val), "truncated": stats.truncated, "dropped": stats.dropped},
+        "steps": result.step, "stopped_because": result.stopped_because, "start_val_loss": start_val,
+        "best_val_loss": result.best_val_loss, "best_step": result.best_step, "val_loss": result.val_loss,
+        "tokens_seen": result.tokens_seen, "train_seconds": round(result.train_seconds, 2),
+        "tokens_per_s": round(result.tokens_per_s, 1), "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+    }
+    samples = _samples(run_dir, val, tok, sample_count)
+    summary["samples"] = [{"prompt": p, "reply": r} for p, r in samples]
+    write_text_atomic(run_dir / SUMMARY, json.dumps(summary, indent=2))
+    facts = [
+        ("base model", str(loaded.path)), ("method", ft.method),
+        ("trainable parameters", f"{trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"),
+        ("examples (train / val)", f"{len(train)} / {len(val)} ({stats.truncated} truncated, {stats.dropped} dropped)"),
+        ("steps", f"{result.step} ({result.stopped_because})"),
+        ("val loss before / best", f"{start_val:.4f} / {result.best_val_loss:.4f} (step {result.best_step})"
+         if start_val is not None and result.best_val_loss is not None else None),
+        ("val perplexity before / best", f"{perplexity(start_val):.2f} / {perplexity(result.best_val_loss):.2f}"
+         if start_val is not None and result.best_val_loss is not None else None),
+        ("throughput", f"{result.tokens_per_s:,.0f} tokens/s"),
+    ]
+    report = write_training_report(run_dir, "Fine-tuning report", facts, read_metrics(run_dir / METRICS_FILE),
+                                   baselines={"val before": start_val} if start_val is not None else None,
+                                   samples=[(p, r) for p, r in samples])
+    summary["report"] = str(report)
+    return summary
+
+
+def _samples(run_dir: Path, val, tok, count: int) -> list[tuple[str, str]]:
+    """Greedy replies of the best model to the first held-out prompts."""
+    from lmforge.generate.engine import Engine
+    from lmforge.generate.sampling import SamplingParams
+
+    best = run_dir / "best"
+    if not best.exists() or not val or count <= 0:
+        return []
+    model = load_model(best).model
+    engine = Engine(model, tok)
+    out = []
+    for e in val[:count]:
+        first = e.mask.index(True) if True in e.mask else len(e.ids)
+        prompt = e.ids[:first]
+        if not prompt:
+            continue
+        reply = engine.generate_ids([prompt], SamplingParams(max_new_tokens=48, temperature=0.0))[0].text
+        out.append((tok.decode(prompt), reply))
+    return out
+
+
+def describe(summary: dict) -> str:
+    lines = [
+        f"{summary['method']} fine-tune of {summary['base_model']}: {summary['trainable_params']:,} trainable parameters",
+        f"steps {summary['steps']} ({summary['stopped_because']}), {summary['tokens_per_s']:,.0f} tokens/s",
+    ]
+    if summary["start_val_loss"] is not None and summary["best_val_loss"] is not None:
+        lines.append(f"val loss {summary['start_val_loss']:.4f} -> {summary['best_val_loss']:.4f} "
+                     f"(perplexity {math.exp(summary['start_val_loss']):.2f} -> {math.exp(summary['best_val_loss']):.2f})")
+    lines.append(f"report: {summary['report']}")
+    return "\n".join(lines)
