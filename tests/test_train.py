@@ -277,3 +277,21 @@ def test_kill_9_loses_only_the_steps_since_the_last_checkpoint(shards, tmp_path)
     s = pretrain(data, str(model_file), tmp_path / "r", small_cfg(max_steps=step + 3, checkpoint_every=3, eval_every=0),
                  progress=False, sample_tokens=2, resume=True)
     assert s["steps"] == step + 3
+
+
+def test_sgd_and_bf16_autocast_runs(shards, tmp_path):
+    data, model_file = shards
+    s = pretrain(data, str(model_file), tmp_path / "sgd", small_cfg(optimizer="sgd", lr=0.05, max_steps=8), progress=False, sample_tokens=2)
+    l = losses(tmp_path / "sgd")
+    assert l[-1] < l[0]
+    s = pretrain(data, str(model_file), tmp_path / "bf16", small_cfg(precision="bf16", max_steps=2, eval_every=2), progress=False, sample_tokens=2)
+    assert math.isfinite(s["best_val_loss"])
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(shards, tmp_path):
+    data, model_file = shards
+    cfg = dict(max_steps=6, eval_every=3)
+    pretrain(data, str(model_file), tmp_path / "eager", small_cfg(**cfg), progress=False, sample_tokens=2)
+    pretrain(data, str(model_file), tmp_path / "compiled", small_cfg(compile=True, **cfg), progress=False, sample_tokens=2)
+    np.testing.assert_allclose(losses(tmp_path / "eager"), losses(tmp_path / "compiled"), rtol=1e-3)
