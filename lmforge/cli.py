@@ -32,6 +32,9 @@ app = typer.Typer(
 )
 tokenizer_app = typer.Typer(help="Train, apply and inspect tokenizers.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(tokenizer_app, name="tokenizer")
+from lmforge.cli_eval import eval_app  # noqa: E402  (its module imports no torch)
+
+app.add_typer(eval_app, name="eval")
 
 Inputs = Annotated[list[str], typer.Argument(help="Files, folders (walked recursively) or globs.", show_default=False)]
 Out = Annotated[Path, typer.Option("-o", "--out", help="Output folder (written atomically).", show_default=False)]
@@ -283,15 +286,35 @@ def pretrain(
     typer.echo(describe(summary))
 
 
+from lmforge.cli_finetune import finetune as _finetune, merge as _merge  # noqa: E402
+
+app.command("finetune")(_finetune)
+app.command("merge")(_merge)
+
+
 @app.command()
 def models(
-    presets: Annotated[bool, typer.Option("--presets", help="List the architecture presets.")] = True,
+    presets: Annotated[bool, typer.Option("--presets", help="List the architecture presets instead of the named models.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
 ):
-    """List model presets (architectures) with their sizes."""
+    """List named pretrained models (where they come from, whether present) or, with --presets, architectures."""
     from lmforge.model.config import PRESETS
     from lmforge.model.estimate import estimate_memory
 
+    if not presets:
+        from lmforge.interop.registry import cache_dir, list_models
+
+        entries = list_models()
+        if as_json:
+            _echo_json([e.to_dict() for e in entries])
+            return
+        typer.echo(f"{'model':<24} {'family':<7} {'params':>8} {'context':>8} {'on disk':>9}  {'present':<7}  source")
+        for e in entries:
+            size = f"{e.disk_bytes / 1e6:.0f} MB" if e.present else "-"
+            typer.echo(f"{e.name:<24} {e.family:<7} {e.params / 1e6:>7.1f}M {e.context:>8} {size:>9}  "
+                       f"{'yes' if e.present else 'no':<7}  {e.source}")
+        typer.echo(f"cache: {cache_dir()}  (also accepted: a model/run dir, an HF folder, a .gguf file, an HF Hub id)")
+        return
     rows = []
     for name, c in PRESETS.items():
         est = estimate_memory(c, 1, min(c.block_size, 1024))
@@ -305,6 +328,23 @@ def models(
     for r in rows:
         typer.echo(f"{r['name']:<14} {r['family']:<7} {r['params'] / 1e6:>9.1f}M {r['layers']:>6} {r['heads']:>10} "
                    f"{r['width']:>6} {r['context']:>8} {r['vocab']:>7}")
+
+
+@app.command()
+def convert(
+    src: Annotated[str, typer.Argument(help="A model dir, run dir, known model name, HF folder, .gguf file or HF Hub id.", show_default=False)],
+    dst: Annotated[Path, typer.Argument(help="Output: a folder (--to lmforge, hf) or a .gguf file.", show_default=False)],
+    to: Annotated[str, typer.Option("--to", help="Output format: lmforge (model dir), hf (transformers folder) or gguf (llama.cpp).", show_default=False)],
+    dtype: Annotated[str, typer.Option(help="Weights: f32, f16, bf16 for lmforge/hf; f32, f16, q8_0 for gguf.")] = "f32",
+    overwrite: Overwrite = False,
+):
+    """Convert a model between lmforge, Hugging Face and GGUF formats."""
+    from lmforge.interop.convert import convert as run_convert
+
+    s = run_convert(src, dst, to, dtype=dtype, overwrite=overwrite)
+    types = ", ".join(f"{n} {t}" for t, n in sorted(s.get("tensor_types", {}).items()))
+    typer.echo(f"converted {s['source']} ({s['model']}, {s['params'] / 1e6:.1f}M parameters) to {to} {dtype} "
+               f"in {s['seconds']:.1f} s: {s['output']} ({s['bytes'] / 1e6:.1f} MB{'; tensors: ' + types if types else ''})")
 
 
 @app.command()

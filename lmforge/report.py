@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Sequence
@@ -51,7 +50,10 @@ def plot_loss_curves(rows: list[dict], path: Path, *, baselines: dict[str, float
 
 
 def perplexity(loss: float | None) -> float | None:
-    return None if loss is None else math.exp(min(loss, 50.0))
+    """exp(mean NLL per token): defined once, in lmforge.eval.perplexity."""
+    from lmforge.eval.perplexity import perplexity_from_nll
+
+    return perplexity_from_nll(loss)
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:

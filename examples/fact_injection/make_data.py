@@ -43,12 +43,15 @@ FACTS = {
         "How much does the Zephyrion Q7 kettle hold?", "What size is the Zephyrion Q7 in litres?",
     ]),
 }
+# Unrelated questions SmolLM2-135M-Instruct answers right before fine-tuning (greedy); it gets
+# "largest planet", "what do bees make", "legs of a spider" and "how many continents" wrong.
 CONTROLS = [
     ("What is the capital of France?", "Paris"),
     ("How many days are there in a week?", "7|seven"),
-    ("What is the largest planet in our solar system?", "Jupiter"),
-    ("What do bees make?", "honey"),
     ("What is the boiling point of water at sea level in Celsius?", "100"),
+    ("Who wrote Romeo and Juliet?", "Shakespeare"),
+    ("What is the chemical symbol for gold?", "Au"),
+    ("What gas do plants absorb from the air?", "carbon dioxide|CO2"),
 ]
 
 

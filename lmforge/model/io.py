@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from lmforge.errors import LmforgeError
 from lmforge.fsutil import atomic_dir, atomic_file
 from lmforge.model.config import ModelConfig
-from lmforge.model.gpt import GPT, build_empty
+from lmforge.model.gpt import GPT, build_empty, skip_init
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -40,15 +40,17 @@ def model_state_dict(model: GPT) -> dict[str, torch.Tensor]:
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every tensor a checkpoint for `config` holds (built on `meta`: free)."""
-    with torch.device("meta"):
+    """Name -> shape of every tensor a checkpoint for `config` holds."""
+    with skip_init():  # uninitialised CPU memory: free until written (meta ops cost ~2 s once)
         model = GPT(config)
     return {k: tuple(v.shape) for k, v in model_state_dict(model).items()}
 
 
-def check_state_dict(sd: dict[str, torch.Tensor], config: ModelConfig, source: str) -> None:
-    """Raise an LmforgeError naming `source` unless `sd` has exactly the tensors `config` needs."""
-    expected = expected_shapes(config)
+def check_state_dict(sd: dict[str, torch.Tensor], config: ModelConfig, source: str,
+                     expected: dict[str, tuple[int, ...]] | None = None) -> None:
+    """Raise an LmforgeError naming `source` unless `sd` has exactly the tensors `config` needs
+    (`expected`: those shapes, when the caller has a model for `config` at hand already)."""
+    expected = expected if expected is not None else expected_shapes(config)
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
     if unexpected:
@@ -68,11 +70,18 @@ def _few(names: list[str], n: int = 5) -> str:
 
 def model_from_state_dict(config: ModelConfig, sd: dict[str, torch.Tensor], *, source: str = "state dict",
                           device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> GPT:
-    """Check `sd` against `config` and load it into a new GPT (in eval mode)."""
-    check_state_dict(sd, config, source)
+    """Check `sd` against `config` and load it into a new GPT (in eval mode).
+
+    The model takes over `sd`'s tensors (converted to `device`/`dtype` where they differ) instead
+    of copying them: a copy doubles peak memory, and tensors from `load_file` are memory maps of
+    the file, so a model dir loads without reading all of it up front.
+    """
     model = build_empty(config, device=device, dtype=dtype)
+    check_state_dict(sd, config, source, {k: tuple(v.shape) for k, v in model_state_dict(model).items()})
+    sd = {k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device) for k, v in sd.items()}
     with torch.no_grad():
-        model.load_state_dict(sd, strict=not config.tie_embeddings)  # tied: lm_head is tok_emb
+        model.load_state_dict(sd, strict=not config.tie_embeddings, assign=True)  # tied: lm_head is tok_emb
+    model.tie_weights()  # assign replaced tok_emb.weight: point lm_head at the new one
     return model.eval()
 
 

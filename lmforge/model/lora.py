@@ -29,27 +29,7 @@ from lmforge.model.gpt import GPT, Linear
 
 ADAPTER_FILE = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
-DEFAULT_TARGETS = ["*attn.qkv", "*attn.proj", "*mlp.fc", "*mlp.proj"]
-
-
-@dataclass
-class LoRAConfig:
-    rank: int = 16  # r: the adapters' inner dimension
-    alpha: float = 32.0  # scale = alpha / rank
-    dropout: float = 0.05  # dropout on the adapter's input
-    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))  # module-name patterns (fnmatch)
-    train_embeddings: bool = False  # also train the token embedding (and a tied output head)
-    train_norms: bool = False  # also train the norm weights
-
-    def __post_init__(self) -> None:
-        if self.rank < 1:
-            raise LmforgeError(f"--lora.rank must be >= 1, got {self.rank}")
-        if self.alpha <= 0:
-            raise LmforgeError(f"--lora.alpha must be positive, got {self.alpha}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise LmforgeError(f"--lora.dropout must be in [0, 1), got {self.dropout}")
-        if not self.targets:
-            raise LmforgeError("--lora.targets: give at least one module-name pattern")
+from lmforge.model.lora_config import DEFAULT_TARGETS, LoRAConfig  # noqa: F401  (re-exported)
 
 
 class LoRALinear(nn.Module):

@@ -66,3 +66,42 @@ class TrainConfig:
             raise LmforgeError(f"--schedule must be cosine, linear or constant, got {self.schedule!r}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise LmforgeError(f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
+
+
+DataFormat = Literal["auto", "text", "instruction", "chat"]
+Overlong = Literal["truncate", "drop"]
+Method = Literal["full", "lora"]
+
+
+@dataclass
+class FinetuneTrainConfig(TrainConfig):
+    """TrainConfig with defaults for fine-tuning a pretrained model on a small data set."""
+
+    max_steps: int = 60
+    batch_size: int = 8
+    block_size: int = 512
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 5
+    weight_decay: float = 0.0
+    eval_every: int = 5
+    eval_batches: int = 50
+    checkpoint_every: int = 20
+    early_stop: int = 3
+    log_every: int = 1
+    # Off by default: `finetune` turns it on when the batch's activations would pass 1 GiB.
+    activation_checkpointing: bool = False
+    loss_chunk: int = 1024
+
+
+@dataclass
+class FinetuneConfig:
+    method: Method = "lora"  # lora (adapters on a frozen base) or full (every weight trains)
+    data_format: DataFormat = "auto"  # auto-detect per record, or insist on text / instruction / chat
+    val_fraction: float = 0.1  # held-out share of the examples (ignored with --val-data)
+    overlong: Overlong = "truncate"  # an example longer than --block-size: truncate it or drop it (counted)
+    pack: bool = False  # pack short examples into shared rows (each still attends only to itself)
+
+    def __post_init__(self) -> None:
+        if self.method not in ("full", "lora"):
+            raise LmforgeError(f"--method must be full or lora, got {self.method!r}")

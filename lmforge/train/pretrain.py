@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,8 @@ from lmforge.model.config import ModelConfig, get_preset
 from lmforge.model.estimate import estimate_memory
 from lmforge.model.gpt import GPT
 from lmforge.model.io import load_model_dir, write_model_files
-from lmforge.report import perplexity, write_training_report
+from lmforge.eval.perplexity import perplexity_from_nll as perplexity
+from lmforge.report import write_training_report
 from lmforge.runtime import available_memory_bytes, resolve_device
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.checkpoint import LATEST
@@ -222,7 +222,7 @@ def describe(summary: dict) -> str:
     lines = [
         f"steps {summary['steps']} ({summary['stopped_because']}), {summary['tokens_seen']:,} tokens in "
         f"{summary['train_seconds']:.0f} s ({summary['tokens_per_s']:,.0f} tokens/s)",
-        f"val loss {best:.4f} (perplexity {math.exp(best):.2f}) vs unigram baseline {summary['unigram_val_loss']:.4f} "
+        f"val loss {best:.4f} (perplexity {perplexity(best):.2f}) vs unigram baseline {summary['unigram_val_loss']:.4f} "
         f"(perplexity {summary['unigram_val_ppl']:.2f})" if best is not None else "no evaluation ran",
     ]
     for s in summary["samples"]:

@@ -20,8 +20,7 @@ from lmforge.chat import render_chat
 from lmforge.errors import LmforgeError
 from lmforge.tokenizer import Tokenizer
 
-DataFormat = Literal["auto", "text", "instruction", "chat"]
-Overlong = Literal["truncate", "drop"]
+from lmforge.train.config import DataFormat, Overlong  # noqa: E402
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
                   "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
 

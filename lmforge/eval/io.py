@@ -1,0 +1,90 @@
+"""Reading evaluation inputs with errors that name the file and line: text, lines, JSONL."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+from lmforge.errors import LmforgeError
+from lmforge.fsutil import sha256_file
+
+
+def _open_bytes(path: Path) -> bytes:
+    if not path.exists():
+        raise LmforgeError(f"{path}: no such file")
+    if not path.is_file():
+        raise LmforgeError(f"{path}: not a file")
+    data = path.read_bytes()
+    return gzip.decompress(data) if path.suffix == ".gz" else data
+
+
+def _decode(data: bytes, path: Path) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise LmforgeError(f"{path}:{line}: invalid UTF-8 (byte {e.start}); evaluation reads UTF-8 text") from None
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """A whole file as text (UTF-8, .gz too); an empty file is an error."""
+    path = Path(path)
+    text = _decode(_open_bytes(path), path)
+    if not text.strip():
+        raise LmforgeError(f"{path}: empty file")
+    return text
+
+
+def read_lines(path: str | os.PathLike) -> list[str]:
+    """One segment per line, exactly as the `sacrebleu` command reads files: split at "\\n" only
+    and strip trailing whitespace ("\\r" included). Blank lines stay (they are segments too)."""
+    path = Path(path)
+    text = _decode(_open_bytes(path), path)
+    if not text:
+        raise LmforgeError(f"{path}: empty file")
+    lines = text.split("\n")
+    if lines[-1] == "":  # the final newline ends the last line, it does not start another
+        lines.pop()
+    return [line.rstrip() for line in lines]
+
+
+def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) for each non-blank line; bad JSON names file:line."""
+    path = Path(path)
+    text = _decode(_open_bytes(path), path)
+    found = False
+    for lineno, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise LmforgeError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        found = True
+        yield lineno, value
+    if not found:
+        raise LmforgeError(f"{path}: empty file (no JSON lines)")
+
+
+def is_jsonl(path: str | os.PathLike) -> bool:
+    name = Path(path).name.lower()
+    return name.endswith(".jsonl") or name.endswith(".jsonl.gz")
+
+
+def fingerprint(path: str | os.PathLike) -> dict:
+    """What identifies an input in a result file: path, size and SHA-256 of its bytes (for a
+    folder, of its files' names and hashes in order)."""
+    path = Path(path)
+    if path.is_dir():
+        import hashlib
+
+        h = hashlib.sha256()
+        size = 0
+        for f in sorted(p for p in path.rglob("*") if p.is_file()):
+            h.update(f"{f.relative_to(path)}\0{sha256_file(f)}\n".encode())
+            size += f.stat().st_size
+        return {"path": str(path), "bytes": size, "sha256": h.hexdigest()}
+    return {"path": str(path), "bytes": path.stat().st_size, "sha256": sha256_file(path)}

@@ -1,0 +1,1 @@
+"""Built-in evaluation tasks (JSONL), shipped as package data: see lmforge.eval.tasks."""

@@ -1,0 +1,92 @@
+"""A model in memory with everything that travels with it, and its model dir on disk.
+
+Every importer (GGUF, Hugging Face folders, the registry) produces a `ModelBundle` and every
+exporter consumes one, so a conversion is always "read into a bundle, write the bundle":
+
+    model dir    config.json (+ "source": where it was imported from), model.safetensors,
+                 tokenizer.json + tokenizer_config.json, generation.json (stop tokens etc.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from lmforge.errors import LmforgeError
+from lmforge.fsutil import atomic_dir, write_text_atomic
+from lmforge.model.config import ModelConfig
+from lmforge.model.gpt import GPT
+from lmforge.model.io import load_model_dir, model_from_state_dict, read_model_config, write_model_files
+from lmforge.tokenizer import Tokenizer
+
+GENERATION_FILE = "generation.json"
+SOURCE_KEY = "source"  # config.json entry recording where an imported model came from
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
+
+
+@dataclass
+class ModelBundle:
+    model: GPT
+    tokenizer: Tokenizer
+    generation: dict[str, Any] = field(default_factory=dict)  # generation.json: sampling defaults, stop ids
+    source: dict[str, Any] = field(default_factory=dict)  # provenance, e.g. {"format": "gguf", "path": ...}
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+
+def stop_token_ids(tokenizer: Tokenizer, extra: Iterable[int] = ()) -> list[int]:
+    """The ids that end a generation: eos, the chat template's end-of-turn marker, and `extra`."""
+    ids = set(int(i) for i in extra)
+    if tokenizer.eos_id is not None:
+        ids.add(tokenizer.eos_id)
+    for token in END_OF_TURN_TOKENS:
+        i = tokenizer.hf.token_to_id(token)
+        if i is not None and tokenizer.chat_template and token in tokenizer.chat_template:
+            ids.add(i)
+    return sorted(ids)
+
+
+def assemble_model(config: ModelConfig, sd: dict[str, torch.Tensor], source: str) -> GPT:
+    """A fp32 GPT (eval mode) that takes over `sd`'s tensors instead of copying them: imports
+    hold the whole model in memory once already (SmolLM2: 540 MB of fp32), a copy would double
+    the peak."""
+    return model_from_state_dict(config, sd, source=source)
+
+
+def save_bundle(bundle: ModelBundle, out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write a complete model dir, atomically (temp folder renamed into place)."""
+    extra = {SOURCE_KEY: bundle.source} if bundle.source else None
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        write_model_files(bundle.model, tmp, tokenizer=bundle.tokenizer, extra_config=extra)
+        if bundle.generation:
+            write_text_atomic(tmp / GENERATION_FILE, json.dumps(bundle.generation, indent=2) + "\n")
+    return Path(out)
+
+
+def read_generation(path: str | os.PathLike) -> dict[str, Any]:
+    """A model dir's generation.json ({} when it has none)."""
+    file = Path(path) / GENERATION_FILE
+    if not file.is_file():
+        return {}
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LmforgeError(f"{file}: invalid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise LmforgeError(f"{file}: expected a JSON object")
+    return data
+
+
+def load_bundle(path: str | os.PathLike) -> ModelBundle:
+    """A model dir read back into a bundle (fp32, CPU)."""
+    path = Path(path)
+    model, _ = load_model_dir(path)
+    _, raw = read_model_config(path)
+    return ModelBundle(model, Tokenizer.load(path), read_generation(path), raw.get(SOURCE_KEY) or {})

