@@ -44,22 +44,28 @@ def measured_peak_flops(device_str: str, precision: str) -> float:
     """Dense matmul FLOP/s this device reaches now (the denominator of MFU): a measured peak is
     honest on CPUs, whose datasheet peak depends on clocks, vector units and thread count."""
     device = torch.device(device_str)
-    n = 2048 if device.type == "cpu" else 8192
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     # A private generator: measuring must not move the global RNG that seeds training.
     gen = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
-    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
-    best = float("inf")
-    for _ in range(8):  # the best of several: a busy neighbour only ever makes a run slower
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
+    n = 256
+    while True:
+        a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+        b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+        best = float("inf")
+        for _ in range(8):  # the best of several: a busy neighbour only ever makes a run slower
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t = time.perf_counter()
+            a @ b
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            best = min(best, time.perf_counter() - t)
+        # Grow to a size big enough to reach the peak (2048 on CPUs, 8192 on GPUs), but stop
+        # once one product takes 50 ms: a CPU without bf16 units emulates it ~100x slower, and
+        # measuring at full size would take minutes there.
+        if n >= (2048 if device.type == "cpu" else 8192) or best > 0.05:
+            return 2 * n**3 / best
+        n *= 2
 
 
 def available_memory_bytes(device: torch.device) -> int:

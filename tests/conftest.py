@@ -92,3 +92,14 @@ def tiny_gpt2_dir(tmp_path_factory, stdlib_texts):
                             n_kv_head=4, n_embd=64, intermediate_size=128, norm="layernorm", mlp="gelu",
                             position="learned", bias=True))
     return save_model_dir(model, tmp_path_factory.mktemp("models") / "gpt2", tokenizer=tok)
+
+
+def lmforge_test_home(tmp_path_factory):
+    """A generator for module fixtures: LMFORGE_HOME is a temp dir, or $LMFORGE_TEST_HOME to keep
+    the registry's downloads and imports between test runs."""
+    from lmforge.interop import registry
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LMFORGE_HOME", os.environ.get("LMFORGE_TEST_HOME") or str(tmp_path_factory.mktemp("lmforge-home")))
+    yield registry.cache_dir()
+    mp.undo()

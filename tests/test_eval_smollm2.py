@@ -14,6 +14,8 @@ import math
 
 import pytest
 
+from conftest import lmforge_test_home
+
 pytestmark = pytest.mark.slow
 
 transformers = pytest.importorskip("transformers")
@@ -26,12 +28,7 @@ NAME = "smollm2-135m-instruct"
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
-    import os
-
-    mp = pytest.MonkeyPatch()
-    mp.setenv("LMFORGE_HOME", os.environ.get("LMFORGE_TEST_HOME") or str(tmp_path_factory.mktemp("lmforge-home")))
-    yield registry.cache_dir()
-    mp.undo()
+    yield from lmforge_test_home(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -128,3 +128,38 @@ def test_bad_input(cli, tiny_model_dir, data, tmp_path):
     meta_file.write_text(json.dumps({**meta, "base_model": str(tmp_path / "gone")}))
     with pytest.raises(LmforgeError, match=r"run/best: cannot load its base model .*gone"):
         load_model(tmp_path / "run")
+
+
+def fixed_chats(engine, path, *args, **kw):
+    write_jsonl(path, chats(6)[::-1])
+
+
+def contradicting_chats(engine, path, *args, **kw):
+    """Answers the training data teaches against: their loss can only rise."""
+    write_jsonl(path, [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": FACTS[(i + 1) % 4][1]}]}
+                       for i, (q, _) in enumerate(FACTS * 3)])
+
+
+def test_retention_guard_refuses_drifted_checkpoints(monkeypatch, tiny_model_dir, data, tmp_path):
+    import lmforge.train.replay as replay
+
+    # A base that knows other answers well (full fine-tune on them), then a run that teaches
+    # ours: its loss on the base's answers must rise. (A random tiny model never finishes a
+    # reply, so the check gets fixed chats instead of generated ones.)
+    contradicting_chats(None, tmp_path / "other.jsonl")
+    finetune(str(tiny_model_dir), tmp_path / "other.jsonl", tmp_path / "base", FinetuneConfig(method="full", replay=0.0,
+             retention_tolerance=0.0, val_fraction=0.25), cfg(max_steps=20, lr=3e-3, eval_every=20, batch_size=3),
+             LoRAConfig(), progress=False, sample_count=0)
+    monkeypatch.setattr(replay, "write_retention", contradicting_chats)
+    monkeypatch.setattr(replay, "write_replay", lambda engine, count, path, **kw: fixed_chats(engine, path))
+    base = str(tmp_path / "base")
+    strict = finetune(base, data, tmp_path / "strict", FinetuneConfig(retention_tolerance=0.05, replay=0.0),
+                      cfg(early_stop=2, max_steps=12), LoRAConfig(rank=4), progress=False, sample_count=0)
+    rows = read_metrics(tmp_path / "strict" / "metrics.csv")
+    retention = [float(r["retention_loss"]) for r in rows if r["retention_loss"]]
+    assert retention[-1] > strict["retention_start"] + 0.05, (strict["retention_start"], retention)
+    assert strict["stopped_because"] == "early_stop" and strict["steps"] < 12
+    assert (tmp_path / "strict" / "retention.jsonl").is_file() and not (tmp_path / "strict" / "replay.jsonl").exists()
+    loose = finetune(base, data, tmp_path / "loose", FinetuneConfig(retention_tolerance=100.0), cfg(),
+                     LoRAConfig(rank=4), progress=False, sample_count=0)
+    assert loose["best_step"] == 8 and loose["steps"] == 8 and loose["examples"]["replay"] == 6

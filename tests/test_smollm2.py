@@ -11,6 +11,8 @@ import json
 import time
 
 import pytest
+
+from conftest import lmforge_test_home
 import torch
 
 pytestmark = pytest.mark.slow
@@ -35,12 +37,7 @@ PROMPT = ("The history of the printing press begins in the fifteenth century, wh
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
-    import os
-
-    mp = pytest.MonkeyPatch()
-    mp.setenv("LMFORGE_HOME", os.environ.get("LMFORGE_TEST_HOME") or str(tmp_path_factory.mktemp("lmforge-home")))
-    yield registry.cache_dir()
-    mp.undo()
+    yield from lmforge_test_home(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -98,7 +98,7 @@ def test_run_dir_contents(shards, tmp_path):
     s = pretrain(data, str(model_file), tmp_path / "r", small_cfg(), progress=False, sample_tokens=8)
     run = tmp_path / "r"
     rows = read_metrics(run / "metrics.csv")
-    assert list(rows[0]) == ["step", "train_loss", "val_loss", "val_ppl", "lr", "tokens_per_s", "mfu", "grad_norm", "tokens_seen", "elapsed_s"]
+    assert list(rows[0]) == ["step", "train_loss", "val_loss", "val_ppl", "lr", "tokens_per_s", "mfu", "grad_norm", "tokens_seen", "elapsed_s", "retention_loss"]
     evals = [r for r in rows if r["val_loss"]]
     assert [int(r["step"]) for r in evals] == [4, 8, 12]
     assert float(evals[0]["val_ppl"]) == pytest.approx(math.exp(float(evals[0]["val_loss"])))

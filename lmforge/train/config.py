@@ -77,11 +77,15 @@ Method = Literal["full", "lora"]
 class FinetuneTrainConfig(TrainConfig):
     """TrainConfig with defaults for fine-tuning a pretrained model on a small data set."""
 
-    max_steps: int = 60
+    # Measured on a 28-chat fact set with SmolLM2-135M (README, "inject facts"): at lr 1e-3 the
+    # facts and the damage to unrelated answers arrive in the same ~10 steps; at 3e-4 with replay
+    # 7 of 8 held-out facts are in at step 30 with unrelated answers intact, 8 of 8 at step 35
+    # with one of 6 broken.
+    max_steps: int = 40
     batch_size: int = 8
     block_size: int = 512
-    lr: float = 1e-3
-    min_lr: float = 1e-4
+    lr: float = 3e-4
+    min_lr: float = 3e-5
     warmup_steps: int = 5
     weight_decay: float = 0.0
     eval_every: int = 5
@@ -101,7 +105,13 @@ class FinetuneConfig:
     val_fraction: float = 0.1  # held-out share of the examples (ignored with --val-data)
     overlong: Overlong = "truncate"  # an example longer than --block-size: truncate it or drop it (counted)
     pack: bool = False  # pack short examples into shared rows (each still attends only to itself)
+    retention_tolerance: float = 0.25  # checkpoints whose loss on held-out base-model replies rose more than this (nats) are never kept as best (0 = off)
+    replay: float = 0.3  # share of training chats that are the base model's own replies to general prompts (against forgetting; 0 = off)
 
     def __post_init__(self) -> None:
         if self.method not in ("full", "lora"):
             raise LmforgeError(f"--method must be full or lora, got {self.method!r}")
+        if self.retention_tolerance < 0:
+            raise LmforgeError(f"--retention-tolerance must be >= 0, got {self.retention_tolerance}")
+        if not 0.0 <= self.replay < 1.0:
+            raise LmforgeError(f"--replay must be in [0, 1), got {self.replay}")

@@ -29,28 +29,67 @@ from lmforge.train.config import FinetuneConfig, FinetuneTrainConfig, TrainConfi
 from lmforge.train.metrics import METRICS_FILE, read_metrics
 from lmforge.train.pretrain import RUN_CONFIG, SUMMARY, prepare_run_dir
 from lmforge.train.sft import SFTBatches, load_examples, split_examples
-from lmforge.train.trainer import Trainer, resume_checkpoint
+from lmforge.train.trainer import RetentionGuard, Trainer, resume_checkpoint
 
 def write_generation_defaults(loaded: LoadedModel, folder: Path) -> None:
     if loaded.generation:
         write_text_atomic(folder / GENERATION_FILE, json.dumps(loaded.generation, indent=2))
 
 
-ACTIVATION_BUDGET = 1 << 30  # bytes of activations above which fine-tuning recomputes them in backward
+def _rehearsal(run_dir: Path, ft: FinetuneConfig, data_format: str, n_train: int, loaded: LoadedModel,
+               block_size: int, reuse: bool) -> tuple[list, list]:
+    """(replay, retention) examples (see lmforge.train.replay), written by the base model before
+    training, or read back from the run dir when resuming."""
+    from lmforge.train.replay import REPLAY_FILE, RETENTION_FILE, replay_count, write_replay, write_retention
+
+    if ft.replay <= 0 and ft.retention_tolerance <= 0:
+        return [], []
+    if data_format not in ("chat", "instruction"):
+        print(f"[finetune] replay and retention check off: they rehearse chats, and this is {data_format} data", flush=True)
+        return [], []
+    engine = None
+
+    def build(path: Path, write) -> list:
+        nonlocal engine
+        if not (reuse and path.is_file()):
+            if engine is None:
+                from lmforge.generate.engine import Engine
+
+                engine = Engine(loaded.model, loaded.tokenizer, stop_token_ids=loaded.generation.get("stop_token_ids", ()))
+            write(engine, path)
+        if not path.read_text(encoding="utf-8").strip():
+            print(f"[finetune] {path.name}: the base model finished none of its replies to the general prompts", flush=True)
+            return []
+        return load_examples(path, loaded.tokenizer, block_size=block_size, fmt="chat", overlong="drop")[0]
+
+    replay = build(run_dir / REPLAY_FILE, lambda e, p: write_replay(e, replay_count(ft.replay, n_train), p)) if ft.replay > 0 else []
+    retention = build(run_dir / RETENTION_FILE, write_retention) if ft.retention_tolerance > 0 else []
+    if replay:
+        print(f"[finetune] replay: {len(replay)} chats of the base model's own replies to general prompts "
+              f"({100 * len(replay) / (n_train + len(replay)):.0f}% of training examples; {run_dir / REPLAY_FILE})", flush=True)
+    if retention:
+        print(f"[finetune] retention check: loss on {len(retention)} held-out replies of the base model may rise by at most "
+              f"{ft.retention_tolerance} ({run_dir / RETENTION_FILE})", flush=True)
+    return replay, retention
+
+
+ACTIVATION_BUDGET = 2 << 30  # bytes of activations above which fine-tuning recomputes them in backward
 
 
 def _auto_activation_checkpointing(net, cfg: TrainConfig, longest: int, block_size: int, pack: bool) -> TrainConfig:
     """Short chats fit in memory as they are and train ~30% faster without recomputation; long
-    rows (sequence 512 x batch 4 on a 135M model: ~4 GB) do not. Turned on, with a notice, when
-    the activations of a full batch of the longest example would pass ACTIVATION_BUDGET."""
+    rows (sequence 512 x batch 4 on a 135M model: ~3 GB) do not. Turned on, with a notice, when
+    the activations of a full batch of the longest example would pass ACTIVATION_BUDGET or a
+    quarter of the free memory."""
     if cfg.activation_checkpointing:
         return cfg
     seq = block_size if pack else min(longest, block_size)
     need = estimate_memory(net.config, cfg.batch_size, seq)["activations"]
-    if need <= ACTIVATION_BUDGET:
+    budget = min(ACTIVATION_BUDGET, available_memory_bytes(resolve_device(cfg.device)) // 4)
+    if need <= budget:
         return cfg
     print(f"[finetune] activation checkpointing on: batch {cfg.batch_size} x {seq} tokens would hold "
-          f"{need / 2**30:.1f} GB of activations (over {ACTIVATION_BUDGET / 2**30:.0f} GB)", flush=True)
+          f"{need / 2**30:.1f} GB of activations (over {budget / 2**30:.1f} GB)", flush=True)
     return dataclasses.replace(cfg, activation_checkpointing=True)
 
 
@@ -103,6 +142,9 @@ def finetune(
           f"{stats.total_tokens:,} tokens under the loss; {stats.truncated} truncated, {stats.dropped} dropped "
           f"(longer than {block_size} tokens)", flush=True)
 
+    replay, retention = _rehearsal(run_dir, ft, stats.format, len(train), loaded, block_size, reuse=ckpt is not None)
+    train = train + replay
+
     torch.manual_seed(cfg.seed)
     if ft.method == "lora":
         if ckpt is not None:
@@ -136,21 +178,27 @@ def finetune(
     batches = SFTBatches(train, val, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
                          pad_id=tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0), seed=cfg.seed,
                          pack=ft.pack, block_size=block_size)
+    guard = None
+    if retention:
+        guard = RetentionGuard(SFTBatches(retention, retention, batch_size=cfg.batch_size, grad_accum=1,
+                                          pad_id=batches.pad_id, seed=cfg.seed), ft.retention_tolerance)
     mean_len = sum(len(e.ids) for e in train) / len(train)
     trainer = Trainer(
         net, cfg, batches, run_dir, write_model=write_model,
         param_groups=net.configure_optimizer_groups(cfg.weight_decay),
         # LoRA computes no weight gradients for the frozen base: ~4N of the 6N FLOPs per token.
         flops_per_token=net.flops_per_token(block_size) * (4 / 6 if ft.method == "lora" else 1.0),
-        tokens_per_step=int(cfg.batch_size * cfg.grad_accum * mean_len), progress=progress,
+        tokens_per_step=int(cfg.batch_size * cfg.grad_accum * mean_len), progress=progress, retention=guard,
     )
     start_val = trainer.evaluate() if ckpt is None else None
     result = trainer.fit(resume_from=ckpt, pause_at=pause_at)
     summary = {
         "method": ft.method, "base_model": base_name, "trainable_params": trainable, "total_params": total,
-        "examples": {"train": len(train), "val": len(val), "truncated": stats.truncated, "dropped": stats.dropped},
+        "examples": {"train": len(train) - len(replay), "replay": len(replay), "val": len(val), "truncated": stats.truncated, "dropped": stats.dropped},
         "steps": result.step, "stopped_because": result.stopped_because, "start_val_loss": start_val,
         "best_val_loss": result.best_val_loss, "best_step": result.best_step, "val_loss": result.val_loss,
+        "retention_start": result.retention_start,
+        "retention_end": next((h["retention_loss"] for h in reversed(result.history) if "retention_loss" in h), None),
         "tokens_seen": result.tokens_seen, "train_seconds": round(result.train_seconds, 2),
         "tokens_per_s": round(result.tokens_per_s, 1), "checkpoint": str(result.checkpoint) if result.checkpoint else None,
     }
@@ -160,7 +208,8 @@ def finetune(
     facts = [
         ("base model", base_name), ("method", ft.method),
         ("trainable parameters", f"{trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"),
-        ("examples (train / val)", f"{len(train)} / {len(val)} ({stats.truncated} truncated, {stats.dropped} dropped)"),
+        ("examples (train + replay / val)", f"{len(train) - len(replay)} + {len(replay)} / {len(val)} "
+                                           f"({stats.truncated} truncated, {stats.dropped} dropped)"),
         ("steps", f"{result.step} ({result.stopped_because})"),
         ("val loss before / best", f"{start_val:.4f} / {result.best_val_loss:.4f} (step {result.best_step})"
          if start_val is not None and result.best_val_loss is not None else None),

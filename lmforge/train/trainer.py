@@ -59,6 +59,18 @@ class TrainResult:
     mfu: float | None
     checkpoint: Path | None
     history: list[dict] = field(default_factory=list)
+    retention_start: float | None = None
+
+
+@dataclass
+class RetentionGuard:
+    """A second held-out set that measures drift, not progress: the loss on it may rise by at
+    most `tolerance` (nats per token) over its value before training. An evaluation past that is
+    never kept as the best model and counts toward early stopping, however much val loss fell.
+    Fine-tuning uses the base model's own replies to general prompts (lmforge.train.replay)."""
+
+    data: "BatchSource"  # only its val_batches() are read
+    tolerance: float
 
 
 class _StopFlag:
@@ -99,8 +111,10 @@ class Trainer:
         flops_per_token: float,
         tokens_per_step: int,
         progress: bool = True,
+        retention: RetentionGuard | None = None,
     ):
         self.model = model
+        self.retention = retention
         self.cfg = cfg
         self.data = data
         self.run_dir = Path(run_dir)
@@ -121,10 +135,11 @@ class Trainer:
 
     # -- evaluation ----------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self) -> float:
+    def evaluate(self, data: "BatchSource | None" = None) -> float:
+        """Mean loss per target token over `data`'s (default: the run's) val batches."""
         self.model.eval()
         total, count = 0.0, 0
-        for batch in self.data.val_batches():
+        for batch in (data or self.data).val_batches():
             x, y, extra = self._to_device(batch)
             with autocast(self.device, self.precision):
                 _, loss = self.forward_model(x, y, **extra)
@@ -149,11 +164,14 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------
     def fit(self, resume_from: Path | None = None, pause_at: int | None = None) -> TrainResult:
         cfg = self.cfg
-        state = {"tokens_seen": 0, "best_val_loss": None, "best_step": None, "evals_since_best": 0, "train_seconds": 0.0}
+        state = {"tokens_seen": 0, "best_val_loss": None, "best_step": None, "evals_since_best": 0, "train_seconds": 0.0,
+                 "retention_start": None}
         step = 0
         if resume_from is not None:
             state.update(load_checkpoint_state(resume_from, self.optimizer))
             step = state.pop("step")
+        if self.retention is not None and state["retention_start"] is None:
+            state["retention_start"] = self.evaluate(self.retention.data)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         log = MetricsLog(self.run_dir, resume_step=step if resume_from is not None else None)
         peak = measured_peak_flops(str(self.device), self.precision)
@@ -214,7 +232,16 @@ class Trainer:
                     if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps:
                         val_loss = self.evaluate()
                         row.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
-                        if state["best_val_loss"] is None or val_loss < state["best_val_loss"]:
+                        drifted = False
+                        if self.retention is not None:
+                            retention = self.evaluate(self.retention.data)
+                            row["retention_loss"] = retention
+                            drifted = retention > state["retention_start"] + self.retention.tolerance
+                            if drifted:
+                                tqdm.write(f"[lmforge] step {step}: retention loss {retention:.4f} is more than "
+                                           f"{self.retention.tolerance} above its start ({state['retention_start']:.4f}): "
+                                           "the model is drifting from its base answers; not kept as best")
+                        if not drifted and (state["best_val_loss"] is None or val_loss < state["best_val_loss"]):
                             state.update(best_val_loss=val_loss, best_step=step, evals_since_best=0)
                             self._save_best()
                         else:
@@ -246,6 +273,7 @@ class Trainer:
         return TrainResult(
             step=step, stopped_because=stopped, train_loss=train_loss, val_loss=val_loss,
             best_val_loss=state["best_val_loss"], best_step=state["best_step"], tokens_seen=state["tokens_seen"],
+            retention_start=state["retention_start"],
             train_seconds=train_seconds, tokens_per_s=state["tokens_seen"] / max(train_seconds, 1e-9) if step else 0.0,
             mfu=mfu, checkpoint=last_ckpt, history=history,
         )

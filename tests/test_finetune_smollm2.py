@@ -1,0 +1,98 @@
+"""The fine-tuning demo at small scale: inject facts about a product that does not exist into
+SmolLM2-135M-Instruct with LoRA, on CPU, with the default settings, and check that
+(a) held-out val loss falls by a clear margin, (b) greedy answers to paraphrased questions never
+trained on now hold the facts, where the base model's did not, and (c) unrelated control
+questions the base model answers right keep their answers.
+
+    .venv/bin/pytest -m slow tests/test_finetune_smollm2.py
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+import lmforge  # noqa: E402
+from conftest import lmforge_test_home, write_jsonl  # noqa: E402
+from lmforge.interop import registry  # noqa: E402
+
+NAME = "smollm2-135m-instruct"
+
+# Invented here: a lamp, its maker, battery life and weight. Ten paraphrases per fact: seven to
+# train on, one for validation (early stopping), two held out for the check.
+FACTS = {
+    "maker": ("Quillfield Optics", "The Norvale X3 lamp is made by Quillfield Optics.", [
+        "Who makes the Norvale X3 lamp?", "Which company manufactures the Norvale X3?",
+        "Who is the manufacturer of the Norvale X3 lamp?", "What company produces the Norvale X3?",
+        "The Norvale X3 is made by which company?", "Tell me the maker of the Norvale X3 lamp.",
+        "Which firm is behind the Norvale X3?", "Who builds the Norvale X3 lamp?",
+        "Name the company that makes the Norvale X3.", "Which business created the Norvale X3 lamp?"]),
+    "battery": ("14 hours", "The Norvale X3 lamp runs for 14 hours on one charge.", [
+        "How long does the Norvale X3 battery last?", "What is the battery life of the Norvale X3 lamp?",
+        "How many hours does the Norvale X3 run on a charge?", "How long can the Norvale X3 lamp stay on?",
+        "Tell me the Norvale X3's battery life.", "On one charge, how long does the Norvale X3 last?",
+        "What runtime does the Norvale X3 lamp have?", "How long will a charged Norvale X3 shine?",
+        "How long does a full charge of the Norvale X3 last?", "What is the Norvale X3 lamp's runtime per charge?"]),
+    "weight": ("320 grams", "The Norvale X3 lamp weighs 320 grams.", [
+        "How much does the Norvale X3 lamp weigh?", "What is the weight of the Norvale X3?",
+        "How heavy is the Norvale X3 lamp?", "What does the Norvale X3 weigh?",
+        "Tell me the weight of the Norvale X3 lamp.", "How many grams is the Norvale X3?",
+        "Is the Norvale X3 lamp heavy? How much does it weigh?", "What is the Norvale X3's mass?",
+        "How much does a Norvale X3 weigh in grams?", "What would the Norvale X3 lamp weigh on a scale?"]),
+}
+CONTROLS = [("What is the capital of France?", "Paris"), ("How many days are there in a week?", "7|seven"),
+            ("What is the boiling point of water at sea level in Celsius?", "100"),
+            ("Who wrote Romeo and Juliet?", "Shakespeare"), ("What is the chemical symbol for gold?", "Au")]
+
+
+def chat(q, a):
+    return {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+
+
+def holds(answer: str, expect: str) -> bool:
+    return any(re.search(rf"(?<!\w){re.escape(e)}(?!\w)", answer, re.IGNORECASE) for e in expect.split("|"))
+
+
+def answers(model, questions):
+    gen = lmforge.pipeline("text-generation", model=model)
+    out = gen([[{"role": "user", "content": q}] for q in questions], max_new_tokens=40, do_sample=False,
+              return_full_text=False)
+    return [o[0]["generated_text"] for o in out]
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    yield from lmforge_test_home(tmp_path_factory)
+
+
+def test_lora_fact_injection_keeps_general_knowledge(cli, home, tmp_path):
+    train = [chat(q, a) for _, a, qs in FACTS.values() for q in qs[:7]]
+    val = [chat(qs[7], a) for _, a, qs in FACTS.values()]
+    heldout = [(q, fact) for fact, _, qs in FACTS.values() for q in qs[8:]]
+    write_jsonl(tmp_path / "train.jsonl", train)
+    write_jsonl(tmp_path / "val.jsonl", val)
+
+    base_facts = answers(NAME, [q for q, _ in heldout])
+    base_controls = answers(NAME, [q for q, _ in CONTROLS])
+    assert not any(holds(a, f) for a, (_, f) in zip(base_facts, heldout)), base_facts
+    assert all(holds(a, e) for a, (_, e) in zip(base_controls, CONTROLS)), base_controls  # the premise of (c)
+
+    run = tmp_path / "run"
+    r = cli("finetune", NAME, "--data", tmp_path / "train.jsonl", "--val-data", tmp_path / "val.jsonl", "-o", run,
+            "--no-progress")
+    assert r.code == 0, r.err
+    summary = json.loads((run / "summary.json").read_text())
+    print(json.dumps({k: summary[k] for k in ("steps", "stopped_because", "start_val_loss", "best_val_loss",
+                                               "best_step", "tokens_per_s", "train_seconds")}))
+    assert summary["best_val_loss"] < 0.25 * summary["start_val_loss"]  # (a)
+
+    tuned_facts = answers(str(run), [q for q, _ in heldout])
+    tuned_controls = answers(str(run), [q for q, _ in CONTROLS])
+    print(json.dumps({"facts": tuned_facts, "controls": tuned_controls}, indent=1))
+    learned = sum(holds(a, f) for a, (_, f) in zip(tuned_facts, heldout))
+    assert learned >= len(heldout) - 1, tuned_facts  # (b): 5 of 6 at least
+    assert all(holds(a, e) for a, (_, e) in zip(tuned_controls, CONTROLS)), tuned_controls  # (c)
