@@ -92,6 +92,9 @@ def test_ctrl_c_leaves_nothing_half_written(tmp_path, stdlib_texts):
     proc = subprocess.Popen(
         [sys.executable, "-m", "lmforge", "clean", str(corpus), "-o", str(out), "--workers", "1", "--no-dedup-near", "--no-progress"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # A shell starts background jobs with SIGINT ignored, and Python keeps an ignored SIGINT
+        # ignored; the test is about Ctrl-C in a terminal, so give the child the default.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.time() + 60
     while not leftovers(tmp_path) and time.time() < deadline and proc.poll() is None:
