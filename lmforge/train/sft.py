@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -19,8 +19,8 @@ import torch
 from lmforge.chat import render_chat
 from lmforge.errors import LmforgeError
 from lmforge.tokenizer import Tokenizer
+from lmforge.train.config import DataFormat, Overlong
 
-from lmforge.train.config import DataFormat, Overlong  # noqa: E402
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
                   "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
 
