@@ -18,11 +18,15 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 from benchutil import REPO, run_measured
+
+sys.path.insert(0, str(REPO / "tests"))  # the transformers loop the tests check against
+from pplref import hf_sliding_nll  # noqa: E402
 
 CONTEXT, STRIDE = 1024, 512
 TASKS = ("arithmetic", "code", "facts")
@@ -100,21 +104,7 @@ def ppl_transformers(hf_dir: str, ids_file: str) -> dict:
     with torch.no_grad():
         model(x[:, :CONTEXT], labels=x[:, :CONTEXT])  # warm-up
     start = time.perf_counter()
-    total, count, prev_end = 0.0, 0, 0
-    for begin in range(0, len(ids), STRIDE):
-        end = min(begin + CONTEXT, len(ids))
-        trg_len = end - prev_end
-        input_ids = x[:, begin:end]
-        target_ids = input_ids.clone()
-        target_ids[:, :-trg_len] = -100
-        with torch.no_grad():
-            loss = model(input_ids, labels=target_ids).loss
-        n = int((target_ids[:, 1:] != -100).sum())
-        total += float(loss) * n
-        count += n
-        prev_end = end
-        if end == len(ids):
-            break
+    total, count = hf_sliding_nll(model, ids, CONTEXT, STRIDE)
     seconds = time.perf_counter() - start
     return {"tokens_per_s": count / seconds, "seconds": seconds, "tokens": count, "perplexity": float(torch.tensor(total / count).exp())}
 

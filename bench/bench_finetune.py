@@ -15,7 +15,7 @@ import platform
 import tempfile
 from pathlib import Path
 
-from benchutil import REPO, median, run_measured
+from benchutil import REPO, run_measured
 
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 

@@ -125,7 +125,6 @@ def _measure(timed, vocab: int) -> dict:
 
 def bandwidth() -> dict:
     """GB/s of an fp32 matrix-vector product far larger than the caches (torch and numpy)."""
-    import numpy as np
     import torch
 
     torch.set_num_threads(2)

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from lmforge.cli_options import Spec, given_on_command_line, load_yaml_defaults, with_config
+from lmforge.cli_options import Spec, given_on_command_line, keep_given, load_yaml_defaults, saved_run_config, with_config
 from lmforge.data.clean import CleanConfig
 from lmforge.data.pack import PackConfig
 from lmforge.data.sources import DEFAULT_EXTENSIONS, EncodingErrors
@@ -260,25 +260,15 @@ def pretrain(
     progress: Progress = True,
 ):
     """Pretrain a model from scratch on token shards (AdamW/SGD, checkpoints, exact resume)."""
-    from lmforge.cli_options import build_config
     from lmforge.train.pretrain import RUN_CONFIG, describe, pretrain as run_pretrain
 
     if out is None:
         raise LmforgeError("--out is required: the run dir to write (or resume)")
-    if resume or resume_from:
-        saved_file = out / RUN_CONFIG
-        if saved_file.exists():
-            import yaml
-
-            saved = yaml.safe_load(saved_file.read_text())
-            values = {k: v for k, v in saved.get("train", {}).items()}
-            current = dataclasses.asdict(cfg)
-            for name in current:
-                if given_on_command_line(ctx, f"train__{name}"):
-                    values[name] = current[name]
-            cfg = TrainConfig(**{k: v for k, v in values.items() if k in current})
-            if data is None:
-                data = Path(saved["data"])
+    saved = saved_run_config(out, RUN_CONFIG) if resume or resume_from else None
+    if saved is not None:
+        cfg = keep_given(ctx, cfg, saved.get("train"), "train__")
+        if data is None and saved.get("data"):
+            data = Path(saved["data"])
     if data is None:
         raise LmforgeError("--data is required: a shards dir made by `lmforge pack`")
     summary = run_pretrain(data, model, out, cfg, model_overrides=model_overrides, resume=resume,

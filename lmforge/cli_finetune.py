@@ -3,13 +3,12 @@ at module level, so `lmforge --help` stays fast."""
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from lmforge.cli_options import Spec, given_on_command_line, load_yaml_defaults, with_config
+from lmforge.cli_options import Spec, keep_given, load_yaml_defaults, saved_run_config, with_config
 from lmforge.errors import LmforgeError
 from lmforge.model.lora_config import LoRAConfig
 from lmforge.train.config import FinetuneConfig, FinetuneTrainConfig
@@ -42,33 +41,18 @@ def finetune(
 
     if out is None:
         raise LmforgeError("--out is required: the run dir to write (or resume)")
-    if resume or resume_from:
-        saved_file = out / RUN_CONFIG
-        if saved_file.exists():
-            import yaml
-
-            saved = yaml.safe_load(saved_file.read_text())
-            cfg = _keep_given(ctx, FinetuneTrainConfig, saved.get("train") or {}, cfg, "train__")
-            ft = _keep_given(ctx, FinetuneConfig, saved.get("finetune") or {}, ft, "")
-            if saved.get("lora"):
-                lora = _keep_given(ctx, LoRAConfig, saved["lora"], lora, "lora__")
-            data = data or (Path(saved["data"]) if saved.get("data") else None)
-            val_data = val_data or (Path(saved["val_data"]) if saved.get("val_data") else None)
+    saved = saved_run_config(out, RUN_CONFIG) if resume or resume_from else None
+    if saved is not None:
+        cfg = keep_given(ctx, cfg, saved.get("train"), "train__")
+        ft = keep_given(ctx, ft, saved.get("finetune"), "")
+        lora = keep_given(ctx, lora, saved.get("lora"), "lora__")
+        data = data or (Path(saved["data"]) if saved.get("data") else None)
+        val_data = val_data or (Path(saved["val_data"]) if saved.get("val_data") else None)
     if data is None:
         raise LmforgeError("--data is required: a JSONL of chats/instructions/text or a .txt file")
     summary = run_finetune(model, data, out, ft, cfg, lora, val_data=val_data, resume=resume,
                            resume_from=resume_from, overwrite=overwrite, progress=progress)
     typer.echo(describe(summary))
-
-
-def _keep_given(ctx: typer.Context, cls: type, saved: dict, current, prefix: str):
-    """The saved run's settings, except those given on this command line."""
-    values = dict(saved)
-    now = dataclasses.asdict(current)
-    for name in now:
-        if given_on_command_line(ctx, f"{prefix}{name}") or name not in values:
-            values[name] = now[name]
-    return cls(**{k: v for k, v in values.items() if k in now})
 
 
 def merge(

@@ -193,3 +193,34 @@ def load_yaml_defaults(ctx: typer.Context, param, value: str | None) -> str | No
 def given_on_command_line(ctx: typer.Context, name: str) -> bool:
     source = ctx.get_parameter_source(name)
     return source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT", "DEFAULT_MAP")
+
+
+def saved_run_config(run_dir, name: str) -> dict | None:
+    """A resumed run's saved config (`run_dir/name`), or None when there is none."""
+    from pathlib import Path
+
+    import yaml
+
+    from lmforge.errors import LmforgeError
+
+    path = Path(run_dir) / name
+    if not path.exists():
+        return None
+    try:
+        saved = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise LmforgeError(f"{path}: invalid YAML ({e})") from None
+    if not isinstance(saved, dict):
+        raise LmforgeError(f"{path}: expected a mapping at the top level")
+    return saved
+
+
+def keep_given(ctx: typer.Context, current: Any, saved: dict | None, prefix: str) -> Any:
+    """A config rebuilt from a saved run's values, except the options given on this command line
+    (`prefix`: the options' parameter prefix, e.g. "train__")."""
+    values = dict(saved or {})
+    now = dataclasses.asdict(current)
+    for name in now:
+        if given_on_command_line(ctx, f"{prefix}{name}") or name not in values:
+            values[name] = now[name]
+    return type(current)(**{k: v for k, v in values.items() if k in now})

@@ -49,13 +49,6 @@ def plot_loss_curves(rows: list[dict], path: Path, *, baselines: dict[str, float
     return path
 
 
-def perplexity(loss: float | None) -> float | None:
-    """exp(mean NLL per token): defined once, in lmforge.eval.perplexity."""
-    from lmforge.eval.perplexity import perplexity_from_nll
-
-    return perplexity_from_nll(loss)
-
-
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
     def cell(v) -> str:
         if isinstance(v, float):

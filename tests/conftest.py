@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,34 @@ from lmforge.data.embedded import stdlib_files  # noqa: E402
 class CliResult:
     def __init__(self, code: int, out: str, err: str):
         self.code, self.out, self.err = code, out, err
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For tests of tiny models (`pytestmark = pytest.mark.usefixtures("one_thread")`): threads
+    gain nothing at these sizes, and on a busy 2-core machine OpenMP's threads wait on each
+    other at every op (a 100x slowdown seen with another job running)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def random_model(config, seed: int = 0):
+    """A GPT for `config` in eval mode, every weight perturbed (norms start at 1, biases at 0:
+    untouched, they would hide a mapping error in a conversion)."""
+    import torch
+
+    from lmforge.model.gpt import GPT
+
+    torch.manual_seed(seed)
+    model = GPT(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
 
 
 @pytest.fixture

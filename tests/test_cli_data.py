@@ -1,7 +1,6 @@
 """The data-stage commands end to end, as a user runs them, with their bad-input errors."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

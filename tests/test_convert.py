@@ -23,12 +23,7 @@ from lmforge.model import load_model_dir  # noqa: E402
 from lmforge.tokenizer import Tokenizer  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -9,58 +9,10 @@ import math
 import pytest
 
 from conftest import write_jsonl
+from pplref import guide_scored_positions, hf_sliding_nll
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is as fast as two, and much faster on a busy 2-core machine."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-# -- the reference: transformers' "Perplexity of fixed-length models" loop --------------------------
-def guide_scored_positions(n: int, max_length: int, stride: int) -> list[int]:
-    """Which tokens the guide's loop scores: labels -100 except the last trg_len of each window,
-    then the model's internal shift drops each window's first label."""
-    scored, prev_end = [], 0
-    for begin in range(0, n, stride):
-        end = min(begin + max_length, n)
-        trg_len = end - prev_end
-        window = list(range(begin, end))
-        labels = [p if j >= len(window) - trg_len else None for j, p in enumerate(window)]
-        scored += [p for p in labels[1:] if p is not None]  # shift: position 0 has no prediction
-        prev_end = end
-        if end == n:
-            break
-    return scored
-
-
-def hf_sliding_nll(hf_model, ids: list[int], max_length: int, stride: int) -> tuple[float, int]:
-    """The guide's loop with transformers, but summing exactly: loss x the number of labels it
-    really averaged (the guide's `num_valid_tokens - batch_size` is off by one for stride < max_length)."""
-    import torch
-
-    x = torch.tensor([ids])
-    total, count, prev_end = 0.0, 0, 0
-    for begin in range(0, len(ids), stride):
-        end = min(begin + max_length, len(ids))
-        trg_len = end - prev_end
-        input_ids = x[:, begin:end]
-        target_ids = input_ids.clone()
-        target_ids[:, :-trg_len] = -100
-        with torch.no_grad():
-            loss = hf_model(input_ids, labels=target_ids).loss
-        n = int((target_ids[:, 1:] != -100).sum())
-        total += float(loss) * n
-        count += n
-        prev_end = end
-        if end == len(ids):
-            break
-    return total, count
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("n,ctx,stride", [(10, 4, 2), (10, 4, 4), (11, 4, 3), (3, 8, 4), (100, 16, 1), (37, 10, 7)])
@@ -165,12 +117,11 @@ def test_ppl_on_shards_uses_the_val_split(tmp_path, tiny_model_dir, stdlib_texts
     assert any("decoded" in n for n in res["notes"])  # says how bytes were counted
 
 
-def test_report_perplexity_is_the_eval_definition():
+def test_perplexity_definition():  # the one the trainer's metrics and every report use
     from lmforge.eval.perplexity import perplexity_from_nll
-    from lmforge.report import perplexity
 
-    assert perplexity(2.0) == perplexity_from_nll(2.0) == pytest.approx(math.exp(2.0))
-    assert perplexity(None) is None and perplexity_from_nll(1e6) == math.inf
+    assert perplexity_from_nll(2.0) == pytest.approx(math.exp(2.0))
+    assert perplexity_from_nll(None) is None and perplexity_from_nll(1e6) == math.inf
 
 
 def test_ppl_bad_input(cli, tmp_path, tiny_model_dir):

@@ -18,7 +18,6 @@ pytestmark = pytest.mark.slow
 
 import lmforge  # noqa: E402
 from conftest import lmforge_test_home, write_jsonl  # noqa: E402
-from lmforge.interop import registry  # noqa: E402
 
 NAME = "smollm2-135m-instruct"
 

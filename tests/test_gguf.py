@@ -24,21 +24,17 @@ from ggufkit import (  # noqa: E402
     write_gguf_from_hf,
 )
 
+from conftest import random_model  # noqa: E402
 from lmforge.errors import LmforgeError  # noqa: E402
 from lmforge.interop.bundle import ModelBundle  # noqa: E402
 from lmforge.interop.gguf import import_gguf, open_gguf, read_gguf, write_gguf  # noqa: E402
-from lmforge.model import GPT, ModelConfig, load_model_dir  # noqa: E402
+from lmforge.model import ModelConfig, load_model_dir  # noqa: E402
 from lmforge.tokenizer import Tokenizer  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -137,22 +133,13 @@ def test_import_writes_a_model_dir_with_stop_tokens(tmp_path, tok, hf_llama):
 
 
 # -- export ----------------------------------------------------------------------------------------
-def _random_model(cfg: ModelConfig, seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    model = GPT(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model.eval()
-
-
 LLAMA = dict(name="exp", block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, intermediate_size=96)
 
 
 @pytest.mark.parametrize("dtype,tol", [("f32", 0.0), ("f16", 1e-3), ("q8_0", 2e-2)])
 def test_export_reads_back_tensor_for_tensor(tmp_path, tok, dtype, tol):
     cfg = ModelConfig(vocab_size=tok.vocab_size, tie_embeddings=False, **LLAMA)
-    model = _random_model(cfg)
+    model = random_model(cfg)
     path = tmp_path / f"e-{dtype}.gguf"
     info = write_gguf(ModelBundle(model, tok), path, dtype=dtype)
     reader = gguf.GGUFReader(path)
@@ -184,7 +171,7 @@ def test_export_reads_back_tensor_for_tensor(tmp_path, tok, dtype, tol):
 
 def test_export_round_trips_and_transformers_reads_it(tmp_path, tok):
     cfg = ModelConfig(vocab_size=tok.vocab_size, **LLAMA)
-    model = _random_model(cfg, seed=1)
+    model = random_model(cfg, seed=1)
     path = tmp_path / "e.gguf"
     write_gguf(ModelBundle(model, tok, {"stop_token_ids": [tok.eos_id]}), path)
     back = read_gguf(path)
@@ -202,7 +189,7 @@ def test_export_round_trips_and_transformers_reads_it(tmp_path, tok):
 def test_llama_with_biases_round_trips(tmp_path, tok):
     # transformers' GGUF loader drops Llama biases, so this one is checked against ourselves.
     cfg = ModelConfig(vocab_size=tok.vocab_size, bias=True, **LLAMA)
-    model = _random_model(cfg, seed=5)
+    model = random_model(cfg, seed=5)
     path = tmp_path / "b.gguf"
     write_gguf(ModelBundle(model, tok), path)
     assert "blk.0.attn_q.bias" in open_gguf(path).tensors
@@ -216,7 +203,7 @@ def test_gpt2_export_round_trips_through_transformers(tmp_path, tok):
     # GPT-2's default shapes (1024 positions, MLP 4 x width): the only ones transformers' GGUF loader reads right.
     cfg = ModelConfig(name="g", vocab_size=tok.vocab_size, block_size=1024, n_layer=2, n_head=4, n_kv_head=4,
                       n_embd=64, intermediate_size=256, norm="layernorm", mlp="gelu", position="learned", bias=True)
-    model = _random_model(cfg, seed=2)
+    model = random_model(cfg, seed=2)
     path = tmp_path / "g.gguf"
     write_gguf(ModelBundle(model, tok), path, dtype="f16")
     ids = _ids(tok)
@@ -225,14 +212,14 @@ def test_gpt2_export_round_trips_through_transformers(tmp_path, tok):
         assert (read_gguf(path).model(ids)[0] - ref).abs().max().item() < 0.05
         assert (_hf_from_gguf(path)(ids).logits - read_gguf(path).model(ids)[0]).abs().max().item() <= 1e-4
     with pytest.raises(LmforgeError, match="tanh GELU"):
-        write_gguf(ModelBundle(_random_model(dataclasses.replace(cfg, mlp="gelu_exact")), tok), tmp_path / "x.gguf")
+        write_gguf(ModelBundle(random_model(dataclasses.replace(cfg, mlp="gelu_exact")), tok), tmp_path / "x.gguf")
 
 
 def test_export_refuses_what_gguf_cannot_hold(tmp_path, tok, stdlib_texts):
     from lmforge.tokenizer import TokenizerTrainConfig, train_tokenizer
 
     wp = train_tokenizer(stdlib_texts[:3], TokenizerTrainConfig(kind="wordpiece", vocab_size=200), show_progress=False)
-    model = _random_model(ModelConfig(vocab_size=wp.vocab_size, **LLAMA))
+    model = random_model(ModelConfig(vocab_size=wp.vocab_size, **LLAMA))
     with pytest.raises(LmforgeError, match="only byte-level BPE tokenizers can be written to GGUF"):
         write_gguf(ModelBundle(model, wp), tmp_path / "w.gguf")
     with pytest.raises(LmforgeError, match="GGUF dtype must be one of f32, f16, q8_0"):

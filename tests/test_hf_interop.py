@@ -29,14 +29,7 @@ transformers = pytest.importorskip("transformers")
 VOCAB = 61
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These tensors are tiny: threads gain nothing, and on a busy machine OpenMP's threads
-    # wait on each other at every op (a 100x slowdown seen with another job running).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _perturb(model: torch.nn.Module, seed: int) -> None:

@@ -14,15 +14,10 @@ from lmforge.errors import LmforgeError
 from lmforge.model import GPT, PRESETS, KVCache, ModelConfig, get_preset, load_model_dir, save_model_dir
 from lmforge.model.estimate import activation_bytes_per_layer, estimate_memory
 
+from conftest import random_model
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These tensors are tiny: threads gain nothing, and on a busy machine OpenMP's threads
-    # wait on each other at every op (a 100x slowdown seen with another job running).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # Small shapes of both families, plus grouped-query attention and an untied head.
 GPT2_SMALL = ModelConfig(
@@ -39,16 +34,6 @@ LLAMA_GQA = dataclasses.replace(LLAMA_SMALL, name="llama-gqa-test", n_head=6, n_
 FAMILIES = {"gpt2": GPT2_SMALL, "llama": LLAMA_SMALL, "llama-gqa": LLAMA_GQA}
 
 
-def make_model(config: ModelConfig, seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    model = GPT(config)
-    # Norm weights start at 1 and biases at 0; perturb everything so no mapping error hides.
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model.eval()
-
-
 def tokens(config: ModelConfig, *shape: int, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, config.vocab_size, shape, generator=g)
@@ -58,7 +43,7 @@ def tokens(config: ModelConfig, *shape: int, seed: int = 1) -> torch.Tensor:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_forward_shapes(family):
     cfg = FAMILIES[family]
-    model = make_model(cfg)
+    model = random_model(cfg)
     logits, loss = model(tokens(cfg, 3, 11))
     assert logits.shape == (3, 11, cfg.vocab_size)
     assert loss is None
@@ -70,7 +55,7 @@ def test_forward_shapes(family):
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_loss_is_mean_cross_entropy_over_kept_positions(family):
     cfg = FAMILIES[family]
-    model = make_model(cfg)
+    model = random_model(cfg)
     idx, targets = tokens(cfg, 2, 9), tokens(cfg, 2, 9, seed=2)
     targets[0, :4] = -100  # e.g. a masked prompt
     targets[1, 7] = -100
@@ -89,7 +74,7 @@ def test_loss_is_mean_cross_entropy_over_kept_positions(family):
 
 
 def test_loss_backward_reaches_every_parameter():
-    model = make_model(LLAMA_GQA).train()
+    model = random_model(LLAMA_GQA).train()
     idx = tokens(LLAMA_GQA, 2, 10)
     _, loss = model(idx, idx)
     loss.backward()
@@ -148,7 +133,7 @@ def test_flops_per_token_formula():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_kv_cache_decode_equals_full_forward(family):
     cfg = FAMILIES[family]
-    model = make_model(cfg)
+    model = random_model(cfg)
     idx = tokens(cfg, 2, 20)
     with torch.no_grad():
         full, _ = model(idx)
@@ -164,7 +149,7 @@ def test_kv_cache_decode_equals_full_forward(family):
 
 def test_kv_cache_layout_and_overflow():
     cfg = LLAMA_GQA
-    model = make_model(cfg)
+    model = random_model(cfg)
     cache = model.new_cache(batch_size=3, max_len=10)
     assert isinstance(cache, KVCache)
     assert cache.k.shape == (cfg.n_layer, 3, cfg.n_kv_head, 10, cfg.head_dim)
@@ -179,7 +164,7 @@ def test_kv_cache_layout_and_overflow():
 def test_gqa_fallback_for_old_torch_matches_enable_gqa():
     # torch < 2.5 has no SDPA enable_gqa; the model then repeats kv heads itself.
     cfg = LLAMA_GQA
-    model = make_model(cfg)
+    model = random_model(cfg)
     idx = tokens(cfg, 2, 12)
     with torch.no_grad():
         ref, _ = model(idx)
@@ -203,7 +188,7 @@ def _left_pad(rows: list[torch.Tensor], pad_id: int = 0):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_left_padded_batch_equals_unpadded_rows(family):
     cfg = FAMILIES[family]
-    model = make_model(cfg)
+    model = random_model(cfg)
     rows = [tokens(cfg, 1, 9, seed=3)[0], tokens(cfg, 1, 4, seed=4)[0], tokens(cfg, 1, 1, seed=5)[0]]
     extra = tokens(cfg, 3, 5, seed=6)  # tokens to decode after the prompts
     idx, mask, positions = _left_pad(rows)
@@ -241,7 +226,7 @@ def test_padding_mask_never_leaves_a_query_without_keys():
 
 
 def test_attn_mask_must_be_bool_and_cover_all_keys():
-    model = make_model(LLAMA_SMALL)
+    model = random_model(LLAMA_SMALL)
     idx = tokens(LLAMA_SMALL, 2, 5)
     with pytest.raises(LmforgeError, match="bool"):
         model(idx, attn_mask=torch.ones(2, 5))
@@ -337,7 +322,7 @@ def test_activation_checkpointing_gives_same_loss_and_grads():
     idx = tokens(cfg, 2, 12)
     results = []
     for ckpt in (False, True):
-        model = make_model(cfg).train()
+        model = random_model(cfg).train()
         model.activation_checkpointing = ckpt
         _, loss = model(idx, idx)
         loss.backward()
@@ -359,7 +344,7 @@ def tokenizer():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_model_dir_round_trip(tmp_path, family, tokenizer):
     cfg = FAMILIES[family]
-    model = make_model(cfg)
+    model = random_model(cfg)
     out = save_model_dir(model, tmp_path / "m", tokenizer=tokenizer, extra_config={"trained_tokens": 123})
     raw = json.loads((out / "config.json").read_text())
     assert raw["lmforge_model"] == cfg.to_dict() and raw["trained_tokens"] == 123
@@ -383,7 +368,7 @@ def test_model_dir_round_trip(tmp_path, family, tokenizer):
 
 def test_model_dir_errors(tmp_path):
     cfg = LLAMA_SMALL
-    out = save_model_dir(make_model(cfg), tmp_path / "m")
+    out = save_model_dir(random_model(cfg), tmp_path / "m")
     weights = out / "model.safetensors"
     data = weights.read_bytes()
 
@@ -420,7 +405,7 @@ def test_model_dir_errors(tmp_path):
 # -- estimates ---------------------------------------------------------------------------------------
 def test_estimate_matches_measured_weights_grads_and_adamw_state():
     cfg = LLAMA_GQA
-    model = make_model(cfg).train()
+    model = random_model(cfg).train()
     est = estimate_memory(cfg, 2, 16)
     assert est["params"] == model.param_count()
     assert est["weights"] == sum(p.numel() * p.element_size() for p in model.parameters())
@@ -443,7 +428,7 @@ def test_estimate_matches_measured_weights_grads_and_adamw_state():
 def test_estimated_activations_match_saved_tensors(family, dropout):
     """The activation formula against what autograd actually keeps for backward."""
     cfg = dataclasses.replace(FAMILIES[family], dropout=dropout)
-    model = make_model(cfg).train()
+    model = random_model(cfg).train()
     keep = {p.data_ptr() for p in model.parameters()} | {b.data_ptr() for b in model.buffers()}
     saved: dict[int, int] = {}
 

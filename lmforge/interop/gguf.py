@@ -518,7 +518,7 @@ def write_gguf(bundle: ModelBundle, path: str | os.PathLike, *, dtype: str = "f3
         if eot:
             w.add_eot_token_id(int(eot[0]))
         for ours, names in plan:
-            sizes = _split_sizes(config, arch, ours)
+            sizes = config.fused_parts(ours) if arch == "llama" else []  # gpt2 keeps attn_qkv fused
             parts = sd[ours].split(sizes, dim=0) if sizes else [sd[ours]]
             for n, part in zip(names, parts):
                 heads = _rows_transform(config, n) if arch == "llama" else None
@@ -536,13 +536,3 @@ def write_gguf(bundle: ModelBundle, path: str | os.PathLike, *, dtype: str = "f3
     return {"path": str(path), "architecture": arch, "dtype": dtype, "tensor_types": written,
             "bytes": path.stat().st_size}
 
-
-def _split_sizes(config: ModelConfig, arch: str, ours: str) -> list[int]:
-    if arch != "llama":
-        return []
-    if ".attn.qkv." in ours:
-        hd = config.head_dim
-        return [config.n_head * hd, config.n_kv_head * hd, config.n_kv_head * hd]
-    if ".mlp.fc." in ours:
-        return [config.intermediate_size, config.intermediate_size]
-    return []

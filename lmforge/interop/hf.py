@@ -183,15 +183,6 @@ def _llama_groups(config: ModelConfig) -> list[tuple[str, list[str]]]:
     return groups
 
 
-def _split_sizes(config: ModelConfig, ours: str) -> list[int]:
-    if ".attn.qkv." in ours:
-        hd = config.head_dim
-        return [config.n_head * hd, config.n_kv_head * hd, config.n_kv_head * hd]
-    if ".mlp.fc." in ours:
-        return [config.intermediate_size, config.intermediate_size]
-    return []
-
-
 def _normalise_hf_keys(sd: dict[str, torch.Tensor], family: str) -> dict[str, torch.Tensor]:
     """Accept a base model's keys (GPT2Model / LlamaModel, no prefix) too; drop stale buffers."""
     prefix = "transformer." if family == "gpt2" else "model."
@@ -253,7 +244,7 @@ def state_dict_to_hf(sd: dict[str, torch.Tensor], config: ModelConfig) -> dict[s
             out[hf] = t.t().contiguous() if transposed else t.contiguous()
     else:
         for ours, hf_names in _llama_groups(config):
-            sizes = _split_sizes(config, ours)
+            sizes = config.fused_parts(ours)
             parts = sd[ours].split(sizes, dim=0) if sizes else [sd[ours]]
             out.update({n: p.contiguous() for n, p in zip(hf_names, parts)})
     if not config.tie_embeddings:

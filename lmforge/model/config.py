@@ -91,6 +91,17 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
+    def fused_parts(self, name: str) -> list[int]:
+        """Output sizes of the matrices fused into layer `name` (a module or parameter name):
+        q|k|v in `attn.qkv`, gate|up in a SwiGLU `mlp.fc`; [] for a layer that fuses nothing.
+        Export to separate tensors, and LoRA's per-part adapters, split along these."""
+        dotted = f".{name}."
+        if ".attn.qkv." in dotted:
+            return [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim]
+        if ".mlp.fc." in dotted and self.mlp == "swiglu":
+            return [self.intermediate_size, self.intermediate_size]
+        return []
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

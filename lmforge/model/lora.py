@@ -16,7 +16,7 @@ import fnmatch
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -26,10 +26,10 @@ from torch import nn
 
 from lmforge.errors import LmforgeError
 from lmforge.model.gpt import GPT, Linear
+from lmforge.model.lora_config import LoRAConfig  # re-exported: LoRA's settings live apart, torch-free
 
 ADAPTER_FILE = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
-from lmforge.model.lora_config import DEFAULT_TARGETS, LoRAConfig  # noqa: F401  (re-exported)
 
 
 class LoRALinear(nn.Module):
@@ -77,15 +77,6 @@ class LoRALinear(nn.Module):
         return out + torch.cat(ups, dim=-1) * self.scale
 
 
-def _splits(model: GPT, name: str, layer: Linear) -> list[int]:
-    c = model.config
-    if name.endswith("attn.qkv"):
-        return [c.n_head * c.head_dim, c.n_kv_head * c.head_dim, c.n_kv_head * c.head_dim]
-    if name.endswith("mlp.fc") and c.mlp == "swiglu":
-        return [c.intermediate_size, c.intermediate_size]
-    return [layer.out_features]
-
-
 def apply_lora(model: GPT, cfg: LoRAConfig) -> list[str]:
     """Freeze `model` and wrap the matching linear layers; returns their names."""
     for p in model.parameters():
@@ -103,7 +94,8 @@ def apply_lora(model: GPT, cfg: LoRAConfig) -> list[str]:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         base = getattr(parent, attr)
-        setattr(parent, attr, LoRALinear(base, cfg.rank, cfg.alpha, cfg.dropout, _splits(model, name, base)))
+        parts = model.config.fused_parts(name) or [base.out_features]
+        setattr(parent, attr, LoRALinear(base, cfg.rank, cfg.alpha, cfg.dropout, parts))
     if cfg.train_embeddings:
         model.tok_emb.weight.requires_grad_(True)
     if cfg.train_norms:

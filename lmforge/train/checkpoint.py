@@ -9,7 +9,6 @@ to safetensors and everything else to JSON: nothing is ever pickled.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any, Callable

@@ -25,7 +25,7 @@ from lmforge.model.lora import LoRAConfig, apply_lora, count_parameters, load_ad
 from lmforge.eval.perplexity import perplexity_from_nll as perplexity
 from lmforge.report import write_training_report
 from lmforge.runtime import available_memory_bytes, resolve_device
-from lmforge.train.config import FinetuneConfig, FinetuneTrainConfig, TrainConfig  # noqa: F401  (re-exported)
+from lmforge.train.config import FinetuneConfig, TrainConfig
 from lmforge.train.metrics import METRICS_FILE, read_metrics
 from lmforge.train.pretrain import RUN_CONFIG, SUMMARY, prepare_run_dir
 from lmforge.train.sft import SFTBatches, load_examples, split_examples
@@ -76,7 +76,7 @@ def _rehearsal(run_dir: Path, ft: FinetuneConfig, data_format: str, n_train: int
 ACTIVATION_BUDGET = 2 << 30  # bytes of activations above which fine-tuning recomputes them in backward
 
 
-def _auto_activation_checkpointing(net, cfg: TrainConfig, longest: int, block_size: int, pack: bool) -> TrainConfig:
+def _auto_activation_checkpointing(net, cfg: TrainConfig, longest: int, block_size: int, pack: bool, device) -> TrainConfig:
     """Short chats fit in memory as they are and train ~30% faster without recomputation; long
     rows (sequence 512 x batch 4 on a 135M model: ~3 GB) do not. Turned on, with a notice, when
     the activations of a full batch of the longest example would pass ACTIVATION_BUDGET or a
@@ -85,7 +85,7 @@ def _auto_activation_checkpointing(net, cfg: TrainConfig, longest: int, block_si
         return cfg
     seq = block_size if pack else min(longest, block_size)
     need = estimate_memory(net.config, cfg.batch_size, seq)["activations"]
-    budget = min(ACTIVATION_BUDGET, available_memory_bytes(resolve_device(cfg.device)) // 4)
+    budget = min(ACTIVATION_BUDGET, available_memory_bytes(device) // 4)
     if need <= budget:
         return cfg
     print(f"[finetune] activation checkpointing on: batch {cfg.batch_size} x {seq} tokens would hold "
@@ -155,7 +155,7 @@ def finetune(
         net, _ = load_model_dir(ckpt)
     trainable, total = count_parameters(net)
     device = resolve_device(cfg.device)
-    cfg = _auto_activation_checkpointing(net, cfg, max(len(e.ids) for e in train), block_size, ft.pack)
+    cfg = _auto_activation_checkpointing(net, cfg, max(len(e.ids) for e in train), block_size, ft.pack, device)
     _check_memory(net, cfg, block_size, trainable, total, device)
     print(f"[finetune] {ft.method}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)", flush=True)
 

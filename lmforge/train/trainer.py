@@ -23,6 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 from lmforge.errors import LmforgeError
+from lmforge.eval.perplexity import perplexity_from_nll
 from lmforge.fsutil import atomic_dir
 from lmforge.runtime import autocast, measured_peak_flops, resolve_device, resolve_precision
 from lmforge.train.checkpoint import checkpoint_name, latest_checkpoint, list_checkpoints, load_checkpoint_state, save_checkpoint
@@ -231,7 +232,7 @@ class Trainer:
                     stop_now = False
                     if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps:
                         val_loss = self.evaluate()
-                        row.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
+                        row.update(val_loss=val_loss, val_ppl=perplexity_from_nll(val_loss))
                         drifted = False
                         if self.retention is not None:
                             retention = self.evaluate(self.retention.data)
