@@ -20,7 +20,9 @@ from benchutil import REPO, run_measured
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 CHILD = """
-import json, resource, statistics, torch
+import json, resource, statistics
+import lmforge  # first, as the CLI does: it turns on huge-page allocation before torch loads
+import torch
 torch.set_num_threads(2)
 from lmforge.model.lora import LoRAConfig
 from lmforge.train.config import FinetuneConfig, FinetuneTrainConfig
