@@ -1,0 +1,91 @@
+"""The numpy decode step against the torch forward it replaces: same logits, same cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import random_model
+from lmforge.generate import numpy_decode
+from lmforge.generate.numpy_decode import NumpyDecoder
+from lmforge.model.config import ModelConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CONFIGS = {
+    "llama-gqa": ModelConfig(vocab_size=300, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
+                             intermediate_size=96),
+    "gpt2": ModelConfig(vocab_size=300, block_size=64, n_layer=2, n_head=4, n_kv_head=4, n_embd=64,
+                        intermediate_size=128, norm="layernorm", mlp="gelu", position="learned", bias=True,
+                        tie_embeddings=False),
+    "gelu-exact-rope-bias": ModelConfig(vocab_size=300, block_size=64, n_layer=2, n_head=2, n_kv_head=1, n_embd=32,
+                                        intermediate_size=64, norm="layernorm", mlp="gelu_exact", bias=True),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("padded", [False, True])
+def test_decode_steps_match_the_torch_forward(name, padded):
+    model = random_model(CONFIGS[name])
+    B, T = 3, 6
+    prompt = torch.randint(0, 300, (B, T))
+    lengths = [6, 4, 2] if padded else [T] * B
+    key_mask = torch.zeros(B, 20, dtype=torch.bool)
+    for row, n in enumerate(lengths):
+        key_mask[row, T - n : T] = True
+    positions = (key_mask[:, :T].long().cumsum(-1) - 1).clamp(min=0)
+    next_pos = torch.tensor(lengths)
+    with torch.inference_mode():
+        ours, ref = model.new_cache(B, 20), model.new_cache(B, 20)
+        mask = key_mask[:, :T] if padded else None
+        for cache in (ours, ref):
+            model(prompt, positions=positions if padded else None, attn_mask=mask, cache=cache)
+        decoder = NumpyDecoder(model)
+        tok = torch.tensor([7, 8, 9])
+        for _ in range(4):
+            if padded:
+                key_mask[:, ref.pos] = True
+                got = decoder.step(tok, ours, next_pos, key_mask)
+                want, _ = model(tok[:, None], positions=next_pos[:, None], cache=ref, logits_to_keep=1,
+                                attn_mask=key_mask[:, : ref.pos + 1])
+                next_pos += 1
+            else:
+                got = decoder.step(tok, ours)
+                want, _ = model(tok[:, None], cache=ref, logits_to_keep=1)
+            assert ours.pos == ref.pos
+            torch.testing.assert_close(got, want[:, 0], atol=2e-5, rtol=1e-5)
+            torch.testing.assert_close(ours.k, ref.k, atol=2e-5, rtol=1e-5)
+            torch.testing.assert_close(ours.v, ref.v, atol=2e-5, rtol=1e-5)
+            tok = want[:, 0].argmax(-1)
+
+
+def test_engine_numpy_and_torch_backends_generate_the_same_tokens(tiny_model_dir):
+    from lmforge.generate.engine import Engine
+    from lmforge.generate.params import SamplingParams
+    from lmforge.interop.registry import load_model
+
+    loaded = load_model(tiny_model_dir)
+    engine = Engine(loaded.model, loaded.tokenizer)
+    prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
+    params = SamplingParams(max_new_tokens=12, temperature=0.0)
+    out = {}
+    for backend in ("torch", "numpy"):
+        engine.backend = backend
+        out[backend] = [c.ids for c in engine.generate_ids(prompts, params)]
+    assert out["numpy"] == out["torch"]
+    assert any(out["torch"])
+
+
+def test_only_plain_inference_models_are_supported():
+    from lmforge.model.lora import apply_lora
+    from lmforge.model.lora_config import LoRAConfig
+
+    model = random_model(CONFIGS["llama-gqa"])
+    assert numpy_decode.supports(model)
+    model.train()
+    assert not numpy_decode.supports(model)
+    model.eval()
+    apply_lora(model, LoRAConfig())
+    assert not numpy_decode.supports(model)
+    with pytest.raises(ValueError, match="not a plain CPU fp32"):
+        NumpyDecoder(model)
