@@ -55,7 +55,14 @@ class _BackendTrials:
         self.per_token: dict[tuple[int, str], float] = {}
         self.warm = False
 
+    # From this many tokens per row, torch on all threads: numpy's single-thread attention loses
+    # more than its BLAS gains (SmolLM2, 1,024-token windows: torch 197-228 vs numpy 170-183
+    # scored tokens/s, alternating in one process), and a trial there costs ~10 s of work.
+    LONG_ROWS = 512
+
     def pick(self, tokens_per_row: int) -> str:
+        if tokens_per_row >= self.LONG_ROWS:
+            return "torch"
         key = tokens_per_row.bit_length()
         untried = [b for b in self.candidates if (key, b) not in self.per_token]
         if untried:
