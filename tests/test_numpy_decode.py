@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import random_model
+from lmforge.errors import LmforgeError
 from lmforge.generate import numpy_decode
 from lmforge.generate.numpy_decode import NumpyDecoder
 from lmforge.model.config import ModelConfig
@@ -87,5 +88,14 @@ def test_only_plain_inference_models_are_supported():
     model.eval()
     apply_lora(model, LoRAConfig())
     assert not numpy_decode.supports(model)
-    with pytest.raises(ValueError, match="not a plain CPU fp32"):
+    with pytest.raises(LmforgeError, match="not a plain CPU fp32"):
         NumpyDecoder(model)
+
+
+def test_a_full_cache_is_refused():
+    model = random_model(CONFIGS["llama-gqa"])
+    with torch.inference_mode():
+        cache = model.new_cache(1, 4)
+        model(torch.tensor([[1, 2, 3, 4]]), cache=cache)
+        with pytest.raises(LmforgeError, match="KV cache full: 4 cached"):
+            NumpyDecoder(model).step(torch.tensor([5]), cache)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lmforge.errors import LmforgeError
 from lmforge.model.gpt import GPT, KVCache, Linear, RMSNorm
 
 
@@ -54,7 +55,7 @@ class NumpyDecoder:
 
     def __init__(self, model: GPT) -> None:
         if not supports(model):
-            raise ValueError("NumpyDecoder: the model is not a plain CPU fp32 lmforge GPT in eval mode")
+            raise LmforgeError("NumpyDecoder: the model is not a plain CPU fp32 lmforge GPT in eval mode")
         c = model.config
         self.config = c
         self.rms = isinstance(model.norm_f, RMSNorm)
@@ -110,7 +111,7 @@ class NumpyDecoder:
         start = cache.pos
         S = start + 1
         if S > cache.max_len:
-            raise ValueError(f"KV cache full: {start} cached + 1 new token exceed its max_len {cache.max_len}")
+            raise LmforgeError(f"KV cache full: {start} cached + 1 new token exceed its max_len {cache.max_len}")
         pos = np.full(B, start) if positions is None else positions.numpy().reshape(B)
         x = self.emb[ids.numpy()]
         if self.pos_emb is not None:
