@@ -63,6 +63,11 @@ def clean_3x(work: Path) -> dict:
     return {"seconds": time.perf_counter() - t, "mb": stats["input"]["bytes_read"] / 1e6}
 
 
+def _clean_mb(work: Path) -> float:
+    """MB of the cleaned corpus: the input of the tokenizer and pack stages."""
+    return sum(f.stat().st_size for f in (work / "clean").glob("*.jsonl")) / 1e6
+
+
 def _texts(work: Path) -> list[str]:
     from lmforge.data.sources import DocumentReader
 
@@ -77,7 +82,7 @@ def tokenizer_lmforge(work: Path) -> dict:
     t = time.perf_counter()
     reader = DocumentReader([work / "clean"])
     train_tokenizer((d.text for d in reader), TokenizerTrainConfig(vocab_size=8192), show_progress=False)
-    return {"seconds": time.perf_counter() - t, "mb": sum(f.stat().st_size for f in (work / "clean").glob("*.jsonl")) / 1e6}
+    return {"seconds": time.perf_counter() - t, "mb": _clean_mb(work)}
 
 
 @stage
@@ -94,7 +99,7 @@ def tokenizer_hf_raw(work: Path) -> dict:
         special_tokens=["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"],
     )
     tok.train_from_iterator(texts, trainer)
-    return {"seconds": time.perf_counter() - t, "mb": sum(f.stat().st_size for f in (work / "clean").glob("*.jsonl")) / 1e6}
+    return {"seconds": time.perf_counter() - t, "mb": _clean_mb(work)}
 
 
 @stage
@@ -116,7 +121,7 @@ def _encode_one_process(work: Path, method: str) -> dict:
     tok = Tokenizer.from_file(str(work / "tok" / "tokenizer.json"))
     t = time.perf_counter()
     n = sum(len(e.ids) + 1 for e in getattr(tok, method)(texts, add_special_tokens=False))
-    return {"seconds": time.perf_counter() - t, "mb": sum(f.stat().st_size for f in (work / "clean").glob("*.jsonl")) / 1e6, "tokens": n}
+    return {"seconds": time.perf_counter() - t, "mb": _clean_mb(work), "tokens": n}
 
 
 @stage

@@ -188,7 +188,8 @@ class Tokenizer:
         return self.hf.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        # The fast variant skips character offsets, which nothing here reads: ~15% less time.
+        # The fast variant skips character offsets, which nothing here reads: 15-27% less time on
+        # the stdlib corpus (bench/bench_data.py).
         return [e.ids for e in self.hf.encode_batch_fast(texts, add_special_tokens=False)]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:

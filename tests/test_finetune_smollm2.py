@@ -10,14 +10,19 @@ questions the base model answers right keep their answers.
 from __future__ import annotations
 
 import json
-import re
+import sys
+from pathlib import Path
 
 import pytest
 
 pytestmark = pytest.mark.slow
 
-import lmforge  # noqa: E402
 from conftest import lmforge_test_home, write_jsonl  # noqa: E402
+
+# The recipe's own helpers (examples/fact_injection): chats, greedy answers, the answer check.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "fact_injection"))
+from ask import ask  # noqa: E402
+from make_data import chat  # noqa: E402
 
 NAME = "smollm2-135m-instruct"
 
@@ -48,19 +53,9 @@ CONTROLS = [("What is the capital of France?", "Paris"), ("How many days are the
             ("Who wrote Romeo and Juliet?", "Shakespeare"), ("What is the chemical symbol for gold?", "Au")]
 
 
-def chat(q, a):
-    return {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
-
-
-def holds(answer: str, expect: str) -> bool:
-    return any(re.search(rf"(?<!\w){re.escape(e)}(?!\w)", answer, re.IGNORECASE) for e in expect.split("|"))
-
-
-def answers(model, questions):
-    gen = lmforge.pipeline("text-generation", model=model)
-    out = gen([[{"role": "user", "content": q}] for q in questions], max_new_tokens=40, do_sample=False,
-              return_full_text=False)
-    return [o[0]["generated_text"] for o in out]
+def holding(model, questions: list[tuple[str, str]]) -> list[dict]:
+    """`ask` each (question, expected) pair; rows with the answer and whether it holds."""
+    return ask(model, [{"question": q, "expect": e} for q, e in questions])
 
 
 @pytest.fixture(scope="module")
@@ -75,10 +70,9 @@ def test_lora_fact_injection_keeps_general_knowledge(cli, home, tmp_path):
     write_jsonl(tmp_path / "train.jsonl", train)
     write_jsonl(tmp_path / "val.jsonl", val)
 
-    base_facts = answers(NAME, [q for q, _ in heldout])
-    base_controls = answers(NAME, [q for q, _ in CONTROLS])
-    assert not any(holds(a, f) for a, (_, f) in zip(base_facts, heldout)), base_facts
-    assert all(holds(a, e) for a, (_, e) in zip(base_controls, CONTROLS)), base_controls  # the premise of (c)
+    base_facts, base_controls = holding(NAME, heldout), holding(NAME, CONTROLS)
+    assert not any(r["holds"] for r in base_facts), base_facts
+    assert all(r["holds"] for r in base_controls), base_controls  # the premise of (c)
 
     run = tmp_path / "run"
     r = cli("finetune", NAME, "--data", tmp_path / "train.jsonl", "--val-data", tmp_path / "val.jsonl", "-o", run,
@@ -89,9 +83,8 @@ def test_lora_fact_injection_keeps_general_knowledge(cli, home, tmp_path):
                                                "best_step", "tokens_per_s", "train_seconds")}))
     assert summary["best_val_loss"] < 0.25 * summary["start_val_loss"]  # (a)
 
-    tuned_facts = answers(str(run), [q for q, _ in heldout])
-    tuned_controls = answers(str(run), [q for q, _ in CONTROLS])
+    tuned_facts, tuned_controls = holding(str(run), heldout), holding(str(run), CONTROLS)
     print(json.dumps({"facts": tuned_facts, "controls": tuned_controls}, indent=1))
-    learned = sum(holds(a, f) for a, (_, f) in zip(tuned_facts, heldout))
+    learned = sum(r["holds"] for r in tuned_facts)
     assert learned >= len(heldout) - 1, tuned_facts  # (b): 5 of 6 at least
-    assert all(holds(a, e) for a, (_, e) in zip(tuned_controls, CONTROLS)), tuned_controls  # (c)
+    assert all(r["holds"] for r in tuned_controls), tuned_controls  # (c)

@@ -44,20 +44,19 @@ def test_decode_steps_match_the_torch_forward(name, padded):
         decoder = NumpyDecoder(model)
         tok = torch.tensor([7, 8, 9])
         for _ in range(4):
+            kwargs = {}
             if padded:
                 key_mask[:, ref.pos] = True
-                got = decoder.step(tok, ours, next_pos, key_mask)
-                want, _ = model(tok[:, None], positions=next_pos[:, None], cache=ref, logits_to_keep=1,
-                                attn_mask=key_mask[:, : ref.pos + 1])
+                kwargs = {"positions": next_pos[:, None], "attn_mask": key_mask[:, : ref.pos + 1]}
+            got = decoder.step(tok[:, None], ours, **kwargs)
+            want, _ = model(tok[:, None], cache=ref, logits_to_keep=1, **kwargs)
+            if padded:
                 next_pos += 1
-            else:
-                got = decoder.step(tok, ours)
-                want, _ = model(tok[:, None], cache=ref, logits_to_keep=1)
             assert ours.pos == ref.pos
-            torch.testing.assert_close(got, want[:, 0], atol=2e-5, rtol=1e-5)
+            torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
             torch.testing.assert_close(ours.k, ref.k, atol=2e-5, rtol=1e-5)
             torch.testing.assert_close(ours.v, ref.v, atol=2e-5, rtol=1e-5)
-            tok = want[:, 0].argmax(-1)
+            tok = want[:, -1].argmax(-1)
 
 
 def test_engine_numpy_and_torch_backends_generate_the_same_tokens(tiny_model_dir):
@@ -98,4 +97,6 @@ def test_a_full_cache_is_refused():
         cache = model.new_cache(1, 4)
         model(torch.tensor([[1, 2, 3, 4]]), cache=cache)
         with pytest.raises(LmforgeError, match="KV cache full: 4 cached"):
-            NumpyDecoder(model).step(torch.tensor([5]), cache)
+            NumpyDecoder(model).step(torch.tensor([[5]]), cache)
+        with pytest.raises(LmforgeError, match=r"one token per row: idx of shape \(1, 2\)"):
+            NumpyDecoder(model).step(torch.tensor([[5, 6]]), cache)

@@ -16,7 +16,6 @@ import torch
 
 from lmforge.errors import LmforgeError
 from lmforge.generate import numpy_decode
-from lmforge.generate.numpy_decode import NumpyDecoder
 from lmforge.generate.sampling import SamplingParams, apply_repetition_penalty, next_tokens
 from lmforge.model.gpt import GPT, KVCache
 from lmforge.runtime import choose_inference_backend, inference_backend
@@ -206,7 +205,7 @@ class Engine:
         cache = self._cache_for(B, b.total)
         longest = b.ids.shape[1]
         # Where numpy's BLAS won the measurement, decode steps skip torch's dispatch as well.
-        decoder = NumpyDecoder(self.model) if self.backend == "numpy" and numpy_decode.supports(self.model) else None
+        decoder = numpy_decode.NumpyDecoder(self.model) if self.backend == "numpy" and numpy_decode.supports(self.model) else None
         logits, _ = self.model(b.ids, positions=b.positions, cache=cache, logits_to_keep=1,
                                attn_mask=None if b.key_mask is None else b.key_mask[:, :longest])
         for step in range(params.max_new_tokens):
@@ -221,18 +220,16 @@ class Engine:
                 b.seen[torch.arange(B, device=device), nxt] = True
             if step == params.max_new_tokens - 1 or not bool(alive.any()):
                 break
-            if b.key_mask is not None:
+            positions = mask = None
+            if b.key_mask is not None:  # left-padded rows: each has its own position
                 b.key_mask[:, cache.pos] = True
-                if decoder is not None:
-                    logits = decoder.step(nxt, cache, b.next_pos, b.key_mask)[:, None]
-                else:
-                    logits, _ = self.model(nxt[:, None], positions=b.next_pos[:, None], cache=cache, logits_to_keep=1,
-                                           attn_mask=b.key_mask[:, : cache.pos + 1])
-                b.next_pos += 1
-            elif decoder is not None:
-                logits = decoder.step(nxt, cache)[:, None]
+                positions, mask = b.next_pos[:, None], b.key_mask[:, : cache.pos + 1]
+            if decoder is not None:
+                logits = decoder.step(nxt[:, None], cache, positions=positions, attn_mask=mask)
             else:
-                logits, _ = self.model(nxt[:, None], cache=cache, logits_to_keep=1)
+                logits, _ = self.model(nxt[:, None], positions=positions, cache=cache, logits_to_keep=1, attn_mask=mask)
+            if positions is not None:
+                b.next_pos += 1
 
     # -- public API ----------------------------------------------------------------------
     def generate_ids(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:

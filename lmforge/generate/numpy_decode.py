@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.errors import LmforgeError
-from lmforge.model.gpt import GPT, KVCache, Linear, RMSNorm
+from lmforge.model.gpt import GPT, KVCache, Linear
 
 
 def supports(model: GPT) -> bool:
@@ -27,11 +27,9 @@ def supports(model: GPT) -> bool:
     w = model.tok_emb.weight
     if w.device.type != "cpu" or w.dtype != torch.float32 or model.training:
         return False
-    for block in model.blocks:
-        for layer in (block.attn.qkv, block.attn.proj, block.mlp.fc, block.mlp.proj):
-            if type(layer) is not Linear:  # LoRA-wrapped or replaced layers compute something else
-                return False
-    return type(model.lm_head) in (Linear, torch.nn.Linear)
+    layers = [model.lm_head] + [m for b in model.blocks for m in (b.attn.qkv, b.attn.proj, b.mlp.fc, b.mlp.proj)]
+    # LoRA-wrapped or replaced layers compute something else.
+    return all(type(layer) is Linear for layer in layers)
 
 
 def _np(t: torch.Tensor | None) -> np.ndarray | None:
@@ -57,8 +55,7 @@ class NumpyDecoder:
         if not supports(model):
             raise LmforgeError("NumpyDecoder: the model is not a plain CPU fp32 lmforge GPT in eval mode")
         c = model.config
-        self.config = c
-        self.rms = isinstance(model.norm_f, RMSNorm)
+        self.rms = c.norm == "rmsnorm"
         self.eps = c.norm_eps
         self.H, self.Hkv, self.hd = c.n_head, c.n_kv_head, c.head_dim
         self.scale = 1.0 / float(np.sqrt(c.head_dim))
@@ -74,9 +71,8 @@ class NumpyDecoder:
     # -- pieces ------------------------------------------------------------------------------
     def _norm(self, x: np.ndarray, wb: tuple) -> np.ndarray:
         w, b = wb
-        if self.rms:
-            return x * (1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + self.eps)) * w
-        x = x - x.mean(axis=-1, keepdims=True)
+        if not self.rms:  # LayerNorm: centre first; the rest is RMSNorm's arithmetic
+            x = x - x.mean(axis=-1, keepdims=True)
         x = x * (1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + self.eps)) * w
         return x if b is None else x + b
 
@@ -102,23 +98,26 @@ class NumpyDecoder:
         return F.gelu(t, approximate=self.gelu).numpy()
 
     # -- the step ----------------------------------------------------------------------------
-    def step(self, ids: torch.Tensor, cache: KVCache, positions: torch.Tensor | None = None,
-             key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """ids [B] new tokens -> logits [B, vocab]; writes their keys/values at cache.pos and
-        advances it. positions [B]: each row's position (default cache.pos for all); key_mask
-        [B, >= cache.pos + 1] bool, True = may attend (left-padded batches)."""
-        B = ids.shape[0]
+    def step(self, idx: torch.Tensor, cache: KVCache, *, positions: torch.Tensor | None = None,
+             attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`GPT.forward(idx, positions=, attn_mask=, cache=, logits_to_keep=1)` for one new token
+        per row: idx [B, 1] -> logits [B, 1, vocab]. Writes the keys/values at cache.pos and
+        advances it. positions [B, 1] (default cache.pos for every row); attn_mask [B, cache.pos + 1]
+        bool, True = may attend (left-padded batches)."""
+        B = idx.shape[0]
         start = cache.pos
         S = start + 1
+        if idx.shape != (B, 1):
+            raise LmforgeError(f"NumpyDecoder decodes one token per row: idx of shape {tuple(idx.shape)}")
         if S > cache.max_len:
             raise LmforgeError(f"KV cache full: {start} cached + 1 new token exceed its max_len {cache.max_len}")
         pos = np.full(B, start) if positions is None else positions.numpy().reshape(B)
-        x = self.emb[ids.numpy()]
+        x = self.emb[idx.numpy()[:, 0]]
         if self.pos_emb is not None:
             x = x + self.pos_emb[pos]
         bias = None
-        if key_mask is not None:
-            bias = np.where(key_mask[:, :S].numpy(), np.float32(0), np.float32(-np.inf))[:, None, None, :]
+        if attn_mask is not None:
+            bias = np.where(attn_mask.numpy(), np.float32(0), np.float32(-np.inf))[:, None, None, :]
         K, V = cache.k.numpy(), cache.v.numpy()
         H, Hkv, hd = self.H, self.Hkv, self.hd
         for i, L in enumerate(self.layers):
@@ -141,4 +140,4 @@ class NumpyDecoder:
             x = x + self._linear(h, L.down, L.down_b)
         cache.pos = S
         logits = self._linear(self._norm(x, self.norm_f), self.head, self.head_b)
-        return torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32))
+        return torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32))[:, None]

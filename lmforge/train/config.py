@@ -93,7 +93,8 @@ class FinetuneTrainConfig(TrainConfig):
     checkpoint_every: int = 20
     early_stop: int = 3
     log_every: int = 1
-    # Off by default: `finetune` turns it on when the batch's activations would pass 1 GiB.
+    # Off by default: `finetune` turns it on when the batch's activations would pass 2 GiB or a
+    # quarter of the free memory.
     activation_checkpointing: bool = False
     # A chunk's logits, their log-softmax and both gradients live at once in backward: 4 x 256 x
     # 49152 floats = 200 MB for SmolLM2 (800 MB at 1024), at the same speed.
