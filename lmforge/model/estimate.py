@@ -15,7 +15,10 @@ choices this model allows, per layer:
   + 2 * k * s*b*h            two dropout masks on the residual branches (if dropout > 0)
   + attention scores         fused SDPA (flash / memory-efficient): only a fp32 log-sum-exp,
                              4*a*s*b; materialised: softmax output and its dropout output,
-                             2d*a*s^2*b, plus a dropout mask k*a*s^2*b (if dropout > 0)
+                             2d*a*s^2*b, plus a dropout mask k*a*s^2*b (if dropout > 0);
+                             lmforge's short-sequence kernel (fp32, s <= SHORT_SEQUENCE, no
+                             dropout; CPU only, counted everywhere as an upper bound): the
+                             softmax output, d*a*s^2*b
 
 k is the size of a dropout mask element: 1 byte on CUDA (bool masks, the paper's case), d on
 the CPU, where torch keeps masks in the activation dtype. Fused attention is the default on
@@ -32,6 +35,7 @@ from __future__ import annotations
 import torch
 
 from lmforge.errors import LmforgeError
+from lmforge.model.attention import SHORT_SEQUENCE
 from lmforge.model.config import ModelConfig
 from lmforge.model.gpt import GPT
 
@@ -52,7 +56,9 @@ def activation_bytes_per_layer(config: ModelConfig, batch_size: int, seq_len: in
     n = d * s * b * (6 * h + 2 * kv + rms) + d * s * b * m * i
     if dropout:
         n += 2 * k * s * b * h
-    if fused_attention:
+    if fused_attention and d == 4 and s <= SHORT_SEQUENCE and not dropout:
+        n += d * a * s * s * b
+    elif fused_attention:
         n += 4 * a * s * b
     else:
         n += 2 * d * a * s * s * b + (k * a * s * s * b if dropout else 0)

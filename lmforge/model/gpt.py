@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from lmforge.errors import LmforgeError
+from lmforge.model.attention import short_causal_attention, uses_short_kernel
 from lmforge.model.config import ModelConfig
 
 
@@ -184,11 +185,14 @@ class CausalSelfAttention(nn.Module):
         is_causal = mask is None
         if mask is False:
             mask = None
-        if self.kv_repeat > 1:
-            k, v = k.repeat_interleave(self.kv_repeat, dim=1), v.repeat_interleave(self.kv_repeat, dim=1)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, **self.sdpa_kwargs
-        )
+        if is_causal and uses_short_kernel(q, dropout):
+            y = short_causal_attention(q, k, v)
+        else:
+            if self.kv_repeat > 1:
+                k, v = k.repeat_interleave(self.kv_repeat, dim=1), v.repeat_interleave(self.kv_repeat, dim=1)
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, **self.sdpa_kwargs
+            )
         y = y.transpose(1, 2).reshape(B, T, C)
         y = self.proj(y)
         return F.dropout(y, dropout, True) if dropout else y

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from lmforge.errors import LmforgeError
 from lmforge.eval.perplexity import perplexity_from_nll
 from lmforge.fsutil import atomic_dir
-from lmforge.runtime import autocast, measured_peak_flops, resolve_device, resolve_precision
+from lmforge.runtime import autocast, keep_freed_heap_pages, measured_peak_flops, resolve_device, resolve_precision
 from lmforge.train.checkpoint import checkpoint_name, latest_checkpoint, list_checkpoints, load_checkpoint_state, save_checkpoint
 from lmforge.train.config import TrainConfig
 from lmforge.train.metrics import MetricsLog
@@ -176,6 +176,7 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         log = MetricsLog(self.run_dir, resume_step=step if resume_from is not None else None)
         peak = measured_peak_flops(str(self.device), self.precision)
+        keep_freed_heap_pages()
         history: list[dict] = []
         last_ckpt = resume_from
         stopped = "max_steps"
