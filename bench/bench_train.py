@@ -4,9 +4,9 @@ parameter model.
 
 Each configuration runs --runs times in a fresh process (2 threads), in interleaved rounds. ms/iter is the median over
 steady-state steps (after the first 20; evaluation excluded) of each run, then the median across
-runs; tokens/s = 12 x 64 / iter time. Side by side in the same run: a naive PyTorch loop with the
-choices nanoGPT's train.py makes on a CPU (a fresh np.memmap and torch.stack per batch, AdamW
-without the fused kernel) on nanoGPT's model (rewritten in `nanogpt_peer_model`).
+runs; tokens/s = 12 x 64 / iter time. Side by side in the same run, eager and compiled: nanoGPT's
+model and train.py step on a CPU (rewritten in `nanogpt_peer_model` and `nanogpt_peer_run`: a fresh
+np.memmap and torch.stack per batch, AdamW without fused or foreach kernels).
 
     .venv/bin/python bench/bench_train.py --runs 3 > bench/results/train.json
 """
@@ -70,7 +70,8 @@ def lmforge_run(shards: str, out: str, model: dict, train: dict) -> dict:
             "params": s["params"]}
 
 
-def nanogpt_peer_model(vocab_size: int, n_layer: int = 4, n_head: int = 4, n_embd: int = 128, block_size: int = 64):
+def nanogpt_peer_model(vocab_size: int, n_layer: int = NANOGPT_MODEL["n_layer"], n_head: int = NANOGPT_MODEL["n_head"],
+                       n_embd: int = NANOGPT_MODEL["n_embd"], block_size: int = NANOGPT_MODEL["block_size"]):
     """nanoGPT's model.py as its train.py builds it for the CPU configuration (bias=False,
     dropout 0), rewritten here because the benchmark machine cannot download it: LayerNorm
     without bias, one c_attn projection split into q/k/v, SDPA with is_causal, exact GELU MLP
@@ -141,15 +142,17 @@ def nanogpt_peer_run(shards: str, steps: int, compile: bool = False) -> dict:
     import torch
 
     torch.set_num_threads(2)
-    torch.manual_seed(1337)
+    torch.manual_seed(NANOGPT_TRAIN["seed"])
     meta = json.loads((Path(shards) / "meta.json").read_text())
     train_file = Path(shards) / meta["splits"]["train"]["shards"][0]["file"]
     model = nanogpt_peer_model(meta["vocab_size"])
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": NANOGPT_TRAIN["weight_decay"]},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.99))
-    B, T = NANOGPT_TRAIN["batch_size"], NANOGPT_TRAIN["block_size"]
+    cfg = NANOGPT_TRAIN
+    decay_steps = cfg["max_steps"] - cfg["warmup_steps"]
+    opt = torch.optim.AdamW(groups, lr=cfg["lr"], betas=(0.9, cfg["beta2"]))
+    B, T = cfg["batch_size"], cfg["block_size"]
 
     def get_batch():
         data = np.memmap(train_file, dtype=np.uint16, mode="r")
@@ -163,13 +166,15 @@ def nanogpt_peer_run(shards: str, steps: int, compile: bool = False) -> dict:
     x, y = get_batch()
     for it in range(steps):
         t = time.perf_counter()
-        lr = 1e-3 * (it + 1) / 100 if it < 100 else 1e-4 + 0.5 * 9e-4 * (1 + math.cos(math.pi * (it - 100) / 1900))
+        # nanoGPT's get_lr: linear warmup, then cosine from lr to min_lr at max_steps
+        lr = (cfg["lr"] * (it + 1) / cfg["warmup_steps"] if it < cfg["warmup_steps"] else
+              cfg["min_lr"] + 0.5 * (cfg["lr"] - cfg["min_lr"]) * (1 + math.cos(math.pi * (it - cfg["warmup_steps"]) / decay_steps)))
         for g in opt.param_groups:
             g["lr"] = lr
         _, loss = forward(x, y)
         x, y = get_batch()  # train.py fetches the next batch while the forward's graph is alive
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
         opt.step()
         opt.zero_grad(set_to_none=True)
         loss.item()

@@ -48,10 +48,14 @@ class _ShortCausalAttention(torch.autograd.Function):
         return grad_q, grad_k, grad_v, None
 
 
+def short_kernel_applies(seq_len: int, *, cpu: bool, fp32: bool, dropout: float) -> bool:
+    """The rule for when `short_causal_attention` replaces SDPA (the memory estimate uses it too)."""
+    return cpu and fp32 and seq_len <= SHORT_SEQUENCE and dropout == 0.0
+
+
 def uses_short_kernel(q: torch.Tensor, dropout: float) -> bool:
-    """Whether `short_causal_attention` beats SDPA for queries q [B, H, T, D]."""
-    return (q.device.type == "cpu" and q.dtype == torch.float32 and q.shape[2] <= SHORT_SEQUENCE
-            and dropout == 0.0)
+    """Whether causal attention for queries q [B, H, T, D] takes `short_causal_attention`."""
+    return short_kernel_applies(q.shape[2], cpu=q.device.type == "cpu", fp32=q.dtype == torch.float32, dropout=dropout)
 
 
 def short_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

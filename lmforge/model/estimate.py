@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 
 from lmforge.errors import LmforgeError
-from lmforge.model.attention import SHORT_SEQUENCE
+from lmforge.model.attention import short_kernel_applies
 from lmforge.model.config import ModelConfig
 from lmforge.model.gpt import GPT
 
@@ -56,7 +56,8 @@ def activation_bytes_per_layer(config: ModelConfig, batch_size: int, seq_len: in
     n = d * s * b * (6 * h + 2 * kv + rms) + d * s * b * m * i
     if dropout:
         n += 2 * k * s * b * h
-    if fused_attention and d == 4 and s <= SHORT_SEQUENCE and not dropout:
+    # cpu=True: the estimate does not know the device; on a GPU this overcounts short sequences.
+    if fused_attention and short_kernel_applies(s, cpu=True, fp32=d == 4, dropout=config.dropout):
         n += d * a * s * s * b
     elif fused_attention:
         n += 4 * a * s * b
