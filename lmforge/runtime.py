@@ -121,16 +121,29 @@ def choose_inference_backend(model: torch.nn.Module) -> str:
 
 
 def _measure_backends(model: torch.nn.Module) -> str:
+    """Time one decode step each way, as the Engine would run it: 'numpy' is the NumpyDecoder
+    (numba kernels) where it supports the model, else torch's forward with numpy's BLAS. Its
+    first step compiles or loads the kernels, so each backend is warmed up before timing."""
+    from lmforge.generate.numpy_decode import NumpyDecoder, supports  # on use: it loads numba
+
+    decoder = NumpyDecoder(model, torch.get_num_threads()) if supports(model) else None
     timings = {}
     token = torch.zeros((1, 1), dtype=torch.long)
     for backend in ("torch", "numpy", "torch", "numpy"):
         with inference_backend(model, backend), torch.inference_mode():
             cache = model.new_cache(1, 8)
-            model(token, cache=cache, logits_to_keep=1)  # warm-up
+            model(token, cache=cache, logits_to_keep=1)
+            if backend == "numpy" and decoder is not None:
+                def step(cache=cache):
+                    decoder.step(token, cache)
+            else:
+                def step(cache=cache):
+                    model(token, cache=cache, logits_to_keep=1)
+            step()  # warm-up
             runs = []
             for _ in range(3):
                 start = time.perf_counter()
-                model(token, cache=cache, logits_to_keep=1)
+                step()
                 runs.append(time.perf_counter() - start)
         timings.setdefault(backend, []).extend(runs)
     best = {b: sorted(t)[len(t) // 2] for b, t in timings.items()}

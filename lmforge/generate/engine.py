@@ -15,7 +15,6 @@ from typing import Iterator, Sequence
 import torch
 
 from lmforge.errors import LmforgeError
-from lmforge.generate import numpy_decode
 from lmforge.generate.sampling import SamplingParams, apply_repetition_penalty, next_tokens
 from lmforge.model.gpt import GPT, KVCache
 from lmforge.runtime import choose_inference_backend, inference_backend
@@ -204,8 +203,11 @@ class Engine:
         alive = torch.ones(B, dtype=torch.bool, device=device)
         cache = self._cache_for(B, b.total)
         longest = b.ids.shape[1]
-        # Where numpy's BLAS won the measurement, decode steps skip torch's dispatch as well.
-        decoder = numpy_decode.NumpyDecoder(self.model) if self.backend == "numpy" and numpy_decode.supports(self.model) else None
+        decoder = None
+        if self.backend == "numpy":  # it measured faster here (runtime.choose_inference_backend)
+            from lmforge.generate import numpy_decode  # imported on use: it loads numba
+
+            decoder = numpy_decode.NumpyDecoder(self.model) if numpy_decode.supports(self.model) else None
         logits, _ = self.model(b.ids, positions=b.positions, cache=cache, logits_to_keep=1,
                                attn_mask=None if b.key_mask is None else b.key_mask[:, :longest])
         for step in range(params.max_new_tokens):

@@ -1,12 +1,12 @@
-"""One decode step of an lmforge GPT in numpy: the same arithmetic as `GPT.forward` for new
-tokens [B, 1] against a filled KVCache, without torch's per-operator dispatch.
+"""One decode step of an lmforge GPT in numpy and numba kernels: the same arithmetic as
+`GPT.forward` for new tokens [B, 1] against a filled KVCache, without torch's per-operator dispatch.
 
 Decoding one token is ~120 matrix-vector products and ~2,000 small operations. On a CPU the
 products are bound by memory bandwidth, and in eager PyTorch the small operations cost 3-5 us
 each in dispatch alone: as much time again as the products (SmolLM2-135M on 2 cores: 24 ms of
-products, 13-27 ms of the rest). numpy's per-call cost is ~1 us and its BLAS streams a
-matrix-vector product faster than torch's MKL on AMD CPUs, so this path decodes ~1.5-2x faster
-there. The Engine uses it only for CPU fp32 models whose projections are all plain
+products, 13-27 ms of the rest). Here each layer is seven kernel calls (`kernels`: norms, the
+few-row products that read each weight once for the whole batch, attention with RoPE and the
+cache write, SwiGLU) and a few numpy additions. The Engine uses it only for CPU fp32 models whose projections are all plain
 `lmforge.model.gpt.Linear` (no LoRA adapters, no quantized layers), and only when the "numpy"
 backend measured faster on the machine at hand; tests hold its logits to the torch path's.
 Prefill stays in torch: it is compute-bound, and there the dispatch cost is spread over many tokens.
@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.errors import LmforgeError
+from lmforge.generate.kernels import ROWS, decode_attention, few_row_linear, norm, set_threads, silu_mul
 from lmforge.model.gpt import GPT, KVCache, Linear
 
 
@@ -51,9 +52,12 @@ class _Layer:
 class NumpyDecoder:
     """Decode steps for one model. Build it per generation: it holds views of the weights."""
 
-    def __init__(self, model: GPT) -> None:
+    def __init__(self, model: GPT, threads: int | None = None) -> None:
+        """threads: for the kernels (default torch's count now); the Engine builds the decoder
+        while torch still has all its threads and holds torch at one during decode steps."""
         if not supports(model):
             raise LmforgeError("NumpyDecoder: the model is not a plain CPU fp32 lmforge GPT in eval mode")
+        self.threads = threads or torch.get_num_threads()
         c = model.config
         self.rms = c.norm == "rmsnorm"
         self.eps = c.norm_eps
@@ -61,8 +65,7 @@ class NumpyDecoder:
         self.scale = 1.0 / float(np.sqrt(c.head_dim))
         self.emb = _np(model.tok_emb.weight)
         self.pos_emb = _np(model.pos_emb.weight) if model.pos_emb is not None else None
-        if c.position == "rope":
-            self.cos, self.sin = _np(model.rope_cos), _np(model.rope_sin_signed)
+        self.rope = (_np(model.rope_cos), _np(model.rope_sin_signed)) if c.position == "rope" else None
         self.layers = [_Layer(b) for b in model.blocks]
         self.norm_f = (_np(model.norm_f.weight), _np(getattr(model.norm_f, "bias", None)))
         self.head, self.head_b = _np(model.lm_head.weight), _np(model.lm_head.bias)
@@ -70,32 +73,19 @@ class NumpyDecoder:
 
     # -- pieces ------------------------------------------------------------------------------
     def _norm(self, x: np.ndarray, wb: tuple) -> np.ndarray:
-        w, b = wb
-        if not self.rms:  # LayerNorm: centre first; the rest is RMSNorm's arithmetic
-            x = x - x.mean(axis=-1, keepdims=True)
-        x = x * (1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + self.eps)) * w
-        return x if b is None else x + b
+        return norm(x, wb[0], wb[1], self.rms, self.eps)
 
     @staticmethod
     def _linear(x: np.ndarray, w: np.ndarray, b: np.ndarray | None) -> np.ndarray:
-        # One row: a matrix-vector product. Several: W @ x.T, the layout OpenBLAS runs fastest
-        # for few rows (x @ W.T measured ~25% slower at 8 rows).
-        y = (w @ x[0])[None] if x.shape[0] == 1 else (w @ x.T).T
+        # Up to ROWS rows (a decode batch): the kernels that read each weight row once for all
+        # rows. Beyond, W @ x.T, the layout OpenBLAS runs fastest for tall-skinny products.
+        y = few_row_linear(x, w) if x.shape[0] <= ROWS else (w @ x.T).T
         return y if b is None else y + b
 
-    def _rope(self, qk: np.ndarray, pos: np.ndarray) -> np.ndarray:
-        """qk [B, heads, hd]; rotate_half as a roll with the sign folded into the sin table."""
-        cos, sin = self.cos[pos][:, None, :], self.sin[pos][:, None, :]
-        half = self.hd // 2
-        rolled = np.concatenate((qk[..., half:], qk[..., :half]), axis=-1)
-        return qk * cos + rolled * sin
-
     def _mlp_act(self, h: np.ndarray) -> np.ndarray:
-        t = torch.from_numpy(np.ascontiguousarray(h))
         if self.gelu is None:  # swiglu: [gate | up]
-            gate, up = t.chunk(2, dim=-1)
-            return (F.silu(gate) * up).numpy()
-        return F.gelu(t, approximate=self.gelu).numpy()
+            return silu_mul(h)
+        return F.gelu(torch.from_numpy(np.ascontiguousarray(h)), approximate=self.gelu).numpy()
 
     # -- the step ----------------------------------------------------------------------------
     def step(self, idx: torch.Tensor, cache: KVCache, *, positions: torch.Tensor | None = None,
@@ -105,36 +95,25 @@ class NumpyDecoder:
         advances it. positions [B, 1] (default cache.pos for every row); attn_mask [B, cache.pos + 1]
         bool, True = may attend (left-padded batches)."""
         B = idx.shape[0]
+        set_threads(self.threads)
         start = cache.pos
         S = start + 1
         if idx.shape != (B, 1):
             raise LmforgeError(f"NumpyDecoder decodes one token per row: idx of shape {tuple(idx.shape)}")
         if S > cache.max_len:
             raise LmforgeError(f"KV cache full: {start} cached + 1 new token exceed its max_len {cache.max_len}")
-        pos = np.full(B, start) if positions is None else positions.numpy().reshape(B)
+        pos = np.full(B, start, dtype=np.int64) if positions is None else np.ascontiguousarray(positions.numpy().reshape(B), dtype=np.int64)
         x = self.emb[idx.numpy()[:, 0]]
         if self.pos_emb is not None:
             x = x + self.pos_emb[pos]
         bias = None
         if attn_mask is not None:
-            bias = np.where(attn_mask.numpy(), np.float32(0), np.float32(-np.inf))[:, None, None, :]
+            bias = np.where(attn_mask.numpy(), np.float32(0), np.float32(-np.inf))
         K, V = cache.k.numpy(), cache.v.numpy()
         H, Hkv, hd = self.H, self.Hkv, self.hd
         for i, L in enumerate(self.layers):
             qkv = self._linear(self._norm(x, L.norm_1), L.qkv, L.qkv_b).reshape(B, H + 2 * Hkv, hd)
-            qk, v = qkv[:, : H + Hkv], qkv[:, H + Hkv :]
-            if self.pos_emb is None:
-                qk = self._rope(qk, pos)
-            q, k = qk[:, :H], qk[:, H:]
-            K[i, :, :, start] = k
-            V[i, :, :, start] = v
-            keys, values = K[i, :, :, :S], V[i, :, :, :S]  # [B, Hkv, S, hd]
-            scores = np.matmul(q.reshape(B, Hkv, H // Hkv, hd), keys.transpose(0, 1, 3, 2)) * self.scale
-            if bias is not None:
-                scores = scores + bias
-            scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
-            scores /= scores.sum(axis=-1, keepdims=True)
-            y = np.matmul(scores, values).reshape(B, H * hd)
+            y = decode_attention(qkv, pos, self.rope, K[i], V[i], start, bias, self.scale)
             x = x + self._linear(y, L.proj, L.proj_b)
             h = self._mlp_act(self._linear(self._norm(x, L.norm_2), L.fc, L.fc_b))
             x = x + self._linear(h, L.down, L.down_b)
