@@ -76,6 +76,39 @@ def test_engine_numpy_and_torch_backends_generate_the_same_tokens(tiny_model_dir
     assert any(out["torch"])
 
 
+def test_decode_steps_hold_torch_to_one_thread_and_give_the_kernels_the_rest(tiny_model_dir, monkeypatch):
+    """numba's OpenMP pool and torch's must not spin against each other: during a decode step
+    torch runs on one thread, the kernels on the threads torch had, and the Linear layers stay on
+    torch's path (the decoder never calls them); afterwards torch has its threads back."""
+    import numba
+
+    from lmforge.generate.engine import Engine
+    from lmforge.generate.params import SamplingParams
+    from lmforge.interop.registry import load_model
+    from lmforge.model.gpt import Linear
+
+    loaded = load_model(tiny_model_dir)
+    engine = Engine(loaded.model, loaded.tokenizer)
+    engine.backend = "numpy"
+    seen = []
+    real_step = NumpyDecoder.step
+
+    def step(self, *args, **kwargs):
+        out = real_step(self, *args, **kwargs)
+        flags = {m.numpy_blas for m in loaded.model.modules() if isinstance(m, Linear)}
+        seen.append((torch.get_num_threads(), numba.get_num_threads(), flags))
+        return out
+
+    monkeypatch.setattr(NumpyDecoder, "step", step)
+    threads = 2
+    torch.set_num_threads(threads)  # the fixture's one thread would make the check trivial
+    numba.set_num_threads(1)  # a count left over from elsewhere: the decoder must set its own
+    engine.generate_ids([[5, 6, 7]], SamplingParams(max_new_tokens=4, temperature=0.0))
+    assert torch.get_num_threads() == threads
+    kernel_threads = min(threads, numba.config.NUMBA_NUM_THREADS)
+    assert seen and all(s == (1, kernel_threads, {False}) for s in seen), seen
+
+
 def test_only_plain_inference_models_are_supported():
     from lmforge.model.lora import apply_lora
     from lmforge.model.lora_config import LoRAConfig

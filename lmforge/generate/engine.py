@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 
@@ -19,6 +19,9 @@ from lmforge.generate.sampling import SamplingParams, apply_repetition_penalty, 
 from lmforge.model.gpt import GPT, KVCache
 from lmforge.runtime import choose_inference_backend, inference_backend
 from lmforge.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # numpy_decode loads numba: imported where a decoder is built
+    from lmforge.generate.numpy_decode import NumpyDecoder
 
 
 @dataclass
@@ -181,14 +184,16 @@ class Engine:
         if not prompts:
             return
         batch = self._prepare(prompts, params)
-        steps = self._steps(batch, params)
+        decoder = self._decoder()
+        steps = self._steps(batch, params, decoder)
         # The first step is the prefill: compute-bound, where torch's GEMM on all threads beats
         # numpy's BLAS beside a one-thread torch (512 tokens of SmolLM2: ~540 vs ~470 tokens/s).
         backend = "torch"
         while True:
             # Inference mode and the BLAS backend hold only while a step runs, never while the
             # caller holds control between tokens (a streaming consumer may run torch code).
-            with torch.inference_mode(), inference_backend(self.model, backend):
+            # With the decoder, torch's layers never run a decode step: no BLAS switch to flip.
+            with torch.inference_mode(), inference_backend(self.model, backend, switch_layers=decoder is None):
                 try:
                     item = next(steps)
                 except StopIteration:
@@ -196,18 +201,23 @@ class Engine:
             backend = self.backend
             yield item
 
-    def _steps(self, b: "_Batch", params: SamplingParams) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _decoder(self) -> "NumpyDecoder | None":
+        """The NumpyDecoder for decode steps where the "numpy" backend measured faster, else None.
+        Built while torch still has all its threads: the decoder's kernels take that many."""
+        if self.backend != "numpy":
+            return None
+        from lmforge.generate import numpy_decode  # imported on use: it loads numba
+
+        return numpy_decode.NumpyDecoder(self.model) if numpy_decode.supports(self.model) else None
+
+    def _steps(self, b: "_Batch", params: SamplingParams,
+               decoder: "NumpyDecoder | None") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         device, B = self.device, b.ids.shape[0]
         generator = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
         stop_ids = torch.tensor(self.stop_token_ids + list(params.stop_token_ids), dtype=torch.long, device=device)
         alive = torch.ones(B, dtype=torch.bool, device=device)
         cache = self._cache_for(B, b.total)
         longest = b.ids.shape[1]
-        decoder = None
-        if self.backend == "numpy":  # it measured faster here (runtime.choose_inference_backend)
-            from lmforge.generate import numpy_decode  # imported on use: it loads numba
-
-            decoder = numpy_decode.NumpyDecoder(self.model) if numpy_decode.supports(self.model) else None
         logits, _ = self.model(b.ids, positions=b.positions, cache=cache, logits_to_keep=1,
                                attn_mask=None if b.key_mask is None else b.key_mask[:, :longest])
         for step in range(params.max_new_tokens):

@@ -102,9 +102,9 @@ def few_row_linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:
         raise ValueError(f"few_row_linear: x {x.shape} does not match w {w.shape} (x [R, K], w [N, K])")
     w = np.ascontiguousarray(w)
     rows = x.shape[0]
-    if rows == 1:
-        y = np.empty((1, w.shape[0]), dtype=np.float32)
-        _matvec(w, np.ascontiguousarray(x), y)
+    if rows == 1 or rows == ROWS:  # the decode-step shapes: no padding, no blocks
+        y = np.empty((rows, w.shape[0]), dtype=np.float32)
+        (_matvec if rows == 1 else _rows8)(w, np.ascontiguousarray(x), y)
         return y
     y = np.empty((-(-rows // ROWS) * ROWS, w.shape[0]), dtype=np.float32)
     for start in range(0, rows, ROWS):
