@@ -166,36 +166,27 @@ def _attend(qkv, pos, cos, sin, use_rope, keys, values, start, bias, use_bias, s
             e = np.exp(scores[s] - top)
             scores[s] = e
             total += e
+        # out[h] = sum_s p[s] v[s], four positions per pass over the row: the compiler
+        # vectorises the loop over dims (checking at run time that out and the cache do not
+        # overlap), and four positions per load and store of out keep it from being the bottleneck.
+        o = h * dim
+        for d in range(dim):
+            out[b, o + d] = 0.0
+        s = 0
+        while s + 4 <= length:
+            p0, p1, p2, p3 = scores[s], scores[s + 1], scores[s + 2], scores[s + 3]
+            for d in range(dim):
+                out[b, o + d] += (p0 * values[b, kv, s, d] + p1 * values[b, kv, s + 1, d]
+                                  + p2 * values[b, kv, s + 2, d] + p3 * values[b, kv, s + 3, d])
+            s += 4
+        while s < length:
+            p0 = scores[s]
+            for d in range(dim):
+                out[b, o + d] += p0 * values[b, kv, s, d]
+            s += 1
         inv = np.float32(1.0) / total
-        # Eight output dims at a time in scalar accumulators: with a scratch array instead, the
-        # compiler cannot rule out aliasing and reloads/stores it at every position.
-        for d0 in range(0, dim - dim % 8, 8):
-            a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = np.float32(0.0)
-            for s in range(length):
-                p = scores[s]
-                vrow = values[b, kv, s]
-                a0 += p * vrow[d0]
-                a1 += p * vrow[d0 + 1]
-                a2 += p * vrow[d0 + 2]
-                a3 += p * vrow[d0 + 3]
-                a4 += p * vrow[d0 + 4]
-                a5 += p * vrow[d0 + 5]
-                a6 += p * vrow[d0 + 6]
-                a7 += p * vrow[d0 + 7]
-            o = h * dim + d0
-            out[b, o] = a0 * inv
-            out[b, o + 1] = a1 * inv
-            out[b, o + 2] = a2 * inv
-            out[b, o + 3] = a3 * inv
-            out[b, o + 4] = a4 * inv
-            out[b, o + 5] = a5 * inv
-            out[b, o + 6] = a6 * inv
-            out[b, o + 7] = a7 * inv
-        for d in range(dim - dim % 8, dim):
-            acc = np.float32(0.0)
-            for s in range(length):
-                acc += scores[s] * values[b, kv, s, d]
-            out[b, h * dim + d] = acc * inv
+        for d in range(dim):
+            out[b, o + d] *= inv
 
 
 _EMPTY2 = np.zeros((1, 1), dtype=np.float32)
