@@ -86,10 +86,10 @@ _BACKEND_CHOICE: dict[tuple, str] = {}
 def inference_backend(model: torch.nn.Module, backend: str, switch_layers: bool = True):
     """Run inference matmuls through numpy's BLAS ('numpy') or torch ('torch').
 
-    With 'numpy', torch drops to one thread meanwhile: numpy's BLAS (or the decoder's numba
-    kernels) keeps its own threads busy, and torch's OpenMP workers spinning beside them on the
-    same cores made decoding 5x slower. switch_layers=False leaves the Linear layers on torch
-    (for the NumpyDecoder, which never calls them).
+    With 'numpy', torch drops to one thread meanwhile: numpy's BLAS keeps its own threads busy,
+    and torch's OpenMP workers spinning beside them on the same cores made decoding 5x slower.
+    switch_layers=False leaves the Linear layers on torch (for the NumpyDecoder, which never
+    calls them).
     """
     if backend != "numpy":
         yield

@@ -77,8 +77,8 @@ def test_engine_numpy_and_torch_backends_generate_the_same_tokens(tiny_model_dir
 
 
 def test_decode_steps_hold_torch_to_one_thread_and_give_the_kernels_the_rest(tiny_model_dir, monkeypatch):
-    """numba's OpenMP pool and torch's must not spin against each other: during a decode step
-    torch runs on one thread, the kernels on the threads torch had, and the Linear layers stay on
+    """During a decode step torch is held to one thread (numpy's BLAS path needs that), the
+    kernels run on the threads torch had before, not on that one, and the Linear layers stay on
     torch's path (the decoder never calls them); afterwards torch has its threads back."""
     import numba
 
