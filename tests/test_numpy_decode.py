@@ -109,6 +109,29 @@ def test_decode_steps_hold_torch_to_one_thread_and_give_the_kernels_the_rest(tin
     assert seen and all(s == (1, kernel_threads, {False}) for s in seen), seen
 
 
+def test_an_engine_that_only_scores_never_loads_the_decode_kernels(tiny_model_dir):
+    """The decode backend is measured on first decode: scoring (perplexity, tasks) must not pay
+    for numba's import and the kernels' compile or load."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from lmforge.generate.engine import Engine\n"
+        "from lmforge.interop.registry import load_model\n"
+        f"loaded = load_model({str(tiny_model_dir)!r})\n"
+        "engine = Engine(loaded.model, loaded.tokenizer)\n"
+        "engine.score([[5, 6, 7, 8, 9]])\n"
+        "assert 'numba' not in sys.modules, 'scoring imported numba'\n"
+        "engine.generate_ids([[5, 6]], __import__('lmforge.generate.params', fromlist=['x']).SamplingParams("
+        "max_new_tokens=2, temperature=0.0))\n"
+        "print(engine.backend)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() in ("numpy", "torch")
+
+
 def test_only_plain_inference_models_are_supported():
     from lmforge.model.lora import apply_lora
     from lmforge.model.lora_config import LoRAConfig

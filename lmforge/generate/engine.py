@@ -115,8 +115,20 @@ class Engine:
             stops.add(end_of_turn)
         self.stop_token_ids = sorted(stops)
         self._cache: KVCache | None = None
-        self.backend = choose_inference_backend(model)
+        self._backend: str | None = None
         self._score_trials = _BackendTrials(model)
+
+    @property
+    def backend(self) -> str:
+        """The decode backend, measured on first use (runtime.choose_inference_backend): an Engine
+        that only scores never times decode steps nor loads the decoder's kernels."""
+        if self._backend is None:
+            self._backend = choose_inference_backend(self.model)
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        self._backend = value
 
     @property
     def device(self) -> torch.device:
