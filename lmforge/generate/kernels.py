@@ -236,7 +236,8 @@ def _norm(x, w, b, use_bias, rms, eps, out):
 def norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, rms: bool, eps: float) -> np.ndarray:
     """LayerNorm (rms=False: centred) or RMSNorm of each row of x [R, C], then weight and bias."""
     out = np.empty(x.shape, dtype=np.float32)
-    _norm(np.ascontiguousarray(x), weight, weight if bias is None else bias, bias is not None, rms, np.float32(eps), out)
+    has_bias = bias is not None
+    _norm(np.ascontiguousarray(x), weight, bias if has_bias else weight, has_bias, rms, np.float32(eps), out)
     return out
 
 

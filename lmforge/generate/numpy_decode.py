@@ -6,9 +6,10 @@ products are bound by memory bandwidth, and in eager PyTorch the small operation
 each in dispatch alone: as much time again as the products (SmolLM2-135M on 2 cores: 24 ms of
 products, 13-27 ms of the rest). Here each layer is seven kernel calls (`kernels`: norms, the
 few-row products that read each weight once for the whole batch, attention with RoPE and the
-cache write, SwiGLU) and a few numpy additions. The Engine uses it only for CPU fp32 models whose projections are all plain
-`lmforge.model.gpt.Linear` (no LoRA adapters, no quantized layers), and only when the "numpy"
-backend measured faster on the machine at hand; tests hold its logits to the torch path's.
+cache write, SwiGLU) and a few numpy additions. The Engine uses it only for CPU fp32 models whose
+projections are all plain `lmforge.model.gpt.Linear` (no LoRA adapters, no quantized layers), and
+only when it measured faster than torch on the machine at hand; tests hold its logits to the
+torch path's.
 Prefill stays in torch: it is compute-bound, and there the dispatch cost is spread over many tokens.
 """
 
@@ -102,7 +103,10 @@ class NumpyDecoder:
             raise LmforgeError(f"NumpyDecoder decodes one token per row: idx of shape {tuple(idx.shape)}")
         if S > cache.max_len:
             raise LmforgeError(f"KV cache full: {start} cached + 1 new token exceed its max_len {cache.max_len}")
-        pos = np.full(B, start, dtype=np.int64) if positions is None else np.ascontiguousarray(positions.numpy().reshape(B), dtype=np.int64)
+        if positions is None:
+            pos = np.full(B, start, dtype=np.int64)
+        else:
+            pos = np.ascontiguousarray(positions.numpy().reshape(B), dtype=np.int64)
         x = self.emb[idx.numpy()[:, 0]]
         if self.pos_emb is not None:
             x = x + self.pos_emb[pos]
