@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from functools import lru_cache
 
@@ -128,9 +129,12 @@ def _measure_backends(model: torch.nn.Module) -> str:
     """Time one decode step each way, as the Engine would run it: 'numpy' is the NumpyDecoder
     (numba kernels) where it supports the model, else torch's forward with numpy's BLAS. Its
     first step compiles or loads the kernels, so each backend is warmed up before timing."""
-    from lmforge.generate.numpy_decode import NumpyDecoder, supports  # on use: it loads numba
+    from lmforge.generate.kernels import compiled_before  # on use: it loads numba
+    from lmforge.generate.numpy_decode import NumpyDecoder, supports
 
     decoder = NumpyDecoder(model, torch.get_num_threads()) if supports(model) else None
+    if decoder is not None and not compiled_before():
+        print("lmforge: compiling the decode kernels (once per machine, ~10 s)", file=sys.stderr, flush=True)
     timings = {}
     token = torch.zeros((1, 1), dtype=torch.long)
     for backend in ("torch", "numpy", "torch", "numpy"):

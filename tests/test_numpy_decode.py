@@ -132,6 +132,21 @@ def test_an_engine_that_only_scores_never_loads_the_decode_kernels(tiny_model_di
     assert done.stdout.strip() in ("numpy", "torch")
 
 
+def test_the_first_compile_of_the_kernels_is_announced(monkeypatch, capsys):
+    from lmforge import runtime
+    from lmforge.generate import kernels
+
+    model = random_model(CONFIGS["llama-gqa"])
+    runtime._measure_backends(model)  # compiles (and caches) the kernels if nothing did yet
+    capsys.readouterr()
+    assert kernels.compiled_before()
+    runtime._measure_backends(model)
+    assert "compiling the decode kernels" not in capsys.readouterr().err
+    monkeypatch.setattr(kernels, "compiled_before", lambda: False)
+    runtime._measure_backends(model)
+    assert "lmforge: compiling the decode kernels (once per machine" in capsys.readouterr().err
+
+
 def test_only_plain_inference_models_are_supported():
     from lmforge.model.lora import apply_lora
     from lmforge.model.lora_config import LoRAConfig

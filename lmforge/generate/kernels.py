@@ -27,6 +27,8 @@ Compiled on first use and cached on disk by numba (~10 s once per machine; ~0.6 
 
 from __future__ import annotations
 
+import os
+
 import numba
 import numpy as np
 from numba import njit, prange
@@ -256,3 +258,14 @@ def silu_mul(h: np.ndarray) -> np.ndarray:
     out = np.empty((h.shape[0], h.shape[1] // 2), dtype=np.float32)
     _silu_mul(np.ascontiguousarray(h), out)
     return out
+
+
+def compiled_before() -> bool:
+    """Whether numba's on-disk cache already holds these kernels: the first decode on a machine
+    compiles them (~10 s), which deserves a word to whoever waits. False where numba's cache
+    layout cannot be read (its internals moved): a notice too many, never a silent wait."""
+    try:
+        kernels = (_matvec, _rows8, _attend, _norm, _silu_mul)
+        return all(os.path.exists(k._cache._cache_file._index_path) for k in kernels)
+    except AttributeError:
+        return False
