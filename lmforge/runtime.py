@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import sys
 import time
 from functools import lru_cache
 
@@ -80,8 +79,6 @@ def available_memory_bytes(device: torch.device) -> int:
     raise LmforgeError("cannot read available memory from /proc/meminfo")
 
 
-_BACKEND_CHOICE: dict[tuple, str] = {}
-
 
 @contextlib.contextmanager
 def inference_backend(model: torch.nn.Module, backend: str, switch_layers: bool = True):
@@ -110,52 +107,6 @@ def inference_backend(model: torch.nn.Module, backend: str, switch_layers: bool 
         for m in layers:
             object.__setattr__(m, "numpy_blas", False)
         torch.set_num_threads(threads)
-
-
-def choose_inference_backend(model: torch.nn.Module) -> str:
-    """'numpy' where it decodes faster on this machine (measured once per architecture), else
-    'torch'. Only CPU fp32 models are candidates."""
-    weight = next(model.parameters())
-    if weight.device.type != "cpu" or weight.dtype != torch.float32:
-        return "torch"
-    config = model.config
-    key = (config.n_layer, config.n_embd, config.intermediate_size, config.vocab_size, torch.get_num_threads())
-    if key not in _BACKEND_CHOICE:
-        _BACKEND_CHOICE[key] = _measure_backends(model)
-    return _BACKEND_CHOICE[key]
-
-
-def _measure_backends(model: torch.nn.Module) -> str:
-    """Time one decode step each way, as the Engine would run it: 'numpy' is the NumpyDecoder
-    (numba kernels) where it supports the model, else torch's forward with numpy's BLAS. Its
-    first step compiles or loads the kernels, so each backend is warmed up before timing."""
-    from lmforge.generate.kernels import compiled_before  # on use: it loads numba
-    from lmforge.generate.numpy_decode import NumpyDecoder, supports
-
-    decoder = NumpyDecoder(model, torch.get_num_threads()) if supports(model) else None
-    if decoder is not None and not compiled_before():
-        print("lmforge: compiling the decode kernels (once per machine, ~10 s)", file=sys.stderr, flush=True)
-    timings = {}
-    token = torch.zeros((1, 1), dtype=torch.long)
-    for backend in ("torch", "numpy", "torch", "numpy"):
-        with inference_backend(model, backend, switch_layers=decoder is None), torch.inference_mode():
-            cache = model.new_cache(1, 8)
-            model(token, cache=cache, logits_to_keep=1)
-            if backend == "numpy" and decoder is not None:
-                def step(cache=cache):
-                    decoder.step(token, cache)
-            else:
-                def step(cache=cache):
-                    model(token, cache=cache, logits_to_keep=1)
-            step()  # warm-up
-            runs = []
-            for _ in range(3):
-                start = time.perf_counter()
-                step()
-                runs.append(time.perf_counter() - start)
-        timings.setdefault(backend, []).extend(runs)
-    best = {b: sorted(t)[len(t) // 2] for b, t in timings.items()}
-    return "numpy" if best["numpy"] < 0.9 * best["torch"] else "torch"
 
 
 # glibc mallopt parameters (malloc.h)

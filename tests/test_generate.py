@@ -136,7 +136,8 @@ def test_prompt_errors(engine):
 
 @pytest.mark.parametrize("rows", [1, 8, 70])
 def test_numpy_blas_backend_gives_the_same_logits(tiny_model_dir, rows):
-    from lmforge.runtime import choose_inference_backend, inference_backend
+    from lmforge.generate.backend import choose_inference_backend
+    from lmforge.runtime import inference_backend
 
     model = load_model(tiny_model_dir).model
     ids = torch.randint(0, 300, (1, rows))

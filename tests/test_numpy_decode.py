@@ -133,18 +133,36 @@ def test_an_engine_that_only_scores_never_loads_the_decode_kernels(tiny_model_di
 
 
 def test_the_first_compile_of_the_kernels_is_announced(monkeypatch, capsys):
-    from lmforge import runtime
+    from lmforge.generate import backend
     from lmforge.generate import kernels
 
     model = random_model(CONFIGS["llama-gqa"])
-    runtime._measure_backends(model)  # compiles (and caches) the kernels if nothing did yet
+    backend._measure(model, NumpyDecoder(model))  # compiles (and caches) the kernels if nothing did yet
     capsys.readouterr()
     assert kernels.compiled_before()
-    runtime._measure_backends(model)
+    backend._measure(model, NumpyDecoder(model))
     assert "compiling the decode kernels" not in capsys.readouterr().err
     monkeypatch.setattr(kernels, "compiled_before", lambda: False)
-    runtime._measure_backends(model)
+    backend._measure(model, NumpyDecoder(model))
     assert "lmforge: compiling the decode kernels (once per machine" in capsys.readouterr().err
+
+
+def test_the_backend_choice_is_measured_apart_for_models_the_decoder_cannot_run(monkeypatch):
+    """A LoRA-wrapped model of the same shape decodes through torch's layers, not the decoder:
+    the choice measured with the decoder must not be reused for it."""
+    from lmforge.generate import backend
+    from lmforge.model.lora import apply_lora
+    from lmforge.model.lora_config import LoRAConfig
+
+    measured = []
+    monkeypatch.setattr(backend, "_CHOICE", {})
+    monkeypatch.setattr(backend, "_measure", lambda model, decoder: measured.append(decoder is not None) or "torch")
+    plain, wrapped = random_model(CONFIGS["llama-gqa"]), random_model(CONFIGS["llama-gqa"])
+    apply_lora(wrapped, LoRAConfig())
+    wrapped.eval()
+    for model in (plain, plain, wrapped, wrapped):
+        assert backend.choose_inference_backend(model) == "torch"
+    assert measured == [True, False]
 
 
 def test_only_plain_inference_models_are_supported():

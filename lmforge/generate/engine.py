@@ -17,7 +17,8 @@ import torch
 from lmforge.errors import LmforgeError
 from lmforge.generate.sampling import SamplingParams, apply_repetition_penalty, next_tokens
 from lmforge.model.gpt import GPT, KVCache
-from lmforge.runtime import choose_inference_backend, inference_backend
+from lmforge.generate.backend import choose_inference_backend
+from lmforge.runtime import inference_backend
 from lmforge.tokenizer import Tokenizer
 
 if TYPE_CHECKING:  # numpy_decode loads numba: imported where a decoder is built
@@ -120,7 +121,7 @@ class Engine:
 
     @property
     def backend(self) -> str:
-        """The decode backend, measured on first use (runtime.choose_inference_backend): an Engine
+        """The decode backend, measured on first use (backend.choose_inference_backend): an Engine
         that only scores never times decode steps nor loads the decoder's kernels."""
         if self._backend is None:
             self._backend = choose_inference_backend(self.model)
@@ -220,7 +221,7 @@ class Engine:
             return None
         from lmforge.generate import numpy_decode  # imported on use: it loads numba
 
-        return numpy_decode.NumpyDecoder(self.model) if numpy_decode.supports(self.model) else None
+        return numpy_decode.decoder_for(self.model)
 
     def _steps(self, b: "_Batch", params: SamplingParams,
                decoder: "NumpyDecoder | None") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

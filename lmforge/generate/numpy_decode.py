@@ -4,7 +4,7 @@
 Decoding one token is ~120 matrix-vector products and ~2,000 small operations. On a CPU the
 products are bound by memory bandwidth, and in eager PyTorch the small operations cost 3-5 us
 each in dispatch alone: as much time again as the products (SmolLM2-135M on 2 cores: 24 ms of
-products, 13-27 ms of the rest). Here each layer is seven kernel calls (`kernels`: norms, the
+products, 13-27 ms of the rest). Here each layer is eight kernel calls (`kernels`: norms, the
 few-row products that read each weight once for the whole batch, attention with RoPE and the
 cache write, SwiGLU) and a few numpy additions. The Engine uses it only for CPU fp32 models whose
 projections are all plain `lmforge.model.gpt.Linear` (no LoRA adapters, no quantized layers), and
@@ -32,6 +32,12 @@ def supports(model: GPT) -> bool:
     layers = [model.lm_head] + [m for b in model.blocks for m in (b.attn.qkv, b.attn.proj, b.mlp.fc, b.mlp.proj)]
     # LoRA-wrapped or replaced layers compute something else.
     return all(type(layer) is Linear for layer in layers)
+
+
+def decoder_for(model: GPT) -> "NumpyDecoder | None":
+    """A NumpyDecoder for `model` (kernels on torch's thread count now), or None where the
+    decoder does not compute this model (see `supports`): the caller decodes in torch then."""
+    return NumpyDecoder(model) if supports(model) else None
 
 
 def _np(t: torch.Tensor | None) -> np.ndarray | None:
