@@ -545,10 +545,10 @@ def write_gguf(bundle: ModelBundle, path: str | os.PathLike, *, dtype: str = "f3
                 t_type = qtype if t.ndim == 2 else gguf.GGMLQuantizationType.F32
                 if t_type == gguf.GGMLQuantizationType.Q8_0 and t.shape[-1] % 32:
                     t_type = gguf.GGMLQuantizationType.F16  # Q8_0 needs rows in blocks of 32, as in llama.cpp
-                data = gguf.quants.quantize(t, t_type)
-                if t_type == gguf.GGMLQuantizationType.F16 and not np.isfinite(data).all():
+                if t_type == gguf.GGMLQuantizationType.F16 and t.size and np.abs(t).max() > np.finfo(np.float16).max:
                     raise LmforgeError(f"{where}: not written: {ours} has values beyond f16's range (±65504); "
                                        "export with --dtype f32 or q8_0")
+                data = gguf.quants.quantize(t, t_type)
                 w.add_tensor(n, data, raw_dtype=t_type if t_type == gguf.GGMLQuantizationType.Q8_0 else None)
                 written[t_type.name] = written.get(t_type.name, 0) + 1
         w.write_header_to_file()
