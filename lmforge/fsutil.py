@@ -175,9 +175,10 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     except BaseException as e:
         # Everything written inside the temp folder (shards, safetensors, tokenizer files, nested
         # atomic files) ran out of space *here*: the error names the folder the user asked for.
-        written = _tree_bytes(tmp) if is_disk_full(e) else 0
+        full = is_disk_full(e)
+        written = _tree_bytes(tmp) if full else 0
         shutil.rmtree(tmp, ignore_errors=True)
-        if is_disk_full(e):
+        if full:
             raise disk_full_error(path, written) from None
         raise
 

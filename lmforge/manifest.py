@@ -51,7 +51,8 @@ def verify_manifest(folder: Path, *, required: bool = False) -> bool:
             raise LmforgeError(f"{path}: {path.stat().st_size} bytes, {MANIFEST} says {size} (truncated)")
     for rel, _, sha in entries:
         if sha256_file(folder / rel) != sha:
-            raise LmforgeError(f"{folder / rel}: SHA-256 differs from {MANIFEST} (corrupt: changed after it was written)")
+            raise LmforgeError(f"{folder / rel}: SHA-256 differs from {MANIFEST} (corrupt: changed after it was written; "
+                               f"if you edited it on purpose, delete {folder / MANIFEST} to load the folder unchecked)")
     return True
 
 

@@ -236,3 +236,20 @@ def test_real_full_tmpfs_clean(cli, corpus, tmpfs):
     r = cli("clean", corpus / "raw", "-o", out, "--workers", "1", "--no-progress")
     assert_disk_full(r, out)
     assert not out.exists() and leftovers(tmpfs) == []
+
+
+def test_a_raw_enospc_outside_the_atomic_writers_is_still_one_line(cli, corpus, tmp_path, monkeypatch):
+    """metrics.csv and other appenders write in place: the CLI names the file they were writing."""
+    from lmforge.data import clean
+
+    def full(*_a, **_k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "metrics.csv"))
+
+    monkeypatch.setattr(clean, "clean_corpus", full)
+    assert_disk_full(cli("clean", corpus / "raw", "-o", tmp_path / "c", "--no-progress"), tmp_path / "metrics.csv")
+    def broken(*_a, **_k):
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(clean, "clean_corpus", broken)
+    with pytest.raises(OSError, match="I/O error"):  # not every OSError is a full disk
+        cli("clean", corpus / "raw", "-o", tmp_path / "c", "--no-progress")
