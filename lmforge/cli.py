@@ -494,6 +494,13 @@ def main(argv: list[str] | None = None) -> int:
     except LmforgeError as e:
         print(f"lmforge: error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # a full disk under a writer outside the atomic helpers (metrics.csv, ...)
+        from lmforge.fsutil import disk_full_error, is_disk_full
+
+        if not is_disk_full(e):
+            raise
+        print(f"lmforge: error: {disk_full_error(e.filename or Path.cwd())}", file=sys.stderr)
+        return 1
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else int(e.code is not None)
     return 0

@@ -2,18 +2,92 @@
 
 A crash, Ctrl-C or `kill -9` therefore never leaves a half-written file or folder under the final
 name; at worst a `.NAME.tmp-PID` leftover, which no reader mistakes for the real thing.
+
+A full disk (ENOSPC, or EDQUOT for a quota) while writing is reported as a `DiskFullError`
+naming the output and the free space, after the partial temp output is removed; the old output,
+if any, is untouched because it is only replaced once the new one is complete.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Iterator
 
 from lmforge.errors import LmforgeError
+
+
+class DiskFullError(LmforgeError):
+    """No space (or quota) left while writing an output; the message says where and how much."""
+
+
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+# numpy's tofile (the GGUF writer's tensors) reports a short fwrite without an errno.
+_SHORT_WRITE = re.compile(r"^\d+ requested and \d+ written$")
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """ENOSPC/EDQUOT, as an OSError, as numpy's short write, or as safetensors' writer reports it
+    (a SafetensorError, a bare Exception subclass whose message alone carries the OS error)."""
+    if isinstance(e, DiskFullError):
+        return True
+    if isinstance(e, OSError):
+        return e.errno in _DISK_FULL_ERRNOS or (e.errno is None and bool(_SHORT_WRITE.match(str(e))))
+    if type(e).__name__ == "SafetensorError":
+        msg = str(e)
+        return "No space left on device" in msg or "Disk quota exceeded" in msg
+    return False
+
+
+def _mount_point(path: Path) -> Path:
+    path = Path(os.path.abspath(path))
+    while not path.exists():
+        path = path.parent
+    while not os.path.ismount(path):
+        path = path.parent
+    return path
+
+
+def human_bytes(n: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def disk_full_error(path: str | os.PathLike, written: int | None = None) -> DiskFullError:
+    """The one-line error for a write to `path` that ran out of space, `written` bytes in; call it
+    after the partial output is removed, so the free space shown is what the user has to work with."""
+    mount = _mount_point(Path(path))
+    free = shutil.disk_usage(mount).free
+    done = f"; the write had put {human_bytes(written)} there when it failed and needs more" if written else ""
+    return DiskFullError(f"{path}: disk full: {human_bytes(free)} free on {mount}{done} "
+                         "(nothing was replaced; free some space and run again)")
+
+
+def _tree_bytes(root: Path) -> int:
+    total = 0
+    for dirpath, _dirnames, filenames in os.walk(root):
+        for name in filenames:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _file_bytes(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def _tmp_name(path: Path) -> Path:
@@ -42,8 +116,11 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb", **open_kwargs) -> Ite
             os.fsync(f.fileno())
         os.replace(tmp, path)
         fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as e:
+        written = _file_bytes(tmp)
         tmp.unlink(missing_ok=True)
+        if is_disk_full(e):
+            raise disk_full_error(path, written) from None
         raise
 
 
@@ -95,8 +172,14 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
         else:
             os.replace(tmp, path)
         fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as e:
+        # Everything written inside the temp folder (shards, safetensors, tokenizer files, nested
+        # atomic files) ran out of space *here*: the error names the folder the user asked for.
+        full = is_disk_full(e)
+        written = _tree_bytes(tmp) if full else 0
         shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            raise disk_full_error(path, written) from None
         raise
 
 
@@ -124,6 +207,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.close(fd)
         os.replace(tmp, path)
         fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as e:
+        written = _file_bytes(tmp)
         tmp.unlink(missing_ok=True)
+        if is_disk_full(e):
+            raise disk_full_error(path, written) from None
         raise

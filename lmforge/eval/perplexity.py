@@ -128,6 +128,9 @@ def score_stream(engine: "Engine", ids: Sequence[int], context: int, stride: int
             progress(min(i + batch_size, len(plan)), len(plan))
     seconds = time.perf_counter() - started
     mean = total / count
+    if not math.isfinite(perplexity_from_nll(mean)):  # a result of null/Infinity is no measurement
+        raise LmforgeError(f"mean NLL {mean:.4g} nats/token: the perplexity is not a finite number; "
+                           "the model's logits are extreme (corrupt or diverged weights)")
     return PerplexityResult(
         perplexity=perplexity_from_nll(mean), nll=mean, tokens=count, total_tokens=len(ids), total_nll=total,
         bits_per_byte=None if n_bytes is None else bits_per_byte(total, n_bytes), bytes=n_bytes,

@@ -25,6 +25,14 @@ if TYPE_CHECKING:  # numpy_decode loads numba: imported where a decoder is built
     from lmforge.generate.numpy_decode import NumpyDecoder
 
 
+def require_finite_logits(logits: torch.Tensor, where: str) -> None:
+    """Refuse NaN/Inf logits: sampling from them picks token 0 or garbage, and scores turn NaN,
+    so a corrupt model would otherwise "work" and print empty text or a null perplexity."""
+    if not bool(torch.isfinite(logits).all()):
+        raise LmforgeError(f"the model produced non-finite logits (NaN or Inf) {where}: its weights are corrupt "
+                           f"or overflow in {logits.dtype}; check the model dir, or load it in float32")
+
+
 @dataclass
 class _Batch:
     ids: torch.Tensor  # [B, longest] left-padded prompt ids
@@ -235,6 +243,7 @@ class Engine:
                                attn_mask=None if b.key_mask is None else b.key_mask[:, :longest])
         for step in range(params.max_new_tokens):
             last = logits[:, -1, :]
+            require_finite_logits(last, f"at generated token {step + 1}")
             if b.seen is not None:
                 last = apply_repetition_penalty(last.float(), b.seen, params.repetition_penalty)
             nxt = next_tokens(last, params, generator)
@@ -383,6 +392,7 @@ class Engine:
         # Position p predicts token p + 1, so the model reads all but the last token, and only the
         # logits of positions [first, longest - 1) are computed.
         logits, _ = self.model(ids[:, :-1], logits_to_keep=longest - 1 - first)
+        require_finite_logits(logits, "while scoring")
         out = []
         for row, (seq, start) in enumerate(zip(seqs, starts)):
             rows = logits[row, start - 1 - first : len(seq) - 1 - first].float()
@@ -447,6 +457,7 @@ class Engine:
         cache = model.new_cache(B, lc)
         first, _ = model(ids, positions=positions, attn_mask=key if ragged else None, cache=cache, logits_to_keep=1)
         first = first[:, -1].float()  # [B, V]: each context's prediction of its continuations' first token
+        require_finite_logits(first, "while scoring")
         flat = [(g, list(c)) for g, cs in enumerate(conts) for c in cs]
         tc = max(len(c) for _, c in flat)
         step = None
@@ -467,6 +478,7 @@ class Engine:
                 step, _ = model(inp, positions=pos, attn_mask=mask, cache=big)
             else:
                 step, _ = model(inp, cache=big)
+            require_finite_logits(step, "while scoring")
         out: list[list[TokenScores]] = [[] for _ in ctxs]
         for r, (g, c) in enumerate(flat):
             rows = first[g : g + 1] if step is None or len(c) == 1 else torch.cat([first[g : g + 1], step[r, : len(c) - 1].float()])

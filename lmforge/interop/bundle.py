@@ -4,7 +4,7 @@ Every importer (GGUF, Hugging Face folders, the registry) produces a `ModelBundl
 exporter consumes one, so a conversion is always "read into a bundle, write the bundle":
 
     model dir    config.json (+ "source": where it was imported from), model.safetensors,
-                 tokenizer.json + tokenizer_config.json, generation.json (stop tokens etc.)
+                 tokenizer.json + tokenizer_config.json, generation.json (stop tokens etc.), manifest.json
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 
 from lmforge.errors import LmforgeError
 from lmforge.fsutil import atomic_dir, write_text_atomic
+from lmforge.manifest import write_manifest
 from lmforge.model.config import ModelConfig
 from lmforge.model.gpt import GPT
 from lmforge.model.io import load_model_dir, model_from_state_dict, read_model_config, write_model_files
@@ -67,6 +68,7 @@ def save_bundle(bundle: ModelBundle, out: str | os.PathLike, overwrite: bool = F
         write_model_files(bundle.model, tmp, tokenizer=bundle.tokenizer, extra_config=extra)
         if bundle.generation:
             write_text_atomic(tmp / GENERATION_FILE, json.dumps(bundle.generation, indent=2) + "\n")
+        write_manifest(tmp)
     return Path(out)
 
 

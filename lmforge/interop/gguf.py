@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -37,7 +38,7 @@ from lmforge.fsutil import atomic_path, check_output_free
 from lmforge.interop.bundle import ModelBundle, assemble_model, save_bundle, stop_token_ids
 from lmforge.interop.hf import family_of
 from lmforge.model.config import ModelConfig
-from lmforge.model.io import model_state_dict
+from lmforge.model.io import first_non_finite, model_state_dict
 from lmforge.tokenizer import Tokenizer
 
 ARCHITECTURES = ("llama", "gpt2")
@@ -455,6 +456,22 @@ def _gguf_vocab(tokenizer: Tokenizer, n_vocab: int, where: str) -> tuple[list[st
     return tokens, types, merges
 
 
+@contextmanager
+def _closed_on_error(writer):
+    """GGUFWriter leaves its file open when a write fails (a full disk): close it, ignoring the
+    flush of bytes that do not fit either, so removing the temp file frees its space."""
+    try:
+        yield writer
+    except BaseException:
+        for f in writer.fout or []:
+            try:
+                f.close()
+            except OSError:
+                pass
+        writer.fout = None
+        raise
+
+
 def write_gguf(bundle: ModelBundle, path: str | os.PathLike, *, dtype: str = "f32",
                overwrite: bool = False) -> dict[str, Any]:
     """Write a bundle as a GGUF llama.cpp runs: 2-D weights as `dtype` (f32, f16 or q8_0),
@@ -478,13 +495,15 @@ def write_gguf(bundle: ModelBundle, path: str | os.PathLike, *, dtype: str = "f3
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
 
     sd = model_state_dict(bundle.model)
+    bad = first_non_finite(sd)
+    if bad is not None:  # llama.cpp would load them and print garbage
+        raise LmforgeError(f"{where}: not written: model {config.name!r} has non-finite weights in {bad}")
     # llama.cpp's GPT-2 graph reads output.weight; its converter writes the tied matrix twice.
     plan = _tensor_plan(config.replace(tie_embeddings=config.tie_embeddings and arch == "llama"), arch)
     if "lm_head.weight" not in sd:
         sd["lm_head.weight"] = sd["tok_emb.weight"]
     written: dict[str, int] = {}
-    with atomic_path(path) as tmp:
-        w = gguf.GGUFWriter(tmp, arch)
+    with atomic_path(path) as tmp, _closed_on_error(gguf.GGUFWriter(tmp, arch)) as w:
         w.add_name(config.name)
         w.add_context_length(config.block_size)
         w.add_embedding_length(config.n_embd)
@@ -526,6 +545,9 @@ def write_gguf(bundle: ModelBundle, path: str | os.PathLike, *, dtype: str = "f3
                 t_type = qtype if t.ndim == 2 else gguf.GGMLQuantizationType.F32
                 if t_type == gguf.GGMLQuantizationType.Q8_0 and t.shape[-1] % 32:
                     t_type = gguf.GGMLQuantizationType.F16  # Q8_0 needs rows in blocks of 32, as in llama.cpp
+                if t_type == gguf.GGMLQuantizationType.F16 and t.size and np.abs(t).max() > np.finfo(np.float16).max:
+                    raise LmforgeError(f"{where}: not written: {ours} has values beyond f16's range (±65504); "
+                                       "export with --dtype f32 or q8_0")
                 data = gguf.quants.quantize(t, t_type)
                 w.add_tensor(n, data, raw_dtype=t_type if t_type == gguf.GGMLQuantizationType.Q8_0 else None)
                 written[t_type.name] = written.get(t_type.name, 0) + 1

@@ -30,7 +30,8 @@ from lmforge.fsutil import atomic_dir, atomic_file
 from lmforge.model.config import ModelConfig
 from lmforge.model.gpt import GPT
 from lmforge.interop.bundle import ModelBundle, save_bundle, stop_token_ids
-from lmforge.model.io import check_state_dict, model_from_state_dict, model_state_dict, read_json, read_safetensors
+from lmforge.model.io import (check_state_dict, first_non_finite, model_from_state_dict, model_state_dict, read_json,
+                              read_safetensors)
 from lmforge.tokenizer import Tokenizer
 
 SUPPORTED = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama"}
@@ -326,6 +327,9 @@ def save_hf_dir(model: GPT, config: ModelConfig, path: str | os.PathLike, tokeni
                 f"save_hf_dir: the tokenizer has {tokenizer.vocab_size} tokens, the model only {config.vocab_size}"
             )
         ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
+    bad = first_non_finite(model_state_dict(model))
+    if bad is not None:  # after a cast to f16/bf16 too: a weight beyond f16's range is Inf there
+        raise LmforgeError(f"{path}: not written: model {config.name!r} has non-finite weights ({dtype}) in {bad}")
     hf_config = config_to_hf(config, dtype=_DTYPE_NAMES[dtype], **ids)
     hf_sd = {k: v.cpu() for k, v in state_dict_to_hf(model_state_dict(model), config).items()}
     with atomic_dir(path, overwrite=overwrite) as tmp:

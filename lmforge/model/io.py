@@ -4,9 +4,11 @@
     model.safetensors  the weights (never pickle: loading a checkpoint must not run code);
                        a tied lm_head is stored once, as tok_emb.weight
     tokenizer.json     + tokenizer_config.json, when a tokenizer is given
+    manifest.json      size + SHA-256 of every file, written last (see lmforge.manifest)
 
-Everything is checked on load (keys, shapes, a complete safetensors file), and a problem is
-reported as an LmforgeError naming the file and what is wrong, not as a torch traceback.
+Everything is checked on load (the manifest when there is one, keys, shapes, a complete
+safetensors file, finite weights), and a problem is reported as an LmforgeError naming the file
+and what is wrong, not as a torch traceback or NaN output.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from lmforge.errors import LmforgeError
 from lmforge.fsutil import atomic_dir, atomic_file
+from lmforge.manifest import previous_good_hint, verify_manifest, write_manifest
 from lmforge.model.config import ModelConfig
 from lmforge.model.gpt import GPT, build_empty, skip_init
 
@@ -68,6 +71,27 @@ def _few(names: list[str], n: int = 5) -> str:
     return shown + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
+def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating tensor holding a NaN or Inf, with how many; None if all are finite.
+
+    A sum is NaN/Inf whenever an element is, and costs one read (135M fp32 weights: ~0.05 s on one
+    core, against ~1.3 s for isfinite(t).all() on all of them); only a tensor whose sum is not
+    finite (a bad value, or finite values that overflow when added) gets the exact check.
+    """
+    for name, t in tensors.items():
+        if t.is_floating_point() and t.numel() and not torch.isfinite(t.sum()):
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                return f"{name} ({bad} of {t.numel()} values are NaN or Inf)"
+    return None
+
+
+def check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
+    bad = first_non_finite(tensors)
+    if bad is not None:
+        raise LmforgeError(f"{source}: non-finite weights in {bad}; the file is corrupt or training diverged")
+
+
 def model_from_state_dict(config: ModelConfig, sd: dict[str, torch.Tensor], *, source: str = "state dict",
                           device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> GPT:
     """Check `sd` against `config` and load it into a new GPT (in eval mode).
@@ -82,6 +106,7 @@ def model_from_state_dict(config: ModelConfig, sd: dict[str, torch.Tensor], *, s
     with torch.no_grad():
         model.load_state_dict(sd, strict=not config.tie_embeddings, assign=True)  # tied: lm_head is tok_emb
     model.tie_weights()  # assign replaced tok_emb.weight: point lm_head at the new one
+    check_finite(sd, source)  # after the dtype conversion: a huge fp32 weight is Inf in fp16
     return model.eval()
 
 
@@ -111,6 +136,7 @@ def save_model_dir(model: GPT, path: str | os.PathLike, tokenizer=None,
     """Write a complete model dir at `path`, atomically (temp folder, fsync, rename)."""
     with atomic_dir(path, overwrite=overwrite) as tmp:
         write_model_files(model, tmp, tokenizer=tokenizer, extra_config=extra_config)
+        write_manifest(tmp)
     return Path(path)
 
 
@@ -149,9 +175,20 @@ def read_safetensors(file: Path, device: torch.device | str = "cpu") -> dict[str
 
 def load_model_dir(path: str | os.PathLike, device: torch.device | str = "cpu",
                    dtype: torch.dtype = torch.float32) -> tuple[GPT, ModelConfig]:
-    """Load a model dir's GPT (in eval mode) and its ModelConfig."""
+    """Load a model dir's GPT (in eval mode) and its ModelConfig, after checking its files
+    against its manifest (when it has one)."""
     path = Path(path)
     config, _ = read_model_config(path)
+    verify_model_files(path)
     file = path / WEIGHTS_FILE
     sd = read_safetensors(file, device)
     return model_from_state_dict(config, sd, source=str(file), device=device, dtype=dtype), config
+
+
+def verify_model_files(path: Path) -> None:
+    """Check a model (or adapter) dir against its manifest.json; a dir without one loads unchecked
+    (older lmforge, or assembled by hand). A corrupt checkpoint names the run's previous good one."""
+    try:
+        verify_manifest(path)
+    except LmforgeError as e:
+        raise LmforgeError(f"{e}{previous_good_hint(path)}") from None

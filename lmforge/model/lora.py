@@ -26,6 +26,7 @@ from torch import nn
 
 from lmforge.errors import LmforgeError
 from lmforge.model.gpt import GPT, Linear
+from lmforge.model.io import check_finite, verify_model_files
 from lmforge.model.lora_config import LoRAConfig  # re-exported: LoRA's settings live apart, torch-free
 
 ADAPTER_FILE = "adapter.safetensors"
@@ -129,6 +130,7 @@ def read_adapter_config(folder: str | os.PathLike) -> dict:
 
 def load_adapter(model: GPT, folder: str | os.PathLike) -> LoRAConfig:
     """Wrap `model` as the adapter was trained and load its weights."""
+    verify_model_files(Path(folder))
     meta = read_adapter_config(folder)
     cfg = LoRAConfig(**meta["lora"])
     apply_lora(model, cfg)
@@ -137,6 +139,7 @@ def load_adapter(model: GPT, folder: str | os.PathLike) -> LoRAConfig:
         tensors = load_file(str(file))
     except Exception as e:  # safetensors raises its own error types for truncated files
         raise LmforgeError(f"{file}: unreadable adapter weights ({e})") from None
+    check_finite(tensors, str(file))
     params = dict(model.named_parameters())
     unknown = sorted(set(tensors) - set(params))
     if unknown:

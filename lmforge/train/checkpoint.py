@@ -17,11 +17,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lmforge.errors import LmforgeError
-from lmforge.fsutil import atomic_dir, sha256_file, write_text_atomic
+from lmforge.fsutil import atomic_dir, write_text_atomic
+from lmforge.manifest import previous_good_hint, verify_manifest, write_manifest
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
-MANIFEST = "manifest.json"
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"
@@ -71,31 +71,12 @@ def set_rng_state(states: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-def write_manifest(folder: Path) -> None:
-    files = {}
-    for path in sorted(folder.rglob("*")):
-        if path.is_file() and path.name != MANIFEST:
-            files[str(path.relative_to(folder))] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
-    write_text_atomic(folder / MANIFEST, json.dumps({"files": files}, indent=1))
-
-
 def verify_checkpoint(folder: Path) -> None:
-    """Refuse a checkpoint whose files are missing, truncated or altered."""
-    manifest = folder / MANIFEST
-    if not manifest.exists():
-        raise LmforgeError(f"{folder}: incomplete checkpoint (no {MANIFEST})")
-    try:
-        files = json.loads(manifest.read_text())["files"]
-    except (json.JSONDecodeError, KeyError):
-        raise LmforgeError(f"{manifest}: unreadable manifest") from None
-    for rel, info in files.items():
-        path = folder / rel
-        if not path.exists():
-            raise LmforgeError(f"{path}: missing from checkpoint")
-        if path.stat().st_size != info["bytes"]:
-            raise LmforgeError(f"{path}: {path.stat().st_size} bytes, the manifest says {info['bytes']} (truncated)")
-        if sha256_file(path) != info["sha256"]:
-            raise LmforgeError(f"{path}: SHA-256 differs from the manifest (corrupt)")
+    """Refuse a checkpoint whose files are missing, truncated or altered (its manifest is required:
+    a checkpoint without one was never completed)."""
+    if not folder.is_dir():
+        raise LmforgeError(f"{folder}: no such checkpoint folder")
+    verify_manifest(folder, required=True)
 
 
 def save_checkpoint(
@@ -139,18 +120,8 @@ def latest_checkpoint(run_dir: Path) -> Path:
     try:
         verify_checkpoint(folder)
     except LmforgeError as e:
-        good = [c for c in list_checkpoints(run_dir) if c != folder and _is_good(c)]
-        hint = f"; the previous good checkpoint is {good[-1]} (resume from it with --resume-from)" if good else "; no other good checkpoint"
-        raise LmforgeError(f"{e}{hint}") from None
+        raise LmforgeError(f"{e}{previous_good_hint(folder)}") from None
     return folder
-
-
-def _is_good(folder: Path) -> bool:
-    try:
-        verify_checkpoint(folder)
-        return True
-    except LmforgeError:
-        return False
 
 
 def load_checkpoint_state(folder: Path, optimizer: torch.optim.Optimizer) -> dict:

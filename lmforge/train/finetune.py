@@ -260,6 +260,7 @@ def describe(summary: dict) -> str:
 def merge_adapter(adapter: str | Path, out: str | Path, *, overwrite: bool = False) -> dict:
     """`lmforge merge`: the adapter's base with the adapters folded in, written as a model dir."""
     from lmforge.fsutil import atomic_dir, check_output_free
+    from lmforge.manifest import write_manifest
     from lmforge.interop.registry import _is_adapter_dir, resolve_model_dir
     from lmforge.model.lora import read_adapter_config
 
@@ -276,5 +277,6 @@ def merge_adapter(adapter: str | Path, out: str | Path, *, overwrite: bool = Fal
                           extra_config={"source": {"format": "lmforge-lora-merged", "adapter": str(path.resolve()),
                                                            "base_model": meta.get("base_model")}})
         write_generation_defaults(loaded, tmp)
+        write_manifest(tmp)
     return {"adapter": str(path), "base_model": meta.get("base_model"), "output": str(out),
             "adapters": len(meta.get("targets", [])), "params": loaded.model.param_count()}

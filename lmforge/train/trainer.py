@@ -25,6 +25,7 @@ from tqdm import tqdm
 from lmforge.errors import LmforgeError
 from lmforge.eval.perplexity import perplexity_from_nll
 from lmforge.fsutil import atomic_dir
+from lmforge.manifest import write_manifest
 from lmforge.runtime import autocast, keep_freed_heap_pages, measured_peak_flops, resolve_device, resolve_precision
 from lmforge.train.checkpoint import checkpoint_name, latest_checkpoint, list_checkpoints, load_checkpoint_state, save_checkpoint
 from lmforge.train.config import TrainConfig
@@ -161,6 +162,7 @@ class Trainer:
     def _save_best(self) -> None:
         with atomic_dir(self.run_dir / BEST_DIR, overwrite=True) as tmp:
             self.write_model(tmp)
+            write_manifest(tmp)
 
     # -- the loop ------------------------------------------------------------------------
     def fit(self, resume_from: Path | None = None, pause_at: int | None = None) -> TrainResult:
