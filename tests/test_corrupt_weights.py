@@ -211,3 +211,29 @@ def test_adapter_dirs_are_verified(cli, model, tmp_path):
     write_manifest(adapter)
     one_line_error(cli("generate", adapter, "def", "--max-new-tokens", 2, "--no-stream"),
                    f"adapter.safetensors: non-finite weights in {first} (1 of")
+
+
+def test_a_verified_folder_is_not_hashed_again_until_a_file_changes(model, tmp_path, monkeypatch):
+    """The stamp after a full check spares the hashing on later loads (seconds for a 135M model),
+    and any write to a file, even one that puts its mtime back, makes the next load hash again."""
+    import os
+
+    import lmforge.manifest as manifest
+
+    monkeypatch.setenv("LMFORGE_HOME", str(tmp_path / "home"))
+    hashed = []
+    real = manifest.sha256_file
+    monkeypatch.setattr(manifest, "sha256_file", lambda p, *a: hashed.append(Path(p).name) or real(p, *a))
+    assert verify_manifest(model)
+    first = len(hashed)
+    assert first >= 2 and "model.safetensors" in hashed
+    assert verify_manifest(model) and len(hashed) == first  # stamped: no hashing
+    weights = model / "model.safetensors"
+    st = weights.stat()
+    data = bytearray(weights.read_bytes())
+    data[-7] ^= 0x01
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size, same mtime: only ctime moved
+    with pytest.raises(LmforgeError, match="SHA-256 differs"):
+        verify_manifest(model)
+    assert len(hashed) > first
