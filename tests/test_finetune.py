@@ -1,6 +1,7 @@
 """Fine-tuning pieces: LoRA, SFT data and masks, packing, batches; the finetune run."""
 
 import json
+from collections import Counter
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from lmforge.interop.registry import load_model
 from lmforge.model.config import ModelConfig
 from lmforge.model.gpt import GPT
 from lmforge.model.lora import LoRAConfig, LoRALinear, apply_lora, count_parameters, load_adapter, merge_lora, save_adapter
-from lmforge.train.sft import SFTBatches, collate, load_examples, split_examples
+from lmforge.train.sft import Example, SFTBatches, collate, load_examples, split_examples
 
 CFG = ModelConfig(vocab_size=120, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, intermediate_size=48)
 
@@ -163,3 +164,67 @@ def test_batches_are_a_pure_function_of_the_step(tmp_path, tiny_model_dir):
     assert torch.equal(b.train_batch(5, 1)[0], SFTBatches(train, val, batch_size=3, grad_accum=2, pad_id=0, seed=1).train_batch(5, 1)[0])
     seen = [tuple(r.tolist()) for s in range(2) for m in range(2) for r in b.train_batch(s, m)[0]]
     assert len(seen) == 12  # 12 rows cover the 8 examples once (epoch 0), then epoch 1 begins
+
+
+def _varied_chats(n: int) -> list[dict]:
+    """Chats of different lengths, so that packing puts several in a row and rows differ in length."""
+    return [{"messages": [{"role": "user", "content": f"question {i}" + " please" * (i % 3)},
+                          {"role": "assistant", "content": f"answer {i}" + " indeed" * (i % 5)}]} for i in range(n)]
+
+
+def trained_pairs(x, y, extra=None) -> Counter:
+    """(context, target) for every trained target of a batch, the context read through the
+    attention mask the batch gives the model: exactly the tokens each prediction can see."""
+    B, T = x.shape
+    attn = extra["attn_mask"][:, 0] if extra else torch.ones(B, T, T, dtype=torch.bool)
+    pairs = Counter()
+    for b in range(B):
+        for p in range(T):
+            if y[b, p] == -100:
+                continue
+            seen = [j for j in range(p + 1) if attn[b, p, j]]  # the model adds the causal part
+            assert seen == list(range(seen[0], p + 1))  # one contiguous span ending at the token
+            if extra:
+                assert extra["positions"][b, p] == p - seen[0]  # positions restart with each example
+            pairs[(tuple(x[b, seen].tolist()), int(y[b, p]))] += 1
+    return pairs
+
+
+@pytest.mark.parametrize("trained", ["assistant", "every token"])
+def test_packed_batches_hold_each_example_once_each_seeing_only_itself(tmp_path, tiny_model_dir, trained):
+    loaded = load_model(tiny_model_dir)
+    tok, model = loaded.tokenizer, loaded.model
+    write_jsonl(tmp_path / "d.jsonl", _varied_chats(12))
+    block = 120
+    ex, _ = load_examples(tmp_path / "d.jsonl", tok, block_size=block)
+    if trained == "every token":  # as text data trains: only the boundary masking keeps examples apart
+        ex = [Example(e.ids, [True] * len(e.ids), e.source) for e in ex]
+    packed = SFTBatches(ex, [], batch_size=1, grad_accum=1, pad_id=0, seed=3, pack=True, block_size=block)
+    rows = packed.rows_per_epoch
+    assert rows < len(ex) / 2  # packing happened: at least two examples a row on average
+    # The whole epoch in one batch: every row once, padded to the longest.
+    whole = SFTBatches(ex, [], batch_size=rows, grad_accum=1, pad_id=0, seed=3, pack=True, block_size=block)
+    x, y, extra = whole.train_batch(0, 0)
+    assert x.shape[0] == rows and x.shape[1] <= block
+    assert extra["attn_mask"].shape == (rows, 1, x.shape[1], x.shape[1])
+    # Each example's trained tokens appear exactly once, each predicted from its own example's
+    # earlier tokens, in order, and from nothing else; nothing outside the masks is trained.
+    want = Counter()
+    for e in ex:
+        for t in range(1, len(e.ids)):
+            if e.mask[t]:
+                want[(tuple(e.ids[:t]), e.ids[t])] += 1
+    assert trained_pairs(x, y, extra) == want
+    assert sum(want.values()) == int((y != -100).sum())
+    if trained == "assistant":
+        targets = tok.decode([int(t) for t in y.flatten() if t != -100])
+        assert targets.count("<|im_end|>") == len(ex) and "question" not in targets  # assistant turns only
+    # The same loss as the examples unpacked, one per row.
+    plain = SFTBatches(ex, [], batch_size=len(ex), grad_accum=1, pad_id=0, seed=3, block_size=block)
+    px, py = plain.train_batch(0, 0)
+    assert trained_pairs(px, py) == want
+    with torch.no_grad():
+        _, packed_loss = model(x, y, **extra)
+        _, plain_loss = model(px, py)
+    assert int((y != -100).sum()) == int((py != -100).sum())
+    torch.testing.assert_close(packed_loss, plain_loss, atol=1e-5, rtol=1e-5)
