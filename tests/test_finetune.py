@@ -190,6 +190,7 @@ def trained_pairs(x, y, extra=None) -> Counter:
     return pairs
 
 
+@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("trained", ["assistant", "every token"])
 def test_packed_batches_hold_each_example_once_each_seeing_only_itself(tmp_path, tiny_model_dir, trained):
     loaded = load_model(tiny_model_dir)
@@ -228,3 +229,47 @@ def test_packed_batches_hold_each_example_once_each_seeing_only_itself(tmp_path,
         _, plain_loss = model(px, py)
     assert int((y != -100).sum()) == int((py != -100).sum())
     torch.testing.assert_close(packed_loss, plain_loss, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_replay_holds_the_base_models_own_finished_greedy_replies(tmp_path, tiny_model_dir):
+    """replay.jsonl: the base model's greedy replies to the built-in prompts, in order, the
+    finished ones only, as many as the requested share of the training examples asks for."""
+    from conftest import leftovers
+    from lmforge.chat import render_chat
+    from lmforge.generate.engine import Engine
+    from lmforge.generate.sampling import SamplingParams
+    from lmforge.train.replay import PROMPTS, REPLAY_FILE, RETENTION_PROMPTS, replay_count, write_replay
+
+    loaded = load_model(tiny_model_dir)
+    torch.manual_seed(1)
+    model = GPT(loaded.model.config)
+    with torch.no_grad():  # weights random enough that some replies end with <|im_end|> and some run on
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    engine = Engine(model.eval(), loaded.tokenizer)
+    # What the Engine answers to each of the first batch of prompts alone (replay batches them).
+    first = PROMPTS[:16]
+    prompt_ids = [render_chat(loaded.tokenizer, [{"role": "user", "content": p}], add_generation_prompt=True).ids
+                  for p in first]
+    params = SamplingParams(max_new_tokens=min(64, model.config.block_size - max(map(len, prompt_ids))), temperature=0.0)
+    alone = [engine.generate_ids([ids], params)[0] for ids in prompt_ids]
+    finished = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": r.text.strip()}]}
+                for p, r in zip(first, alone) if r.finish_reason == "stop" and r.text.strip()]
+    count = replay_count(0.3, 14)
+    assert count == 6 and len(finished) > count and len(finished) < len(first)  # the data exercises the filter
+    path = tmp_path / REPLAY_FILE
+    chats = write_replay(engine, count, path)
+    assert chats == finished[:count]
+    assert [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] == chats
+    assert leftovers(tmp_path) == []
+    examples, stats = load_examples(path, loaded.tokenizer, block_size=model.config.block_size, fmt="chat")
+    assert stats.format == "chat" and len(examples) == count
+    # The share of training examples replay makes up, for a few data sizes (capped by the prompts).
+    for share in (0.1, 0.3, 0.5):
+        for n_train in (5, 14, 40):
+            k = replay_count(share, n_train)
+            assert 1 <= k <= len(PROMPTS) - RETENTION_PROMPTS
+            if k < len(PROMPTS) - RETENTION_PROMPTS:
+                assert abs(k / (n_train + k) - share) <= 0.5 / (n_train + k)
+    assert replay_count(0.0, 14) == 0 and replay_count(0.9, 100) == len(PROMPTS) - RETENTION_PROMPTS
