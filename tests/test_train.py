@@ -303,3 +303,14 @@ def test_compiled_training_matches_eager(shards, tmp_path):
     pretrain(data, str(model_file), tmp_path / "compiled", small_cfg(compile=True, **cfg), model_overrides=nodrop,
              progress=False, sample_tokens=2)
     np.testing.assert_allclose(losses(tmp_path / "eager"), losses(tmp_path / "compiled"), rtol=1e-3)
+
+
+def test_a_run_stopped_by_its_time_budget_is_evaluated(shards, tmp_path):
+    """The budget runs out long before the first scheduled evaluation: the run must still end
+    with a val loss and a best model (quickstart with a short --minutes relies on it)."""
+    data, model_file = shards
+    s = pretrain(data, str(model_file), tmp_path / "r", small_cfg(max_steps=1000, eval_every=500, checkpoint_every=0,
+                 time_budget=1e-3), progress=False, sample_tokens=2)
+    assert s["stopped_because"] == "time_budget" and s["steps"] == 1
+    assert math.isfinite(s["best_val_loss"]) and s["best_step"] == 1 and (tmp_path / "r" / "best").is_dir()
+    assert [r["val_loss"] != "" for r in read_metrics(tmp_path / "r" / "metrics.csv")] == [True]
