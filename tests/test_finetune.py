@@ -87,18 +87,18 @@ CHAT = {"messages": [{"role": "user", "content": "What colour is the Zephyrion k
 
 def test_sft_formats_and_masks(tmp_path, tiny_model_dir):
     tok = load_model(tiny_model_dir).tokenizer
-    for name, rec in {
-        "chat": CHAT,
-        "sharegpt": {"conversations": [{"from": "human", "value": "What colour is the Zephyrion kettle?"},
-                                       {"from": "gpt", "value": "It is teal."}]},
-        "alpaca": {"instruction": "What colour is the Zephyrion kettle?", "output": "It is teal."},
-    }.items():
+    for name, rec, fmt in (
+        ("chat", CHAT, "chat"),
+        ("sharegpt", {"conversations": [{"from": "human", "value": "What colour is the Zephyrion kettle?"},
+                                        {"from": "gpt", "value": "It is teal."}]}, "chat"),
+        ("alpaca", {"instruction": "What colour is the Zephyrion kettle?", "output": "It is teal."}, "instruction"),
+    ):
         write_jsonl(tmp_path / f"{name}.jsonl", [rec] * 3)
         examples, stats = load_examples(tmp_path / f"{name}.jsonl", tok, block_size=64)
         e = examples[0]
         trained = tok.decode([i for i, m in zip(e.ids, e.mask) if m])
         assert trained == "It is teal.<|im_end|>\n", name  # only the assistant turn, with its end of turn
-        assert stats.examples == 3 and stats.format in ("chat", "instruction")
+        assert stats.examples == 3 and stats.format == fmt, name
     (tmp_path / "plain.txt").write_text("plain text for continued pretraining. " * 40)
     examples, stats = load_examples(tmp_path / "plain.txt", tok, block_size=32)
     assert stats.format == "text" and all(all(e.mask) for e in examples) and len(examples) > 3
