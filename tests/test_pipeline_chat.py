@@ -119,13 +119,18 @@ def run_cli(*args, stdin=""):
     return subprocess.run([sys.executable, "-m", "lmforge", *map(str, args)], input=stdin, capture_output=True, text=True)
 
 
-def test_chat_command_from_a_pipe(tiny_model_dir, tmp_path):
+def test_chat_command_from_a_pipe(tiny_gpt2_dir, tmp_path):
+    # The GPT-2-style test model: its greedy replies are words, where the Llama one's are blank
+    # (and an empty reply is "in" any output).
     saved = tmp_path / "chat.json"
-    r = run_cli("chat", tiny_model_dir, "--max-new-tokens", "5", "--temperature", "0", "--system", "Be brief.",
+    r = run_cli("chat", tiny_gpt2_dir, "--max-new-tokens", "5", "--temperature", "0", "--system", "Be brief.",
                 stdin=f"hello\n/reset\nhi again\n/save {saved}\n/exit\nnot sent\n")
     assert r.returncode == 0, r.stderr
     convo = json.loads(saved.read_text())["messages"]
     assert [m["role"] for m in convo] == ["system", "user", "assistant"] and convo[1]["content"] == "hi again"
+    # The reply is the model's greedy answer to the conversation after /reset, and it was shown.
+    want = lmforge.pipeline("text-generation", model=str(tiny_gpt2_dir))(convo[:2], max_new_tokens=5)[0]["generated_text"]
+    assert convo[2]["content"].strip() and convo[2]["content"] == want[-1]["content"].strip()
     assert convo[2]["content"] in r.stdout
     assert "[history cleared]" in r.stderr
 
