@@ -82,8 +82,12 @@ def run_quickstart(
     timings["pretrain_s"] = time.perf_counter() - t
     _say(describe(summary))
     best, unigram = summary["best_val_loss"], summary["unigram_val_loss"]
-    _say(f"val loss {best:.4f} vs unigram baseline {unigram:.4f}: "
-         + (f"{unigram - best:.3f} nats/token better" if best < unigram else "NOT below the baseline"))
+    if best is None:  # interrupted before its first evaluation
+        _say(f"no val loss to compare with the unigram baseline ({unigram:.4f}): the run stopped "
+             f"({summary['stopped_because']}) before its first evaluation")
+    else:
+        _say(f"val loss {best:.4f} vs unigram baseline {unigram:.4f}: "
+             + (f"{unigram - best:.3f} nats/token better" if best < unigram else "NOT below the baseline"))
     return {"clean": stats, "shards": meta, "pretrain": summary, "timings": timings}
 
 

@@ -1,5 +1,6 @@
 """The data-stage commands end to end, as a user runs them, with their bad-input errors."""
 
+import dataclasses
 import json
 import signal
 import subprocess
@@ -7,8 +8,11 @@ import sys
 import time
 
 import pytest
+import torch
 
 from conftest import leftovers, write_jsonl
+from lmforge.model.config import get_preset
+from lmforge.model.gpt import GPT
 
 COMMANDS = ["clean", "pack", "shards", "quickstart", "tokenizer"]
 
@@ -71,7 +75,7 @@ def test_bad_input_gives_one_line_errors(cli, tmp_path, stdlib_texts):
     one_line_error(cli("tokenizer", "train", tmp_path / "latin.txt", "-o", tmp_path / "t", "--vocab-size", "5000", "--no-progress"), "less than --vocab-size 5000")
     one_line_error(cli("tokenizer", "decode", tmp_path / "nope", "1"), "nope: no such file")
     write_jsonl(tmp_path / "docs.jsonl", [{"text": t} for t in stdlib_texts[:3]])
-    cli("tokenizer", "train", tmp_path / "docs.jsonl", "-o", tmp_path / "t", "--vocab-size", "300", "--no-progress")
+    assert cli("tokenizer", "train", tmp_path / "docs.jsonl", "-o", tmp_path / "t", "--vocab-size", "300", "--no-progress").code == 0
     one_line_error(cli("tokenizer", "decode", tmp_path / "t", "999999"), "out of range")
     one_line_error(cli("pack", tmp_path / "docs.jsonl", "--tokenizer", tmp_path / "t", "-o", tmp_path / "s", "--no-progress", "--workers", "1"), "val split is empty")
     one_line_error(cli("shards", tmp_path), "not a shards dir")
@@ -119,5 +123,9 @@ def test_models_and_estimate_commands(cli):
     assert weights == pytest.approx(124_439_808 * 4 / 2**30, abs=1e-3)
     r = cli("estimate", "--model", "tiny", "--model.n-layer", "8")
     assert r.code == 0 and "tiny:" in r.out
+    # The override took effect: the count is the 8-layer model's, not the preset's.
+    with torch.device("meta"):
+        want = GPT(dataclasses.replace(get_preset("tiny"), n_layer=8)).param_count()
+    assert get_preset("tiny").n_layer != 8 and f"tiny: {want:,} parameters" in r.out
     r = cli("estimate", "--model", "nope")
     assert r.code == 1 and "unknown model preset 'nope'" in r.err

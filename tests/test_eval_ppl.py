@@ -204,6 +204,7 @@ def test_compare_puts_models_side_by_side(cli, tmp_path, tiny_model_dir, tiny_gp
     assert "**" in md and "a.txt" in md and "b.txt" in md and (tmp_path / "cmp.png").stat().st_size > 1000
     # The same model measured twice on the same thing gets a second column.
     r = cli("eval", "compare", tmp_path / "llama-a.json", tmp_path / "llama-a.json", "-o", tmp_path / "twice.json")
+    assert r.code == 0, r.err
     assert json.loads((tmp_path / "twice.json").read_text())["models"] == [str(tiny_model_dir), f"{tiny_model_dir} [llama-a]"]
     (tmp_path / "other.json").write_text('{"hello": 1}', encoding="utf-8")
     r = cli("eval", "compare", tmp_path / "other.json")

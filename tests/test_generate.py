@@ -1,5 +1,7 @@
 """The Engine: KV-cache decoding, batching, sampling, stopping, streaming, bad input."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -28,7 +30,6 @@ def greedy_without_cache(model, ids: list[int], n: int) -> list[int]:
 
 def test_cached_greedy_equals_recomputing_everything(engine):
     ids = engine.encode("def fibonacci(n):\n    return")
-    got = engine.generate_ids([ids], SamplingParams(max_new_tokens=24, stop_token_ids=[], **GREEDY))[0]
     engine.stop_token_ids = []  # compare the raw token streams, no early stop
     got = engine.generate_ids([ids], SamplingParams(max_new_tokens=24, **GREEDY))[0]
     assert got.ids == greedy_without_cache(engine.model, ids, 24) and got.finish_reason == "length"
@@ -136,7 +137,6 @@ def test_prompt_errors(engine):
 
 @pytest.mark.parametrize("rows", [1, 8, 70])
 def test_numpy_blas_backend_gives_the_same_logits(tiny_model_dir, rows):
-    from lmforge.generate.backend import choose_inference_backend
     from lmforge.runtime import inference_backend
 
     model = load_model(tiny_model_dir).model
@@ -149,4 +149,30 @@ def test_numpy_blas_backend_gives_the_same_logits(tiny_model_dir, rows):
             got, _ = model(ids)
     assert torch.get_num_threads() == threads
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
-    assert choose_inference_backend(model) in ("numpy", "torch")
+
+
+@pytest.mark.parametrize("numpy_s, torch_s, want", [(1.0, 2.0, "numpy"), (1.0, 1.05, "torch"), (2.0, 1.0, "torch")])
+def test_the_backend_choice_follows_the_measurement(tiny_model_dir, monkeypatch, numpy_s, torch_s, want):
+    """A fake clock charges each decode step what the case says: the choice must go to numpy
+    only where it measured at least 10% faster, and the Engine must decode with that choice."""
+    from lmforge.generate import backend
+    from lmforge.generate.numpy_decode import NumpyDecoder
+
+    loaded = load_model(tiny_model_dir)
+    model = loaded.model
+    clock = [0.0]
+    monkeypatch.setattr(backend, "_CHOICE", {})
+    monkeypatch.setattr(backend, "time", SimpleNamespace(perf_counter=lambda: clock[0]))  # this module's clock only
+    real_forward = model.forward
+
+    def timed_forward(*args, **kwargs):
+        clock[0] += torch_s
+        return real_forward(*args, **kwargs)
+
+    def timed_step(self, token, cache):
+        clock[0] += numpy_s
+
+    monkeypatch.setattr(model, "forward", timed_forward)
+    monkeypatch.setattr(NumpyDecoder, "step", timed_step)
+    assert backend.choose_inference_backend(model) == want
+    assert Engine(model, loaded.tokenizer).backend == want  # measured once, per architecture

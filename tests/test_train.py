@@ -20,7 +20,7 @@ from lmforge.data.pack import PackConfig, pack_corpus
 from lmforge.errors import LmforgeError
 from lmforge.model.config import ModelConfig
 from lmforge.model.gpt import GPT
-from lmforge.model.io import write_model_files
+from lmforge.model.io import load_model_dir, write_model_files
 from lmforge.tokenizer import TokenizerTrainConfig, save_tokenizer_dir, train_tokenizer
 from lmforge.train.checkpoint import latest_checkpoint, list_checkpoints, verify_checkpoint
 from lmforge.train.config import TrainConfig
@@ -216,10 +216,15 @@ def test_cli_config_file_flags_and_resume(cli, shards, tmp_path):
     run_yaml.write_text(yaml.safe_dump({"data": str(data), "model": str(model_file),
                                         "train": {"max_steps": 6, "batch_size": 4, "block_size": 32, "lr": 0.002,
                                                   "eval_every": 3, "checkpoint_every": 3, "log_every": 1}}))
-    r = cli("pretrain", "--config", run_yaml, "-o", tmp_path / "r", "--train.lr", "0.001", "--warmup-steps", "1", "--no-progress")
+    r = cli("pretrain", "--config", run_yaml, "-o", tmp_path / "r", "--train.lr", "0.001", "--warmup-steps", "1",
+            "--model.n-layer", "1", "--no-progress")
     assert r.code == 0, r.err
     saved = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())
     assert saved["train"]["lr"] == 0.001 and saved["train"]["warmup_steps"] == 1 and saved["train"]["max_steps"] == 6
+    # The model override reached the run's config and the model it trained (the file says 2 layers).
+    assert SMALL["n_layer"] != 1 and saved["model"]["n_layer"] == 1
+    model, config = load_model_dir(latest_checkpoint(tmp_path / "r"))
+    assert config.n_layer == len(model.blocks) == 1
     assert "unigram baseline" in r.out
     # Resuming takes the saved config; a flag given now (a longer run) wins.
     r = cli("pretrain", "-o", tmp_path / "r", "--resume", "--max-steps", "9", "--no-progress")
@@ -298,3 +303,14 @@ def test_compiled_training_matches_eager(shards, tmp_path):
     pretrain(data, str(model_file), tmp_path / "compiled", small_cfg(compile=True, **cfg), model_overrides=nodrop,
              progress=False, sample_tokens=2)
     np.testing.assert_allclose(losses(tmp_path / "eager"), losses(tmp_path / "compiled"), rtol=1e-3)
+
+
+def test_a_run_stopped_by_its_time_budget_is_evaluated(shards, tmp_path):
+    """The budget runs out long before the first scheduled evaluation: the run must still end
+    with a val loss and a best model (quickstart with a short --minutes relies on it)."""
+    data, model_file = shards
+    s = pretrain(data, str(model_file), tmp_path / "r", small_cfg(max_steps=1000, eval_every=500, checkpoint_every=0,
+                 time_budget=1e-3), progress=False, sample_tokens=2)
+    assert s["stopped_because"] == "time_budget" and s["steps"] == 1
+    assert math.isfinite(s["best_val_loss"]) and s["best_step"] == 1 and (tmp_path / "r" / "best").is_dir()
+    assert [r["val_loss"] != "" for r in read_metrics(tmp_path / "r" / "metrics.csv")] == [True]

@@ -233,7 +233,10 @@ class Trainer:
                         row.update(train_loss=train_loss, lr=lr, tokens_per_s=round(tokens_per_s, 1), mfu=round(mfu, 5),
                                    grad_norm=None if grad_norm is None else round(float(grad_norm), 5))
                     stop_now = False
-                    if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps:
+                    # A run stopped by its time budget is evaluated like one that reached max_steps:
+                    # else a budget shorter than eval_every leaves no val loss and no best model.
+                    over_budget = bool(cfg.time_budget) and time.perf_counter() - run_start >= cfg.time_budget
+                    if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps or over_budget:
                         val_loss = self.evaluate()
                         row.update(val_loss=val_loss, val_ppl=perplexity_from_nll(val_loss))
                         drifted = False
@@ -258,7 +261,7 @@ class Trainer:
                         history.append({"step": step, **row})
                         bar.set_postfix(loss=f"{train_loss:.4f}", **({"val": f"{val_loss:.4f}"} if val_loss is not None else {}),
                                         tok_s=f"{tokens_per_s or 0:,.0f}", mfu=f"{(mfu or 0) * 100:.1f}%")
-                    if cfg.time_budget and time.perf_counter() - run_start >= cfg.time_budget and step < cfg.max_steps:
+                    if over_budget and step < cfg.max_steps:
                         stopped, stop_now = "time_budget", True
                     if stop.requested:
                         stopped, stop_now = "interrupted", True
