@@ -3,7 +3,7 @@
 A run dir holds: config.yaml (the fully resolved run config), metrics.csv, tensorboard/,
 checkpoints/step-NNNNNN/ (model dir + optimizer + trainer state + manifest), latest (the newest
 complete checkpoint's name), best/ (the model dir with the lowest val loss), report.md, loss.png
-and summary.json.
+and summary.json. While a process owns it, `.RUN.lock` beside it says which (lmforge.train.runlock).
 """
 
 from __future__ import annotations
