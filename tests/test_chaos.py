@@ -101,13 +101,15 @@ def run_with_chaos(tmp_path: Path, name: str, fresh: list[str], resume: list[str
         if mode is None:
             break
         moments[mode] += 1
+        last_step = last_logged_step(out / "metrics.csv")
         if had_latest or (out / "latest").exists():
             had_latest = True
             verify_checkpoint(latest_checkpoint(out))  # `latest` never names a half-written checkpoint
+    assert sum(moments.values()) >= 20, f"the run finished after only {dict(moments)} kills: raise --max-steps"
     done = subprocess.run([sys.executable, "-m", "lmforge", *resume], stdout=log, stderr=log, env=ENV)
     log.close()
     assert done.returncode == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
-    print(f"{name}: killed at {dict(moments)}")
+    print(f"{name}: killed at {dict(moments)}; the last kill at step {last_step}")
     return out, moments
 
 
@@ -128,7 +130,7 @@ def reference_run(tmp_path: Path, name: str, fresh: list[str]) -> Path:
 
 def test_pretrain_survives_kill_9_anywhere(shards, tmp_path):
     data, model_file = shards
-    train = ["--max-steps", "160", "--batch-size", "4", "--block-size", "32", "--eval-every", "3", "--eval-batches", "2",
+    train = ["--max-steps", "240", "--batch-size", "4", "--block-size", "32", "--eval-every", "3", "--eval-batches", "2",
              "--checkpoint-every", "4", "--keep-last", "2", "--log-every", "1", "--warmup-steps", "2", "--lr", "3e-3",
              "--seed", "7", "--no-progress"]
     args = lambda out: ["pretrain", "--data", str(data), "--model", str(model_file), "-o", str(tmp_path / out), *train]  # noqa: E731
@@ -140,7 +142,7 @@ def test_pretrain_survives_kill_9_anywhere(shards, tmp_path):
 
 def test_lora_finetune_survives_kill_9_anywhere(tiny_model_dir, tmp_path):
     data = write_jsonl(tmp_path / "chats.jsonl", chats(24))
-    train = ["--max-steps", "120", "--batch-size", "4", "--block-size", "64", "--lr", "1e-2", "--min-lr", "1e-3",
+    train = ["--max-steps", "200", "--batch-size", "4", "--block-size", "64", "--lr", "1e-2", "--min-lr", "1e-3",
              "--warmup-steps", "1", "--eval-every", "3", "--eval-batches", "2", "--checkpoint-every", "4", "--early-stop", "0",
              "--keep-last", "2", "--log-every", "1", "--lora.rank", "4", "--lora.dropout", "0.1", "--device", "cpu",
              # Rehearsal off: a random tiny model finishes none of its replies (and generating them

@@ -37,7 +37,7 @@ from lmforge.train.checkpoint import CHECKPOINTS, LATEST
 # `.NAME.old-PID` (the previous version during an atomic replace), checkpoint.py's `.NAME.del-PID`.
 _LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old|del)-\d+")
 # Marks of an lmforge run: a dir holding neither is not one, and is never deleted.
-RUN_MARKS = ("config.yaml", LATEST)
+RUN_MARKS = ("config.yaml", LATEST)  # pretrain.RUN_CONFIG (which imports this module), checkpoint.LATEST
 
 
 def lock_path(run_dir: Path) -> Path:
