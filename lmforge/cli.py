@@ -261,6 +261,7 @@ def pretrain(
 ):
     """Pretrain a model from scratch on token shards (AdamW/SGD, checkpoints, exact resume)."""
     from lmforge.train.pretrain import RUN_CONFIG, describe, pretrain as run_pretrain
+    from lmforge.train.trainer import exit_if_signalled
 
     if out is None:
         raise LmforgeError("--out is required: the run dir to write (or resume)")
@@ -274,6 +275,7 @@ def pretrain(
     summary = run_pretrain(data, model, out, cfg, model_overrides=model_overrides, resume=resume,
                            resume_from=resume_from, overwrite=overwrite, progress=progress)
     typer.echo(describe(summary))
+    exit_if_signalled(summary)
 
 
 from lmforge.cli_finetune import finetune as _finetune, merge as _merge  # noqa: E402

@@ -38,6 +38,7 @@ def finetune(
     """Fine-tune a pretrained model (LoRA or full) on chats, instructions or text."""
     from lmforge.train.finetune import describe, finetune as run_finetune
     from lmforge.train.pretrain import RUN_CONFIG
+    from lmforge.train.trainer import exit_if_signalled
 
     if out is None:
         raise LmforgeError("--out is required: the run dir to write (or resume)")
@@ -53,6 +54,7 @@ def finetune(
     summary = run_finetune(model, data, out, ft, cfg, lora, val_data=val_data, resume=resume,
                            resume_from=resume_from, overwrite=overwrite, progress=progress)
     typer.echo(describe(summary))
+    exit_if_signalled(summary)
 
 
 def merge(

@@ -9,6 +9,7 @@ to safetensors and everything else to JSON: nothing is ever pickled.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -100,7 +101,11 @@ def save_checkpoint(
         write_manifest(tmp)
     write_text_atomic(run_dir / LATEST, folder.name + "\n")
     for old in list_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(old)
+        # Renamed first: a kill mid-delete leaves a `.del-` leftover (removed on the next start), never
+        # a half-deleted `step-*` folder that looks like a checkpoint.
+        doomed = old.with_name(f".{old.name}.del-{os.getpid()}")
+        os.replace(old, doomed)
+        shutil.rmtree(doomed)
     return folder
 
 

@@ -27,7 +27,8 @@ from lmforge.report import write_training_report
 from lmforge.runtime import available_memory_bytes, resolve_device
 from lmforge.train.config import FinetuneConfig, TrainConfig
 from lmforge.train.metrics import METRICS_FILE, read_metrics
-from lmforge.train.pretrain import RUN_CONFIG, SUMMARY, prepare_run_dir
+from lmforge.train.pretrain import RUN_CONFIG, SUMMARY
+from lmforge.train.runlock import RunDir, own_run_dir
 from lmforge.train.sft import SFTBatches, load_examples, split_examples
 from lmforge.train.trainer import RetentionGuard, Trainer, resume_checkpoint
 
@@ -124,10 +125,15 @@ def finetune(
     sample_count: int = 3,
     pause_at: int | None = None,
 ) -> dict:
-    run_dir = Path(out)
+    with own_run_dir(out, "finetune", new=not (resume or resume_from), overwrite=overwrite) as run:
+        return _finetune(run, model, data, ft, cfg, lora, val_data=val_data, resume=resume, resume_from=resume_from,
+                         progress=progress, sample_count=sample_count, pause_at=pause_at)
+
+
+def _finetune(run: RunDir, model: str, data: str | Path, ft: FinetuneConfig, cfg: TrainConfig, lora: LoRAConfig, *,
+              val_data, resume, resume_from, progress, sample_count, pause_at) -> dict:
+    run_dir = run.path
     ckpt = resume_checkpoint(run_dir, resume, resume_from) if (resume or resume_from) else None
-    if ckpt is None:
-        prepare_run_dir(run_dir, overwrite)
     loaded = load_model(model)
     base_name = base_model_name(model, loaded.path)
     net, tok = loaded.model, loaded.tokenizer
@@ -142,6 +148,8 @@ def finetune(
           f"{stats.total_tokens:,} tokens under the loss; {stats.truncated} truncated, {stats.dropped} dropped "
           f"(longer than {block_size} tokens)", flush=True)
 
+    if ckpt is None:
+        run.start_new()  # model and data are validated: only now may an old run be moved aside
     replay, retention = _rehearsal(run_dir, ft, stats.format, len(train), loaded, block_size, reuse=ckpt is not None)
     train = train + replay
 
@@ -189,13 +197,15 @@ def finetune(
         # LoRA computes no weight gradients for the frozen base: ~4N of the 6N FLOPs per token.
         flops_per_token=net.flops_per_token(block_size) * (4 / 6 if ft.method == "lora" else 1.0),
         tokens_per_step=int(cfg.batch_size * cfg.grad_accum * mean_len), progress=progress, retention=guard,
+        on_checkpoint=run.checkpointed,
     )
     start_val = trainer.evaluate() if ckpt is None else None
     result = trainer.fit(resume_from=ckpt, pause_at=pause_at)
     summary = {
         "method": ft.method, "base_model": base_name, "trainable_params": trainable, "total_params": total,
         "examples": {"train": len(train) - len(replay), "replay": len(replay), "val": len(val), "truncated": stats.truncated, "dropped": stats.dropped},
-        "steps": result.step, "stopped_because": result.stopped_because, "start_val_loss": start_val,
+        "steps": result.step, "stopped_because": result.stopped_because, "signal": result.signal,
+        "start_val_loss": start_val,
         "best_val_loss": result.best_val_loss, "best_step": result.best_step, "val_loss": result.val_loss,
         "retention_start": result.retention_start,
         "retention_end": next((h["retention_loss"] for h in reversed(result.history) if "retention_loss" in h), None),

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import csv
+import io
 import math
 from pathlib import Path
 
+from lmforge.fsutil import atomic_file
 from lmforge.train.tbevents import ScalarWriter
 
 COLUMNS = ["step", "train_loss", "val_loss", "val_ppl", "lr", "tokens_per_s", "mfu", "grad_norm", "tokens_seen", "elapsed_s",
@@ -26,16 +28,17 @@ class MetricsLog:
         self.path = run_dir / METRICS_FILE
         if resume_step is not None and self.path.exists():
             # Rows past the checkpoint we resume from describe steps that will be re-run.
-            kept = [r for r in read_metrics(self.path) if int(r["step"]) <= resume_step]
+            kept = [r for r in read_metrics(self.path, complete_only=True) if int(r["step"]) <= resume_step]
             self._rewrite(kept)
-        elif not self.path.exists() or resume_step is None:
+        else:
             self._rewrite([])
         self._file = open(self.path, "a", newline="")
         self._csv = csv.DictWriter(self._file, fieldnames=COLUMNS)
         self._tb = ScalarWriter(run_dir / "tensorboard")
 
     def _rewrite(self, rows: list[dict]) -> None:
-        with open(self.path, "w", newline="") as f:
+        # Atomic: a kill here must not lose the rows of the steps before the checkpoint.
+        with atomic_file(self.path, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=COLUMNS)
             w.writeheader()
             for r in rows:
@@ -55,9 +58,14 @@ class MetricsLog:
         self._tb.close()
 
 
-def read_metrics(path: Path) -> list[dict]:
+def read_metrics(path: Path, complete_only: bool = False) -> list[dict]:
+    """The rows of a metrics.csv; with `complete_only`, without a last line a kill cut short
+    (rows are appended as they come, so `13,2.1` may have been written as `1`)."""
     with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+        text = f.read()
+    if complete_only and not text.endswith("\n"):
+        text = text[:text.rfind("\n") + 1]
+    return list(csv.DictReader(io.StringIO(text, newline="")))
 
 
 def column(rows: list[dict], name: str) -> tuple[list[int], list[float]]:

@@ -3,14 +3,13 @@
 A run dir holds: config.yaml (the fully resolved run config), metrics.csv, tensorboard/,
 checkpoints/step-NNNNNN/ (model dir + optimizer + trainer state + manifest), latest (the newest
 complete checkpoint's name), best/ (the model dir with the lowest val loss), report.md, loss.png
-and summary.json.
+and summary.json. While a process owns it, `.RUN.lock` beside it says which (lmforge.train.runlock).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +29,10 @@ from lmforge.eval.perplexity import perplexity_from_nll as perplexity
 from lmforge.report import write_training_report
 from lmforge.runtime import available_memory_bytes, resolve_device
 from lmforge.tokenizer import Tokenizer
-from lmforge.train.checkpoint import LATEST
 from lmforge.train.config import TrainConfig
 from lmforge.train.data import ShardBatches
 from lmforge.train.metrics import METRICS_FILE, read_metrics
+from lmforge.train.runlock import RunDir, own_run_dir
 from lmforge.train.trainer import Trainer, TrainResult, resume_checkpoint
 
 RUN_CONFIG = "config.yaml"
@@ -61,20 +60,6 @@ def resolve_model_config(spec: str, overrides: dict[str, Any], vocab_size: int |
         config = get_preset(spec)
     changes = {**overrides, **({"vocab_size": vocab_size} if vocab_size is not None else {})}
     return ModelConfig.from_dict({**config.to_dict(), **changes}, source="--model options")
-
-
-def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
-    if not run_dir.exists():
-        run_dir.mkdir(parents=True)
-        return
-    is_run = (run_dir / RUN_CONFIG).exists() or (run_dir / LATEST).exists()
-    if any(run_dir.iterdir()):
-        if not is_run:
-            raise LmforgeError(f"{run_dir}: exists, is not empty and is not an lmforge run; choose another --out")
-        if not overwrite:
-            raise LmforgeError(f"{run_dir}: already holds a run; pass --resume to continue it or --overwrite to start over")
-        shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True)
 
 
 def check_memory(config: ModelConfig, cfg: TrainConfig, block_size: int, device: torch.device) -> dict:
@@ -107,7 +92,14 @@ def pretrain(
     sample_tokens: int = 120,
     pause_at: int | None = None,
 ) -> dict:
-    run_dir = Path(out)
+    with own_run_dir(out, "pretrain", new=not (resume or resume_from), overwrite=overwrite) as run:
+        return _pretrain(run, data, model, cfg, model_overrides, resume, resume_from, progress,
+                         sample_prompts, sample_tokens, pause_at)
+
+
+def _pretrain(run: RunDir, data, model, cfg, model_overrides, resume, resume_from, progress,
+              sample_prompts, sample_tokens, pause_at) -> dict:
+    run_dir = run.path
     shards = TokenShards(data)
     tokenizer = Tokenizer.load(data)
     if tokenizer.sha256 != shards.tokenizer_sha256:
@@ -123,7 +115,6 @@ def pretrain(
                 f"uses {ckpt_tok.sha256[:12]}; resume on shards packed with the run's tokenizer"
             )
     else:
-        prepare_run_dir(run_dir, overwrite)
         model_config = resolve_model_config(model, model_overrides or {}, tokenizer.vocab_size)
         net = GPT(model_config)
     if shards.vocab_size > model_config.vocab_size:
@@ -136,6 +127,8 @@ def pretrain(
     train_split, val_split = shards.split("train"), shards.split("val")
     if val_split.tokens < block_size + 1:
         raise LmforgeError(f"{data}: the val split has {val_split.tokens} tokens, fewer than one window of {block_size + 1}")
+    if ckpt is None:
+        run.start_new()  # everything is validated: only now may an old run be moved aside
 
     run_config = {
         "lmforge_version": lmforge.__version__,
@@ -154,6 +147,7 @@ def pretrain(
         flops_per_token=net.flops_per_token(block_size),
         tokens_per_step=cfg.batch_size * block_size * cfg.grad_accum,
         progress=progress,
+        on_checkpoint=run.checkpointed,
     )
     n_params = net.param_count()
     print(f"[pretrain] {model_config.name}: {n_params / 1e6:.2f}M parameters, {net.flops_per_token(block_size) / 1e6:.1f} "
@@ -181,6 +175,7 @@ def finish_run(run_dir: Path, result: TrainResult, net: GPT, tokenizer: Tokenize
     summary = {
         "steps": result.step,
         "stopped_because": result.stopped_because,
+        "signal": result.signal,
         "params": n_params,
         "tokens_seen": result.tokens_seen,
         "train_seconds": round(result.train_seconds, 2),

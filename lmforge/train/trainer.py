@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -62,6 +63,7 @@ class TrainResult:
     checkpoint: Path | None
     history: list[dict] = field(default_factory=list)
     retention_start: float | None = None
+    signal: int | None = None  # the signal that stopped the run (stopped_because "interrupted")
 
 
 @dataclass
@@ -80,6 +82,7 @@ class _StopFlag:
 
     def __init__(self) -> None:
         self.requested = False
+        self.signum: int | None = None
         self._previous = {}
 
     def __enter__(self):
@@ -92,12 +95,24 @@ class _StopFlag:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
+        self.signum = self.signum or signum
         print(f"\n[lmforge] {signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
               "(Ctrl-C again to abort without saving)", flush=True)
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def exit_if_signalled(summary: dict) -> None:
+    """End the process with 128 + the signal (130 for SIGINT, 143 for SIGTERM), as a shell would,
+    when the run was stopped by one: its final checkpoint is written, but a script must be able to
+    tell a stopped run from a finished one."""
+    if summary.get("signal"):
+        name = signal.Signals(summary["signal"]).name
+        print(f"lmforge: stopped by {name} at step {summary['steps']}; checkpoint {summary['checkpoint']} "
+              "(continue with --resume)", file=sys.stderr, flush=True)
+        raise SystemExit(128 + summary["signal"])
 
 
 class Trainer:
@@ -114,6 +129,7 @@ class Trainer:
         tokens_per_step: int,
         progress: bool = True,
         retention: RetentionGuard | None = None,
+        on_checkpoint: Callable[[Path], None] | None = None,
     ):
         self.model = model
         self.retention = retention
@@ -126,6 +142,7 @@ class Trainer:
         self.flops_per_token = flops_per_token
         self.tokens_per_step = tokens_per_step
         self.progress = progress
+        self.on_checkpoint = on_checkpoint  # told of each checkpoint once it is complete (runlock.RunDir.checkpointed)
         self.model.to(self.device)
         if hasattr(model, "activation_checkpointing"):
             model.activation_checkpointing = cfg.activation_checkpointing
@@ -191,7 +208,10 @@ class Trainer:
 
         def checkpoint() -> Path:
             state["train_seconds"] = time.perf_counter() - run_start
-            return save_checkpoint(self.run_dir, step, self.write_model, self.optimizer, state, cfg.keep_last)
+            folder = save_checkpoint(self.run_dir, step, self.write_model, self.optimizer, state, cfg.keep_last)
+            if self.on_checkpoint is not None:
+                self.on_checkpoint(folder)
+            return folder
 
         with _StopFlag() as stop:
             try:
@@ -282,7 +302,7 @@ class Trainer:
             best_val_loss=state["best_val_loss"], best_step=state["best_step"], tokens_seen=state["tokens_seen"],
             retention_start=state["retention_start"],
             train_seconds=train_seconds, tokens_per_s=state["tokens_seen"] / max(train_seconds, 1e-9) if step else 0.0,
-            mfu=mfu, checkpoint=last_ckpt, history=history,
+            mfu=mfu, checkpoint=last_ckpt, history=history, signal=stop.signum if stopped == "interrupted" else None,
         )
 
 
