@@ -105,3 +105,58 @@ print(json.dumps(seen))
 
 def test_the_cli_sets_huge_pages_for_its_own_process_before_torch():
     assert _child(CLI_ENTRY) == {"thp": "1", "torch": False, "code": 0}
+
+
+# -- logs people can read ------------------------------------------------------------------------
+def test_progress_to_a_pipe_is_plain_lines(cli, tmp_path, tiny_model_dir, one_thread):
+    """stderr not a terminal (the cli fixture captures it): no carriage-return frames, one line
+    per bar when the work takes less than the interval, and that line says what was done."""
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 200, encoding="utf-8")
+    r = cli("eval", "ppl", tiny_model_dir, "--data", text, "--context", 64, "--stride", 32, "-o", tmp_path / "p.json")
+    assert r.code == 0, r.err
+    assert "\r" not in r.err and "\x1b[" not in r.err
+    lines = [ln for ln in r.err.splitlines() if ln.startswith("perplexity:")]
+    assert len(lines) == 1, r.err
+    windows = len(json.loads((tmp_path / "p.json").read_text())["details"]["window_nll"])
+    assert lines[0].startswith(f"perplexity: {windows}/{windows} window (100%), ") and "done in 00:0" in lines[0]
+
+
+def test_line_progress_prints_every_interval_with_rate_eta_and_postfix(monkeypatch):
+    import io
+
+    import lmforge.progress as progress
+
+    now = [0.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: now[0])
+    out = io.StringIO()
+    bar = progress.progress_bar(total=400, desc="train", unit="step", file=out)
+    assert isinstance(bar, progress.LineProgress)
+    for step in range(100):
+        now[0] += 1.0  # a step a second: 100 s in all
+        bar.update(1)
+        bar.set_postfix(loss=f"{4 - step / 100:.2f}")
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 11  # one every 10 s, and the last
+    assert lines[0] == "train: 10/400 step (2%), 1 step/s, ETA 06:30, loss=3.92"  # printed by update(), before this step's postfix
+    assert lines[-1] == "train: 100/400 step (25%), 1 step/s, done in 01:40, loss=3.01"
+
+
+def test_progress_on_a_terminal_is_tqdm():
+    import io
+
+    from tqdm import tqdm
+
+    from lmforge.progress import progress_bar
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    out = Tty()
+    bar = progress_bar(total=3, desc="pack", file=out)
+    assert isinstance(bar, tqdm)
+    bar.update(3)
+    bar.close()
+    assert "\r" in out.getvalue()

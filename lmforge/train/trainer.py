@@ -25,6 +25,7 @@ from tqdm import tqdm
 from lmforge.errors import LmforgeError
 from lmforge.eval.perplexity import perplexity_from_nll
 from lmforge.fsutil import atomic_dir
+from lmforge.progress import progress_bar
 from lmforge.runtime import autocast, keep_freed_heap_pages, measured_peak_flops, resolve_device, resolve_precision
 from lmforge.train.checkpoint import checkpoint_name, latest_checkpoint, list_checkpoints, load_checkpoint_state, save_checkpoint
 from lmforge.train.config import TrainConfig
@@ -182,7 +183,7 @@ class Trainer:
         train_loss = val_loss = None
         window_tokens, window_seconds = 0, 0.0  # training time only: evals and checkpoints excluded
         tokens_per_s = mfu = None
-        bar = tqdm(total=cfg.max_steps, initial=step, unit="step", desc="train", disable=not self.progress, dynamic_ncols=True)
+        bar = progress_bar(total=cfg.max_steps, initial=step, unit="step", desc="train", disable=not self.progress)
         run_start = time.perf_counter() - state["train_seconds"]
         self.model.train()
 
