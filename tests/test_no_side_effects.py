@@ -160,3 +160,33 @@ def test_progress_on_a_terminal_is_tqdm():
     bar.update(3)
     bar.close()
     assert "\r" in out.getvalue()
+
+
+# -- global state: scoped to the call, and to the thread ---------------------------------------
+def test_skip_init_patches_nothing_global_and_other_threads_still_initialise():
+    import threading
+
+    import torch
+    from torch import nn
+
+    from lmforge.model.gpt import skip_init
+
+    def build(seed: int):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(16, 16), nn.LayerNorm(16), nn.Embedding(8, 16))
+
+    expected = [p.detach().clone() for p in build(3).parameters()]
+    normal = nn.init.normal_
+    built = {}
+    with skip_init():
+        assert nn.init.normal_ is normal  # nothing monkeypatched
+        worker = threading.Thread(target=lambda: built.update(m=build(3)))
+        worker.start()
+        worker.join()
+        # This thread skips the init: the RNG is not drawn from (a real init would move it).
+        torch.manual_seed(5)
+        state = torch.random.get_rng_state()
+        nn.Linear(16, 16)
+        assert torch.equal(torch.random.get_rng_state(), state)
+    for got, want in zip(built["m"].parameters(), expected):
+        assert torch.equal(got, want)  # the other thread's model got its usual init
