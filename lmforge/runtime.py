@@ -70,15 +70,17 @@ def measured_peak_flops(device_str: str, precision: str) -> float:
 
 
 def available_memory_bytes(device: torch.device) -> int:
+    """Bytes that can be allocated without swapping: free GPU memory, or what the OS reports as
+    available (psutil: MemAvailable on Linux, free + inactive pages on macOS, the available
+    physical memory on Windows)."""
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return free
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    raise LmforgeError("cannot read available memory from /proc/meminfo")
-
+    try:
+        import psutil
+    except ImportError:
+        raise LmforgeError("cannot tell how much memory is free: psutil is missing (pip install psutil)") from None
+    return int(psutil.virtual_memory().available)
 
 
 @contextlib.contextmanager
