@@ -60,7 +60,8 @@ first = use_huge_pages()
 value = os.environ.get("THP_MEM_ALLOC_ENABLE")
 if sys.argv[1] == "late":
     del os.environ["THP_MEM_ALLOC_ENABLE"]
-    import torch
+    import types
+    sys.modules["torch"] = types.ModuleType("torch")  # torch loaded (all the check can see; a real import takes seconds)
     try:
         use_huge_pages()
         late = None
