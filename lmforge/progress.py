@@ -92,8 +92,9 @@ class LineProgress:
         else:
             parts[0] += f" {self.unit}"
         parts.append(f"{self._amount(rate)} {self.unit}/s")
-        if final:
-            parts.append(f"done in {tqdm.format_interval(elapsed)}")
+        if final:  # closed short of the total: an error or a stop, not "done"
+            finished = not self.total or self.n >= self.total
+            parts.append(f"{'done in' if finished else 'stopped after'} {tqdm.format_interval(elapsed)}")
         elif self.total and rate > 0:
             parts.append(f"ETA {tqdm.format_interval((self.total - self.n) / rate)}")
         if self.postfix:

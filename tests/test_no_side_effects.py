@@ -141,7 +141,7 @@ def test_line_progress_prints_every_interval_with_rate_eta_and_postfix(monkeypat
     lines = out.getvalue().splitlines()
     assert len(lines) == 11  # one every 10 s, and the last
     assert lines[0] == "train: 10/400 step (2%), 1 step/s, ETA 06:30, loss=3.92"  # printed by update(), before this step's postfix
-    assert lines[-1] == "train: 100/400 step (25%), 1 step/s, done in 01:40, loss=3.01"
+    assert lines[-1] == "train: 100/400 step (25%), 1 step/s, stopped after 01:40, loss=3.01"  # short of 400
 
 
 def test_progress_on_a_terminal_is_tqdm():
