@@ -86,10 +86,10 @@ def ppl_lmforge(model_dir: str, ids_file: str) -> dict:
     ids = json.loads(Path(ids_file).read_text())
     loaded = load_model(model_dir)
     engine = Engine(loaded.model, loaded.tokenizer)
-    engine.score([ids[:CONTEXT]], [CONTEXT - STRIDE])  # warm-up (+ the one-off backend measurement)
+    engine.score([ids[:CONTEXT]], [CONTEXT - STRIDE])  # warm-up
     res = score_stream(engine, ids, CONTEXT, STRIDE, batch_size=4)
     return {"tokens_per_s": res.tokens / res.seconds, "seconds": res.seconds, "tokens": res.tokens,
-            "perplexity": res.perplexity, "backends": engine._score_trials.chosen}
+            "perplexity": res.perplexity}
 
 
 def ppl_transformers(hf_dir: str, ids_file: str) -> dict:

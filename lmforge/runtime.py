@@ -8,6 +8,7 @@ from functools import lru_cache
 
 import torch
 
+from lmforge.allocator import keep_freed_heap_pages  # noqa: F401  (re-exported: the Trainer's import)
 from lmforge.errors import LmforgeError
 
 
@@ -69,15 +70,17 @@ def measured_peak_flops(device_str: str, precision: str) -> float:
 
 
 def available_memory_bytes(device: torch.device) -> int:
+    """Bytes that can be allocated without swapping: free GPU memory, or what the OS reports as
+    available (psutil: MemAvailable on Linux, free + inactive pages on macOS, the available
+    physical memory on Windows)."""
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return free
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    raise LmforgeError("cannot read available memory from /proc/meminfo")
-
+    try:
+        import psutil
+    except ImportError:
+        raise LmforgeError("cannot tell how much memory is free: psutil is missing (pip install psutil)") from None
+    return int(psutil.virtual_memory().available)
 
 
 @contextlib.contextmanager
@@ -107,28 +110,3 @@ def inference_backend(model: torch.nn.Module, backend: str, switch_layers: bool 
         for m in layers:
             object.__setattr__(m, "numpy_blas", False)
         torch.set_num_threads(threads)
-
-
-# glibc mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-
-
-def keep_freed_heap_pages(mmap_threshold: int = 32 << 20, trim_threshold: int = 64 << 20) -> bool:
-    """Stop glibc from handing the heap's freed top back to the kernel after every step.
-
-    A training step frees all its activations at once; with glibc's defaults the heap top beyond
-    2x the (adaptive) mmap threshold, a few MB, is returned to the kernel, and the next step
-    page-faults the same memory back in: ~1,000 faults per step on the nanoGPT CPU benchmark,
-    ~6% of its step time. Buffers under `mmap_threshold` now come from the heap and up to
-    `trim_threshold` bytes of free heap stay mapped. Returns False where the C library is not
-    glibc (nothing to tune there); True once set.
-    """
-    import ctypes
-    import ctypes.util
-    import platform
-
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    return bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold))

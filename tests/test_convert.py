@@ -137,7 +137,7 @@ def test_convert_refuses_bad_requests(tmp_path, cli, tiny_model_dir):
     r = cli("convert", tiny_model_dir, tmp_path / "taken", "--to", "hf")
     assert r.code == 1 and "already exists; pass --overwrite" in r.err
     r = cli("convert", tmp_path / "nothing-here", tmp_path / "y", "--to", "hf")
-    assert r.code == 1 and "unknown model" in r.err
+    assert r.code == 1 and "nothing-here: no such path, and not a known model name" in r.err
 
 
 # -- bad HF folders ------------------------------------------------------------------------------

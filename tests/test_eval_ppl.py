@@ -150,36 +150,6 @@ def test_ppl_bad_input(cli, tmp_path, tiny_model_dir):
     assert len(r.err.strip().splitlines()) == 1  # one line, no traceback
 
 
-def test_scoring_backend_is_learned_from_the_work():
-    """Each size class of short rows tries every candidate once (after a warm-up batch), then keeps
-    the fastest; rows of 512+ tokens always run in torch."""
-    from types import SimpleNamespace
-
-    import torch
-
-    from lmforge.generate.engine import _BackendTrials
-
-    model = SimpleNamespace(tok_emb=SimpleNamespace(weight=torch.zeros(1)))
-    t = _BackendTrials(model)
-    assert t.candidates == ["torch", "numpy"]
-    t.record(255, "torch", 100.0, 1)  # warm-up: ignored
-    assert t.pick(255) == "torch"
-    t.record(255, "torch", 2.0, 1000)
-    assert t.pick(255) == "numpy"
-    t.record(255, "numpy", 3.0, 1000)
-    assert t.pick(255) == "torch" and t.pick(200) == "torch" and t.chosen == {8: "torch"}
-    assert t.pick(64) == "torch"  # another size class starts its own trials
-    t.record(64, "torch", 1.0, 10)
-    t.record(64, "numpy", 0.5, 10)
-    assert t.pick(64) == "numpy" and t.pick(255) == "torch"
-    # Long rows: torch on all threads, whatever a trial would say.
-    t.record(1023, "torch", 2.0, 10)
-    t.record(1023, "numpy", 1.0, 10)
-    assert t.pick(1023) == "torch" and t.pick(512) == "torch"
-    bf16 = SimpleNamespace(tok_emb=SimpleNamespace(weight=torch.zeros(1, dtype=torch.bfloat16)))
-    assert _BackendTrials(bf16).candidates == ["torch"]
-
-
 def test_compare_puts_models_side_by_side(cli, tmp_path, tiny_model_dir, tiny_gpt2_dir, long_text):
     """Two models on the same text share a row (best in bold); another text gets its own row;
     the bar chart and markdown are written; a file that is not a result is refused."""

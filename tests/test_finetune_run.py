@@ -117,7 +117,7 @@ def test_bad_input(cli, tiny_model_dir, data, tmp_path):
     r = cli("finetune", tiny_model_dir, "--data", tmp_path / "missing.jsonl", "-o", tmp_path / "r")
     assert r.code == 1 and "missing.jsonl" in r.err
     r = cli("finetune", "no-such-model", "--data", data, "-o", tmp_path / "r")
-    assert r.code == 1 and "unknown model 'no-such-model'" in r.err and "smollm2-135m-instruct" in r.err
+    assert r.code == 1 and "no-such-model: no such path, and not a known model name" in r.err and "smollm2-135m-instruct" in r.err
     r = cli("merge", tiny_model_dir, "-o", tmp_path / "m")
     assert r.code == 1 and "not a LoRA run or adapter dir" in r.err and not (tmp_path / "m").exists()
     # An adapter whose base has gone: the error names both.

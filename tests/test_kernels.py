@@ -12,9 +12,8 @@ from lmforge.generate import kernels
 
 @pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
 def threads(request):
-    kernels.set_threads(request.param)
-    yield request.param
-    kernels.set_threads(torch.get_num_threads())
+    with kernels.kernel_threads(request.param):
+        yield request.param
 
 
 def _rand(rng, *shape):

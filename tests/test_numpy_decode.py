@@ -96,15 +96,24 @@ def test_decode_steps_hold_torch_to_one_thread_and_give_the_kernels_the_rest(tin
     def step(self, *args, **kwargs):
         out = real_step(self, *args, **kwargs)
         flags = {m.numpy_blas for m in loaded.model.modules() if isinstance(m, Linear)}
-        seen.append((torch.get_num_threads(), numba.get_num_threads(), flags))
+        seen.append((torch.get_num_threads(), kernel_seen[-1], flags))
         return out
 
+    kernel_seen = []
+    real_linear = numpy_decode.few_row_linear
+
+    def few_row_linear(x, w):  # inside the step: the kernels' thread count
+        kernel_seen.append(numba.get_num_threads())
+        return real_linear(x, w)
+
     monkeypatch.setattr(NumpyDecoder, "step", step)
+    monkeypatch.setattr(numpy_decode, "few_row_linear", few_row_linear)
     threads = 2
     torch.set_num_threads(threads)  # the fixture's one thread would make the check trivial
     numba.set_num_threads(1)  # a count left over from elsewhere: the decoder must set its own
     engine.generate_ids([[5, 6, 7]], SamplingParams(max_new_tokens=4, temperature=0.0))
     assert torch.get_num_threads() == threads
+    assert numba.get_num_threads() == 1  # the caller's count, restored after every step
     kernel_threads = min(threads, numba.config.NUMBA_NUM_THREADS)
     assert seen and all(s == (1, kernel_threads, {False}) for s in seen), seen
 

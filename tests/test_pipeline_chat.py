@@ -56,7 +56,7 @@ def test_pipeline_accepts_run_dirs_and_refuses_unknown_models(tiny_model_dir, tm
     shutil.copytree(tiny_model_dir, run / "best")
     (run / "config.yaml").write_text("{}")
     assert lmforge.pipeline("text-generation", model=str(run)).loaded.path == run / "best"
-    with pytest.raises(LmforgeError, match=r"unknown model 'gpt-17': not a model dir or run dir, and not a known name \(known:"):
+    with pytest.raises(LmforgeError, match=r"gpt-17: no such path, and not a known model name \(known:"):
         lmforge.pipeline("text-generation", model="gpt-17")
     with pytest.raises(LmforgeError, match="unsupported task 'summarization'"):
         lmforge.pipeline("summarization", model=str(tiny_model_dir))
@@ -150,6 +150,6 @@ def test_generate_command(tiny_model_dir):
         assert bad.returncode == 1 and len(lines) == 1 and lines[0].startswith("lmforge: error: "), bad.stderr
         assert msg in lines[0]
     assert "empty prompt" in run_cli("generate", tiny_model_dir, "").stderr
-    assert "unknown model 'nope'" in run_cli("generate", "nope", "x").stderr
+    assert "nope: no such path, and not a known model name" in run_cli("generate", "nope", "x").stderr
     long = run_cli("generate", tiny_model_dir, "word " * 300, "--max-new-tokens", "4", "--truncate", "left", "--temperature", "0")
     assert long.returncode == 0 and "prompt cut from" in long.stderr

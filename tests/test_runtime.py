@@ -1,5 +1,6 @@
 """keep_freed_heap_pages: measured by its effect, page faults, in fresh processes (the setting is
-process-wide and one-way, so the pytest process itself cannot hold a before and an after)."""
+process-wide, so the pytest process itself cannot hold a clean before and after): inside the
+block freed pages stay mapped, after it glibc returns them again."""
 
 import json
 import platform
@@ -11,17 +12,24 @@ import pytest
 # A training step's pattern: several buffers of a few MB allocated, written, then all freed.
 CHILD = """
 import json, resource, sys
-if sys.argv[1] == "keep":
-    from lmforge.runtime import keep_freed_heap_pages
-    assert keep_freed_heap_pages()
+import contextlib
+from lmforge.allocator import keep_freed_heap_pages
 def step():
     bufs = [bytearray(3 << 20) for _ in range(6)]  # 18 MB, zero-filled: every page touched
     del bufs
-step(); step()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(20):
-    step()
-print(json.dumps((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20))
+def faults():
+    step(); step()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(20):
+        step()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20
+if sys.argv[1] == "after":
+    with keep_freed_heap_pages() as kept:
+        assert kept
+        step()
+with keep_freed_heap_pages() if sys.argv[1] == "keep" else contextlib.nullcontext(True) as kept:
+    assert kept
+    print(json.dumps(faults()))
 """
 
 
@@ -32,7 +40,9 @@ def _faults_per_step(mode: str) -> float:
 
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="a glibc setting")
 def test_freed_heap_pages_are_not_faulted_back_in():
-    default, kept = _faults_per_step("default"), _faults_per_step("keep")
+    default, kept, after = _faults_per_step("default"), _faults_per_step("keep"), _faults_per_step("after")
     # glibc's defaults return the freed 18 MB and fault ~4,600 pages back in per step.
     assert default > 1000, default
     assert kept < default / 20, (kept, default)
+    # Scoped: once the block is left, the process's allocator returns freed memory again.
+    assert after > 1000, after

@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Iterable, Iterator, Literal, Sequence
 
 import numpy as np
-from tqdm import tqdm
 
 from lmforge.data.sources import DEFAULT_EXTENSIONS, Document, DocumentReader, EncodingErrors
 from lmforge.errors import LmforgeError
 from lmforge.fsutil import atomic_dir, atomic_file
+from lmforge.progress import progress_bar
 
 Normalization = Literal["nfc", "nfkc", "none"]
 
@@ -284,7 +284,7 @@ def clean_corpus(
         inputs, text_field=text_field, encoding_errors=encoding_errors, extensions=extensions,
         skip_bad_files=skip_bad_files,
     )
-    bar = tqdm(total=reader.total_bytes(), unit="B", unit_scale=True, unit_divisor=1024, desc="clean", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=reader.total_bytes(), unit="B", unit_scale=True, unit_divisor=1024, desc="clean", disable=not progress)
     reader.on_progress = bar.update
     cleaner = Cleaner(config, workers=workers or os.cpu_count() or 1)
     with atomic_dir(out, overwrite=overwrite) as tmp:

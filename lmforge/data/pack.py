@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Iterator, Literal, Sequence
 
 import numpy as np
-from tqdm import tqdm
 
 import lmforge
 from lmforge.data.sources import DEFAULT_EXTENSIONS, DocumentReader, EncodingErrors
 from lmforge.errors import LmforgeError
 from lmforge.fsutil import atomic_dir, write_text_atomic
+from lmforge.progress import progress_bar
 from lmforge.tokenizer import Tokenizer
 
 META_FILE = "meta.json"
@@ -158,7 +158,7 @@ def pack_corpus(
     eos = tok.require_eos(str(tokenizer))
     dtype = token_dtype(tok.vocab_size)
     reader = DocumentReader(inputs, text_field=text_field, encoding_errors=encoding_errors, extensions=extensions)
-    bar = tqdm(total=reader.total_bytes(), unit="B", unit_scale=True, unit_divisor=1024, desc="pack", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=reader.total_bytes(), unit="B", unit_scale=True, unit_divisor=1024, desc="pack", disable=not progress)
     reader.on_progress = bar.update
     workers = cfg.workers or os.cpu_count() or 1
     with atomic_dir(out, overwrite=overwrite) as tmp:

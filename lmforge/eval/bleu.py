@@ -216,7 +216,8 @@ def generate_and_score(model_spec: str, pairs: str | os.PathLike, config: BleuGe
     hyps = generate_batched(engine, prompts, params, config.batch_size, progress=progress)
     scores = score(hyps, refs, hyp_source=f"{model_spec} outputs", ref_source=str(pairs))
     settings = {"template": config.template, "max_new_tokens": config.max_new_tokens, "batch_size": config.batch_size,
-                "stop": list(config.stop), "decoding": "greedy", "limit": config.limit, "device": str(engine.device)}
+                "stop": list(config.stop), "decoding": "greedy", "limit": config.limit, "device": str(engine.device),
+                "decode_backend": engine.decode_backend_used}  # measured fastest here: recorded
     return _result(scores, hyps, refs, model=model_info(model_spec, loaded), data=fingerprint(pairs), settings=settings,
                    notes=[f"{cut} prompts longer than the context minus max_new_tokens were cut from the left"] if cut else [],
                    extra_details={"hypotheses": hyps})
@@ -229,9 +230,9 @@ def generate_batched(engine, prompts: list[list[int]], params, batch_size: int, 
     out: list[str] = [""] * len(prompts)
     bar = None
     if progress:
-        from tqdm import tqdm
+        from lmforge.progress import progress_bar
 
-        bar = tqdm(total=len(prompts), unit="example", desc="generating", leave=False)
+        bar = progress_bar(total=len(prompts), unit="example", desc="generating", leave=False)
     for k in range(0, len(order), batch_size):
         group = order[k : k + batch_size]
         for i, c in zip(group, engine.generate_ids([prompts[i] for i in group], params)):

@@ -253,9 +253,9 @@ def load_engine(model_spec: str, device: str = "cpu"):
 
 class _Bar:
     def __init__(self):
-        from tqdm import tqdm
+        from lmforge.progress import progress_bar
 
-        self.bar = tqdm(total=0, unit="window", desc="perplexity", leave=False)
+        self.bar = progress_bar(total=0, unit="window", desc="perplexity", leave=False)
 
     def __call__(self, done: int, total: int) -> None:
         self.bar.total = total

@@ -263,20 +263,16 @@ def _figure(result: dict, path: Path) -> Path | None:
 
 
 def _save(fig, path: Path) -> Path:
-    from lmforge.report import _pyplot
+    from lmforge.report import save_png
 
-    with atomic_file(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110)
-    _pyplot().close(fig)
-    return path
+    return save_png(fig, path)
 
 
 def _plot_windows(result: dict, path: Path) -> Path:
-    from lmforge.report import _pyplot
+    from lmforge.report import subplots
 
-    plt = _pyplot()
     nll = result["details"]["window_nll"]
-    fig, ax = plt.subplots(figsize=(8, 3.2))
+    fig, ax = subplots(figsize=(8, 3.2))
     ax.plot(range(len(nll)), nll, marker="o" if len(nll) < 40 else None, markersize=3)
     ax.axhline(result["nll"], linestyle="--", color="gray", linewidth=1)
     ax.annotate(f"mean {result['nll']:.3f} (ppl {result['perplexity']:.2f})", (0, result["nll"]),
@@ -290,11 +286,10 @@ def _plot_windows(result: dict, path: Path) -> Path:
 
 
 def _plot_tasks(result: dict, path: Path) -> Path:
-    from lmforge.report import _pyplot
+    from lmforge.report import subplots
 
-    plt = _pyplot()
     names = list(result["tasks"])
-    fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(names) + 2), 3.6))
+    fig, ax = subplots(figsize=(max(5, 1.3 * len(names) + 2), 3.6))
     width = 0.38
     for k, label in enumerate(("acc / exact_match", "acc_norm / contains")):
         xs, ys, es = [], [], []
@@ -324,14 +319,15 @@ def _plot_tasks(result: dict, path: Path) -> Path:
 
 
 def plot_compare(result: dict, path: Path) -> Path:
-    from lmforge.report import _pyplot
+    import matplotlib
 
-    plt = _pyplot()
+    from lmforge.report import subplots
+
     rows, models = result["rows"], result["models"]
     cols = min(3, len(rows))
     nrows = math.ceil(len(rows) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), squeeze=False)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, axes = subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), squeeze=False)
+    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, r in zip(axes.flat, rows):
         present = [m for m in models if r["values"].get(m) is not None]
         ys = [r["values"][m] for m in present]

@@ -348,7 +348,9 @@ def evaluate_tasks(model_spec: str, specs: Sequence[str], config: TasksConfig | 
             notes.append(f"{task.name}: {res.truncated} items longer than the model's context were cut from the left")
     first = [t[t["metrics"][0]] for t in out.values()]
     settings = {"delimiter": config.delimiter, "limit": config.limit, "batch_tokens": config.batch_tokens,
-                "max_new_tokens": config.max_new_tokens, "stop": list(config.stop), "device": str(engine.device)}
+                "max_new_tokens": config.max_new_tokens, "stop": list(config.stop), "device": str(engine.device),
+                # generative tasks decode on the backend measured fastest here; null: none decoded
+                "decode_backend": engine.decode_backend_used}
     return make_result("tasks", model=model_info(model_spec, loaded), data=None, settings=settings,
                        metrics={"tasks": out, "average": sum(first) / len(first)},
                        details={"items": items} if log_items else None, notes=notes)

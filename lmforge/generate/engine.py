@@ -8,7 +8,6 @@ prompt run alone.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Sequence
 
@@ -52,47 +51,6 @@ class Completion:
     finish_reason: str  # "stop" (eos / stop token / stop string) or "length"
 
 
-class _BackendTrials:
-    """Which inference backend scores fastest here, learned from the scoring work itself: the
-    first batch of each size class (tokens per row, by powers of two) runs under each candidate
-    in turn, later ones under the fastest per token. A separate measurement at a made-up size
-    chose wrongly: numpy's BLAS wins the matmuls, but its backend runs attention on one thread,
-    which costs little at 128 tokens and much at 1,024."""
-
-    def __init__(self, model: GPT):
-        w = model.tok_emb.weight
-        self.candidates = ["torch", "numpy"] if w.device.type == "cpu" and w.dtype == torch.float32 else ["torch"]
-        self.per_token: dict[tuple[int, str], float] = {}
-        self.warm = False
-
-    # From this many tokens per row, torch on all threads: numpy's single-thread attention loses
-    # more than its BLAS gains (SmolLM2, 1,024-token windows: torch 197-228 vs numpy 170-183
-    # scored tokens/s, alternating in one process), and a trial there costs ~10 s of work.
-    LONG_ROWS = 512
-
-    def pick(self, tokens_per_row: int) -> str:
-        if tokens_per_row >= self.LONG_ROWS:
-            return "torch"
-        key = tokens_per_row.bit_length()
-        untried = [b for b in self.candidates if (key, b) not in self.per_token]
-        if untried:
-            return untried[0]
-        return min(self.candidates, key=lambda b: self.per_token[(key, b)])
-
-    def record(self, tokens_per_row: int, backend: str, seconds: float, tokens: int) -> None:
-        if not self.warm:  # the first batch pays for allocations and kernel warm-up: not a fair sample
-            self.warm = True
-            return
-        key = (tokens_per_row.bit_length(), backend)
-        self.per_token[key] = min(self.per_token.get(key, float("inf")), seconds / max(tokens, 1))
-
-    @property
-    def chosen(self) -> dict[int, str]:
-        """Size class (tokens per row < 2**k) -> the backend chosen so far."""
-        keys = sorted({k for k, _ in self.per_token})
-        return {k: self.pick((1 << k) - 1) for k in keys}
-
-
 @dataclass
 class TokenScores:
     """What the model thinks of each token of a sequence from `start` on, given all before it."""
@@ -125,7 +83,6 @@ class Engine:
         self.stop_token_ids = sorted(stops)
         self._cache: KVCache | None = None
         self._backend: str | None = None
-        self._score_trials = _BackendTrials(model)
 
     @property
     def backend(self) -> str:
@@ -138,6 +95,12 @@ class Engine:
     @backend.setter
     def backend(self, value: str) -> None:
         self._backend = value
+
+    @property
+    def decode_backend_used(self) -> str | None:
+        """The decode backend this Engine's generations ran with (for results to record), None
+        while it has not generated: scoring never depends on it."""
+        return self._backend
 
     @property
     def device(self) -> torch.device:
@@ -376,12 +339,12 @@ class Engine:
                 group.append(j)
                 first = f
             i += len(group)
-            backend, started = self._score_trials.pick(longest - 1), time.perf_counter()
-            with torch.inference_mode(), inference_backend(self.model, backend):
+            # Scoring runs torch's forward only, never a backend chosen by timing: the same eval
+            # must give bit-identical results on every run.
+            with torch.inference_mode():
                 for row, scored in zip(group, self._score_batch([sequences[k] for k in group],
                                                                 [starts[k] for k in group], longest, first)):
                     results[row] = scored
-            self._score_trials.record(longest - 1, backend, time.perf_counter() - started, len(group) * (longest - 1))
         return results  # type: ignore[return-value]
 
     def _score_batch(self, seqs: list[Sequence[int]], starts: list[int], longest: int, first: int) -> list[TokenScores]:
@@ -436,10 +399,8 @@ class Engine:
                 group.append(j)
                 rows, tc = r2, t2
             i += len(group)
-            backend, started = self._score_trials.pick(lc + tc - 1), time.perf_counter()
-            with torch.inference_mode(), inference_backend(self.model, backend):
+            with torch.inference_mode():  # torch only, as in `score`
                 out = self._score_shared([requests[k][0] for k in group], [requests[k][1] for k in group])
-            self._score_trials.record(lc + tc - 1, backend, time.perf_counter() - started, rows * (lc + tc - 1))
             for k, scores in zip(group, out):
                 results[k] = scores
         return results  # type: ignore[return-value]

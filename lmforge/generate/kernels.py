@@ -27,7 +27,9 @@ Compiled on first use and cached on disk by numba (~10 s once per machine; ~0.6 
 
 from __future__ import annotations
 
+import contextlib
 import os
+from typing import Iterator
 
 import numba
 import numpy as np
@@ -88,9 +90,16 @@ def _rows8(w, x, y):
         y[7, n] = a7
 
 
-def set_threads(n: int) -> None:
-    """Threads for the kernels that follow (numba keeps its own count, apart from torch's)."""
+@contextlib.contextmanager
+def kernel_threads(n: int) -> Iterator[None]:
+    """Threads for the kernels inside the block (numba keeps its own count, apart from torch's);
+    the caller's count comes back after it."""
+    previous = numba.get_num_threads()
     numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+    try:
+        yield
+    finally:
+        numba.set_num_threads(previous)
 
 
 def few_row_linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.errors import LmforgeError
-from lmforge.generate.kernels import ROWS, decode_attention, few_row_linear, norm, set_threads, silu_mul
+from lmforge.generate.kernels import ROWS, decode_attention, few_row_linear, kernel_threads, norm, silu_mul
 from lmforge.model.gpt import GPT, KVCache, Linear
 
 
@@ -100,9 +100,14 @@ class NumpyDecoder:
         """`GPT.forward(idx, positions=, attn_mask=, cache=, logits_to_keep=1)` for one new token
         per row: idx [B, 1] -> logits [B, 1, vocab]. Writes the keys/values at cache.pos and
         advances it. positions [B, 1] (default cache.pos for every row); attn_mask [B, cache.pos + 1]
-        bool, True = may attend (left-padded batches)."""
+        bool, True = may attend (left-padded batches). The kernels run on the decoder's threads;
+        the caller's numba count comes back after the step."""
+        with kernel_threads(self.threads):
+            return self._step(idx, cache, positions=positions, attn_mask=attn_mask)
+
+    def _step(self, idx: torch.Tensor, cache: KVCache, *, positions: torch.Tensor | None,
+              attn_mask: torch.Tensor | None) -> torch.Tensor:
         B = idx.shape[0]
-        set_threads(self.threads)
         start = cache.pos
         S = start + 1
         if idx.shape != (B, 1):

@@ -2,7 +2,7 @@
 in the format asked for.
 
 SRC is whatever `resolve_model_dir` accepts (model dir, run dir, HF folder, .gguf file, known
-name, Hub id); GGUF files and HF folders are read directly, without a stop in the cache.
+name, hf:org/name Hub id); GGUF files and HF folders are read directly, without a stop in the cache.
 """
 
 from __future__ import annotations

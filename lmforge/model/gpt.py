@@ -432,8 +432,20 @@ class GPT(nn.Module):
         ]
 
 
-def _keep(tensor: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    return tensor
+class _SkipInit(torch.overrides.TorchFunctionMode):
+    """Turns nn.init's in-place initialisers (and the Tensor methods they call without a
+    torch-function check: fill_, zero_, uniform_, normal_) into no-ops. A torch-function mode is
+    per thread, so a model built in another thread meanwhile is initialised as usual; patching
+    torch.nn.init's functions, as transformers' `no_init_weights` does, would skip its init too."""
+
+    SKIPPED = frozenset({*(getattr(nn.init, n) for n in dir(nn.init) if n.endswith("_") and not n.startswith("_")),
+                         torch.Tensor.fill_, torch.Tensor.zero_, torch.Tensor.uniform_, torch.Tensor.normal_})
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.SKIPPED:
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
 
 
 @contextmanager
@@ -442,18 +454,10 @@ def skip_init() -> Iterator[None]:
 
     Not the `meta` device: the first op on a meta tensor in a process imports torch._dynamo
     (~2 s), longer than loading a 135M-parameter model; uninitialised memory costs nothing until
-    it is written. Patches torch.nn.init's in-place initialisers for the duration, as
-    transformers' `no_init_weights` does.
+    it is written. Scoped to this thread (see `_SkipInit`); nothing global changes.
     """
-    names = [n for n in dir(nn.init) if n.endswith("_") and not n.startswith("_")]
-    saved = {n: getattr(nn.init, n) for n in names}
-    try:
-        for n in names:
-            setattr(nn.init, n, _keep)
+    with _SkipInit():
         yield
-    finally:
-        for n, fn in saved.items():
-            setattr(nn.init, n, fn)
 
 
 def build_empty(config: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> GPT:

@@ -27,6 +27,7 @@ from lmforge.errors import LmforgeError
 from lmforge.eval.perplexity import perplexity_from_nll
 from lmforge.fsutil import atomic_dir
 from lmforge.manifest import write_manifest
+from lmforge.progress import progress_bar
 from lmforge.runtime import autocast, keep_freed_heap_pages, measured_peak_flops, resolve_device, resolve_precision
 from lmforge.train.checkpoint import checkpoint_name, latest_checkpoint, list_checkpoints, load_checkpoint_state, save_checkpoint
 from lmforge.train.config import TrainConfig
@@ -195,14 +196,13 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         log = MetricsLog(self.run_dir, resume_step=step if resume_from is not None else None)
         peak = measured_peak_flops(str(self.device), self.precision)
-        keep_freed_heap_pages()
         history: list[dict] = []
         last_ckpt = resume_from
         stopped = "max_steps"
         train_loss = val_loss = None
         window_tokens, window_seconds = 0, 0.0  # training time only: evals and checkpoints excluded
         tokens_per_s = mfu = None
-        bar = tqdm(total=cfg.max_steps, initial=step, unit="step", desc="train", disable=not self.progress, dynamic_ncols=True)
+        bar = progress_bar(total=cfg.max_steps, initial=step, unit="step", desc="train", disable=not self.progress)
         run_start = time.perf_counter() - state["train_seconds"]
         self.model.train()
 
@@ -213,7 +213,7 @@ class Trainer:
                 self.on_checkpoint(folder)
             return folder
 
-        with _StopFlag() as stop:
+        with _StopFlag() as stop, keep_freed_heap_pages():
             try:
                 while step < cfg.max_steps:
                     step_start = time.perf_counter()
