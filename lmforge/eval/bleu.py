@@ -48,7 +48,7 @@ def read_references(paths: Sequence[str | os.PathLike]) -> list[list[str]]:
         path = Path(path)
         if is_jsonl(path):
             per_item = []
-            for lineno, obj in read_jsonl(path):
+            for lineno, obj in read_jsonl(path, objects=False):  # a line may be a bare list
                 per_item.append(_refs_of(obj, f"{path}:{lineno}"))
         else:
             per_item = [[line] for line in read_lines(path)]
