@@ -49,6 +49,10 @@ Extensions = Annotated[
 Progress = Annotated[bool, typer.Option(help="Show a progress bar.")]
 
 
+def _warn(message: str) -> None:
+    print(f"lmforge: warning: {message}", file=sys.stderr, flush=True)
+
+
 def _echo_json(data) -> None:
     typer.echo(json.dumps(data, indent=2, ensure_ascii=False))
 
@@ -104,7 +108,8 @@ def tokenizer_train(
     from lmforge.data.sources import DocumentReader
 
     reader = DocumentReader(inputs, text_field=text_field, encoding_errors=encoding_errors, extensions=ext)
-    tok = train_tokenizer((d.text for d in reader), config, source=", ".join(inputs), show_progress=progress)
+    tok = train_tokenizer((d.text for d in reader), config, source=", ".join(inputs), show_progress=progress,
+                          notify=_warn)
     save_tokenizer_dir(tok, out, overwrite=overwrite)
     report = inspect_tokenizer(tok)
     typer.echo(f"trained a {config.kind} tokenizer with {tok.vocab_size} tokens on {reader.stats.documents} documents "

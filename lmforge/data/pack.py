@@ -47,6 +47,10 @@ class PackConfig:
             raise LmforgeError(f"--split must be 'document' or 'tail', got {self.split!r}")
         if self.shard_tokens < 1:
             raise LmforgeError(f"--shard-tokens must be positive, got {self.shard_tokens}")
+        if self.workers < 0:
+            raise LmforgeError(f"--workers must be >= 0 (0 = one per core), got {self.workers}")
+        if self.chunk_chars < 1:
+            raise LmforgeError(f"--chunk-chars must be positive, got {self.chunk_chars}")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
