@@ -491,14 +491,31 @@ def chat(
                 raise
 
 
+class _Interrupted(Exception):
+    """Ctrl-C, carried past click (which would print "Aborted!" and exit 1) to `main`."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: usage errors and help are typer's; lmforge errors print one line and exit 1."""
+    """Entry point: usage errors and help are typer's; lmforge errors print one line and exit 1;
+    Ctrl-C prints one line and exits 130 (128 + SIGINT, as a shell reports it)."""
     command = typer.main.get_command(app)
+    invoke = command.invoke
+
+    def invoke_catching_interrupt(ctx):
+        try:
+            return invoke(ctx)
+        except KeyboardInterrupt:
+            raise _Interrupted from None
+
+    command.invoke = invoke_catching_interrupt
     try:
         command.main(args=argv, prog_name="lmforge", standalone_mode=True)
     except LmforgeError as e:
         print(f"lmforge: error: {e}", file=sys.stderr)
         return 1
+    except (_Interrupted, KeyboardInterrupt):  # the second: Ctrl-C while the options were parsed
+        print("lmforge: interrupted", file=sys.stderr)
+        return 130
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else int(e.code is not None)
     return 0

@@ -7,7 +7,6 @@ Each step can be switched off, and every document a step changes or removes is c
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import re
 import sys
@@ -22,6 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lmforge.data.sources import DEFAULT_EXTENSIONS, Document, DocumentReader, EncodingErrors
+from lmforge.data.workers import spawn_pool
 from lmforge.errors import LmforgeError
 from lmforge.fsutil import atomic_dir, atomic_file
 
@@ -219,8 +219,7 @@ class Cleaner:
             for doc in docs:
                 yield clean_document(doc, self.config)
             return
-        ctx = multiprocessing.get_context("spawn")
-        with ctx.Pool(self.workers, initializer=_init_worker, initargs=(self.config,)) as pool:
+        with spawn_pool(self.workers, _init_worker, (self.config,)) as pool:
             yield from pool.imap(_clean_in_worker, docs, chunksize=4)
 
     def clean(self, docs: Iterable[Document]) -> Iterator[Document]:

@@ -10,7 +10,6 @@ On disk (a "shards dir"):
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import time
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from tqdm import tqdm
 
 import lmforge
 from lmforge.data.sources import DEFAULT_EXTENSIONS, DocumentReader, EncodingErrors
+from lmforge.data.workers import spawn_pool
 from lmforge.errors import LmforgeError
 from lmforge.fsutil import atomic_dir, write_text_atomic
 from lmforge.tokenizer import Tokenizer
@@ -170,9 +170,8 @@ def pack_corpus(
         if cfg.split == "tail":
             writers["val"] = writers["train"]  # one stream, cut at the end
         doc_ends: list[int] = []  # token offsets where documents end, for tail-mode counts
-        ctx = multiprocessing.get_context("spawn")
         try:
-            with ctx.Pool(workers, initializer=_init_worker, initargs=(tok._raw_json, eos)) as pool:
+            with spawn_pool(workers, _init_worker, (tok._raw_json, eos)) as pool:
                 for split, flat, lengths in pool.imap(_encode_chunk, _chunks(reader, cfg)):
                     w = writers[split]
                     if cfg.split == "tail":

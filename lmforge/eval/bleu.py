@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from lmforge.errors import LmforgeError
+from lmforge.errors import LmforgeError, check_counts
 
 EXAMPLES_IN_REPORT = 5
 
@@ -163,6 +163,9 @@ class BleuGenerateConfig:
     batch_size: int = 8  # prompts generated together
     stop: list[str] = field(default_factory=lambda: ["\n"])  # generation ends at any of these (default: newline)
     limit: int = 0  # score only the first N pairs (0 = all)
+
+    def __post_init__(self) -> None:
+        check_counts(self, at_least_0=("limit",), at_least_1=("max_new_tokens", "batch_size"))
 
 
 def read_pairs(path: str | os.PathLike, limit: int = 0) -> tuple[list[str], list[list[str]]]:

@@ -124,6 +124,7 @@ def finetune(
     sample_count: int = 3,
     pause_at: int | None = None,
 ) -> dict:
+    cfg.check_schedule()
     run_dir = Path(out)
     ckpt = resume_checkpoint(run_dir, resume, resume_from) if (resume or resume_from) else None
     if ckpt is None:

@@ -107,6 +107,7 @@ def pretrain(
     sample_tokens: int = 120,
     pause_at: int | None = None,
 ) -> dict:
+    cfg.check_schedule()
     run_dir = Path(out)
     shards = TokenShards(data)
     tokenizer = Tokenizer.load(data)
