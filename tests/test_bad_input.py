@@ -306,3 +306,30 @@ def test_ctrl_c_in_a_terminal_exits_130_with_one_line(tmp_path):
     assert proc.returncode == 130, err
     assert err.strip() == "lmforge: interrupted"
     assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_gguf_with_a_huge_array_length_is_refused_quickly(tmp_path):
+    """Found by the fuzz suite: an array length from a damaged header made gguf's reader loop over
+    empty reads past the end of the file, growing without end (11 GB in a minute)."""
+    import gguf
+    import numpy as np
+
+    from lmforge.interop.gguf import open_gguf
+
+    path = tmp_path / "m.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_array("flags", [True, False, True])  # 1-byte items: reads past the end are empty, never misaligned
+    w.add_tensor("token_embd.weight", np.ones((3, 4), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    data = bytearray(path.read_bytes())
+    at = data.index(b"flags") + len("flags") + 8  # past the value type and the item type
+    assert int.from_bytes(data[at : at + 8], "little") == 3
+    data[at : at + 8] = (2**62).to_bytes(8, "little")
+    path.write_bytes(bytes(data))
+    started = time.time()
+    with pytest.raises(LmforgeError, match=r"m\.gguf: truncated or corrupt GGUF file \("):
+        open_gguf(path)
+    assert time.time() - started < 5
