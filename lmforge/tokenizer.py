@@ -218,7 +218,9 @@ class Tokenizer:
 
     @property
     def kind(self) -> str:
-        return json.loads(self._raw_json)["model"]["type"]
+        # The model object's class, not tokenizer.json's "model.type": tokenizers infers the model
+        # when that key is missing (found by the fuzz suite, a KeyError before).
+        return type(self.hf.model).__name__
 
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=False).ids

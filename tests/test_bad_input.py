@@ -333,3 +333,18 @@ def test_gguf_with_a_huge_array_length_is_refused_quickly(tmp_path):
     with pytest.raises(LmforgeError, match=r"m\.gguf: truncated or corrupt GGUF file \("):
         open_gguf(path)
     assert time.time() - started < 5
+
+
+def test_tokenizer_json_without_model_type(cli, tmp_path, tok):
+    """Found by the fuzz suite: tokenizers infers the model when "model.type" is missing, and
+    lmforge's `kind` then raised KeyError('type')."""
+    from lmforge.tokenizer import save_tokenizer_dir
+
+    save_tokenizer_dir(tok, tmp_path / "t")
+    file = tmp_path / "t" / "tokenizer.json"
+    raw = json.loads(file.read_text())
+    del raw["model"]["type"]
+    file.write_text(json.dumps(raw))
+    r = cli("tokenizer", "inspect", tmp_path / "t")
+    assert r.code == 0, r.err
+    assert r.out.startswith("kind: BPE ")
