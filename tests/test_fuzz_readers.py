@@ -1,6 +1,8 @@
-"""Property-based fuzzing of every reader of a user's file: whatever the bytes, reading either
-succeeds or raises a one-line LmforgeError; any other exception (a traceback for the user) fails,
-and so does an example slower than the deadline (a hang).
+"""Property-based fuzzing of every reader of a user's file (JSONL for clean, fine-tuning, tasks
+and BLEU; meta.json, config.json, generation.json, tokenizer.json, tokenizer_config.json,
+adapter_config.json, eval result JSON; the safetensors and GGUF headers): whatever the bytes,
+reading either succeeds or raises a one-line LmforgeError; any other exception (a traceback for
+the user) fails, and so does an example slower than the deadline (a hang).
 
 Inputs start from a valid file of each kind and are damaged two ways: structurally (a value
 replaced by any JSON value, a key dropped or added, deep nesting, huge numbers, lone surrogates)
@@ -203,6 +205,8 @@ def _file_readers(workdir: Path, tok) -> dict[str, tuple[Any, Callable[[bytes], 
     from safetensors.numpy import save as save_safetensors
 
     from lmforge.data.loader import TokenShards
+    from lmforge.eval.results import load_result
+    from lmforge.interop.bundle import read_generation
     from lmforge.interop.gguf import open_gguf
     from lmforge.model.config import ModelConfig
     from lmforge.model.io import read_model_config, read_safetensors
@@ -272,6 +276,19 @@ def _file_readers(workdir: Path, tok) -> dict[str, tuple[Any, Callable[[bytes], 
         st_file.write_bytes(data)
         return read_safetensors(st_file)
 
+    def read_generation_json(data: bytes):
+        (model / "generation.json").write_bytes(data)
+        return read_generation(model)
+
+    result_file = workdir / "result.json"
+
+    def read_result(data: bytes):
+        result_file.write_bytes(data)
+        return load_result(result_file)
+
+    result = {"format": "lmforge-eval", "kind": "ppl", "metrics": {"perplexity": 12.5}, "model": {"name": "m"},
+              "data": {"path": "d", "sha256": "00"}, "settings": {}, "notes": []}
+
     gguf_file = workdir / "model.gguf"
     gguf_base = _small_gguf(workdir / "base.gguf")
 
@@ -292,6 +309,8 @@ def _file_readers(workdir: Path, tok) -> dict[str, tuple[Any, Callable[[bytes], 
                                               ("lora", "base_model", "targets", "rank", "alpha")), read_adapter),
         "safetensors header": (safetensors_bytes(), read_st),
         "gguf header": (damaged_bytes(gguf_base, focus=400), read_gguf_header),
+        "generation.json": (json_document({"stop_token_ids": [0, 2], "temperature": 0.7}, ("stop_token_ids",)), read_generation_json),
+        "eval result json": (json_document(result, ("format", "kind", "metrics")), read_result),
     }
 
 
@@ -315,9 +334,10 @@ def _small_gguf(path: Path) -> bytes:
 
 
 # Default examples per reader: the whole module stays near 20 s on a busy 2-core machine.
-EXAMPLES = {"clean jsonl": 60, "clean jsonl (replace)": 30, "sft jsonl": 50, "tasks jsonl": 50, "bleu refs jsonl": 50,
-            "bleu pairs jsonl": 50, "meta.json": 60, "config.json": 60, "tokenizer.json": 40, "tokenizer_config.json": 50,
-            "adapter_config.json": 60, "safetensors header": 60, "gguf header": 60}
+EXAMPLES = {"clean jsonl": 50, "clean jsonl (replace)": 30, "sft jsonl": 50, "tasks jsonl": 50, "bleu refs jsonl": 50,
+            "bleu pairs jsonl": 50, "meta.json": 50, "config.json": 50, "tokenizer.json": 40, "tokenizer_config.json": 50,
+            "adapter_config.json": 50, "safetensors header": 50, "gguf header": 50, "generation.json": 40,
+            "eval result json": 40}
 
 
 @pytest.fixture(scope="module")
