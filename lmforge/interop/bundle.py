@@ -17,7 +17,6 @@ from typing import Any, Iterable
 
 import torch
 
-from lmforge.errors import LmforgeError
 from lmforge.fsutil import atomic_dir, write_text_atomic
 from lmforge.model.config import ModelConfig
 from lmforge.model.gpt import GPT
