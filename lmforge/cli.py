@@ -135,7 +135,9 @@ def tokenizer_encode(
     if file is not None:
         if not file.is_file():
             raise LmforgeError(f"{file}: no such file")
-        text = file.read_text(encoding="utf-8")
+        from lmforge.jsonio import strict_decode
+
+        text = strict_decode(file.read_bytes(), str(file))
     tok = Tokenizer.load(tokenizer)
     ids = tok.encode(text)
     typer.echo(" ".join(map(str, ids)))

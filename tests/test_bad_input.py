@@ -348,3 +348,30 @@ def test_tokenizer_json_without_model_type(cli, tmp_path, tok):
     r = cli("tokenizer", "inspect", tmp_path / "t")
     assert r.code == 0, r.err
     assert r.out.startswith("kind: BPE ")
+
+
+def test_yaml_and_text_inputs_get_one_line(cli, tmp_path, tok):
+    """Invalid UTF-8 in a --config or --model YAML file, or in `tokenizer encode --file`, was a
+    UnicodeDecodeError traceback; PyYAML's own errors spanned several lines."""
+    from lmforge.tokenizer import save_tokenizer_dir
+
+    bad_utf8 = tmp_path / "bad.yaml"
+    bad_utf8.write_bytes(b"train: {lr: \xff}\n")
+    one_line_error(cli("pretrain", "--config", bad_utf8, "-o", tmp_path / "r"), f"{bad_utf8}: invalid UTF-8 at byte 12")
+    one_line_error(cli("estimate", "--model", bad_utf8), f"{bad_utf8}: invalid UTF-8 at byte 12")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("n_layer: [1, 2\nn_head: 3\n")
+    one_line_error(cli("estimate", "--model", broken), f"{broken}: invalid YAML (", "at line 2 column")
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("n_layer: " + "[" * 20_000 + "]" * 20_000 + "\n")
+    one_line_error(cli("estimate", "--model", deep), f"{deep}: invalid YAML (nested too deeply)")
+    odd = tmp_path / "odd.yaml"
+    odd.write_text("preset: [tiny]\n")  # found by the fuzz suite: TypeError (unhashable list)
+    one_line_error(cli("estimate", "--model", odd), "unknown model preset ['tiny']")
+    huge = tmp_path / "huge.yaml"
+    huge.write_text("n_layer: " + "7" * 5000 + "\n")  # found by the fuzz suite: ValueError from PyYAML
+    one_line_error(cli("estimate", "--model", huge), f"{huge}: invalid YAML (Exceeds the limit (4300 digits)")
+    save_tokenizer_dir(tok, tmp_path / "t")
+    text = tmp_path / "latin1.txt"
+    text.write_bytes(b"caf\xe9")
+    one_line_error(cli("tokenizer", "encode", tmp_path / "t", "--file", text), f"{text}: invalid UTF-8 at byte 3")

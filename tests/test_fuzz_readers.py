@@ -1,6 +1,6 @@
 """Property-based fuzzing of every reader of a user's file (JSONL for clean, fine-tuning, tasks
 and BLEU; meta.json, config.json, generation.json, tokenizer.json, tokenizer_config.json,
-adapter_config.json, eval result JSON; the safetensors and GGUF headers): whatever the bytes,
+adapter_config.json, eval result JSON, a model settings YAML; the safetensors and GGUF headers): whatever the bytes,
 reading either succeeds or raises a one-line LmforgeError; any other exception (a traceback for
 the user) fails, and so does an example slower than the deadline (a hang).
 
@@ -212,6 +212,7 @@ def _file_readers(workdir: Path, tok) -> dict[str, tuple[Any, Callable[[bytes], 
     from lmforge.model.io import read_model_config, read_safetensors
     from lmforge.model.lora import LoRAConfig, read_adapter_config
     from lmforge.tokenizer import Tokenizer
+    from lmforge.train.pretrain import resolve_model_config
 
     # shards dir: two real shard files; meta.json is what varies
     shards = workdir / "shards"
@@ -289,6 +290,19 @@ def _file_readers(workdir: Path, tok) -> dict[str, tuple[Any, Callable[[bytes], 
     result = {"format": "lmforge-eval", "kind": "ppl", "metrics": {"perplexity": 12.5}, "model": {"name": "m"},
               "data": {"path": "d", "sha256": "00"}, "settings": {}, "notes": []}
 
+    model_yaml = workdir / "model.yaml"
+
+    def read_model_yaml(data: bytes):
+        model_yaml.write_bytes(data)
+        return resolve_model_config(str(model_yaml), {})
+
+    @st.composite
+    def yaml_bytes(draw) -> bytes:
+        """JSON is YAML; plus YAML's own syntax, damaged."""
+        if draw(st.booleans()):
+            return draw(json_document({"preset": "tiny", "n_layer": 2, "model": {"n_head": 2}}, ("preset", "model", "n_layer")))
+        return draw(damaged_bytes(b"preset: tiny\nn_layer: 2\nn_embd: 64\nnorm: rmsnorm  # a comment\ntags: [a, b]\n"))
+
     gguf_file = workdir / "model.gguf"
     gguf_base = _small_gguf(workdir / "base.gguf")
 
@@ -311,6 +325,7 @@ def _file_readers(workdir: Path, tok) -> dict[str, tuple[Any, Callable[[bytes], 
         "gguf header": (damaged_bytes(gguf_base, focus=400), read_gguf_header),
         "generation.json": (json_document({"stop_token_ids": [0, 2], "temperature": 0.7}, ("stop_token_ids",)), read_generation_json),
         "eval result json": (json_document(result, ("format", "kind", "metrics")), read_result),
+        "model yaml": (yaml_bytes(), read_model_yaml),
     }
 
 
@@ -337,7 +352,7 @@ def _small_gguf(path: Path) -> bytes:
 EXAMPLES = {"clean jsonl": 50, "clean jsonl (replace)": 30, "sft jsonl": 50, "tasks jsonl": 50, "bleu refs jsonl": 50,
             "bleu pairs jsonl": 50, "meta.json": 50, "config.json": 50, "tokenizer.json": 40, "tokenizer_config.json": 50,
             "adapter_config.json": 50, "safetensors header": 50, "gguf header": 50, "generation.json": 40,
-            "eval result json": 40}
+            "eval result json": 40, "model yaml": 40}
 
 
 @pytest.fixture(scope="module")

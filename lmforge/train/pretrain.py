@@ -35,6 +35,7 @@ from lmforge.train.config import TrainConfig
 from lmforge.train.data import ShardBatches
 from lmforge.train.metrics import METRICS_FILE, read_metrics
 from lmforge.train.trainer import Trainer, TrainResult, resume_checkpoint
+from lmforge.yamlio import read_yaml
 
 RUN_CONFIG = "config.yaml"
 SUMMARY = "summary.json"
@@ -48,10 +49,7 @@ def resolve_model_config(spec: str, overrides: dict[str, Any], vocab_size: int |
     if path.suffix in (".yaml", ".yml", ".json") or path.is_file():
         if not path.is_file():
             raise LmforgeError(f"--model {spec}: no such file")
-        try:
-            fields = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise LmforgeError(f"{spec}: invalid YAML ({e})") from None
+        fields = read_yaml(path, spec) or {}
         if not isinstance(fields, dict):
             raise LmforgeError(f"{spec}: expected a mapping of model settings")
         fields = fields.get("model", fields) if isinstance(fields.get("model"), dict) else fields
