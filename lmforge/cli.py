@@ -513,7 +513,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         command.main(args=argv, prog_name="lmforge", standalone_mode=True)
     except LmforgeError as e:
-        print(f"lmforge: error: {e}", file=sys.stderr)
+        # One line whatever a message quotes (a JSON key, a file name may hold a newline).
+        print(f"lmforge: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
         return 1
     except (_Interrupted, KeyboardInterrupt):  # the second: Ctrl-C while the options were parsed
         print("lmforge: interrupted", file=sys.stderr)

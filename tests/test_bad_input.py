@@ -375,3 +375,11 @@ def test_yaml_and_text_inputs_get_one_line(cli, tmp_path, tok):
     text = tmp_path / "latin1.txt"
     text.write_bytes(b"caf\xe9")
     one_line_error(cli("tokenizer", "encode", tmp_path / "t", "--file", text), f"{text}: invalid UTF-8 at byte 3")
+
+
+def test_a_key_with_a_newline_stays_on_one_line(cli, tmp_path):
+    """Found by the fuzz suite: field names were joined raw into the message."""
+    f = tmp_path / "odd.jsonl"
+    f.write_text('{"bo\\ndy": "text"}\n')
+    one_line_error(cli("clean", f, "-o", tmp_path / "o", "--no-progress", "--workers", "1"),
+                   f"{f}:1: no field 'text' (fields: 'bo\\ndy')")

@@ -92,7 +92,7 @@ class TokenShards:
         if name not in self._splits:
             info = self.meta["splits"].get(name)
             if info is None:
-                raise LmforgeError(f"{self.path}: no split {name!r} (has {', '.join(self.meta['splits'])})")
+                raise LmforgeError(f"{self.path}: no split {name!r} (has {', '.join(map(repr, self.meta['splits']))})")
             shards = []
             for shard in info["shards"]:
                 f = self.path / shard["file"]

@@ -201,7 +201,7 @@ class DocumentReader:
             where = f"{path}:{lineno}"
             if self.text_field not in record:
                 raise LmforgeError(
-                    f"{where}: no field {self.text_field!r} (fields: {', '.join(sorted(record)) or 'none'}); "
+                    f"{where}: no field {self.text_field!r} (fields: {', '.join(map(repr, sorted(record))) or 'none'}); "
                     "choose one with --text-field"
                 )
             text = record[self.text_field]
@@ -220,7 +220,7 @@ class DocumentReader:
             raise LmforgeError(f"{path}: not a readable Parquet file ({e})") from None
         if self.text_field not in pf.schema_arrow.names:
             raise LmforgeError(
-                f"{path}: no column {self.text_field!r} (columns: {', '.join(pf.schema_arrow.names)}); "
+                f"{path}: no column {self.text_field!r} (columns: {', '.join(map(repr, pf.schema_arrow.names))}); "
                 "choose one with --text-field"
             )
         row = 0

@@ -72,7 +72,7 @@ def record_to_messages(record: dict, where: str) -> tuple[str, list[dict] | None
             raise LmforgeError(f"{where}: 'text' must be a string")
         return "text", None, record["text"]
     raise LmforgeError(
-        f"{where}: unrecognised record (fields: {', '.join(sorted(record)) or 'none'}); expected messages, "
+        f"{where}: unrecognised record (fields: {', '.join(map(repr, sorted(record))) or 'none'}); expected messages, "
         "conversations, instruction/output or text"
     )
 
