@@ -49,6 +49,10 @@ Extensions = Annotated[
 Progress = Annotated[bool, typer.Option(help="Show a progress bar.")]
 
 
+def _warn(message: str) -> None:
+    print(f"lmforge: warning: {message}", file=sys.stderr, flush=True)
+
+
 def _echo_json(data) -> None:
     typer.echo(json.dumps(data, indent=2, ensure_ascii=False))
 
@@ -104,7 +108,8 @@ def tokenizer_train(
     from lmforge.data.sources import DocumentReader
 
     reader = DocumentReader(inputs, text_field=text_field, encoding_errors=encoding_errors, extensions=ext)
-    tok = train_tokenizer((d.text for d in reader), config, source=", ".join(inputs), show_progress=progress)
+    tok = train_tokenizer((d.text for d in reader), config, source=", ".join(inputs), show_progress=progress,
+                          notify=_warn)
     save_tokenizer_dir(tok, out, overwrite=overwrite)
     report = inspect_tokenizer(tok)
     typer.echo(f"trained a {config.kind} tokenizer with {tok.vocab_size} tokens on {reader.stats.documents} documents "
@@ -130,7 +135,9 @@ def tokenizer_encode(
     if file is not None:
         if not file.is_file():
             raise LmforgeError(f"{file}: no such file")
-        text = file.read_text(encoding="utf-8")
+        from lmforge.jsonio import strict_decode
+
+        text = strict_decode(file.read_bytes(), str(file))
     tok = Tokenizer.load(tokenizer)
     ids = tok.encode(text)
     typer.echo(" ".join(map(str, ids)))
@@ -488,13 +495,28 @@ def chat(
                 raise
 
 
+class _Interrupted(Exception):
+    """Ctrl-C, carried past click (which would print "Aborted!" and exit 1) to `main`."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: usage errors and help are typer's; lmforge errors print one line and exit 1."""
+    """Entry point: usage errors and help are typer's; lmforge errors print one line and exit 1;
+    Ctrl-C prints one line and exits 130 (128 + SIGINT, as a shell reports it)."""
     command = typer.main.get_command(app)
+    invoke = command.invoke
+
+    def invoke_catching_interrupt(ctx):
+        try:
+            return invoke(ctx)
+        except KeyboardInterrupt:
+            raise _Interrupted from None
+
+    command.invoke = invoke_catching_interrupt
     try:
         command.main(args=argv, prog_name="lmforge", standalone_mode=True)
     except LmforgeError as e:
-        print(f"lmforge: error: {e}", file=sys.stderr)
+        # One line whatever a message quotes (a JSON key, a file name may hold a newline).
+        print(f"lmforge: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
         return 1
     except OSError as e:  # a full disk under a writer outside the atomic helpers (metrics.csv, ...)
         from lmforge.fsutil import disk_full_error, is_disk_full
@@ -503,6 +525,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"lmforge: error: {disk_full_error(e.filename or Path.cwd())}", file=sys.stderr)
         return 1
+    except (_Interrupted, KeyboardInterrupt):  # the second: Ctrl-C while the options were parsed
+        print("lmforge: interrupted", file=sys.stderr)
+        return 130
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else int(e.code is not None)
     return 0

@@ -168,17 +168,13 @@ def flatten_to_params(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def load_yaml_defaults(ctx: typer.Context, param, value: str | None) -> str | None:
     """Eager `--config FILE` callback: the file's values become the defaults; flags still win."""
     if value:
-        import yaml
-
         from lmforge.errors import LmforgeError
+        from lmforge.yamlio import read_yaml
 
         path = __import__("pathlib").Path(value)
         if not path.is_file():
             raise LmforgeError(f"--config {value}: no such file")
-        try:
-            tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise LmforgeError(f"{value}: invalid YAML ({e})") from None
+        tree = read_yaml(path, value) or {}
         if not isinstance(tree, dict):
             raise LmforgeError(f"{value}: expected a mapping at the top level")
         known = {p.name for p in ctx.command.params}
@@ -199,17 +195,13 @@ def saved_run_config(run_dir, name: str) -> dict | None:
     """A resumed run's saved config (`run_dir/name`), or None when there is none."""
     from pathlib import Path
 
-    import yaml
-
     from lmforge.errors import LmforgeError
+    from lmforge.yamlio import read_yaml
 
     path = Path(run_dir) / name
     if not path.exists():
         return None
-    try:
-        saved = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise LmforgeError(f"{path}: invalid YAML ({e})") from None
+    saved = read_yaml(path)
     if not isinstance(saved, dict):
         raise LmforgeError(f"{path}: expected a mapping at the top level")
     return saved

@@ -113,6 +113,6 @@ def plan_training(shards_dir: Path, model: str, minutes: float, batch_size: int,
     max_steps = max(20, int(0.85 * budget / step_s))
     return TrainConfig(
         max_steps=max_steps, batch_size=batch_size, block_size=block_size, lr=2e-3, min_lr=2e-4,
-        warmup_steps=max(10, max_steps // 20), eval_every=max(10, max_steps // 10), eval_batches=10,
+        warmup_steps=min(max_steps, max(10, max_steps // 20)), eval_every=max(10, max_steps // 10), eval_batches=10,
         checkpoint_every=max(10, max_steps // 4), log_every=max(1, max_steps // 100), time_budget=budget,
     )

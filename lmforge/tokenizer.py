@@ -14,12 +14,13 @@ import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Literal, Sequence
+from typing import Callable, Iterable, Iterator, Literal, Optional, Sequence
 
 from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 
 from lmforge.errors import LmforgeError
 from lmforge.fsutil import atomic_dir, write_text_atomic
+from lmforge.jsonio import read_json_object
 
 TokenizerKind = Literal["bpe", "wordpiece", "unigram", "word", "char"]
 TOKENIZER_FILE = "tokenizer.json"
@@ -34,12 +35,15 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
+DEFAULT_VOCAB_SIZE = 8192
+# What "every token the corpus has" asks the trainers for: more than any alphabet holds.
+UNLIMITED_VOCAB = 1 << 30
 
 
 @dataclass
 class TokenizerTrainConfig:
     kind: TokenizerKind = "bpe"
-    vocab_size: int = 8192  # including special tokens
+    vocab_size: Optional[int] = None  # including special tokens (default: 8192; for char, every character of the corpus)
     min_frequency: int = 2  # a merge / word must occur this often to enter the vocabulary
     bos_token: str | None = "<|endoftext|>"
     eos_token: str | None = "<|endoftext|>"  # appended between documents when packing
@@ -51,10 +55,17 @@ class TokenizerTrainConfig:
     def __post_init__(self) -> None:
         if self.kind not in ("bpe", "wordpiece", "unigram", "word", "char"):
             raise LmforgeError(f"--kind must be one of bpe, wordpiece, unigram, word, char; got {self.kind!r}")
-        if self.vocab_size < 1:
+        if self.vocab_size is not None and self.vocab_size < 1:
             raise LmforgeError(f"--vocab-size must be positive, got {self.vocab_size}")
         if self.min_frequency < 1:
             raise LmforgeError(f"--min-frequency must be >= 1, got {self.min_frequency}")
+
+    @property
+    def target_size(self) -> int | None:
+        """The vocabulary asked for; None: as many tokens as the corpus gives (char without --vocab-size)."""
+        if self.vocab_size is None:
+            return None if self.kind == "char" else DEFAULT_VOCAB_SIZE
+        return self.vocab_size
 
     def special_tokens(self) -> list[str]:
         tokens: list[str] = []
@@ -71,7 +82,8 @@ class TokenizerTrainConfig:
 
 def _build(cfg: TokenizerTrainConfig, show_progress: bool):
     special = cfg.special_tokens()
-    common = dict(vocab_size=cfg.vocab_size, special_tokens=special, show_progress=show_progress)
+    size = cfg.target_size
+    common = dict(vocab_size=UNLIMITED_VOCAB if size is None else size, special_tokens=special, show_progress=show_progress)
     if cfg.kind == "bpe":
         tok = HFTokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -101,6 +113,24 @@ def _build(cfg: TokenizerTrainConfig, show_progress: bool):
     return tok, trainer
 
 
+def check_tokenizer_config(config: dict, where: str | os.PathLike) -> None:
+    """The entries lmforge reads, with the types transformers writes: a role token is a string,
+    null or an AddedToken object ({"content": str, ...}); the chat template a string or
+    transformers' list of named templates."""
+    for role in ("bos", "eos", "pad", "unk"):
+        token = config.get(f"{role}_token")
+        if isinstance(token, dict):
+            token = token.get("content")
+        if token is not None and not isinstance(token, str):
+            raise LmforgeError(f"{where}: {role}_token must be a string, null or {{\"content\": string}}, "
+                               f"got {json.dumps(config[f'{role}_token'])[:60]}")
+    template = config.get("chat_template")
+    named = isinstance(template, list) and all(
+        isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str) for t in template)
+    if template is not None and not isinstance(template, str) and not named:
+        raise LmforgeError(f"{where}: chat_template must be a string or a list of {{name, template}} objects")
+
+
 class Tokenizer:
     """An HF `tokenizers.Tokenizer` plus the special-token roles and chat template lmforge needs."""
 
@@ -122,15 +152,18 @@ class Tokenizer:
         raw = file.read_bytes()
         try:
             hf = HFTokenizer.from_str(raw.decode("utf-8"))
-        except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
-            raise LmforgeError(f"{file}: not a valid tokenizer.json ({e})") from None
+        except UnicodeDecodeError as e:
+            raise LmforgeError(f"{file}: not a valid {TOKENIZER_FILE} (invalid UTF-8 at byte {e.start})") from None
+        except BaseException as e:  # tokenizers raises bare Exceptions, and on some inputs a Rust panic (a BaseException)
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise LmforgeError(f"{file}: not a valid {TOKENIZER_FILE} ({first})") from None
         config = {}
         cfg_file = file.parent / CONFIG_FILE
         if cfg_file.exists():
-            try:
-                config = json.loads(cfg_file.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as e:
-                raise LmforgeError(f"{cfg_file}: invalid JSON ({e.msg} at line {e.lineno})") from None
+            config = read_json_object(cfg_file, CONFIG_FILE)
+            check_tokenizer_config(config, cfg_file)
         return cls(hf, config, raw)
 
     def save(self, folder: str | os.PathLike) -> None:
@@ -162,7 +195,10 @@ class Tokenizer:
 
     @property
     def chat_template(self) -> str | None:
-        return self.config.get("chat_template")
+        template = self.config.get("chat_template")
+        if isinstance(template, list):  # transformers' named templates: "default" is the chat one
+            template = next((t["template"] for t in template if t["name"] == "default"), None)
+        return template
 
     def special_tokens(self) -> dict[str, int]:
         return {t.content: i for i, t in sorted(self.hf.get_added_tokens_decoder().items()) if t.special}
@@ -182,7 +218,9 @@ class Tokenizer:
 
     @property
     def kind(self) -> str:
-        return json.loads(self._raw_json)["model"]["type"]
+        # The model object's class, not tokenizer.json's "model.type": tokenizers infers the model
+        # when that key is missing (found by the fuzz suite, a KeyError before).
+        return type(self.hf.model).__name__
 
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=False).ids
@@ -200,9 +238,12 @@ class Tokenizer:
 
 
 def train_tokenizer(
-    texts: Iterable[str], cfg: TokenizerTrainConfig, *, source: str = "corpus", show_progress: bool = True
+    texts: Iterable[str], cfg: TokenizerTrainConfig, *, source: str = "corpus", show_progress: bool = True,
+    notify: Callable[[str], None] | None = None,
 ) -> Tokenizer:
-    """Train on an iterator of documents; refuse a vocabulary larger than the corpus supports."""
+    """Train on an iterator of documents; refuse a vocabulary larger than the corpus supports, and
+    `notify` (one line) when it comes out larger than asked (byte-level BPE never has fewer than
+    its 256 byte tokens plus the special tokens)."""
     hf, trainer = _build(cfg, show_progress)
     seen_chars = 0
 
@@ -221,12 +262,17 @@ def train_tokenizer(
     actual = hf.get_vocab_size(with_added_tokens=True)
     if seen_chars == 0:
         raise LmforgeError(f"{source}: no text to train on (the corpus is empty)")
-    if actual < cfg.vocab_size:
+    target = cfg.target_size
+    if target is not None and actual < target:
         raise LmforgeError(
             f"{source}: the corpus supports only {actual} tokens for a {cfg.kind} tokenizer at "
-            f"min-frequency {cfg.min_frequency}, less than --vocab-size {cfg.vocab_size}; "
+            f"min-frequency {cfg.min_frequency}, less than --vocab-size {target}; "
             "lower --vocab-size or --min-frequency, or add text"
         )
+    if target is not None and actual > target and notify is not None:
+        floor = "256 byte tokens + " if cfg.kind == "bpe" else "its alphabet + "
+        notify(f"--vocab-size {target} is below the smallest {cfg.kind} vocabulary for this corpus "
+               f"({floor}{len(cfg.special_tokens())} special tokens): the tokenizer has {actual} tokens")
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": cfg.bos_token,

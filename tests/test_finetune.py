@@ -108,7 +108,7 @@ def test_sft_formats_and_masks(tmp_path, tiny_model_dir):
     ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]}', r"bad.jsonl:2: message 1 is an empty assistant turn"),
     ('{"messages": [{"role": "user", "content": "hi"}]}', r"bad.jsonl:2: no assistant turn"),
     ('{"instruction": "x"}', r"bad.jsonl:2: an instruction record needs 'output'"),
-    ('{"foo": 1}', r"bad.jsonl:2: unrecognised record \(fields: foo\)"),
+    ('{"foo": 1}', r"bad.jsonl:2: unrecognised record \(fields: 'foo'\)"),
     ("{not json", r"bad.jsonl:2: invalid JSON"),
     ('{"text": "a"}', r"mixes record formats"),
 ])

@@ -50,7 +50,7 @@ def test_reads_every_format(tmp_path):
 
 def test_jsonl_errors_carry_file_and_line(tmp_path):
     f = write_jsonl(tmp_path / "c.jsonl", [{"text": "ok"}, {"body": "no text"}])
-    with pytest.raises(LmforgeError, match=r"c\.jsonl:2: no field 'text' \(fields: body\)"):
+    with pytest.raises(LmforgeError, match=r"c\.jsonl:2: no field 'text' \(fields: 'body'\)"):
         list(DocumentReader([f]))
     f.write_text('{"text": "ok"}\n{broken\n')
     with pytest.raises(LmforgeError, match=r"c\.jsonl:2: invalid JSON"):

@@ -7,7 +7,6 @@ Each step can be switched off, and every document a step changes or removes is c
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import re
 import sys
@@ -21,6 +20,7 @@ from typing import Iterable, Iterator, Literal, Sequence
 import numpy as np
 
 from lmforge.data.sources import DEFAULT_EXTENSIONS, Document, DocumentReader, EncodingErrors
+from lmforge.data.workers import spawn_pool
 from lmforge.errors import LmforgeError
 from lmforge.fsutil import atomic_dir, atomic_file
 from lmforge.progress import progress_bar
@@ -58,15 +58,17 @@ class CleanConfig:
 
     def __post_init__(self) -> None:
         if self.normalize not in ("nfc", "nfkc", "none"):
-            raise LmforgeError(f"normalize must be nfc, nfkc or none, not {self.normalize!r}")
+            raise LmforgeError(f"--normalize must be nfc, nfkc or none, not {self.normalize!r}")
         for name in ("max_symbol_ratio", "max_repeated_lines"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
-                raise LmforgeError(f"{name.replace('_', '-')} must be between 0 and 1, got {v}")
+                raise LmforgeError(f"--{name.replace('_', '-')} must be between 0 and 1, got {v}")
         if not 0.0 < self.near_threshold <= 1.0:
-            raise LmforgeError(f"near-threshold must be in (0, 1], got {self.near_threshold}")
+            raise LmforgeError(f"--near-threshold must be in (0, 1], got {self.near_threshold}")
         if self.min_chars < 0:
-            raise LmforgeError(f"min-chars must be >= 0, got {self.min_chars}")
+            raise LmforgeError(f"--min-chars must be >= 0, got {self.min_chars}")
+        if self.near_num_perm < 2:
+            raise LmforgeError(f"--near-num-perm must be >= 2 (MinHash LSH needs two permutations), got {self.near_num_perm}")
 
 
 def _punctuation_table() -> dict[int, None]:
@@ -217,8 +219,7 @@ class Cleaner:
             for doc in docs:
                 yield clean_document(doc, self.config)
             return
-        ctx = multiprocessing.get_context("spawn")
-        with ctx.Pool(self.workers, initializer=_init_worker, initargs=(self.config,)) as pool:
+        with spawn_pool(self.workers, _init_worker, (self.config,)) as pool:
             yield from pool.imap(_clean_in_worker, docs, chunksize=4)
 
     def clean(self, docs: Iterable[Document]) -> Iterator[Document]:
@@ -280,6 +281,10 @@ def clean_corpus(
 ) -> dict:
     """Clean `inputs` into the folder `out` (JSONL shards + stats.json); returns the stats."""
     started = time.perf_counter()
+    if not 0 < shard_mb < float("inf"):
+        raise LmforgeError(f"--shard-mb must be a positive number of megabytes, got {shard_mb}")
+    if workers is not None and workers < 0:
+        raise LmforgeError(f"--workers must be >= 0 (0 = one per core), got {workers}")
     reader = DocumentReader(
         inputs, text_field=text_field, encoding_errors=encoding_errors, extensions=extensions,
         skip_bad_files=skip_bad_files,

@@ -13,6 +13,8 @@ import zlib
 import numpy as np
 from datasketch import MinHash, MinHashLSH
 
+from lmforge.errors import LmforgeError
+
 _SCHEME = "affine32"  # datasketch's default permutation scheme, named so signatures round-trip
 
 
@@ -57,9 +59,17 @@ class NearDuplicateFilter:
 
     def __init__(self, threshold: float = 0.85, num_perm: int = 128) -> None:
         if not 0.0 < threshold <= 1.0:
-            raise ValueError(f"near-duplicate threshold must be in (0, 1], got {threshold}")
+            raise LmforgeError(f"--near-threshold must be in (0, 1], got {threshold}")
+        if num_perm < 2:
+            raise LmforgeError(f"--near-num-perm must be >= 2 (MinHash LSH needs two permutations), got {num_perm}")
         self.num_perm = num_perm
-        self._lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+        try:
+            self._lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+        except ValueError as e:  # datasketch: too few permutations to cut into >= 2 bands at this threshold
+            raise LmforgeError(
+                f"--near-num-perm {num_perm} is too few for --near-threshold {threshold} ({e}); "
+                "raise --near-num-perm or lower --near-threshold"
+            ) from None
         self._next_key = 0
 
     def seen_before(self, hashvalues: np.ndarray) -> bool:

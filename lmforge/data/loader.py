@@ -6,7 +6,6 @@ to continue exactly where it stopped, and data-parallel ranks draw disjoint rand
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ import numpy as np
 
 from lmforge.data.pack import FORMAT, FORMAT_VERSION, META_FILE
 from lmforge.errors import LmforgeError
+from lmforge.jsonio import read_json_object
 
 
 @dataclass
@@ -28,6 +28,35 @@ class Split:
         return sum(len(s) for s in self.shards)
 
 
+def check_meta(meta: dict, meta_file: Path) -> None:
+    """Every entry the readers use, with its type, so that a hand-edited or damaged meta.json is
+    one line naming the entry, not a KeyError (or a shard path outside the folder)."""
+
+    def need(cond: bool, entry: str, what: str) -> None:
+        if not cond:
+            raise LmforgeError(f"{meta_file}: {entry} must be {what}; the shards dir is damaged (re-run `lmforge pack`)")
+
+    def count(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    need(meta.get("dtype") in ("uint16", "uint32"), "'dtype'", "uint16 or uint32")
+    need(count(meta.get("vocab_size")) and meta["vocab_size"] > 0, "'vocab_size'", "a positive integer")
+    need(count(meta.get("documents")), "'documents'", "an integer >= 0")
+    tok = meta.get("tokenizer")
+    need(isinstance(tok, dict) and isinstance(tok.get("sha256"), str) and isinstance(tok.get("kind"), str),
+         "'tokenizer'", "an object with strings 'sha256' and 'kind'")
+    splits = meta.get("splits")
+    need(isinstance(splits, dict) and "train" in splits, "'splits'", "an object with a 'train' split")
+    for name, info in splits.items():
+        entry = f"splits.{name}"
+        need(isinstance(info, dict) and count(info.get("documents")) and isinstance(info.get("shards"), list),
+             entry, "an object with 'documents' (an integer >= 0) and 'shards' (a list)")
+        for i, shard in enumerate(info["shards"]):
+            need(isinstance(shard, dict) and isinstance(shard.get("file"), str) and count(shard.get("tokens"))
+                 and shard["file"] == Path(shard["file"]).name and shard["file"] not in ("", ".", ".."),
+                 f"{entry}.shards[{i}]", "an object with 'file' (a file name in the folder) and 'tokens' (an integer >= 0)")
+
+
 class TokenShards:
     """A shards dir written by `lmforge pack`, validated on open (format, sizes, tokenizer)."""
 
@@ -36,15 +65,13 @@ class TokenShards:
         meta_file = self.path / META_FILE
         if not meta_file.exists():
             raise LmforgeError(f"{self.path}: not a shards dir (no {META_FILE}); make one with `lmforge pack`")
-        try:
-            self.meta = json.loads(meta_file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise LmforgeError(f"{meta_file}: invalid JSON ({e.msg} at line {e.lineno})") from None
+        self.meta = read_json_object(meta_file, META_FILE)
         if self.meta.get("format") != FORMAT or self.meta.get("version") != FORMAT_VERSION:
             raise LmforgeError(
                 f"{meta_file}: unsupported format {self.meta.get('format')!r} v{self.meta.get('version')} "
                 f"(this lmforge reads {FORMAT} v{FORMAT_VERSION})"
             )
+        check_meta(self.meta, meta_file)
         self.dtype = np.dtype(self.meta["dtype"])
         if expect_tokenizer_sha256 is not None and self.tokenizer_sha256 != expect_tokenizer_sha256:
             raise LmforgeError(
@@ -65,7 +92,7 @@ class TokenShards:
         if name not in self._splits:
             info = self.meta["splits"].get(name)
             if info is None:
-                raise LmforgeError(f"{self.path}: no split {name!r} (has {', '.join(self.meta['splits'])})")
+                raise LmforgeError(f"{self.path}: no split {name!r} (has {', '.join(map(repr, self.meta['splits']))})")
             shards = []
             for shard in info["shards"]:
                 f = self.path / shard["file"]

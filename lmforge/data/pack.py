@@ -10,7 +10,6 @@ On disk (a "shards dir"):
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import time
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ import numpy as np
 
 import lmforge
 from lmforge.data.sources import DEFAULT_EXTENSIONS, DocumentReader, EncodingErrors
+from lmforge.data.workers import spawn_pool
 from lmforge.errors import LmforgeError
 from lmforge.fsutil import atomic_dir, write_text_atomic
 from lmforge.progress import progress_bar
@@ -47,6 +47,10 @@ class PackConfig:
             raise LmforgeError(f"--split must be 'document' or 'tail', got {self.split!r}")
         if self.shard_tokens < 1:
             raise LmforgeError(f"--shard-tokens must be positive, got {self.shard_tokens}")
+        if self.workers < 0:
+            raise LmforgeError(f"--workers must be >= 0 (0 = one per core), got {self.workers}")
+        if self.chunk_chars < 1:
+            raise LmforgeError(f"--chunk-chars must be positive, got {self.chunk_chars}")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -166,9 +170,8 @@ def pack_corpus(
         if cfg.split == "tail":
             writers["val"] = writers["train"]  # one stream, cut at the end
         doc_ends: list[int] = []  # token offsets where documents end, for tail-mode counts
-        ctx = multiprocessing.get_context("spawn")
         try:
-            with ctx.Pool(workers, initializer=_init_worker, initargs=(tok._raw_json, eos)) as pool:
+            with spawn_pool(workers, _init_worker, (tok._raw_json, eos)) as pool:
                 for split, flat, lengths in pool.imap(_encode_chunk, _chunks(reader, cfg)):
                     w = writers[split]
                     if cfg.split == "tail":

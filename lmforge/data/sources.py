@@ -10,13 +10,13 @@ import codecs
 import glob
 import gzip
 import io
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Literal, Sequence
+from typing import Callable, Iterable, Iterator, Literal, Sequence
 
 from lmforge.errors import LmforgeError
+from lmforge.jsonio import iter_jsonl
 
 EncodingErrors = Literal["replace", "strict"]
 
@@ -150,7 +150,12 @@ class DocumentReader:
             try:
                 stream = gzip.GzipFile(fileobj=raw) if path.suffix.lower() == ".gz" else raw
                 before = _Replacements.count
-                for doc in self._read_file(path, stream):
+                docs: Iterable[Document] = self._read_file(path, stream)
+                if self.skip_bad_files:
+                    # A file reported as skipped must contribute nothing, so its documents wait
+                    # until it has been read through (memory: one file's text at a time).
+                    docs = list(docs)
+                for doc in docs:
                     self.stats.documents += 1
                     pos = raw.tell()
                     self.on_progress(pos - last_pos)
@@ -185,21 +190,18 @@ class DocumentReader:
             yield Document(decode_bytes(data, str(path), self.encoding_errors), str(path), suffix in HTML_SUFFIXES)
 
     def _read_jsonl(self, path: Path, stream: io.BufferedIOBase) -> Iterator[Document]:
-        for lineno, line in enumerate(stream, 1):
-            if lineno == 1:
-                _check_not_binary(line[:BINARY_SNIFF_BYTES], path)
-            if not line.strip():
-                continue
+        def sniffed(lines: Iterator[bytes]) -> Iterator[bytes]:
+            for lineno, line in enumerate(lines, 1):
+                if lineno == 1:
+                    _check_not_binary(line[:BINARY_SNIFF_BYTES], path)
+                yield line
+
+        decode = lambda data, where: decode_bytes(data, where, self.encoding_errors)  # noqa: E731
+        for lineno, record in iter_jsonl(sniffed(stream), str(path), decode=decode):
             where = f"{path}:{lineno}"
-            try:
-                record = json.loads(decode_bytes(line, where, self.encoding_errors))
-            except json.JSONDecodeError as e:
-                raise LmforgeError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise LmforgeError(f"{where}: expected a JSON object, got {type(record).__name__}")
             if self.text_field not in record:
                 raise LmforgeError(
-                    f"{where}: no field {self.text_field!r} (fields: {', '.join(sorted(record)) or 'none'}); "
+                    f"{where}: no field {self.text_field!r} (fields: {', '.join(map(repr, sorted(record))) or 'none'}); "
                     "choose one with --text-field"
                 )
             text = record[self.text_field]
@@ -218,7 +220,7 @@ class DocumentReader:
             raise LmforgeError(f"{path}: not a readable Parquet file ({e})") from None
         if self.text_field not in pf.schema_arrow.names:
             raise LmforgeError(
-                f"{path}: no column {self.text_field!r} (columns: {', '.join(pf.schema_arrow.names)}); "
+                f"{path}: no column {self.text_field!r} (columns: {', '.join(map(repr, pf.schema_arrow.names))}); "
                 "choose one with --text-field"
             )
         row = 0

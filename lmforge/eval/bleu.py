@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from lmforge.errors import LmforgeError
+from lmforge.errors import LmforgeError, check_counts
 
 EXAMPLES_IN_REPORT = 5
 
@@ -48,7 +48,7 @@ def read_references(paths: Sequence[str | os.PathLike]) -> list[list[str]]:
         path = Path(path)
         if is_jsonl(path):
             per_item = []
-            for lineno, obj in read_jsonl(path):
+            for lineno, obj in read_jsonl(path, objects=False):  # a line may be a bare list
                 per_item.append(_refs_of(obj, f"{path}:{lineno}"))
         else:
             per_item = [[line] for line in read_lines(path)]
@@ -163,6 +163,9 @@ class BleuGenerateConfig:
     batch_size: int = 8  # prompts generated together
     stop: list[str] = field(default_factory=lambda: ["\n"])  # generation ends at any of these (default: newline)
     limit: int = 0  # score only the first N pairs (0 = all)
+
+    def __post_init__(self) -> None:
+        check_counts(self, at_least_0=("limit",), at_least_1=("max_new_tokens", "batch_size"))
 
 
 def read_pairs(path: str | os.PathLike, limit: int = 0) -> tuple[list[str], list[list[str]]]:

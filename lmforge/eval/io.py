@@ -1,15 +1,15 @@
-"""Reading evaluation inputs with errors that name the file and line: text, lines, JSONL."""
+"""Reading evaluation inputs with errors that name the file and line: text, lines, JSONL (lmforge.jsonio)."""
 
 from __future__ import annotations
 
 import gzip
-import json
 import os
+import zlib
 from pathlib import Path
-from typing import Any, Iterator
 
 from lmforge.errors import LmforgeError
 from lmforge.fsutil import sha256_file
+from lmforge.jsonio import read_jsonl  # noqa: F401  (the one JSONL reader, for the eval modules)
 
 
 def _open_bytes(path: Path) -> bytes:
@@ -18,7 +18,12 @@ def _open_bytes(path: Path) -> bytes:
     if not path.is_file():
         raise LmforgeError(f"{path}: not a file")
     data = path.read_bytes()
-    return gzip.decompress(data) if path.suffix == ".gz" else data
+    if path.suffix != ".gz":
+        return data
+    try:
+        return gzip.decompress(data)
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        raise LmforgeError(f"{path}: cannot read ({e})") from None
 
 
 def _decode(data: bytes, path: Path) -> str:
@@ -49,24 +54,6 @@ def read_lines(path: str | os.PathLike) -> list[str]:
     if lines[-1] == "":  # the final newline ends the last line, it does not start another
         lines.pop()
     return [line.rstrip() for line in lines]
-
-
-def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed value) for each non-blank line; bad JSON names file:line."""
-    path = Path(path)
-    text = _decode(_open_bytes(path), path)
-    found = False
-    for lineno, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LmforgeError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-        found = True
-        yield lineno, value
-    if not found:
-        raise LmforgeError(f"{path}: empty file (no JSON lines)")
 
 
 def is_jsonl(path: str | os.PathLike) -> bool:

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from lmforge.errors import LmforgeError
+from lmforge.errors import LmforgeError, check_counts
 
 if TYPE_CHECKING:
     from lmforge.generate.engine import Engine
@@ -52,6 +52,9 @@ class PerplexityConfig:
     batch_size: int = 4  # windows scored together
     max_tokens: int = 0  # evaluate only the first N tokens of the data (0 = all)
     text_field: str = "text"  # JSONL field holding the text (documents are joined with a blank line)
+
+    def __post_init__(self) -> None:
+        check_counts(self, at_least_0=("context", "stride", "max_tokens"), at_least_1=("batch_size",))
 
 
 @dataclass

@@ -86,12 +86,9 @@ def load_result(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise LmforgeError(f"{path}: no such file")
-    try:
-        result = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise LmforgeError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
-    except UnicodeDecodeError:
-        raise LmforgeError(f"{path}: not UTF-8 text") from None
+    from lmforge.jsonio import read_json
+
+    result = read_json(path, "result file")
     if not isinstance(result, dict) or result.get("format") != FORMAT:
         raise LmforgeError(f"{path}: not an lmforge eval result (no \"format\": \"{FORMAT}\"); "
                            "make one with `lmforge eval ppl|bleu|tasks -o FILE.json`")

@@ -31,7 +31,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from lmforge.errors import LmforgeError
+from lmforge.errors import LmforgeError, check_counts
 
 if TYPE_CHECKING:
     from lmforge.generate.engine import Engine
@@ -47,6 +47,9 @@ class TasksConfig:
     max_new_tokens: int = 32  # generative tasks: tokens generated per item at most
     stop: list[str] = field(default_factory=lambda: ["\n"])  # generative tasks: generation ends at any of these
     batch_size: int = 8  # generative tasks: prompts generated together
+
+    def __post_init__(self) -> None:
+        check_counts(self, at_least_0=("limit",), at_least_1=("batch_tokens", "max_new_tokens", "batch_size"))
 
 
 @dataclass

@@ -17,7 +17,6 @@ from typing import Any, Iterable
 
 import torch
 
-from lmforge.errors import LmforgeError
 from lmforge.fsutil import atomic_dir, write_text_atomic
 from lmforge.manifest import write_manifest
 from lmforge.model.config import ModelConfig
@@ -77,13 +76,9 @@ def read_generation(path: str | os.PathLike) -> dict[str, Any]:
     file = Path(path) / GENERATION_FILE
     if not file.is_file():
         return {}
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LmforgeError(f"{file}: invalid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise LmforgeError(f"{file}: expected a JSON object")
-    return data
+    from lmforge.jsonio import read_json_object
+
+    return read_json_object(file, GENERATION_FILE)
 
 
 def load_bundle(path: str | os.PathLike) -> ModelBundle:

@@ -82,6 +82,14 @@ def _reader_class():
         def data(self, value):
             self._plain = value.view(np.ndarray) if isinstance(value, np.memmap) else value
 
+        def _get(self, offset, dtype, count=1, override_order=None):
+            # gguf returns a short slice past the end of the file: an array length read from a
+            # damaged header then loops over empty reads, without end and growing in memory.
+            arr = super()._get(offset, dtype, count, override_order)
+            if len(arr) < int(count):
+                raise ValueError(f"{int(count)} values at byte {offset} run past the end of the file ({len(self.data)} bytes)")
+            return arr
+
     return PlainArrayReader
 
 

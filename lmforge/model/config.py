@@ -155,6 +155,6 @@ PRESETS: dict[str, ModelConfig] = {
 
 def get_preset(name: str) -> ModelConfig:
     """A fresh copy of a named preset (callers may change it without touching PRESETS)."""
-    if name not in PRESETS:
+    if not isinstance(name, str) or name not in PRESETS:  # a YAML `preset:` may hold any value
         raise LmforgeError(f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)}")
     return dataclasses.replace(PRESETS[name])

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from lmforge.errors import LmforgeError
 from lmforge.fsutil import atomic_dir, atomic_file
+from lmforge.jsonio import read_json  # noqa: F401  (also read through here by interop.hf)
 from lmforge.manifest import previous_good_hint, verify_manifest, write_manifest
 from lmforge.model.config import ModelConfig
 from lmforge.model.gpt import GPT, build_empty, skip_init
@@ -138,15 +139,6 @@ def save_model_dir(model: GPT, path: str | os.PathLike, tokenizer=None,
         write_model_files(model, tmp, tokenizer=tokenizer, extra_config=extra_config)
         write_manifest(tmp)
     return Path(path)
-
-
-def read_json(file: Path) -> Any:
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise LmforgeError(f"{file}: no such file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LmforgeError(f"{file}: invalid JSON ({e})") from None
 
 
 def read_model_config(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any]]:

@@ -26,8 +26,9 @@ from torch import nn
 
 from lmforge.errors import LmforgeError
 from lmforge.model.gpt import GPT, Linear
+from lmforge.jsonio import read_json
 from lmforge.model.io import check_finite, verify_model_files
-from lmforge.model.lora_config import LoRAConfig  # re-exported: LoRA's settings live apart, torch-free
+from lmforge.model.lora_config import LoRAConfig, check_adapter_config  # LoRAConfig re-exported: LoRA's settings live apart, torch-free
 
 ADAPTER_FILE = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -122,10 +123,7 @@ def read_adapter_config(folder: str | os.PathLike) -> dict:
     path = Path(folder) / ADAPTER_CONFIG
     if not path.is_file():
         raise LmforgeError(f"{folder}: not an adapter dir (no {ADAPTER_CONFIG})")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise LmforgeError(f"{path}: invalid JSON ({e.msg})") from None
+    return check_adapter_config(read_json(path, ADAPTER_CONFIG), str(path))
 
 
 def load_adapter(model: GPT, folder: str | os.PathLike) -> LoRAConfig:

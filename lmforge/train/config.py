@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+import math
+from dataclasses import dataclass, fields
+from typing import Callable, Literal
 
 from lmforge.errors import LmforgeError
 
@@ -44,28 +45,58 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...
 
     def __post_init__(self) -> None:
-        positive = ("max_steps", "batch_size", "grad_accum", "eval_batches", "log_every", "keep_last")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise LmforgeError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        non_negative = ("block_size", "warmup_steps", "eval_every", "checkpoint_every", "early_stop", "loss_chunk",
-                        "grad_clip", "weight_decay", "time_budget", "min_lr")
-        for name in non_negative:
-            if getattr(self, name) < 0:
-                raise LmforgeError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise LmforgeError(f"--lr must be positive, got {self.lr}")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            rule = _RULES.get(f.name)
+            if rule is None:
+                continue
+            kind, check, what = rule
+            ok_type = (isinstance(value, int) if kind is int else isinstance(value, (int, float))) and not isinstance(value, bool)
+            # `check` is written so that NaN fails it; an infinite value is no setting either.
+            if not ok_type or not math.isfinite(value) or not check(value):
+                raise LmforgeError(f"{train_flag(f.name)} must be {what}, got {value!r}")
         if self.min_lr > self.lr:
-            raise LmforgeError(f"--min-lr ({self.min_lr}) must not exceed --lr ({self.lr})")
-        for name in ("beta1", "beta2", "momentum"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise LmforgeError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
-        if self.optimizer not in ("adamw", "sgd"):
-            raise LmforgeError(f"--optimizer must be adamw or sgd, got {self.optimizer!r}")
-        if self.schedule not in ("cosine", "linear", "constant"):
-            raise LmforgeError(f"--schedule must be cosine, linear or constant, got {self.schedule!r}")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise LmforgeError(f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
+            raise LmforgeError(f"{train_flag('min_lr')} ({self.min_lr}) must not exceed {train_flag('lr')} ({self.lr})")
+        for name, allowed in (("optimizer", ("adamw", "sgd")), ("schedule", ("cosine", "linear", "constant")),
+                              ("precision", ("auto", "fp32", "bf16"))):
+            if getattr(self, name) not in allowed:
+                raise LmforgeError(f"{train_flag(name)} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+
+    def check_schedule(self) -> None:
+        """Settings that only make sense together, checked once the run's config is final (a resumed
+        run merges its saved settings after the options are parsed, so not in __post_init__)."""
+        if self.warmup_steps > self.max_steps:
+            raise LmforgeError(
+                f"{train_flag('warmup_steps')} ({self.warmup_steps}) exceeds {train_flag('max_steps')} ({self.max_steps}): "
+                "the learning rate would never reach --lr; lower --warmup-steps"
+            )
+
+
+def train_flag(name: str) -> str:
+    """How the user names a TrainConfig field: `--train.eps/--eps`."""
+    flag = name.replace("_", "-")
+    return f"--train.{flag}/--{flag}"
+
+
+def _at_least(n: float) -> Callable[[float], bool]:
+    return lambda v: v >= n
+
+
+def _unit(v: float) -> bool:
+    return 0.0 <= v < 1.0
+
+
+# Field -> (type, check, what the message says it must be). Every numeric field has a rule.
+_RULES: dict[str, tuple[type, Callable[[float], bool], str]] = {
+    **{name: (int, _at_least(1), "an integer >= 1")
+       for name in ("max_steps", "batch_size", "grad_accum", "eval_batches", "log_every", "keep_last")},
+    **{name: (int, _at_least(0), "an integer >= 0")
+       for name in ("block_size", "warmup_steps", "eval_every", "checkpoint_every", "early_stop", "loss_chunk", "seed")},
+    "lr": (float, lambda v: v > 0, "a positive number"),
+    "eps": (float, lambda v: v > 0, "a positive number"),
+    **{name: (float, _at_least(0), "a number >= 0") for name in ("min_lr", "weight_decay", "grad_clip", "time_budget")},
+    **{name: (float, _unit, "in [0, 1)") for name in ("beta1", "beta2", "momentum")},
+}
 
 
 DataFormat = Literal["auto", "text", "instruction", "chat"]
@@ -114,7 +145,7 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         if self.method not in ("full", "lora"):
             raise LmforgeError(f"--method must be full or lora, got {self.method!r}")
-        if self.retention_tolerance < 0:
+        if not self.retention_tolerance >= 0:
             raise LmforgeError(f"--retention-tolerance must be >= 0, got {self.retention_tolerance}")
         if not 0.0 <= self.replay < 1.0:
             raise LmforgeError(f"--replay must be in [0, 1), got {self.replay}")

@@ -125,6 +125,7 @@ def finetune(
     sample_count: int = 3,
     pause_at: int | None = None,
 ) -> dict:
+    cfg.check_schedule()
     with own_run_dir(out, "finetune", new=not (resume or resume_from), overwrite=overwrite) as run:
         return _finetune(run, model, data, ft, cfg, lora, val_data=val_data, resume=resume, resume_from=resume_from,
                          progress=progress, sample_count=sample_count, pause_at=pause_at)

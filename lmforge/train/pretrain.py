@@ -34,6 +34,7 @@ from lmforge.train.data import ShardBatches
 from lmforge.train.metrics import METRICS_FILE, read_metrics
 from lmforge.train.runlock import RunDir, own_run_dir
 from lmforge.train.trainer import Trainer, TrainResult, resume_checkpoint
+from lmforge.yamlio import read_yaml
 
 RUN_CONFIG = "config.yaml"
 SUMMARY = "summary.json"
@@ -47,10 +48,7 @@ def resolve_model_config(spec: str, overrides: dict[str, Any], vocab_size: int |
     if path.suffix in (".yaml", ".yml", ".json") or path.is_file():
         if not path.is_file():
             raise LmforgeError(f"--model {spec}: no such file")
-        try:
-            fields = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise LmforgeError(f"{spec}: invalid YAML ({e})") from None
+        fields = read_yaml(path, spec) or {}
         if not isinstance(fields, dict):
             raise LmforgeError(f"{spec}: expected a mapping of model settings")
         fields = fields.get("model", fields) if isinstance(fields.get("model"), dict) else fields
@@ -92,6 +90,7 @@ def pretrain(
     sample_tokens: int = 120,
     pause_at: int | None = None,
 ) -> dict:
+    cfg.check_schedule()
     with own_run_dir(out, "pretrain", new=not (resume or resume_from), overwrite=overwrite) as run:
         return _pretrain(run, data, model, cfg, model_overrides, resume, resume_from, progress,
                          sample_prompts, sample_tokens, pause_at)

@@ -8,7 +8,6 @@ the assistant turns only. Plain text (continued pretraining) trains on every tok
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -18,6 +17,7 @@ import torch
 
 from lmforge.chat import render_chat
 from lmforge.errors import LmforgeError
+from lmforge.jsonio import read_jsonl
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.config import DataFormat, Overlong
 
@@ -72,7 +72,7 @@ def record_to_messages(record: dict, where: str) -> tuple[str, list[dict] | None
             raise LmforgeError(f"{where}: 'text' must be a string")
         return "text", None, record["text"]
     raise LmforgeError(
-        f"{where}: unrecognised record (fields: {', '.join(sorted(record)) or 'none'}); expected messages, "
+        f"{where}: unrecognised record (fields: {', '.join(map(repr, sorted(record))) or 'none'}); expected messages, "
         "conversations, instruction/output or text"
     )
 
@@ -101,41 +101,32 @@ def load_examples(path: str | Path, tokenizer: Tokenizer, *, block_size: int, fm
         return _text_examples(path.read_text(encoding="utf-8", errors="replace"), str(path), tokenizer, block_size, stats), stats
     examples, texts = [], []
     seen_formats = set()
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
+    for lineno, record in read_jsonl(path, allow_empty=True):
+        where = f"{path}:{lineno}"
+        kind, messages, text = record_to_messages(record, where)
+        if fmt != "auto" and kind != fmt:
+            raise LmforgeError(f"{where}: a {kind} record in --data-format {fmt} data")
+        seen_formats.add(kind)
+        if kind == "text":
+            texts.append((text, where))
+            continue
+        _check_chat(messages, where)
+        try:
+            rendered = render_chat(tokenizer, messages)
+        except LmforgeError as e:
+            raise LmforgeError(f"{where}: {e}") from None
+        # +1: the window holds the inputs and, shifted by one, the targets.
+        ids, mask = rendered.ids, rendered.loss_mask
+        if len(ids) > block_size + 1:
+            if overlong == "drop":
+                stats.dropped += 1
                 continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LmforgeError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise LmforgeError(f"{where}: expected a JSON object")
-            kind, messages, text = record_to_messages(record, where)
-            if fmt != "auto" and kind != fmt:
-                raise LmforgeError(f"{where}: a {kind} record in --data-format {fmt} data")
-            seen_formats.add(kind)
-            if kind == "text":
-                texts.append((text, where))
+            ids, mask = ids[: block_size + 1], mask[: block_size + 1]
+            stats.truncated += 1
+            if not any(mask[1:]):
+                stats.dropped += 1  # truncation removed every assistant token
                 continue
-            _check_chat(messages, where)
-            try:
-                rendered = render_chat(tokenizer, messages)
-            except LmforgeError as e:
-                raise LmforgeError(f"{where}: {e}") from None
-            # +1: the window holds the inputs and, shifted by one, the targets.
-            ids, mask = rendered.ids, rendered.loss_mask
-            if len(ids) > block_size + 1:
-                if overlong == "drop":
-                    stats.dropped += 1
-                    continue
-                ids, mask = ids[: block_size + 1], mask[: block_size + 1]
-                stats.truncated += 1
-                if not any(mask[1:]):
-                    stats.dropped += 1  # truncation removed every assistant token
-                    continue
-            examples.append(Example(ids, mask, where))
+        examples.append(Example(ids, mask, where))
     if len(seen_formats) > 1:
         raise LmforgeError(f"{path}: mixes record formats ({', '.join(sorted(seen_formats))}); use one per file")
     stats.format = next(iter(seen_formats), "empty")
