@@ -96,6 +96,8 @@ def _tmp_name(path: Path) -> Path:
 
 def fsync_dir(path: Path) -> None:
     """Persist a rename: the directory entry itself must reach the disk."""
+    if os.name == "nt":  # Windows cannot open a folder as a file; NTFS journals the rename itself
+        return
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

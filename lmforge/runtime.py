@@ -8,7 +8,6 @@ from functools import lru_cache
 
 import torch
 
-from lmforge.allocator import keep_freed_heap_pages  # noqa: F401  (re-exported: the Trainer's import)
 from lmforge.errors import LmforgeError
 
 

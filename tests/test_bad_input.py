@@ -163,6 +163,17 @@ def test_train_flags_from_the_cli(cli, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+def test_default_warmup_fits_the_run():
+    """Unset, the warmup is 10% of the run, at most 100 steps: a short run needs no --warmup-steps,
+    and a resumed run that extends --max-steps keeps the warmup it was recorded with."""
+    import dataclasses
+
+    assert [TrainConfig(max_steps=n).warmup_steps for n in (4, 50, 1000, 5000)] == [0, 5, 100, 100]
+    TrainConfig(max_steps=4).check_schedule()
+    assert dataclasses.replace(TrainConfig(max_steps=50), max_steps=4000).warmup_steps == 5
+    assert FinetuneTrainConfig().warmup_steps == 5
+
+
 def test_eval_count_options(cli, tmp_path):
     # Before: --max-tokens -5 cut the last 5 tokens off (ids[:-5]); --limit -1 was "all".
     one_line_error(cli("eval", "ppl", "nomodel", "--data", tmp_path, "--max-tokens", "-5"), "--max-tokens must be an integer >= 0, got -5")

@@ -22,7 +22,7 @@ class TrainConfig:
     optimizer: OptimizerName = "adamw"  # adamw (decoupled weight decay) or sgd (with momentum)
     lr: float = 1e-3  # peak learning rate
     min_lr: float = 1e-4  # learning rate at the end of the decay
-    warmup_steps: int = 100  # linear warmup from 0 to lr
+    warmup_steps: int | None = None  # linear warmup from 0 to lr (default: 10% of max_steps, at most 100)
     schedule: Schedule = "cosine"  # decay after warmup: cosine, linear, or constant
     weight_decay: float = 0.1  # on 2-D weights only; never on norms, biases, embeddings
     beta1: float = 0.9  # AdamW first-moment decay
@@ -45,6 +45,9 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...
 
     def __post_init__(self) -> None:
+        if self.warmup_steps is None and isinstance(self.max_steps, int) and not isinstance(self.max_steps, bool):
+            # Resolved here, so config.yaml records the number and a resumed run keeps its schedule.
+            self.warmup_steps = min(100, self.max_steps // 10)
         for f in fields(self):
             value = getattr(self, f.name)
             rule = _RULES.get(f.name)

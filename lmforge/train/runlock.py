@@ -18,7 +18,6 @@ Pretraining and fine-tuning both open their --out with `own_run_dir`:
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
@@ -38,6 +37,32 @@ from lmforge.train.checkpoint import CHECKPOINTS, LATEST
 _LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old|del)-\d+")
 # Marks of an lmforge run: a dir holding neither is not one, and is never deleted.
 RUN_MARKS = ("config.yaml", LATEST)  # pretrain.RUN_CONFIG (which imports this module), checkpoint.LATEST
+
+
+if sys.platform == "win32":  # no flock there; msvcrt's byte-range lock is also dropped when its owner dies
+    import msvcrt
+
+    def _try_lock(fd: int) -> bool:
+        try:
+            os.lseek(fd, 0, os.SEEK_SET)
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+            return True
+        except OSError:
+            return False
+else:
+    import fcntl
+
+    def _try_lock(fd: int) -> bool:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+
+
+def _read_at_start(fd: int, n: int) -> bytes:
+    os.lseek(fd, 0, os.SEEK_SET)
+    return os.read(fd, n)
 
 
 def lock_path(run_dir: Path) -> Path:
@@ -76,10 +101,8 @@ class RunDir:
             lock.parent.mkdir(parents=True, exist_ok=True)
             while True:
                 fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    owner = _describe_owner(os.pread(fd, 4096, 0))
+                if not _try_lock(fd):
+                    owner = _describe_owner(_read_at_start(fd, 4096))
                     os.close(fd)
                     raise LmforgeError(f"{self.path}: in use by {owner}; wait for it to end or stop it "
                                        "(two runs in one dir would mix their checkpoints and logs)") from None
@@ -98,13 +121,17 @@ class RunDir:
         owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
                  "command": " ".join(["lmforge", self.command])}
         os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(owner).encode(), 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, json.dumps(owner).encode())
         self._fd = fd
 
     def _release(self) -> None:
         if self._fd is None:
             return
-        lock_path(self.path).unlink(missing_ok=True)  # before unlocking: see the retry in _acquire
+        try:
+            lock_path(self.path).unlink(missing_ok=True)  # before unlocking: see the retry in _acquire
+        except PermissionError:  # Windows keeps an open file; the next owner reuses it
+            pass
         os.close(self._fd)
         self._fd = None
         self._remove_made()

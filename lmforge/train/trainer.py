@@ -23,12 +23,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from lmforge.allocator import keep_freed_heap_pages
 from lmforge.errors import LmforgeError
 from lmforge.eval.perplexity import perplexity_from_nll
 from lmforge.fsutil import atomic_dir
 from lmforge.manifest import write_manifest
 from lmforge.progress import progress_bar
-from lmforge.runtime import autocast, keep_freed_heap_pages, measured_peak_flops, resolve_device, resolve_precision
+from lmforge.runtime import autocast, measured_peak_flops, resolve_device, resolve_precision
 from lmforge.train.checkpoint import checkpoint_name, latest_checkpoint, list_checkpoints, load_checkpoint_state, save_checkpoint
 from lmforge.train.config import TrainConfig
 from lmforge.train.metrics import MetricsLog
