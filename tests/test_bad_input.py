@@ -168,6 +168,8 @@ def test_default_warmup_fits_the_run():
     and a resumed run that extends --max-steps keeps the warmup it was recorded with."""
     import dataclasses
 
+    from lmforge.train.config import FinetuneTrainConfig, TrainConfig
+
     assert [TrainConfig(max_steps=n).warmup_steps for n in (4, 50, 1000, 5000)] == [0, 5, 100, 100]
     TrainConfig(max_steps=4).check_schedule()
     assert dataclasses.replace(TrainConfig(max_steps=50), max_steps=4000).warmup_steps == 5
