@@ -1,26 +1,29 @@
 """Few-row products on block-quantized weights, compiled by numba: y[r, o] = sum_i x[r, i] W[o, i].
 
 A decode step multiplies a handful of rows (1..8: one new token per sequence) by every weight
-matrix, so its cost is reading the weights; in a block format they are 3.6x (Q8_0) to 6.4x
+matrix, so its cost is reading the weights; in a block format they are 3.8x (Q8_0) to 7.1x
 (Q4_0) fewer bytes than fp32. The kernels read each block once, in place, for all the rows:
-its 32 values are decoded into a 32-entry scratch (L1-resident; the fp32 matrix is never
-built) and multiplied into every row while they are there, as lmforge.generate.kernels does
-with fp32 rows. Output rows are split among numba's threads in chunks (one scratch per chunk).
+a weight row's blocks are decoded into a scratch of K values (a few KB, in L1: the fp32 matrix
+is never built) and multiplied into every row of x while they are there, as
+lmforge.generate.kernels does with fp32 rows. Output rows are split among numba's threads in
+chunks of CHUNK (one scratch per chunk). One row has its own kernel; 2..8 rows run the 8-row
+kernel (padded with zero rows), more in blocks of 8.
 
-Two ways to multiply, both here so they can be measured against each other:
+Two ways to multiply, both here so they can be measured against each other (bench/bench_quant.py):
 
-- `linear`: fp32 activations times the decoded weights, y = sum_b d_b * (q_b . x_b)
-  (+ m_b * sum(x_b) for Q4_1, with the block sums of x computed once per call). Exact up to
-  fp32 rounding.
-- `linear_q8`: activations quantized per block of 32 to int8 with an fp32 scale (llama.cpp's
-  Q8_0 activation side; for Q4_1 the block sum of x is kept too, as its Q8_1 does), then
-  integer dot products per block, y = sum_b d_b * dx_b * (q_b . qx_b) (+ m_b * sum(x_b)). Each
-  activation moves by at most dx_b / 2, which bounds the error (tests check that bound).
+- `linear`: fp32 activations times the decoded weights (d q, + m for Q4_1, in fp32). Exact up
+  to fp32 rounding.
+- `linear_q8`: activations quantized per block of 32 to int8 with an fp32 scale dx (llama.cpp's
+  Q8_0 activation side; for Q4_1 the exact block sums of x are kept, as its Q8_1 keeps sums),
+  integer products q qx, y = sum_b d_b dx_b (q_b . qx_b) (+ m_b sum(x_b)). Each activation moves
+  by at most dx_b / 2, which bounds the error (the tests check that bound). Activations must be
+  finite (as everywhere in the decoder).
 
 fp16 scales are decoded by integer arithmetic: numba has no float16 type, and a 64K-entry table
 (ggml's way without F16C) would compete with the weights for cache. Reductions are reassociated
-for vectorisation as in the fp32 decode kernels (`fastmath` reassoc + contract only).
-Compiled on first use and cached on disk by numba.
+for vectorisation as in the fp32 decode kernels (`fastmath` reassoc + contract only). The code
+is whatever LLVM makes of the loops for the host CPU (AVX2 or AVX-512); NUMBA_CPU_NAME=haswell
+builds the AVX2 baseline. Compiled on first use (~20 s for all formats) and cached on disk.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ _POW2 = np.array([2.0**-24] + [2.0 ** (e - 25) for e in range(1, 31)] + [0.0], d
 _Q8_0, _Q4_0, _Q4_1 = 0, 1, 2  # the `kind` codes the compiled functions take
 _KIND = {"q8_0": _Q8_0, "q4_0": _Q4_0, "q4_1": _Q4_1}
 _BYTES_Q8_0, _BYTES_Q4_0, _BYTES_Q4_1 = (FORMATS[n].block_bytes for n in _KIND)  # numba freezes these
+
+
 @njit(fastmath=_FAST, cache=True)
 def _half(lo, hi):
     """Two little-endian bytes of an IEEE half -> float32 (exact; inf and NaN kept)."""
@@ -273,11 +278,6 @@ def _check(x: np.ndarray, w: QuantTensor) -> np.ndarray:
         raise ValueError(f"x {x.dtype} {x.shape} does not match {w.format.name} weights {w.shape} "
                          "(x fp32 [R, K], w [N, K])")
     return np.ascontiguousarray(x)
-
-
-def block_sums(x: np.ndarray) -> np.ndarray:
-    """Sums of x [R, K] over each block of 32 columns: [R, K // 32] (Q4_1's m multiplies these)."""
-    return np.ascontiguousarray(x.reshape(x.shape[0], -1, BLOCK).sum(axis=-1, dtype=np.float32))
 
 
 def linear(x: np.ndarray, w: QuantTensor) -> np.ndarray:
