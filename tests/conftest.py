@@ -130,3 +130,28 @@ def lmforge_test_home(tmp_path_factory):
     mp.setenv("LMFORGE_HOME", os.environ.get("LMFORGE_TEST_HOME") or str(tmp_path_factory.mktemp("lmforge-home")))
     yield registry.cache_dir()
     mp.undo()
+
+
+# A 2-layer model small enough for tests that train: the model file of the `shards` fixture.
+SMALL = {"n_layer": 2, "n_head": 2, "n_kv_head": 1, "n_embd": 32, "intermediate_size": 64, "block_size": 64,
+         "dropout": 0.1}
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory, stdlib_texts):
+    """(shards dir, model YAML): 30 stdlib files packed with a 300-token BPE, and the SMALL model.
+    Read-only: tests that train write their runs elsewhere."""
+    import yaml
+
+    from lmforge.data.pack import PackConfig, pack_corpus
+    from lmforge.tokenizer import TokenizerTrainConfig, save_tokenizer_dir, train_tokenizer
+
+    root = tmp_path_factory.mktemp("train")
+    docs = stdlib_texts[:30]
+    write_jsonl(root / "clean" / "part-00000.jsonl", [{"text": t} for t in docs])
+    tok = train_tokenizer(docs, TokenizerTrainConfig(vocab_size=300), show_progress=False)
+    save_tokenizer_dir(tok, root / "tok")
+    pack_corpus([root / "clean"], root / "tok", root / "shards", PackConfig(val_fraction=0.1, workers=1), progress=False)
+    model_file = root / "small.yaml"
+    model_file.write_text(yaml.safe_dump({"preset": "tiny", **SMALL}))
+    return root / "shards", model_file

@@ -24,7 +24,6 @@ from lmforge.train.checkpoint import latest_checkpoint, verify_checkpoint
 from lmforge.train.metrics import read_metrics
 from lmforge.train.runlock import lock_path
 from test_finetune_run import chats
-from test_train import shards  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_train import shards, small_cfg  # noqa: F401  (a module fixture: tiny shards + model file)
+from test_train import small_cfg
 
 from lmforge.errors import LmforgeError
 from lmforge.train.pretrain import pretrain

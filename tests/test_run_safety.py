@@ -24,7 +24,7 @@ from lmforge.train.metrics import read_metrics
 from lmforge.train.pretrain import pretrain
 from lmforge.train.runlock import lock_path, own_run_dir
 from test_finetune_run import cfg as ft_cfg, chats
-from test_train import _pretrain_proc, _wait_for_checkpoint, shards, small_cfg  # noqa: F401  (shards: a fixture)
+from test_train import _pretrain_proc, _wait_for_checkpoint, small_cfg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

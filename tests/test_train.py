@@ -29,21 +29,7 @@ from lmforge.train.optim import build_optimizer, lr_at
 from lmforge.train.pretrain import pretrain
 from lmforge.train.trainer import Trainer
 
-SMALL = {"n_layer": 2, "n_head": 2, "n_kv_head": 1, "n_embd": 32, "intermediate_size": 64, "block_size": 64,
-         "dropout": 0.1}
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory, stdlib_texts):
-    root = tmp_path_factory.mktemp("train")
-    docs = stdlib_texts[:30]
-    write_jsonl(root / "clean" / "part-00000.jsonl", [{"text": t} for t in docs])
-    tok = train_tokenizer(docs, TokenizerTrainConfig(vocab_size=300), show_progress=False)
-    save_tokenizer_dir(tok, root / "tok")
-    pack_corpus([root / "clean"], root / "tok", root / "shards", PackConfig(val_fraction=0.1, workers=1), progress=False)
-    model_file = root / "small.yaml"
-    model_file.write_text(yaml.safe_dump({"preset": "tiny", **SMALL}))
-    return root / "shards", model_file
+from conftest import SMALL  # noqa: E402  (the model of the `shards` fixture)
 
 
 def small_cfg(**kw) -> TrainConfig:
