@@ -2,6 +2,8 @@
 always eos ends at once; with min_new_tokens it cannot before N tokens, with ignore_eos it runs to
 max_new_tokens, on every path (batched rows, streaming, the numba decoder, pipeline, CLI)."""
 
+import json
+
 import pytest
 import torch
 
@@ -9,7 +11,9 @@ from lmforge.errors import LmforgeError
 from lmforge.generate.engine import Engine
 from lmforge.generate.params import SamplingParams
 from lmforge.generate.pipeline import TextGenerationPipeline
+from lmforge.interop.bundle import GENERATION_FILE
 from lmforge.interop.registry import load_model
+from lmforge.manifest import write_manifest
 from lmforge.model.io import save_model_dir
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -31,14 +35,19 @@ def eos_first(loaded):
 
 @pytest.fixture(scope="module")
 def eos_model_dir(tiny_gpt2_dir, tmp_path_factory):
+    """Its generation.json names eos as a stop token, as imported models' do: a model's own end
+    token, which ignore_eos passes, not one the request asked for."""
     loaded = eos_first(load_model(tiny_gpt2_dir))
-    return save_model_dir(loaded.model, tmp_path_factory.mktemp("eos") / "model", tokenizer=loaded.tokenizer)
+    path = save_model_dir(loaded.model, tmp_path_factory.mktemp("eos") / "model", tokenizer=loaded.tokenizer)
+    (path / GENERATION_FILE).write_text(json.dumps({"stop_token_ids": [loaded.tokenizer.eos_id]}))
+    write_manifest(path)
+    return path
 
 
 @pytest.fixture
 def engine(eos_model_dir):
     loaded = load_model(eos_model_dir)
-    return Engine(loaded.model, loaded.tokenizer)
+    return Engine(loaded.model, loaded.tokenizer, stop_token_ids=loaded.generation["stop_token_ids"])
 
 
 def test_without_the_options_greedy_stops_at_once(engine):
@@ -69,10 +78,7 @@ def test_ignore_eos_runs_to_max_new_tokens_and_keeps_eos(engine):
     for c in engine.generate(PROMPTS, SamplingParams(max_new_tokens=7, ignore_eos=True, **GREEDY)):
         assert c.ids == [eos] * 7 and c.finish_reason == "length"
         assert c.text == engine.tokenizer.decode([eos] * 7) and c.text  # kept as text
-
-
-def test_ignore_eos_keeps_the_requests_stop_token_ids_and_strings(engine):
-    eos = engine.tokenizer.eos_id
+    # The request's own stop tokens and stop strings still end it, as in vLLM.
     p = SamplingParams(max_new_tokens=7, ignore_eos=True, stop_token_ids=[eos], **GREEDY)
     assert engine.generate(["x"], p)[0].ids == []  # asked for by the request: still a stop (vLLM)
     eos_text = engine.tokenizer.decode([eos])
