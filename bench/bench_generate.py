@@ -81,11 +81,10 @@ def run_lmforge(model_dir: str) -> dict:
             return ""
 
     engine = Engine(model, NoTokenizer())
-    engine.stop_token_ids = []
 
-    def timed(prompts, n):
+    def timed(prompts, n):  # exactly n tokens per row, as transformers' min_new_tokens=n below
         start = time.perf_counter()
-        engine.generate_ids(prompts, SamplingParams(max_new_tokens=n, temperature=0.0, top_k=0))
+        engine.generate_ids(prompts, SamplingParams(max_new_tokens=n, temperature=0.0, top_k=0, ignore_eos=True))
         return time.perf_counter() - start
 
     return _measure(timed, cfg.vocab_size)

@@ -390,12 +390,14 @@ ModelArg = Annotated[str, typer.Argument(help="A model dir, a run dir (its best 
 
 
 def _sampling_from(ctx: typer.Context, params: SamplingParams, generation: dict) -> SamplingParams:
-    """A model dir's generation.json fills the sampling options the user did not give."""
+    """A model dir's generation.json fills the sampling options the user did not give. Its
+    stop_token_ids go to the Engine, not here: they are the model's end tokens, which
+    --ignore-eos passes, not stop tokens the user asked for."""
     from lmforge.generate.params import SamplingParams
 
     values = dataclasses.asdict(params)
     for key, value in generation.items():
-        if key in values and not given_on_command_line(ctx, key):
+        if key in values and key != "stop_token_ids" and not given_on_command_line(ctx, key):
             values[key] = value
     return SamplingParams(**values)
 

@@ -132,6 +132,23 @@ class Engine:
             )
         return prompt_ids
 
+    def _ending_ids(self, params: SamplingParams) -> list[int]:
+        """The token ids that end this generation. ignore_eos drops the model's own (eos,
+        end-of-turn, generation.json's) and keeps the request's stop_token_ids, as vLLM does."""
+        ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            ids.update(self.stop_token_ids)
+        return sorted(ids)
+
+    def _stop_floor(self, ids: list[int], params: SamplingParams) -> int | None:
+        """Stop strings count only from min_new_tokens on, and only those ending in the text of
+        token min_new_tokens or later (vLLM's rule): the length of the text before that token,
+        or None while fewer tokens are out."""
+        n = params.min_new_tokens
+        if len(ids) < n:
+            return None
+        return len(self.tokenizer.decode(ids[: n - 1])) if n > 1 else 0
+
     # -- the core loop -------------------------------------------------------------------
     def _prepare(self, prompts: list[list[int]], params: SamplingParams) -> "_Batch":
         """Left-pad the prompts; build the padding mask and positions when lengths differ."""
@@ -198,7 +215,12 @@ class Engine:
                decoder: "NumpyDecoder | None") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         device, B = self.device, b.ids.shape[0]
         generator = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
-        stop_ids = torch.tensor(self.stop_token_ids + list(params.stop_token_ids), dtype=torch.long, device=device)
+        stop_ids = torch.tensor(self._ending_ids(params), dtype=torch.long, device=device)
+        banned = None  # min_new_tokens: every stop token, even one ignore_eos lets through (as vLLM)
+        if params.min_new_tokens:
+            banned = torch.zeros(self.config.vocab_size, dtype=torch.bool, device=device)
+            ids = [i for i in set(self.stop_token_ids) | set(params.stop_token_ids) if 0 <= i < self.config.vocab_size]
+            banned[torch.tensor(ids, dtype=torch.long, device=device)] = True
         alive = torch.ones(B, dtype=torch.bool, device=device)
         cache = self._cache_for(B, b.total)
         longest = b.ids.shape[1]
@@ -209,6 +231,10 @@ class Engine:
             require_finite_logits(last, f"at generated token {step + 1}")
             if b.seen is not None:
                 last = apply_repetition_penalty(last.float(), b.seen, params.repetition_penalty)
+            if banned is not None and step < params.min_new_tokens:
+                # Every row is at the same step, and this is the one place either decoder's
+                # logits are sampled: greedy and sampling both pick among the other tokens.
+                last = last.masked_fill(banned, float("-inf"))
             nxt = next_tokens(last, params, generator)
             nxt = torch.where(alive, nxt, torch.full_like(nxt, b.pad))
             yield nxt, alive
@@ -235,7 +261,7 @@ class Engine:
         out: list[list[int]] = [[] for _ in range(B)]
         reasons = ["length"] * B
         done = [False] * B
-        stop_set = set(self.stop_token_ids) | set(params.stop_token_ids)
+        stop_set = set(self._ending_ids(params))
         for nxt, alive in self._run(prompts, params):
             for row, (tok, live) in enumerate(zip(nxt.tolist(), alive.tolist())):
                 if not live or done[row]:
@@ -244,14 +270,16 @@ class Engine:
                     done[row], reasons[row] = True, "stop"
                     continue
                 out[row].append(tok)
-                if params.stop and _find_stop(self.tokenizer.decode(out[row]), params.stop) is not None:
+                floor = self._stop_floor(out[row], params) if params.stop else None
+                if floor is not None and _find_stop(self.tokenizer.decode(out[row]), params.stop, floor) is not None:
                     done[row], reasons[row] = True, "stop"
             if params.stop and all(done):
                 break
         completions = []
         for row in range(B):
             text = self.tokenizer.decode(out[row])
-            cut = _find_stop(text, params.stop) if params.stop else None
+            floor = self._stop_floor(out[row], params) if params.stop else None
+            cut = _find_stop(text, params.stop, floor) if floor is not None else None
             if cut is not None:
                 text = text[:cut]
             completions.append(Completion(list(prompts[row]), out[row], text, reasons[row]))
@@ -267,7 +295,7 @@ class Engine:
         Text is held back while it ends in an incomplete UTF-8 character (byte-level tokens can
         split one) or could be the start of a stop string, so what is yielded is never taken back.
         """
-        stop_set = set(self.stop_token_ids) | set(params.stop_token_ids)
+        stop_set = set(self._ending_ids(params))
         generated: list[int] = []
         emitted = 0
         for nxt, _alive in self._run([prompt_ids], params):
@@ -276,7 +304,8 @@ class Engine:
                 break
             generated.append(tok)
             text = self.tokenizer.decode(generated)
-            cut = _find_stop(text, params.stop) if params.stop else None
+            floor = self._stop_floor(generated, params) if params.stop else None
+            cut = _find_stop(text, params.stop, floor) if floor is not None else None
             if cut is not None:
                 if cut > emitted:
                     yield text[emitted:cut]
@@ -450,8 +479,9 @@ class Engine:
         return out
 
 
-def _find_stop(text: str, stops: Sequence[str]) -> int | None:
-    hits = [i for i in (text.find(s) for s in stops if s) if i != -1]
+def _find_stop(text: str, stops: Sequence[str], floor: int = 0) -> int | None:
+    """Where the first stop string ending after text[:floor] begins, None if none does."""
+    hits = [i for i in (text.find(s, max(0, floor - len(s) + 1)) for s in stops if s) if i != -1]
     return min(hits) if hits else None
 
 

@@ -18,6 +18,8 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)  # stop when the text contains any of these
     stop_token_ids: list[int] = field(default_factory=list)  # extra token ids that end generation
     seed: int | None = None  # same seed, same text
+    min_new_tokens: int = 0  # no stop token or stop string ends the text before this many tokens
+    ignore_eos: bool = False  # go on past the model's eos / end-of-turn tokens (kept in the text) to max_new_tokens
 
     def __post_init__(self) -> None:
         if self.max_new_tokens <= 0:
@@ -30,6 +32,12 @@ class SamplingParams:
             raise LmforgeError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0.0 <= self.min_p < 1.0:
             raise LmforgeError(f"min_p must be in [0, 1), got {self.min_p}")
+        if isinstance(self.min_new_tokens, bool) or not isinstance(self.min_new_tokens, int) \
+                or not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise LmforgeError(f"min_new_tokens must be an integer in [0, max_new_tokens={self.max_new_tokens}], "
+                               f"got {self.min_new_tokens!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise LmforgeError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
         if self.repetition_penalty <= 0:
             raise LmforgeError(f"repetition_penalty must be positive, got {self.repetition_penalty}")
 

@@ -4,6 +4,7 @@ lmforge models, generating through the Engine.
     gen = lmforge.pipeline("text-generation", model="runs/quickstart/run")
     gen("def fibonacci(n):", max_new_tokens=50)            # [{"generated_text": "def fibonacci(n): ..."}]
     gen(["a", "b"], do_sample=True, seed=0)                 # [[{...}], [{...}]]
+    gen("x", max_new_tokens=64, min_new_tokens=64)          # exactly 64 tokens (or ignore_eos=True)
     gen([{"role": "user", "content": "Hi"}])                # [{"generated_text": [..., {"role": "assistant", ...}]}]
 """
 
@@ -19,7 +20,7 @@ from lmforge.interop.registry import LoadedModel, load_model
 
 TASKS = ("text-generation",)
 _SAMPLING_KEYS = {"max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "stop",
-                  "stop_token_ids", "seed", "do_sample"}
+                  "stop_token_ids", "seed", "do_sample", "min_new_tokens", "ignore_eos"}
 
 
 class TextGenerationPipeline:
