@@ -85,3 +85,23 @@ def test_averaging_micro_batch_means_would_differ(tmp_path):
     big_grads, _, _ = one_step(tmp_path, batch_size=8, grad_accum=1)
     worst = max(float((old[n] - big_grads[n]).abs().max()) for n in big_grads)
     assert worst > 1e-3, worst
+
+
+@pytest.mark.parametrize("chunk", [4, 1000])  # several chunks (recomputed in backward), and one
+def test_chunked_loss_on_the_reply_tokens_alone_equals_the_full_loss(chunk):
+    """The chunked loss computes the head only on rows under the loss: same loss and gradients."""
+    examples = variable_examples()
+    x, y = SFTBatches(examples, [], batch_size=8, grad_accum=1, pad_id=0, seed=3).train_batch(0, 0)
+    assert 0 < int((y != -100).sum()) < 0.6 * y.numel()  # the rest: prompts and padding
+    results = []
+    for loss_chunk in (0, chunk):
+        torch.manual_seed(0)
+        model = GPT(CFG)
+        model.loss_chunk = loss_chunk
+        loss = model(x, y)[1]
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (full, full_grads), (chunked, chunked_grads) = results
+    torch.testing.assert_close(chunked, full, atol=1e-6, rtol=0)
+    for name, g in full_grads.items():
+        torch.testing.assert_close(chunked_grads[name], g, atol=1e-6, rtol=1e-5, msg=name)
