@@ -91,7 +91,8 @@ class Checked(ft_mod.SFTBatches):
 
 ft_mod.SFTBatches = Checked
 cfg = FinetuneTrainConfig(max_steps={steps}, batch_size=16, block_size=512, lr={lr}, min_lr={lr}, warmup_steps=0,
-                          schedule="constant", eval_every=0, eval_batches=1, checkpoint_every=0, log_every=1, device="cpu")
+                          schedule="constant", eval_every=0, eval_batches=1, checkpoint_every=0, log_every=1, device="cpu",
+                          activation_checkpointing={ckpt})
 s = ft_mod.finetune("smollm2-135m-instruct", {data!r}, {out!r},
                     FinetuneConfig(method="lora", replay=0.0, retention_tolerance=0.0), cfg,
                     LoRAConfig(rank=16, alpha=32.0, dropout=0.0), val_data={val!r}, progress=False, sample_count=0)
@@ -103,7 +104,7 @@ rows = [r for r in read_metrics(__import__("pathlib").Path({out!r}) / "metrics.c
 # metrics.csv: tokens_per_s = the Trainer's tokens per step (batch x mean example length) / the
 # step's training seconds (evaluation and checkpoints excluded).
 step_seconds = [(s["tokens_seen"] / s["steps"]) / float(r["tokens_per_s"]) for r in rows]
-report("lmforge", step_seconds, tokens, trainable_params=s["trainable_params"])
+report({system!r}, step_seconds, tokens, trainable_params=s["trainable_params"])
 """
 
 HF_CHILD = TIMING + """
@@ -188,7 +189,7 @@ def peer_batches(tmp: Path, steps: int) -> tuple[Path, Path, Path]:
     return tmp / "train.jsonl", tmp / "val.jsonl", path
 
 
-def peer(steps: int, rounds: int) -> dict:
+def peer(steps: int, rounds: int, with_checkpointing: bool) -> dict:
     results: dict = {"setup": {"model": "smollm2-135m-instruct", "chats": 16, "batch": 16, "steps": steps, "rounds": rounds,
                                "lora": {"rank": 16, "alpha": 32, "dropout": 0.0, "targets": HF_TARGETS}, "lr": PEER_LR,
                                "precision": "fp32", "threads": 2}}
@@ -198,11 +199,13 @@ def peer(steps: int, rounds: int) -> dict:
         hf = tmp / "hf"
         subprocess.run([sys.executable, "-m", "lmforge", "convert", "smollm2-135m-instruct", str(hf), "--to", "hf"],
                        check=True, cwd=REPO, stdout=subprocess.DEVNULL)
-        runs: dict[str, list[dict]] = {"lmforge": [], "transformers+peft": []}
+        ours = {"lmforge": False, **({"lmforge, activation checkpointing": True} if with_checkpointing else {})}
+        runs: dict[str, list[dict]] = {**{name: [] for name in ours}, "transformers+peft": []}
         for r in range(rounds):  # interleaved: a busy spell hits both
-            code = LMFORGE_CHILD.format(steps=steps, data=str(train), val=str(val), out=str(tmp / f"lmforge-{r}"),
-                                        batches=str(batches), lr=PEER_LR)
-            runs["lmforge"].append(run_measured(code, env={"OMP_NUM_THREADS": "2"}))
+            for name, ckpt in ours.items():
+                code = LMFORGE_CHILD.format(steps=steps, data=str(train), val=str(val), out=str(tmp / f"lmforge-{r}-{ckpt}"),
+                                            batches=str(batches), lr=PEER_LR, ckpt=ckpt, system=name)
+                runs[name].append(run_measured(code, env={"OMP_NUM_THREADS": "2"}))
             code = HF_CHILD.format(steps=steps, batches=str(batches), hf=str(hf), targets=HF_TARGETS, lr=PEER_LR)
             runs["transformers+peft"].append(run_measured(code, env={"OMP_NUM_THREADS": "2"}))
     for system, rs in runs.items():
@@ -212,9 +215,10 @@ def peer(steps: int, rounds: int) -> dict:
             "peak_rss_mb": round(median(r["peak_rss_mb"] for r in rs), 1),
             "tokens_per_step": rs[0]["tokens_per_step"][1:], "trainable_params": rs[0]["trainable_params"], "runs": rs,
         }
-    ours, theirs = results["lmforge"], results["transformers+peft"]
-    results["speedup"] = round(ours["tokens_per_s"] / theirs["tokens_per_s"], 3)
-    results["rss_ratio"] = round(ours["peak_rss_mb"] / theirs["peak_rss_mb"], 3)
+    theirs = results["transformers+peft"]
+    for name in ours:  # vs the peer: tokens/s (want >= 1.2) and peak RSS (want <= 0.5)
+        results[name]["speedup"] = round(results[name]["tokens_per_s"] / theirs["tokens_per_s"], 3)
+        results[name]["rss_ratio"] = round(results[name]["peak_rss_mb"] / theirs["peak_rss_mb"], 3)
     return results
 
 
@@ -223,12 +227,13 @@ def main() -> None:
     ap.add_argument("--part", choices=("methods", "peer", "all"), default="all")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--rounds", type=int, default=3, help="peer: interleaved runs per system")
+    ap.add_argument("--with-checkpointing", action="store_true", help="peer: also lmforge with activation checkpointing")
     args = ap.parse_args()
     results = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": 2}}
     if args.part in ("methods", "all"):
         results["methods"] = methods(args.steps)
     if args.part in ("peer", "all"):
-        results["peer"] = peer(args.steps, args.rounds)
+        results["peer"] = peer(args.steps, args.rounds, args.with_checkpointing)
     print(json.dumps(results, indent=2))
 
 
