@@ -254,7 +254,7 @@ def handed_over(run_dir: Path, ft: FinetuneConfig, result: TrainResult) -> dict:
         return {"checkpoint": BEST_DIR, "step": result.best_step, "why": why}
     if ft.select == "best":
         why = ("no evaluation was kept as best (each passed the retention tolerance; --retention-guard), so the "
-               f"last step" if ft.retention_guard else "no evaluation ran, so the last step")
+               "last step" if ft.retention_guard else "no evaluation ran, so the last step")
     elif result.stopped_because == "max_steps":
         why = "final step (--select final)"
     else:
