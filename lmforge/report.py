@@ -30,7 +30,8 @@ def save_png(fig, path: Path, dpi: int = 110) -> Path:
 def plot_loss_curves(rows: list[dict], path: Path, *, baselines: dict[str, float] | None = None, title: str = "") -> Path:
     """Train and val loss against step (left), learning rate (right); dashed lines for baselines."""
     fig, (ax, ax_lr) = subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 1]})
-    for name, style in (("train_loss", "-"), ("val_loss", "o-")):
+    # retention_loss: fine-tuning's drift check (absent from pretraining runs, so not drawn there)
+    for name, style in (("train_loss", "-"), ("val_loss", "o-"), ("retention_loss", "s--")):
         steps, values = column(rows, name)
         if steps:
             ax.plot(steps, values, style, label=name.replace("_", " "), markersize=3)

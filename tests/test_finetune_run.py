@@ -48,7 +48,10 @@ def test_cli_lora_run_writes_small_adapters_that_load_on_their_base(cli, tiny_mo
     summary = json.loads((run / "summary.json").read_text())
     assert summary["method"] == "lora" and summary["best_val_loss"] < summary["start_val_loss"] - 0.25
     assert 0 < summary["trainable_params"] < summary["total_params"] / 5
-    best = run / "best"
+    # The final step is handed over (--select final, the default); no best/ to load instead.
+    assert summary["handed_over"] == {"checkpoint": "checkpoints/step-000008", "step": 8, "why": "final step (--select final)"}
+    assert "handed over: checkpoints/step-000008" in r.out and not (run / "best").exists()
+    best = run / "checkpoints" / "step-000008"
     assert (best / ADAPTER_FILE).is_file() and not (best / "model.safetensors").exists()
     assert (best / ADAPTER_FILE).stat().st_size < 4 * summary["trainable_params"] + 10_000  # the adapters alone
     meta = json.loads((best / ADAPTER_CONFIG).read_text())
@@ -80,8 +83,9 @@ def test_lora_resume_continues_exactly(tiny_model_dir, data, tmp_path):
 
 
 def test_full_finetune_trains_every_weight_and_saves_a_model_dir(tiny_model_dir, data, tmp_path):
-    s = finetune(str(tiny_model_dir), data, tmp_path / "run", FinetuneConfig(method="full"), cfg(lr=3e-3, max_steps=6),
-                 LoRAConfig(), progress=False, sample_count=1)
+    s = finetune(str(tiny_model_dir), data, tmp_path / "run", FinetuneConfig(method="full", select="best"),
+                 cfg(lr=3e-3, max_steps=6), LoRAConfig(), progress=False, sample_count=1)
+    assert s["handed_over"]["checkpoint"] == "best" and s["handed_over"]["step"] == s["best_step"]
     assert s["trainable_params"] == s["total_params"] and s["best_val_loss"] < s["start_val_loss"]
     best = tmp_path / "run" / "best"
     assert (best / "model.safetensors").is_file() and not (best / ADAPTER_FILE).exists()
@@ -123,10 +127,10 @@ def test_bad_input(cli, tiny_model_dir, data, tmp_path):
     # An adapter whose base has gone: the error names both.
     finetune(str(tiny_model_dir), data, tmp_path / "run", FinetuneConfig(), cfg(max_steps=2), LoRAConfig(rank=2),
              progress=False, sample_count=0)
-    meta_file = tmp_path / "run" / "best" / ADAPTER_CONFIG
+    meta_file = tmp_path / "run" / "checkpoints" / "step-000002" / ADAPTER_CONFIG
     meta = json.loads(meta_file.read_text())
     meta_file.write_text(json.dumps({**meta, "base_model": str(tmp_path / "gone")}))
-    with pytest.raises(LmforgeError, match=r"run/best: cannot load its base model .*gone"):
+    with pytest.raises(LmforgeError, match=r"step-000002: cannot load its base model .*gone"):
         load_model(tmp_path / "run")
 
 
@@ -153,7 +157,8 @@ def test_retention_guard_refuses_drifted_checkpoints(monkeypatch, tiny_model_dir
     monkeypatch.setattr(replay, "write_retention", contradicting_chats)
     monkeypatch.setattr(replay, "write_replay", lambda engine, count, path, **kw: fixed_chats(engine, path))
     base = str(tmp_path / "base")
-    strict = finetune(base, data, tmp_path / "strict", FinetuneConfig(retention_tolerance=0.05, replay=0.0),
+    strict = finetune(base, data, tmp_path / "strict", FinetuneConfig(retention_tolerance=0.05, replay=0.0, select="best",
+                                                                      retention_guard=True),
                       cfg(early_stop=2, max_steps=12), LoRAConfig(rank=4), progress=False, sample_count=0)
     rows = read_metrics(tmp_path / "strict" / "metrics.csv")
     retention = [float(r["retention_loss"]) for r in rows if r["retention_loss"]]

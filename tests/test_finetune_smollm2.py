@@ -1,8 +1,11 @@
 """The fine-tuning demo at small scale: inject facts about a product that does not exist into
 SmolLM2-135M-Instruct with LoRA, on CPU, with the default settings, and check that
 (a) held-out val loss falls by a clear margin, (b) greedy answers to paraphrased questions never
-trained on now hold the facts, where the base model's did not, and (c) unrelated control
-questions the base model answers right keep their answers.
+trained on now hold the facts, where the base model's did not, in the model the run hands over
+(its final step), and (c) unrelated control questions the base model answers right keep their
+answers there. It also calibrates the retention warning on behaviour: at every evaluation the
+controls are asked of that step's checkpoint, and the warning may fire only at a step where some
+control has actually degraded.
 
     .venv/bin/pytest -m slow tests/test_finetune_smollm2.py
 """
@@ -18,6 +21,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 from conftest import lmforge_test_home, write_jsonl  # noqa: E402
+from lmforge.train.metrics import read_metrics  # noqa: E402
 
 # The recipe's own helpers (examples/fact_injection): chats, greedy answers, the answer check.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "fact_injection"))
@@ -75,16 +79,38 @@ def test_lora_fact_injection_keeps_general_knowledge(cli, home, tmp_path):
     assert all(r["holds"] for r in base_controls), base_controls  # the premise of (c)
 
     run = tmp_path / "run"
+    # Every evaluation's checkpoint kept, to ask the controls of each (the defaults otherwise).
     r = cli("finetune", NAME, "--data", tmp_path / "train.jsonl", "--val-data", tmp_path / "val.jsonl", "-o", run,
-            "--no-progress")
+            "--checkpoint-every", 5, "--keep-last", 100, "--no-progress")
     assert r.code == 0, r.err
     summary = json.loads((run / "summary.json").read_text())
-    print(json.dumps({k: summary[k] for k in ("steps", "stopped_because", "start_val_loss", "best_val_loss",
-                                               "best_step", "tokens_per_s", "train_seconds")}))
-    assert summary["best_val_loss"] < 0.25 * summary["start_val_loss"]  # (a)
+    print(json.dumps({k: summary[k] for k in ("steps", "stopped_because", "start_val_loss", "best_val_loss", "val_loss",
+                                               "best_step", "retention_start", "retention_end", "retention_warned_at",
+                                               "handed_over", "tokens_per_s", "train_seconds")}))
+    assert summary["stopped_because"] == "max_steps" and summary["handed_over"]["step"] == summary["steps"]
+    assert summary["val_loss"] < 0.25 * summary["start_val_loss"]  # (a), of the handed-over model
 
     tuned_facts, tuned_controls = holding(str(run), heldout), holding(str(run), CONTROLS)
     print(json.dumps({"facts": tuned_facts, "controls": tuned_controls}, indent=1))
     learned = sum(r["holds"] for r in tuned_facts)
     assert learned >= len(heldout) - 1, tuned_facts  # (b): 5 of 6 at least
     assert all(r["holds"] for r in tuned_controls), tuned_controls  # (c)
+
+    # The retention warning, calibrated on behaviour: past the tolerance only where a control broke.
+    tolerance = summary["retention_tolerance"]
+    trace = []
+    for row in read_metrics(run / "metrics.csv"):
+        if not row["retention_loss"]:
+            continue
+        step = int(row["step"])
+        answers = holding(str(run / "checkpoints" / f"step-{step:06d}"), CONTROLS + heldout)
+        controls, facts = answers[: len(CONTROLS)], answers[len(CONTROLS):]
+        trace.append({"step": step, "retention": float(row["retention_loss"]),
+                      "over": float(row["retention_loss"]) > summary["retention_start"] + tolerance,
+                      "controls": sum(c["holds"] for c in controls), "facts": sum(f["holds"] for f in facts),
+                      "broken": [c["answer"] for c in controls if not c["holds"]]})
+    print(json.dumps({"retention_start": summary["retention_start"], "tolerance": tolerance, "trace": trace}, indent=1))
+    false_alarms = [t for t in trace if t["over"] and t["controls"] == len(CONTROLS)]
+    assert not false_alarms, false_alarms
+    first_over = next((t["step"] for t in trace if t["over"]), None)
+    assert summary["retention_warned_at"] == first_over

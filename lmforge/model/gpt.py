@@ -355,11 +355,20 @@ class GPT(nn.Module):
 
     def _chunked_loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         flat_h, flat_t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+        keep = flat_t != -100
+        count = keep.sum()
+        if int(count) < flat_t.shape[0]:
+            # Fine-tuning takes the loss on the replies only (often a quarter of a chat's tokens;
+            # none of the padding): the head's [tokens, vocab] matmuls, forward and backward, run
+            # on those rows alone. The same loss and gradients; pretraining keeps every row.
+            flat_h, flat_t = flat_h[keep], flat_t[keep]
+        if flat_h.shape[0] <= self.loss_chunk:  # one chunk: nothing to gain from recomputing it
+            return self._chunk_loss_sum(flat_h, flat_t) / count.clamp(min=1)
         total = h.new_zeros((), dtype=torch.float32)
         for i in range(0, flat_h.shape[0], self.loss_chunk):
             total = total + checkpoint(self._chunk_loss_sum, flat_h[i : i + self.loss_chunk],
                                        flat_t[i : i + self.loss_chunk], use_reentrant=False)
-        return total / (flat_t != -100).sum().clamp(min=1)
+        return total / count.clamp(min=1)
 
     @staticmethod
     def _attention_mask(attn_mask, T: int, start: int, device) -> torch.Tensor | bool | None:

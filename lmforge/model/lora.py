@@ -75,8 +75,13 @@ class LoRALinear(nn.Module):
         out = self.base(x)
         h = F.dropout(x, self.dropout, self.training) if self.dropout else x
         low = F.linear(h, self.lora_A)  # [..., g * r]
-        ups = [F.linear(part, b) for part, b in zip(low.split(self.rank, dim=-1), self.lora_B)]
-        return out + torch.cat(ups, dim=-1) * self.scale
+        # One fused out + scale * low @ B^T with B block-diagonal over the parts (q|k|v, gate|up):
+        # the per-part products, their concatenation, the scaling and the addition were four
+        # passes over [tokens, out] (cat and mul ~15% of a LoRA step on CPU); the zeros cost
+        # g x a rank-r matmul, small beside the base's.
+        up = self.lora_B[0] if len(self.lora_B) == 1 else torch.block_diag(*self.lora_B)
+        flat = torch.addmm(out.reshape(-1, out.shape[-1]), low.reshape(-1, low.shape[-1]), up.t(), alpha=self.scale)
+        return flat.view(out.shape)
 
 
 def apply_lora(model: GPT, cfg: LoRAConfig) -> list[str]:

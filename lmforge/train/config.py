@@ -105,6 +105,7 @@ _RULES: dict[str, tuple[type, Callable[[float], bool], str]] = {
 DataFormat = Literal["auto", "text", "instruction", "chat"]
 Overlong = Literal["truncate", "drop"]
 Method = Literal["full", "lora"]
+Select = Literal["final", "best"]
 
 
 @dataclass
@@ -125,7 +126,9 @@ class FinetuneTrainConfig(TrainConfig):
     eval_every: int = 5
     eval_batches: int = 50
     checkpoint_every: int = 20
-    early_stop: int = 3
+    # Off: the run hands over its final step (--select final), so stopping early would only cut
+    # short what the user asked for; --select best --early-stop N is the classic pairing.
+    early_stop: int = 0
     log_every: int = 1
     # Off by default: `finetune` turns it on when the batch's activations would pass 2 GiB or a
     # quarter of the free memory.
@@ -142,13 +145,23 @@ class FinetuneConfig:
     val_fraction: float = 0.1  # held-out share of the examples (ignored with --val-data)
     overlong: Overlong = "truncate"  # an example longer than --block-size: truncate it or drop it (counted)
     pack: bool = False  # pack short examples into shared rows (each still attends only to itself)
-    retention_tolerance: float = 0.25  # checkpoints whose loss on held-out base-model replies rose more than this (nats) are never kept as best (0 = off)
+    select: Select = "final"  # the checkpoint the run hands over (what loading RUN loads): final (the last step) or best (lowest val loss, kept as RUN/best)
+    retention_tolerance: float = 0.25  # warn when the loss on held-out base-model replies rises more than this (nats/token) above its start (0 = do not measure)
+    retention_guard: bool = False  # with --select best: a checkpoint past the tolerance is never kept as best, and counts toward --early-stop
     replay: float = 0.3  # share of training chats that are the base model's own replies to general prompts (against forgetting; 0 = off)
 
     def __post_init__(self) -> None:
         if self.method not in ("full", "lora"):
             raise LmforgeError(f"--method must be full or lora, got {self.method!r}")
+        if self.select not in ("final", "best"):
+            raise LmforgeError(f"--select must be final or best, got {self.select!r}")
         if not self.retention_tolerance >= 0:
             raise LmforgeError(f"--retention-tolerance must be >= 0, got {self.retention_tolerance}")
+        # The guard vetoes checkpoints from best/; the final step is handed over whatever it measures.
+        if self.retention_guard and self.select != "best":
+            raise LmforgeError("--retention-guard chooses among checkpoints, so it needs --select best "
+                               "(the final step is handed over whatever its retention loss)")
+        if self.retention_guard and self.retention_tolerance <= 0:
+            raise LmforgeError("--retention-guard needs a --retention-tolerance above 0")
         if not 0.0 <= self.replay < 1.0:
             raise LmforgeError(f"--replay must be in [0, 1), got {self.replay}")

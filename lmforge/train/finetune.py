@@ -4,12 +4,19 @@ What differs from pretraining is only the data (SFT examples with a loss mask), 
 train (all, or LoRA adapters on a frozen base) and what a checkpoint holds (a full model dir, or
 the adapters alone plus the name of the base). The loop, checkpoints, exact resume, logs and the
 report are the pretraining ones.
+
+What a run hands over (what loading the run dir loads) is its final step by default, as the HF
+Trainer and litgpt do: the user asked for those steps. `--select best` hands over the lowest val
+loss instead (RUN/best). The retention loss (drift from the base model's answers) is a proxy, so
+it is measured and warned about, and vetoes checkpoints only when asked (`--retention-guard`).
+summary.json's `handed_over` says which checkpoint that is and why.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -30,7 +37,7 @@ from lmforge.train.metrics import METRICS_FILE, read_metrics
 from lmforge.train.pretrain import RUN_CONFIG, SUMMARY
 from lmforge.train.runlock import RunDir, own_run_dir
 from lmforge.train.sft import SFTBatches, load_examples, split_examples
-from lmforge.train.trainer import RetentionGuard, Trainer, resume_checkpoint
+from lmforge.train.trainer import BEST_DIR, RetentionCheck, Trainer, TrainResult, resume_checkpoint
 
 def write_generation_defaults(loaded: LoadedModel, folder: Path) -> None:
     if loaded.generation:
@@ -69,8 +76,9 @@ def _rehearsal(run_dir: Path, ft: FinetuneConfig, data_format: str, n_train: int
         print(f"[finetune] replay: {len(replay)} chats of the base model's own replies to general prompts "
               f"({100 * len(replay) / (n_train + len(replay)):.0f}% of training examples; {run_dir / REPLAY_FILE})", flush=True)
     if retention:
-        print(f"[finetune] retention check: loss on {len(retention)} held-out replies of the base model may rise by at most "
-              f"{ft.retention_tolerance} ({run_dir / RETENTION_FILE})", flush=True)
+        then = "never kept as best beyond that (--retention-guard)" if ft.retention_guard else "a warning beyond that"
+        print(f"[finetune] retention check: loss on {len(retention)} held-out replies of the base model, scored at every "
+              f"evaluation; tolerance +{ft.retention_tolerance} nats/token, {then} ({run_dir / RETENTION_FILE})", flush=True)
     return replay, retention
 
 
@@ -187,18 +195,22 @@ def _finetune(run: RunDir, model: str, data: str | Path, ft: FinetuneConfig, cfg
     batches = SFTBatches(train, val, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
                          pad_id=tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0), seed=cfg.seed,
                          pack=ft.pack, block_size=block_size)
-    guard = None
+    check = None
     if retention:
-        guard = RetentionGuard(SFTBatches(retention, retention, batch_size=cfg.batch_size, grad_accum=1,
-                                          pad_id=batches.pad_id, seed=cfg.seed), ft.retention_tolerance)
+        check = RetentionCheck(SFTBatches(retention, retention, batch_size=cfg.batch_size, grad_accum=1,
+                                          pad_id=batches.pad_id, seed=cfg.seed), ft.retention_tolerance, ft.retention_guard)
+    if ft.select == "final" and (run_dir / BEST_DIR).exists():
+        # Left by an earlier --select best leg of this run: loading the run dir would pick it first.
+        print(f"[finetune] --select final: removing {run_dir / BEST_DIR} so that the run dir loads its final step", flush=True)
+        shutil.rmtree(run_dir / BEST_DIR)
     mean_len = sum(len(e.ids) for e in train) / len(train)
     trainer = Trainer(
         net, cfg, batches, run_dir, write_model=write_model,
         param_groups=net.configure_optimizer_groups(cfg.weight_decay),
         # LoRA computes no weight gradients for the frozen base: ~4N of the 6N FLOPs per token.
         flops_per_token=net.flops_per_token(block_size) * (4 / 6 if ft.method == "lora" else 1.0),
-        tokens_per_step=int(cfg.batch_size * cfg.grad_accum * mean_len), progress=progress, retention=guard,
-        on_checkpoint=run.checkpointed,
+        tokens_per_step=int(cfg.batch_size * cfg.grad_accum * mean_len), progress=progress, retention=check,
+        keep_best=ft.select == "best", on_checkpoint=run.checkpointed,
     )
     start_val = trainer.evaluate() if ckpt is None else None
     result = trainer.fit(resume_from=ckpt, pause_at=pause_at)
@@ -210,8 +222,11 @@ def _finetune(run: RunDir, model: str, data: str | Path, ft: FinetuneConfig, cfg
         "best_val_loss": result.best_val_loss, "best_step": result.best_step, "val_loss": result.val_loss,
         "retention_start": result.retention_start,
         "retention_end": next((h["retention_loss"] for h in reversed(result.history) if "retention_loss" in h), None),
+        "retention_tolerance": ft.retention_tolerance if retention else None,
+        "retention_warned_at": result.retention_warned_at,
         "tokens_seen": result.tokens_seen, "train_seconds": round(result.train_seconds, 2),
         "tokens_per_s": round(result.tokens_per_s, 1), "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+        "handed_over": handed_over(run_dir, ft, result),
     }
     samples = _samples(run_dir, val, tok, sample_count)
     summary["samples"] = [{"prompt": p, "reply": r} for p, r in samples]
@@ -222,10 +237,14 @@ def _finetune(run: RunDir, model: str, data: str | Path, ft: FinetuneConfig, cfg
         ("examples (train + replay / val)", f"{len(train) - len(replay)} + {len(replay)} / {len(val)} "
                                            f"({stats.truncated} truncated, {stats.dropped} dropped)"),
         ("steps", f"{result.step} ({result.stopped_because})"),
+        ("handed over", f"{summary['handed_over']['checkpoint']}: {summary['handed_over']['why']}"),
         ("val loss before / best", f"{start_val:.4f} / {result.best_val_loss:.4f} (step {result.best_step})"
          if start_val is not None and result.best_val_loss is not None else None),
         ("val perplexity before / best", f"{perplexity(start_val):.2f} / {perplexity(result.best_val_loss):.2f}"
          if start_val is not None and result.best_val_loss is not None else None),
+        ("retention loss start / end", f"{summary['retention_start']:.4f} / {summary['retention_end']:.4f} (tolerance "
+         f"+{ft.retention_tolerance}; " + (f"passed at step {result.retention_warned_at})" if result.retention_warned_at
+                                          else "never passed)") if summary["retention_end"] is not None else None),
         ("throughput", f"{result.tokens_per_s:,.0f} tokens/s"),
     ]
     report = write_training_report(run_dir, "Fine-tuning report", facts, read_metrics(run_dir / METRICS_FILE),
@@ -235,15 +254,32 @@ def _finetune(run: RunDir, model: str, data: str | Path, ft: FinetuneConfig, cfg
     return summary
 
 
+def handed_over(run_dir: Path, ft: FinetuneConfig, result: TrainResult) -> dict:
+    """Which checkpoint loading the run dir gives (RUN/best if it exists, else RUN/latest's
+    checkpoint: see interop.registry.resolve_model_dir), and why that one."""
+    final = result.checkpoint.name if result.checkpoint else None
+    if ft.select == "best" and (run_dir / BEST_DIR).exists():
+        why = f"lowest val loss ({result.best_val_loss:.4f} at step {result.best_step}; --select best"
+        why += ", among checkpoints within the retention tolerance)" if ft.retention_guard else ")"
+        return {"checkpoint": BEST_DIR, "step": result.best_step, "why": why}
+    if ft.select == "best":
+        why = ("no evaluation was kept as best (each passed the retention tolerance; --retention-guard), so the "
+               "last step" if ft.retention_guard else "no evaluation ran, so the last step")
+    elif result.stopped_because == "max_steps":
+        why = "final step (--select final)"
+    else:
+        why = f"last step: the run stopped before --max-steps ({result.stopped_because}) (--select final)"
+    return {"checkpoint": f"checkpoints/{final}", "step": result.step, "why": why}
+
+
 def _samples(run_dir: Path, val, tok, count: int) -> list[tuple[str, str]]:
-    """Greedy replies of the best model to the first held-out prompts."""
+    """Greedy replies of the handed-over model to the first held-out prompts."""
     from lmforge.generate.engine import Engine
     from lmforge.generate.sampling import SamplingParams
 
-    best = run_dir / "best"
-    if not best.exists() or not val or count <= 0:
+    if not val or count <= 0:
         return []
-    model = load_model(best).model
+    model = load_model(run_dir).model
     engine = Engine(model, tok)
     out = []
     for e in val[:count]:
@@ -261,9 +297,17 @@ def describe(summary: dict) -> str:
         f"{summary['method']} fine-tune of {summary['base_model']}: {summary['trainable_params']:,} trainable parameters",
         f"steps {summary['steps']} ({summary['stopped_because']}), {summary['tokens_per_s']:,.0f} tokens/s",
     ]
-    if summary["start_val_loss"] is not None and summary["best_val_loss"] is not None:
-        lines.append(f"val loss {summary['start_val_loss']:.4f} -> {summary['best_val_loss']:.4f} "
-                     f"(perplexity {perplexity(summary['start_val_loss']):.2f} -> {perplexity(summary['best_val_loss']):.2f})")
+    start, best, last = summary["start_val_loss"], summary["best_val_loss"], summary["val_loss"]
+    if start is not None and best is not None:
+        lines.append(f"val loss {start:.4f} -> best {best:.4f} at step {summary['best_step']}"
+                     + (f", last {last:.4f}" if last is not None else "")
+                     + f" (perplexity {perplexity(start):.2f} -> {perplexity(best):.2f})")
+    if summary.get("retention_end") is not None:
+        lines.append(f"retention loss {summary['retention_start']:.4f} -> {summary['retention_end']:.4f} (tolerance "
+                     f"+{summary['retention_tolerance']}" + (f"; passed at step {summary['retention_warned_at']})"
+                                                             if summary["retention_warned_at"] else ")"))
+    h = summary["handed_over"]
+    lines.append(f"handed over: {h['checkpoint']} (step {h['step']}): {h['why']}")
     lines.append(f"report: {summary['report']}")
     return "\n".join(lines)
 

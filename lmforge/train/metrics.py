@@ -11,7 +11,7 @@ from lmforge.fsutil import atomic_file
 from lmforge.train.tbevents import ScalarWriter
 
 COLUMNS = ["step", "train_loss", "val_loss", "val_ppl", "lr", "tokens_per_s", "mfu", "grad_norm", "tokens_seen", "elapsed_s",
-           "retention_loss"]  # retention_loss: fine-tuning's drift check (see trainer.RetentionGuard)
+           "retention_loss"]  # retention_loss: fine-tuning's drift check (see trainer.RetentionCheck)
 METRICS_FILE = "metrics.csv"
 
 

@@ -10,7 +10,8 @@ learning).
 
 The same kind of chats on prompts never trained on (`retention.jsonl`) measure the drift: their
 loss starts low (they are the base model's own words) and rises as the model forgets; the
-Trainer's RetentionGuard refuses to keep a checkpoint whose retention loss rose too far.
+Trainer's RetentionCheck warns once when the retention loss rises past a tolerance (and, with
+--retention-guard, refuses to keep such a checkpoint as best).
 
 The replies are generated once, at the start of a run, and saved in the run dir (a resumed run
 reads them back, so it trains and checks on exactly the same examples).

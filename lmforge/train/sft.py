@@ -201,14 +201,18 @@ class SFTBatches:
     def _order(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(len(self._rows))
 
-    def train_batch(self, step: int, micro: int):
+    def rows_at(self, step: int, micro: int) -> list[list[Example]]:
+        """The rows (each one example, or several packed) of micro-batch `micro` of `step`."""
         n = len(self._rows)
         start = (step * self.grad_accum + micro) * self.batch_size
         rows = []
         for k in range(start, start + self.batch_size):
             epoch, i = divmod(k, n)
             rows.append(self._rows[self._order(epoch)[i]])
-        return collate(rows, self.pad_id)
+        return rows
+
+    def train_batch(self, step: int, micro: int):
+        return collate(self.rows_at(step, micro), self.pad_id)
 
     def val_batches(self) -> Iterator:
         for i in range(0, len(self.val), self.batch_size):

@@ -3,9 +3,13 @@ the batches (`BatchSource`), which parameters train, and how the model is writte
 
 Per optimizer step: `grad_accum` micro-batches forward/backward (under autocast when bf16),
 gradient clipping, a finite-loss check, the optimizer step with the scheduled learning rate.
+The loss of a step is the mean over every token under the loss in its micro-batches together
+(each micro-batch's mean is weighted by its token count), so accumulating variable-length SFT
+batches gives the gradient of one large batch.
 Around it: metrics every `log_every` steps, evaluation every `eval_every` (best model kept in
-RUN/best), checkpoints every `checkpoint_every`, early stopping, a time budget, and a clean stop
-with a final checkpoint on SIGINT/SIGTERM.
+RUN/best unless the caller hands over the final step instead), checkpoints every
+`checkpoint_every`, early stopping, a time budget, and a clean stop with a final checkpoint on
+SIGINT/SIGTERM.
 """
 
 from __future__ import annotations
@@ -66,17 +70,20 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     retention_start: float | None = None
     signal: int | None = None  # the signal that stopped the run (stopped_because "interrupted")
+    retention_warned_at: int | None = None  # the first step whose retention loss passed the tolerance
 
 
 @dataclass
-class RetentionGuard:
-    """A second held-out set that measures drift, not progress: the loss on it may rise by at
-    most `tolerance` (nats per token) over its value before training. An evaluation past that is
-    never kept as the best model and counts toward early stopping, however much val loss fell.
+class RetentionCheck:
+    """A second held-out set that measures drift, not progress: its loss, scored at every
+    evaluation, should rise by at most `tolerance` (nats per token) over its value before
+    training. Passing it prints one warning. With `guard`, an evaluation past it is also never
+    kept as the best model and counts toward early stopping, however much val loss fell.
     Fine-tuning uses the base model's own replies to general prompts (lmforge.train.replay)."""
 
     data: "BatchSource"  # only its val_batches() are read
     tolerance: float
+    guard: bool = False
 
 
 class _StopFlag:
@@ -130,11 +137,15 @@ class Trainer:
         flops_per_token: float,
         tokens_per_step: int,
         progress: bool = True,
-        retention: RetentionGuard | None = None,
+        retention: RetentionCheck | None = None,
+        keep_best: bool = True,
         on_checkpoint: Callable[[Path], None] | None = None,
     ):
         self.model = model
         self.retention = retention
+        # False when the caller hands over the final step: best/ would then be a second,
+        # unasked-for model that loading the run dir picks up first.
+        self.keep_best = keep_best
         self.cfg = cfg
         self.data = data
         self.run_dir = Path(run_dir)
@@ -178,6 +189,13 @@ class Trainer:
         extra = {k: v.to(self.device, non_blocking=True) for k, v in (rest[0] if rest else {}).items()}
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), extra
 
+    def _drift_warning(self, step: int, retention: float, start: float) -> str:
+        then = ("checkpoints past it are not kept as best (--retention-guard)" if self.retention.guard else
+                "training goes on (--retention-guard with --select best makes this a veto)")
+        return (f"[lmforge] warning: step {step}: retention loss {retention:.4f} rose {retention - start:.4f} above its "
+                f"start {start:.4f} (tolerance {self.retention.tolerance}): replies to general prompts are drifting "
+                f"from the base model's; {then}")
+
     def _save_best(self) -> None:
         with atomic_dir(self.run_dir / BEST_DIR, overwrite=True) as tmp:
             self.write_model(tmp)
@@ -187,7 +205,7 @@ class Trainer:
     def fit(self, resume_from: Path | None = None, pause_at: int | None = None) -> TrainResult:
         cfg = self.cfg
         state = {"tokens_seen": 0, "best_val_loss": None, "best_step": None, "evals_since_best": 0, "train_seconds": 0.0,
-                 "retention_start": None}
+                 "retention_start": None, "retention_warned_at": None}
         step = 0
         if resume_from is not None:
             state.update(load_checkpoint_state(resume_from, self.optimizer))
@@ -221,12 +239,17 @@ class Trainer:
                     lr = lr_at(step, cfg)
                     set_lr(self.optimizer, lr)
                     loss_sum = torch.zeros((), device=self.device)
-                    for micro in range(cfg.grad_accum):
-                        x, y, extra = self._to_device(self.data.train_batch(step, micro))
+                    micro_batches = [self.data.train_batch(step, micro) for micro in range(cfg.grad_accum)]
+                    for batch, weight in zip(micro_batches, _token_weights(micro_batches)):
+                        if weight == 0.0:
+                            continue  # no token under the loss: its mean would be 0/0
+                        x, y, extra = self._to_device(batch)
                         with autocast(self.device, self.precision):
                             _, loss = self.forward_model(x, y, **extra)
-                        (loss / cfg.grad_accum).backward()
-                        loss_sum += loss.detach()
+                        # weight is exactly 1.0 when micro-batches hold equal token counts
+                        # (pretraining), which keeps those losses and gradients bit-identical.
+                        (loss * weight / cfg.grad_accum).backward()
+                        loss_sum += loss.detach() * weight
                     grad_norm = None
                     if cfg.grad_clip > 0:
                         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip, foreach=True)
@@ -260,21 +283,23 @@ class Trainer:
                     if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps or over_budget:
                         val_loss = self.evaluate()
                         row.update(val_loss=val_loss, val_ppl=perplexity_from_nll(val_loss))
-                        drifted = False
+                        vetoed = False
                         if self.retention is not None:
                             retention = self.evaluate(self.retention.data)
                             row["retention_loss"] = retention
                             drifted = retention > state["retention_start"] + self.retention.tolerance
-                            if drifted:
-                                tqdm.write(f"[lmforge] step {step}: retention loss {retention:.4f} is more than "
-                                           f"{self.retention.tolerance} above its start ({state['retention_start']:.4f}): "
-                                           "the model is drifting from its base answers; not kept as best")
-                        if not drifted and (state["best_val_loss"] is None or val_loss < state["best_val_loss"]):
+                            vetoed = drifted and self.retention.guard
+                            if drifted and state["retention_warned_at"] is None:
+                                state["retention_warned_at"] = step
+                                tqdm.write(self._drift_warning(step, retention, state["retention_start"]))
+                        if not vetoed and (state["best_val_loss"] is None or val_loss < state["best_val_loss"]):
                             state.update(best_val_loss=val_loss, best_step=step, evals_since_best=0)
-                            self._save_best()
+                            if self.keep_best:
+                                self._save_best()
                         else:
                             state["evals_since_best"] += 1
-                            if cfg.early_stop and state["evals_since_best"] >= cfg.early_stop:
+                            # At the last requested step nothing is cut short: that is max_steps.
+                            if cfg.early_stop and state["evals_since_best"] >= cfg.early_stop and step < cfg.max_steps:
                                 stopped, stop_now = "early_stop", True
                     if row:
                         row.update(tokens_seen=state["tokens_seen"], elapsed_s=round(time.perf_counter() - run_start, 3))
@@ -301,10 +326,22 @@ class Trainer:
         return TrainResult(
             step=step, stopped_because=stopped, train_loss=train_loss, val_loss=val_loss,
             best_val_loss=state["best_val_loss"], best_step=state["best_step"], tokens_seen=state["tokens_seen"],
-            retention_start=state["retention_start"],
+            retention_start=state["retention_start"], retention_warned_at=state["retention_warned_at"],
             train_seconds=train_seconds, tokens_per_s=state["tokens_seen"] / max(train_seconds, 1e-9) if step else 0.0,
             mfu=mfu, checkpoint=last_ckpt, history=history, signal=stop.signum if stopped == "interrupted" else None,
         )
+
+
+def _token_weights(micro_batches: list[tuple]) -> list[float]:
+    """Per micro-batch: its tokens under the loss x grad_accum / all of the step's such tokens.
+    A micro-batch's loss is a mean over its own tokens; scaled by this and divided by grad_accum,
+    the step's loss is sum(token losses) / all tokens, as one large batch would give (averaging
+    the micro-batch means instead over-weights the tokens of short examples)."""
+    counts = [int((batch[1] != -100).sum()) for batch in micro_batches]
+    total = sum(counts)
+    if total == 0 or all(n == counts[0] for n in counts):
+        return [1.0] * len(counts)
+    return [n * len(counts) / total for n in counts]
 
 
 def resume_checkpoint(run_dir: Path, resume: bool, resume_from: str | None) -> Path | None:
