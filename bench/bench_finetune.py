@@ -72,7 +72,8 @@ def report(system, step_seconds, tokens, **extra):
 """
 
 LMFORGE_CHILD = TIMING + """
-import lmforge  # first, as the CLI does: it turns on huge-page allocation before torch loads
+from lmforge.allocator import use_huge_pages
+use_huge_pages()  # first, as the CLI does: huge-page allocation must be on before torch loads
 import torch
 torch.set_num_threads(2)
 from safetensors.torch import load_file
