@@ -8,9 +8,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import yaml
 
-from conftest import leftovers, write_jsonl
+from conftest import leftovers
 from lmforge.fsutil import DiskFullError, atomic_dir, atomic_file, atomic_path, is_disk_full
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -58,20 +57,9 @@ def assert_disk_full(r, path: Path):
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory, stdlib_texts):
-    from lmforge.data.pack import PackConfig, pack_corpus
-    from lmforge.tokenizer import TokenizerTrainConfig, save_tokenizer_dir, train_tokenizer
-
-    root = tmp_path_factory.mktemp("diskfull")
-    docs = stdlib_texts[:30]
-    write_jsonl(root / "raw" / "a.jsonl", [{"text": t} for t in docs])
-    tok = train_tokenizer(docs, TokenizerTrainConfig(vocab_size=300), show_progress=False)
-    save_tokenizer_dir(tok, root / "tok")
-    pack_corpus([root / "raw"], root / "tok", root / "shards", PackConfig(val_fraction=0.1, workers=1), progress=False)
-    model_file = root / "small.yaml"
-    model_file.write_text(yaml.safe_dump({"preset": "tiny", "n_layer": 1, "n_head": 2, "n_kv_head": 1, "n_embd": 32,
-                                          "intermediate_size": 64, "block_size": 64}))
-    return root
+def corpus(shards):
+    """The shared tiny corpus: clean/ (JSONL), tok/, shards/ and small.yaml under one folder."""
+    return shards[0].parent
 
 
 # -- the helpers -------------------------------------------------------------------------------------
@@ -109,10 +97,10 @@ def test_clean(cli, corpus, tmp_path, monkeypatch):
     from lmforge.data import clean
 
     out = tmp_path / "clean"
-    assert cli("clean", corpus / "raw", "-o", out, "--workers", "1", "--no-progress", "--shard-mb", "0.05").code == 0
+    assert cli("clean", corpus / "clean", "-o", out, "--workers", "1", "--no-progress", "--shard-mb", "0.05").code == 0
     before = snapshot(out)
     seen = fail_after(monkeypatch, clean.JsonlShardWriter, "write", calls=5)
-    r = cli("clean", corpus / "raw", "-o", out, "--workers", "1", "--no-progress", "--overwrite", "--shard-mb", "0.05")
+    r = cli("clean", corpus / "clean", "-o", out, "--workers", "1", "--no-progress", "--overwrite", "--shard-mb", "0.05")
     assert seen["failed"] == 1
     assert_disk_full(r, out)
     assert snapshot(out) == before and leftovers(tmp_path) == []
@@ -122,7 +110,7 @@ def test_pack(cli, corpus, tmp_path, monkeypatch):
     from lmforge.data import pack
 
     out = tmp_path / "shards"
-    args = ("pack", corpus / "raw", "--tokenizer", corpus / "tok", "-o", out, "--val-fraction", "0.1", "--workers", "1", "--no-progress")
+    args = ("pack", corpus / "clean", "--tokenizer", corpus / "tok", "-o", out, "--val-fraction", "0.1", "--workers", "1", "--no-progress")
     assert cli(*args).code == 0
     before = snapshot(out)
     seen = fail_after(monkeypatch, pack.ShardWriter, "write", calls=1)
@@ -233,7 +221,7 @@ def test_real_full_tmpfs_convert(cli, tiny_model_dir, tmpfs, to):
 def test_real_full_tmpfs_clean(cli, corpus, tmpfs):
     out = tmpfs / "clean"
     fill(tmpfs, leave=50_000)  # the cleaned corpus is several hundred KB
-    r = cli("clean", corpus / "raw", "-o", out, "--workers", "1", "--no-progress")
+    r = cli("clean", corpus / "clean", "-o", out, "--workers", "1", "--no-progress")
     assert_disk_full(r, out)
     assert not out.exists() and leftovers(tmpfs) == []
 
@@ -246,10 +234,10 @@ def test_a_raw_enospc_outside_the_atomic_writers_is_still_one_line(cli, corpus, 
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "metrics.csv"))
 
     monkeypatch.setattr(clean, "clean_corpus", full)
-    assert_disk_full(cli("clean", corpus / "raw", "-o", tmp_path / "c", "--no-progress"), tmp_path / "metrics.csv")
+    assert_disk_full(cli("clean", corpus / "clean", "-o", tmp_path / "c", "--no-progress"), tmp_path / "metrics.csv")
     def broken(*_a, **_k):
         raise OSError(errno.EIO, "I/O error")
 
     monkeypatch.setattr(clean, "clean_corpus", broken)
     with pytest.raises(OSError, match="I/O error"):  # not every OSError is a full disk
-        cli("clean", corpus / "raw", "-o", tmp_path / "c", "--no-progress")
+        cli("clean", corpus / "clean", "-o", tmp_path / "c", "--no-progress")
