@@ -97,20 +97,55 @@ def test_lora_fact_injection_keeps_general_knowledge(cli, home, tmp_path):
     assert all(r["holds"] for r in tuned_controls), tuned_controls  # (c)
 
     # The retention warning, calibrated on behaviour: past the tolerance only where a control broke.
-    tolerance = summary["retention_tolerance"]
+    trace = retention_trace(run, summary, CONTROLS, heldout)
+    false_alarms = [t for t in trace if t["over"] and t["controls"] == len(CONTROLS)]
+    assert not false_alarms, false_alarms
+    first_over = next((t["step"] for t in trace if t["over"]), None)
+    assert summary["retention_warned_at"] == first_over
+
+
+def retention_trace(run: Path, summary: dict, controls: list, facts: list) -> list[dict]:
+    """At every evaluation: the retention loss, whether it was past the tolerance, and how many of
+    the controls and held-out facts that step's checkpoint answers right (greedy)."""
     trace = []
     for row in read_metrics(run / "metrics.csv"):
         if not row["retention_loss"]:
             continue
         step = int(row["step"])
-        answers = holding(str(run / "checkpoints" / f"step-{step:06d}"), CONTROLS + heldout)
-        controls, facts = answers[: len(CONTROLS)], answers[len(CONTROLS):]
+        answers = holding(str(run / "checkpoints" / f"step-{step:06d}"), controls + facts)
+        got_controls, got_facts = answers[: len(controls)], answers[len(controls):]
         trace.append({"step": step, "retention": float(row["retention_loss"]),
-                      "over": float(row["retention_loss"]) > summary["retention_start"] + tolerance,
-                      "controls": sum(c["holds"] for c in controls), "facts": sum(f["holds"] for f in facts),
-                      "broken": [c["answer"] for c in controls if not c["holds"]]})
-    print(json.dumps({"retention_start": summary["retention_start"], "tolerance": tolerance, "trace": trace}, indent=1))
-    false_alarms = [t for t in trace if t["over"] and t["controls"] == len(CONTROLS)]
-    assert not false_alarms, false_alarms
-    first_over = next((t["step"] for t in trace if t["over"]), None)
-    assert summary["retention_warned_at"] == first_over
+                      "over": float(row["retention_loss"]) > summary["retention_start"] + summary["retention_tolerance"],
+                      "controls": sum(c["holds"] for c in got_controls), "facts": sum(f["holds"] for f in got_facts),
+                      "broken": [c["answer"] for c in got_controls if not c["holds"]]})
+    print(json.dumps({"retention_start": summary["retention_start"], "tolerance": summary["retention_tolerance"],
+                      "warned_at": summary["retention_warned_at"], "trace": trace}, indent=1))
+    return trace
+
+
+def test_retention_warning_fires_where_controls_break(cli, home, tmp_path):
+    """Issue 13's reproduction: 16 chats of the kettle set, --max-steps 20 --lr 1e-3 --batch-size 16.
+    Measured (2026-12-02, 2 cores): the retention loss 0.478 -> 0.540 (+0.06) at step 5 with 6/6
+    controls, 0.805 (+0.33) at step 10 with 3/6 ("A week is 4 days.", "... in Celsius is 104."),
+    2/6 at step 20. The warning (tolerance 0.25) must fire, never at a step whose controls are
+    intact, and no later than the first step where a control broke."""
+    from make_data import build
+
+    sets = build()
+    write_jsonl(tmp_path / "train.jsonl", sets["train"][:16])
+    write_jsonl(tmp_path / "val.jsonl", sets["val"])
+    controls = [(c["question"], c["expect"]) for c in sets["controls"]]
+    facts = [(h["question"], h["expect"]) for h in sets["heldout"]]
+    assert all(r["holds"] for r in holding(NAME, controls))  # the premise: the base model answers them
+    run = tmp_path / "run"
+    r = cli("finetune", NAME, "--data", tmp_path / "train.jsonl", "--val-data", tmp_path / "val.jsonl", "-o", run,
+            "--max-steps", 20, "--lr", "1e-3", "--batch-size", 16, "--eval-every", 5, "--checkpoint-every", 5,
+            "--keep-last", 100, "--no-progress")
+    assert r.code == 0, r.err
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["handed_over"]["step"] == 20 and summary["stopped_because"] == "max_steps"
+    trace = retention_trace(run, summary, controls, facts)
+    assert not [t for t in trace if t["over"] and t["controls"] == len(controls)]  # no false alarm
+    first_broken = next((t["step"] for t in trace if t["controls"] < len(controls)), None)
+    assert first_broken is not None, trace  # the premise of the other half: this run does forget
+    assert summary["retention_warned_at"] is not None and summary["retention_warned_at"] <= first_broken, trace
