@@ -38,7 +38,8 @@ def read_references(paths: Sequence[str | os.PathLike]) -> list[list[str]]:
     line (one file per reference stream); a JSONL file gives, per line, a list of references
     (or an object with `references`, a list, or `reference`, a string). Several files are
     joined example by example, so they must have the same number of lines."""
-    from lmforge.eval.io import is_jsonl, read_jsonl, read_lines
+    from lmforge.eval.io import is_jsonl, read_lines
+    from lmforge.jsonio import read_jsonl
 
     if not paths:
         raise LmforgeError("give at least one --ref file")
@@ -170,7 +171,7 @@ class BleuGenerateConfig:
 
 def read_pairs(path: str | os.PathLike, limit: int = 0) -> tuple[list[str], list[list[str]]]:
     """pairs.jsonl: {"source": str, "reference": str | [str, ...]} (or "references") per line."""
-    from lmforge.eval.io import read_jsonl
+    from lmforge.jsonio import read_jsonl
 
     sources, refs = [], []
     for lineno, obj in read_jsonl(path):

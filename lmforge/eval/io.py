@@ -1,4 +1,4 @@
-"""Reading evaluation inputs with errors that name the file and line: text, lines, JSONL (lmforge.jsonio)."""
+"""Reading evaluation inputs with errors that name the file and line: text and lines (JSONL: lmforge.jsonio)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from pathlib import Path
 
 from lmforge.errors import LmforgeError
 from lmforge.fsutil import sha256_file
-from lmforge.jsonio import read_jsonl  # noqa: F401  (the one JSONL reader, for the eval modules)
 
 
 def _open_bytes(path: Path) -> bytes:

@@ -155,7 +155,8 @@ def load_stream(data: str | Path, tokenizer, text_field: str = "text", max_token
     """A text file (.txt, .md, .py, ...: the whole file), a JSONL file (its documents' `text_field`,
     joined with a blank line as transformers' guide joins WikiText) or a shards dir (its val split,
     which must come from the model's tokenizer)."""
-    from lmforge.eval.io import is_jsonl, read_jsonl, read_text
+    from lmforge.eval.io import is_jsonl, read_text
+    from lmforge.jsonio import read_jsonl
 
     path = Path(data)
     if path.is_dir():

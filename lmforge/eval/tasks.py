@@ -104,7 +104,7 @@ def resolve_tasks(specs: Sequence[str], limit: int = 0) -> list[Task]:
 
 
 def load_task(path: str | os.PathLike, name: str | None = None, limit: int = 0) -> Task:
-    from lmforge.eval.io import read_jsonl
+    from lmforge.jsonio import read_jsonl
     from lmforge.fsutil import sha256_file
 
     path = Path(path)
