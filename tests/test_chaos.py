@@ -52,7 +52,10 @@ def wait_and_kill(proc: subprocess.Popen, out: Path, rng: random.Random, every: 
     mode = rng.choice(["step", "step", "checkpoint", "best", "start"])
     if mode == "start":  # while loading, settling leftovers, validating
         deadline = time.perf_counter() + rng.uniform(0.5, 4.0)
-        while time.perf_counter() < deadline and proc.poll() is None:
+        begun = last_logged_step(out / "metrics.csv")
+        # Start-up ends with the first step logged: on a fast machine the delay could otherwise
+        # run dozens of steps, and the run would finish before it had been killed 20 times.
+        while time.perf_counter() < deadline and proc.poll() is None and last_logged_step(out / "metrics.csv") <= begun:
             time.sleep(0.005)
     else:
         target = last_logged_step(out / "metrics.csv") + rng.randint(1, 4)
