@@ -94,7 +94,7 @@ class Checked(ft_mod.SFTBatches):
 ft_mod.SFTBatches = Checked
 cfg = FinetuneTrainConfig(max_steps={steps}, batch_size=16, block_size=512, lr={lr}, min_lr={lr}, warmup_steps=0,
                           schedule="constant", eval_every=0, eval_batches=1, checkpoint_every=0, log_every=1, device="cpu",
-                          activation_checkpointing={ckpt})
+                          activation_checkpointing={ckpt}, heap={heap!r})
 s = ft_mod.finetune("smollm2-135m-instruct", {data!r}, {out!r},
                     FinetuneConfig(method="lora", replay=0.0, retention_tolerance=0.0), cfg,
                     LoRAConfig(rank=16, alpha=32.0, dropout=0.0), val_data={val!r}, progress=False, sample_count=0)
@@ -191,7 +191,7 @@ def peer_batches(tmp: Path, steps: int) -> tuple[Path, Path, Path]:
     return tmp / "train.jsonl", tmp / "val.jsonl", path
 
 
-def peer(steps: int, rounds: int, with_checkpointing: bool) -> dict:
+def peer(steps: int, rounds: int, with_checkpointing: bool, with_heap_released: bool) -> dict:
     results: dict = {"setup": {"model": "smollm2-135m-instruct", "chats": 16, "batch": 16, "steps": steps, "rounds": rounds,
                                "lora": {"rank": 16, "alpha": 32, "dropout": 0.0, "targets": HF_TARGETS}, "lr": PEER_LR,
                                "precision": "fp32", "threads": 2}}
@@ -201,12 +201,15 @@ def peer(steps: int, rounds: int, with_checkpointing: bool) -> dict:
         hf = tmp / "hf"
         subprocess.run([sys.executable, "-m", "lmforge", "convert", "smollm2-135m-instruct", str(hf), "--to", "hf"],
                        check=True, cwd=REPO, stdout=subprocess.DEVNULL)
-        ours = {"lmforge": False, **({"lmforge, activation checkpointing": True} if with_checkpointing else {})}
+        # name -> (activation checkpointing, heap policy); "lmforge" is the default fine-tune
+        ours = {"lmforge": (False, "keep"),
+                **({"lmforge, --heap release": (False, "release")} if with_heap_released else {}),
+                **({"lmforge, activation checkpointing": (True, "keep")} if with_checkpointing else {})}
         runs: dict[str, list[dict]] = {**{name: [] for name in ours}, "transformers+peft": []}
         for r in range(rounds):  # interleaved: a busy spell hits both
-            for name, ckpt in ours.items():
-                code = LMFORGE_CHILD.format(steps=steps, data=str(train), val=str(val), out=str(tmp / f"lmforge-{r}-{ckpt}"),
-                                            batches=str(batches), lr=PEER_LR, ckpt=ckpt, system=name)
+            for i, (name, (ckpt, heap)) in enumerate(ours.items()):
+                code = LMFORGE_CHILD.format(steps=steps, data=str(train), val=str(val), out=str(tmp / f"lmforge-{r}-{i}"),
+                                            batches=str(batches), lr=PEER_LR, ckpt=ckpt, heap=heap, system=name)
                 runs[name].append(run_measured(code, env={"OMP_NUM_THREADS": "2"}))
             code = HF_CHILD.format(steps=steps, batches=str(batches), hf=str(hf), targets=HF_TARGETS, lr=PEER_LR)
             runs["transformers+peft"].append(run_measured(code, env={"OMP_NUM_THREADS": "2"}))
@@ -230,12 +233,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--rounds", type=int, default=3, help="peer: interleaved runs per system")
     ap.add_argument("--with-checkpointing", action="store_true", help="peer: also lmforge with activation checkpointing")
+    ap.add_argument("--with-heap-released", action="store_true", help="peer: also lmforge with --heap release")
     args = ap.parse_args()
     results = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": 2}}
     if args.part in ("methods", "all"):
         results["methods"] = methods(args.steps)
     if args.part in ("peer", "all"):
-        results["peer"] = peer(args.steps, args.rounds, args.with_checkpointing)
+        results["peer"] = peer(args.steps, args.rounds, args.with_checkpointing, args.with_heap_released)
     print(json.dumps(results, indent=2))
 
 

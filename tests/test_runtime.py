@@ -46,3 +46,24 @@ def test_freed_heap_pages_are_not_faulted_back_in():
     assert kept < default / 20, (kept, default)
     # Scoped: once the block is left, the process's allocator returns freed memory again.
     assert after > 1000, after
+
+
+# The other policy: a live buffer among freed ones; with the heap kept, the freed ones stay resident.
+RELEASE_CHILD = """
+import json, sys
+import psutil
+from lmforge.allocator import HEAP_POLICIES
+with HEAP_POLICIES[sys.argv[1]]():
+    bufs = [bytearray(4 << 20) for _ in range(50)]  # 200 MB, every page touched
+    keep = bufs[-1]  # the last one stays alive, above the others in the heap
+    del bufs
+    print(json.dumps(psutil.Process().memory_info().rss / 2**20))
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="a glibc setting")
+def test_release_returns_freed_buffers_to_the_system():
+    rss = {mode: json.loads(subprocess.run([sys.executable, "-c", RELEASE_CHILD, mode], capture_output=True, text=True,
+                                           check=True).stdout) for mode in ("keep", "release")}
+    # keep: the 196 MB freed below the live buffer stay resident; release: each went back when freed
+    assert rss["keep"] - rss["release"] > 150, rss

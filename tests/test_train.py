@@ -79,6 +79,16 @@ def test_resume_continues_exactly(shards, tmp_path):
     assert rest["tokens_seen"] == full["tokens_seen"] == 12 * 4 * 32
 
 
+def test_heap_release_changes_memory_not_numbers(shards, tmp_path):
+    """--heap release only changes where glibc puts freed buffers: the same losses, to the bit,
+    and the run records the setting (a resume keeps it)."""
+    data, model_file = shards
+    pretrain(data, str(model_file), tmp_path / "keep", small_cfg(max_steps=4), progress=False, sample_tokens=2)
+    pretrain(data, str(model_file), tmp_path / "release", small_cfg(max_steps=4, heap="release"), progress=False, sample_tokens=2)
+    assert losses(tmp_path / "keep") == losses(tmp_path / "release")
+    assert "heap: release" in (tmp_path / "release" / "config.yaml").read_text()
+
+
 def test_run_dir_contents(shards, tmp_path):
     data, model_file = shards
     s = pretrain(data, str(model_file), tmp_path / "r", small_cfg(), progress=False, sample_tokens=8)

@@ -8,10 +8,11 @@ choices this model allows, per layer:
 
     d * s*b * (6h + 2kv)     norm_1 input, qkv input, q, k (kv wide), v (kv wide),
                              attention output (= proj input), norm_2 input, fc input
-  + d * s*b * 2h             rmsnorm only: it runs as separate ops (in fp32, as HF does), so
-                             each of the two norms also keeps its normalised input
+  + d * s*b * 2h             rmsnorm in 16-bit weights only: it runs as separate ops (in fp32,
+                             as HF does), so each of the two norms also keeps its normalised
+                             input (fp32 weights take lmforge.model.fused, which keeps x alone)
   + d * s*b * m*I            MLP hidden of width I: gelu keeps its input and output (m = 2);
-                             swiglu keeps gate, silu(gate), up and their product (m = 4)
+                             swiglu keeps gate|up (lmforge.model.fused) and their product (m = 3)
   + 2 * k * s*b*h            two dropout masks on the residual branches (if dropout > 0)
   + attention scores         fused SDPA (flash / memory-efficient): only a fp32 log-sum-exp,
                              4*a*s*b; materialised: softmax output and its dropout output,
@@ -26,7 +27,7 @@ CUDA and on the CPU without attention dropout; with dropout the CPU takes the ma
 
 For GPT-2 (kv = h, I = 4h, gelu, dropout) at d = 2 with materialised attention this is exactly
 the paper's 34*s*b*h + 5*a*s^2*b. Outside the layers: the final norm's input and output
-(2*d*s*b*h, 3*d*s*b*h for rmsnorm), the embedding dropout mask (k*s*b*h) and the logits (see `logits`). With activation checkpointing each layer keeps only
+(2*d*s*b*h; 3*d*s*b*h for rmsnorm in 16-bit), the embedding dropout mask (k*s*b*h) and the logits (see `logits`). With activation checkpointing each layer keeps only
 its input (d*s*b*h) and one layer's activations exist at a time, during its recomputation.
 """
 
@@ -50,9 +51,9 @@ def activation_bytes_per_layer(config: ModelConfig, batch_size: int, seq_len: in
     """The per-layer formula from the module docstring."""
     s, b, d, k = seq_len, batch_size, dtype_bytes, dropout_mask_bytes
     h, a, kv, i = config.n_embd, config.n_head, config.n_kv_head * config.head_dim, config.intermediate_size
-    m = 4 if config.mlp == "swiglu" else 2
+    m = 3 if config.mlp == "swiglu" else 2
     dropout = config.dropout > 0
-    rms = 2 * h if config.norm == "rmsnorm" else 0
+    rms = 2 * h if config.norm == "rmsnorm" and d != 4 else 0
     n = d * s * b * (6 * h + 2 * kv + rms) + d * s * b * m * i
     if dropout:
         n += 2 * k * s * b * h
@@ -92,7 +93,7 @@ def estimate_memory(config: ModelConfig, batch_size: int, seq_len: int, *, optim
         activations = config.n_layer * d * s * b * h + layer
     else:
         activations = config.n_layer * layer
-    activations += (3 if config.norm == "rmsnorm" else 2) * d * s * b * h  # final norm
+    activations += (3 if config.norm == "rmsnorm" and d != 4 else 2) * d * s * b * h  # final norm
     if config.dropout > 0:
         activations += dropout_mask_bytes * s * b * h  # embedding dropout
     # Logits in the model dtype, their fp32 copy for the loss (when not fp32 already), and the

@@ -27,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from lmforge.errors import LmforgeError
 from lmforge.model.attention import short_causal_attention, uses_short_kernel
 from lmforge.model.config import ModelConfig
+from lmforge.model.fused import rms_norm, swiglu
 
 
 def _sdpa_supports_gqa() -> bool:
@@ -53,8 +54,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _FUSED_RMS_NORM and x.dtype == torch.float32:  # one kernel, same arithmetic
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        if _FUSED_RMS_NORM and x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return rms_norm(x, self.weight, self.eps)  # one kernel; in training, keeps only x for backward
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -213,8 +214,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc(x)
         if self.swiglu:
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
+            h = swiglu(h)  # silu(gate) * up; in training, keeps only h for backward
         else:
             h = F.gelu(h, approximate=self.gelu_approximate)
         h = self.proj(h)

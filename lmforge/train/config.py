@@ -11,6 +11,7 @@ from lmforge.errors import LmforgeError
 OptimizerName = Literal["adamw", "sgd"]
 Schedule = Literal["cosine", "linear", "constant"]
 Precision = Literal["auto", "fp32", "bf16"]
+Heap = Literal["keep", "release"]
 
 
 @dataclass
@@ -42,6 +43,9 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute block activations in backward: less memory, ~30% more compute
     loss_chunk: int = 0  # compute the loss over this many tokens at a time (0 = all at once): big vocabularies need it
     time_budget: float = 0.0  # stop after this many seconds of training (0 = no limit)
+    # keep: no page faults, but the heap's holes between kept activations count as resident;
+    # release: resident = live memory, for the page faults of re-mapping big buffers every step
+    heap: Heap = "keep"  # keep: freed memory stays mapped for the next step (fastest); release: buffers >= 1 MB are returned when freed (least memory)
     device: str = "auto"  # auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...
 
     def __post_init__(self) -> None:
@@ -61,7 +65,7 @@ class TrainConfig:
         if self.min_lr > self.lr:
             raise LmforgeError(f"{train_flag('min_lr')} ({self.min_lr}) must not exceed {train_flag('lr')} ({self.lr})")
         for name, allowed in (("optimizer", ("adamw", "sgd")), ("schedule", ("cosine", "linear", "constant")),
-                              ("precision", ("auto", "fp32", "bf16"))):
+                              ("precision", ("auto", "fp32", "bf16")), ("heap", ("keep", "release"))):
             if getattr(self, name) not in allowed:
                 raise LmforgeError(f"{train_flag(name)} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
 

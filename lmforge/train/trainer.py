@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from lmforge.allocator import keep_freed_heap_pages
+from lmforge.allocator import HEAP_POLICIES
 from lmforge.errors import LmforgeError
 from lmforge.eval.perplexity import perplexity_from_nll
 from lmforge.fsutil import atomic_dir
@@ -232,7 +232,7 @@ class Trainer:
                 self.on_checkpoint(folder)
             return folder
 
-        with _StopFlag() as stop, keep_freed_heap_pages():
+        with _StopFlag() as stop, HEAP_POLICIES[cfg.heap]():
             try:
                 while step < cfg.max_steps:
                     step_start = time.perf_counter()
