@@ -191,7 +191,7 @@ def peer_batches(tmp: Path, steps: int) -> tuple[Path, Path, Path]:
     return tmp / "train.jsonl", tmp / "val.jsonl", path
 
 
-def peer(steps: int, rounds: int, with_checkpointing: bool, with_heap_released: bool) -> dict:
+def peer(steps: int, rounds: int, with_checkpointing: bool, heaps: list[str]) -> dict:
     results: dict = {"setup": {"model": "smollm2-135m-instruct", "chats": 16, "batch": 16, "steps": steps, "rounds": rounds,
                                "lora": {"rank": 16, "alpha": 32, "dropout": 0.0, "targets": HF_TARGETS}, "lr": PEER_LR,
                                "precision": "fp32", "threads": 2}}
@@ -202,8 +202,8 @@ def peer(steps: int, rounds: int, with_checkpointing: bool, with_heap_released: 
         subprocess.run([sys.executable, "-m", "lmforge", "convert", "smollm2-135m-instruct", str(hf), "--to", "hf"],
                        check=True, cwd=REPO, stdout=subprocess.DEVNULL)
         # name -> (activation checkpointing, heap policy); "lmforge" is the default fine-tune
-        ours = {"lmforge": (False, "keep"),
-                **({"lmforge, --heap release": (False, "release")} if with_heap_released else {}),
+        ours = {"lmforge": (False, "pool"),
+                **{f"lmforge, --heap {heap}": (False, heap) for heap in heaps},
                 **({"lmforge, activation checkpointing": (True, "keep")} if with_checkpointing else {})}
         runs: dict[str, list[dict]] = {**{name: [] for name in ours}, "transformers+peft": []}
         for r in range(rounds):  # interleaved: a busy spell hits both
@@ -233,13 +233,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--rounds", type=int, default=3, help="peer: interleaved runs per system")
     ap.add_argument("--with-checkpointing", action="store_true", help="peer: also lmforge with activation checkpointing")
-    ap.add_argument("--with-heap-released", action="store_true", help="peer: also lmforge with --heap release")
+    ap.add_argument("--heaps", default="", help="peer: also lmforge with these --heap policies (comma-separated: keep,release)")
     args = ap.parse_args()
     results = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": 2}}
     if args.part in ("methods", "all"):
         results["methods"] = methods(args.steps)
     if args.part in ("peer", "all"):
-        results["peer"] = peer(args.steps, args.rounds, args.with_checkpointing, args.with_heap_released)
+        results["peer"] = peer(args.steps, args.rounds, args.with_checkpointing, [h for h in args.heaps.split(",") if h])
     print(json.dumps(results, indent=2))
 
 

@@ -110,4 +110,13 @@ def release_freed_buffers(mmap_threshold: int = 1 << 20, trim_threshold: int = 6
     return heap_settings(mmap_threshold, trim_threshold)
 
 
-HEAP_POLICIES = {"keep": keep_freed_heap_pages, "release": release_freed_buffers}
+# "pool": the heap kept as for "keep"; the Trainer moves saved activations out of it
+# (lmforge.train.saved_pool) and trims it after every step.
+HEAP_POLICIES = {"keep": keep_freed_heap_pages, "release": release_freed_buffers, "pool": keep_freed_heap_pages}
+
+
+def trim_heap() -> bool:
+    """Return the heap's free pages to the kernel now (glibc's malloc_trim(0)); False where the C
+    library is not glibc. Free chunks in the middle of the heap go too, not only its top."""
+    libc = _glibc()
+    return bool(libc.malloc_trim(0)) if libc is not None else False

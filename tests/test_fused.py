@@ -81,3 +81,24 @@ def test_inference_takes_the_plain_kernels():
     with torch.no_grad():
         torch.testing.assert_close(rms_norm(x, w, 1e-5), F.rms_norm(x, (16,), w, 1e-5), rtol=0, atol=0)
     assert saved_numel(rms_norm, x, w, 1e-5) == 0
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 1000])
+@pytest.mark.parametrize("weight_grad", [True, False])
+def test_linear_cross_entropy_matches_the_plain_loss(chunk, weight_grad):
+    from lmforge.model.fused import linear_cross_entropy_sum
+
+    torch.manual_seed(3)
+    h = torch.randn(10, 16, requires_grad=True)
+    w = torch.randn(50, 16).requires_grad_(weight_grad)
+    t = torch.randint(0, 50, (10,))
+    loss = linear_cross_entropy_sum(h, w, t, chunk) / 10
+    ref = F.cross_entropy(h @ w.t(), t)
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+    wrt = [h, w] if weight_grad else [h]
+    for got, want in zip(torch.autograd.grad(2 * loss, wrt), torch.autograd.grad(2 * ref, wrt)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # evaluation: the loss alone, no gradient work kept
+        torch.testing.assert_close(linear_cross_entropy_sum(h, w, t, chunk) / 10, ref.detach(), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="fp32"):
+        linear_cross_entropy_sum(h.double(), w.double(), t, chunk)

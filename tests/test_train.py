@@ -79,14 +79,15 @@ def test_resume_continues_exactly(shards, tmp_path):
     assert rest["tokens_seen"] == full["tokens_seen"] == 12 * 4 * 32
 
 
-def test_heap_release_changes_memory_not_numbers(shards, tmp_path):
-    """--heap release only changes where glibc puts freed buffers: the same losses, to the bit,
-    and the run records the setting (a resume keeps it)."""
+def test_heap_policies_change_memory_not_numbers(shards, tmp_path):
+    """--heap release and pool only change where memory lives (glibc's policy; saved activations
+    copied into one buffer): the same losses, to the bit, and the run records the setting."""
     data, model_file = shards
     pretrain(data, str(model_file), tmp_path / "keep", small_cfg(max_steps=4), progress=False, sample_tokens=2)
-    pretrain(data, str(model_file), tmp_path / "release", small_cfg(max_steps=4, heap="release"), progress=False, sample_tokens=2)
-    assert losses(tmp_path / "keep") == losses(tmp_path / "release")
-    assert "heap: release" in (tmp_path / "release" / "config.yaml").read_text()
+    for heap in ("release", "pool"):
+        pretrain(data, str(model_file), tmp_path / heap, small_cfg(max_steps=4, heap=heap), progress=False, sample_tokens=2)
+        assert losses(tmp_path / "keep") == losses(tmp_path / heap), heap
+        assert f"heap: {heap}" in (tmp_path / heap / "config.yaml").read_text()
 
 
 def test_run_dir_contents(shards, tmp_path):

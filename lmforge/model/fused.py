@@ -76,3 +76,58 @@ def swiglu(h: torch.Tensor) -> torch.Tensor:
         return _SwiGLU.apply(h)
     gate, up = h.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum_i cross_entropy(h_i W^T, t_i) over rows that all count, chunk by chunk, with the
+    gradients computed in the same pass.
+
+    A chunk's [rows, vocab] logits live only while it is processed: their softmax, minus one at
+    the target, is d(loss)/d(logits), which the chunk turns at once into its rows of dh
+    (and its share of dW) and frees. Backward then only scales those. Checkpointing each chunk's
+    loss instead (what the plain path does) keeps as little but computes the head and its
+    log-softmax twice.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int, with_grad: bool):
+        need_h = with_grad and ctx.needs_input_grad[0]
+        need_w = with_grad and ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros_like(weight) if need_w else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for i in range(0, h.shape[0], chunk):
+            rows, t = h[i : i + chunk], targets[i : i + chunk]
+            logits = torch.mm(rows, weight.t()).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if need_h or need_w:
+                d_logits = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                d_logits[torch.arange(t.shape[0], device=t.device), t] -= 1.0
+                d_logits = d_logits.to(h.dtype)
+                if need_h:
+                    torch.mm(d_logits, weight, out=grad_h[i : i + chunk])
+                if need_w:
+                    grad_w.addmm_(d_logits.t(), rows)
+        ctx.save_for_backward(*(g for g in (grad_h, grad_w) if g is not None))
+        ctx.have = (need_h, need_w)
+        return total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_total: torch.Tensor):
+        saved = iter(ctx.saved_tensors)
+        need_h, need_w = ctx.have
+        grad_h = next(saved) * grad_total if need_h else None
+        grad_w = next(saved) * grad_total if need_w else None
+        return grad_h, grad_w, None, None, None
+
+
+def linear_cross_entropy_sum(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    """The summed cross-entropy of logits h @ weight^T (computed in fp32) against `targets`, every
+    row counted (no -100), `chunk` rows of logits at a time. fp32 h and weight only: autocast
+    does not take the out= products this fuses."""
+    if h.dtype != torch.float32 or weight.dtype != torch.float32 or torch.is_autocast_enabled(h.device.type):
+        raise ValueError("linear_cross_entropy_sum takes fp32 inputs outside autocast")
+    with_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    return _LinearCrossEntropy.apply(h, weight, targets, chunk, with_grad)

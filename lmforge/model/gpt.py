@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from lmforge.errors import LmforgeError
 from lmforge.model.attention import short_causal_attention, uses_short_kernel
 from lmforge.model.config import ModelConfig
-from lmforge.model.fused import rms_norm, swiglu
+from lmforge.model.fused import linear_cross_entropy_sum, rms_norm, swiglu
 
 
 def _sdpa_supports_gqa() -> bool:
@@ -364,6 +364,10 @@ class GPT(nn.Module):
             flat_h, flat_t = flat_h[keep], flat_t[keep]
         if flat_h.shape[0] <= self.loss_chunk:  # one chunk: nothing to gain from recomputing it
             return self._chunk_loss_sum(flat_h, flat_t) / count.clamp(min=1)
+        weight = self.lm_head.weight
+        if h.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled(h.device.type):
+            # Each chunk's gradient in the same pass: no recomputation (lmforge.model.fused).
+            return linear_cross_entropy_sum(flat_h, weight, flat_t, self.loss_chunk) / count.clamp(min=1)
         total = h.new_zeros((), dtype=torch.float32)
         for i in range(0, flat_h.shape[0], self.loss_chunk):
             total = total + checkpoint(self._chunk_loss_sum, flat_h[i : i + self.loss_chunk],

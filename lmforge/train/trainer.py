@@ -14,6 +14,7 @@ SIGINT/SIGTERM.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import sys
@@ -28,6 +29,7 @@ from torch import nn
 from tqdm import tqdm
 
 from lmforge.allocator import HEAP_POLICIES
+from lmforge.train.saved_pool import SavedActivationPool
 from lmforge.errors import LmforgeError
 from lmforge.eval.perplexity import perplexity_from_nll
 from lmforge.fsutil import atomic_dir
@@ -232,6 +234,8 @@ class Trainer:
                 self.on_checkpoint(folder)
             return folder
 
+        pool = SavedActivationPool(self.model) if cfg.heap == "pool" and self.device.type == "cpu" else None
+        pooled = pool.recording if pool is not None else contextlib.nullcontext
         with _StopFlag() as stop, HEAP_POLICIES[cfg.heap]():
             try:
                 while step < cfg.max_steps:
@@ -244,7 +248,7 @@ class Trainer:
                         if weight == 0.0:
                             continue  # no token under the loss: its mean would be 0/0
                         x, y, extra = self._to_device(batch)
-                        with autocast(self.device, self.precision):
+                        with pooled(), autocast(self.device, self.precision):
                             _, loss = self.forward_model(x, y, **extra)
                         # weight is exactly 1.0 when micro-batches hold equal token counts
                         # (pretraining), which keeps those losses and gradients bit-identical.
@@ -263,6 +267,8 @@ class Trainer:
                         )
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
+                    if pool is not None:
+                        pool.after_step()
                     step += 1
                     state["tokens_seen"] += self.tokens_per_step
                     window_tokens += self.tokens_per_step
