@@ -11,9 +11,44 @@ kernels.
 
 from __future__ import annotations
 
+import threading
+from typing import Callable, Protocol
+
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
+
+
+class RecipeBook(Protocol):
+    def offer(self, out: torch.Tensor, fn: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...]) -> None: ...
+
+
+class _Book(threading.local):
+    current: RecipeBook | None = None
+
+
+# While a training step records (lmforge.train.saved_pool), the functions below offer how to
+# recompute their output from what they keep anyway: a later op that saves the output (a LoRA
+# adapter saves its input) can then keep the recipe instead of a second tensor.
+RECIPES = _Book()
+
+
+def _offer(out: torch.Tensor, fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
+    book = RECIPES.current
+    if book is not None:
+        book.offer(out, fn, inputs)
+    return out
+
+
+def _rms_forward(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
+    if rstd is None:
+        rstd = torch.rsqrt(x.square().mean(-1, keepdim=True).add_(eps))
+    return (x * rstd).mul_(weight)
+
+
+def _swiglu_forward(h: torch.Tensor) -> torch.Tensor:
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate).mul_(up)
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -23,7 +58,7 @@ class _RMSNorm(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         rstd = torch.rsqrt(x.square().mean(-1, keepdim=True).add_(eps))
         ctx.save_for_backward(x, weight, rstd)
-        return (x * rstd).mul_(weight)
+        return _rms_forward(x, weight, rstd)
 
     @staticmethod
     @once_differentiable
@@ -43,7 +78,8 @@ class _RMSNorm(torch.autograd.Function):
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return _RMSNorm.apply(x, weight, eps)
+        out = _RMSNorm.apply(x, weight, eps)
+        return _offer(out, lambda x, w: _rms_forward(x, w, eps=eps), x, weight)
     return F.rms_norm(x, weight.shape, weight, eps)
 
 
@@ -52,9 +88,8 @@ class _SwiGLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h: torch.Tensor) -> torch.Tensor:
-        gate, up = h.chunk(2, dim=-1)
         ctx.save_for_backward(h)
-        return F.silu(gate).mul_(up)
+        return _swiglu_forward(h)
 
     @staticmethod
     @once_differentiable
@@ -73,7 +108,7 @@ class _SwiGLU(torch.autograd.Function):
 
 def swiglu(h: torch.Tensor) -> torch.Tensor:
     if torch.is_grad_enabled() and h.requires_grad:
-        return _SwiGLU.apply(h)
+        return _offer(_SwiGLU.apply(h), _swiglu_forward, h)
     gate, up = h.chunk(2, dim=-1)
     return F.silu(gate) * up
 
