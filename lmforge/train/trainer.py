@@ -234,7 +234,10 @@ class Trainer:
                 self.on_checkpoint(folder)
             return folder
 
-        pool = SavedActivationPool(self.model) if cfg.heap == "pool" and self.device.type == "cpu" else None
+        # With activation checkpointing the blocks keep only their inputs, in the checkpoint's own
+        # hooks: nothing worth pooling, and "pool" is "keep".
+        use_pool = cfg.heap == "pool" and self.device.type == "cpu" and not cfg.activation_checkpointing
+        pool = SavedActivationPool(self.model) if use_pool else None
         pooled = pool.recording if pool is not None else contextlib.nullcontext
         with _StopFlag() as stop, HEAP_POLICIES[cfg.heap]():
             try:
