@@ -40,9 +40,7 @@ def _offer(out: torch.Tensor, fn: Callable[..., torch.Tensor], *inputs: torch.Te
     return out
 
 
-def _rms_forward(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
-    if rstd is None:
-        rstd = torch.rsqrt(x.square().mean(-1, keepdim=True).add_(eps))
+def _rms_forward(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
     return (x * rstd).mul_(weight)
 
 
@@ -55,8 +53,9 @@ class _RMSNorm(torch.autograd.Function):
     """y = x * rsqrt(mean(x^2) + eps) * w over the last dimension (fp32)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        rstd = torch.rsqrt(x.square().mean(-1, keepdim=True).add_(eps))
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+        # rstd = rsqrt(mean(x^2) + eps), computed by the caller without autograd: backward below
+        # takes its dependence on x into account.
         ctx.save_for_backward(x, weight, rstd)
         return _rms_forward(x, weight, rstd)
 
@@ -78,8 +77,9 @@ class _RMSNorm(torch.autograd.Function):
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        out = _RMSNorm.apply(x, weight, eps)
-        return _offer(out, lambda x, w: _rms_forward(x, w, eps=eps), x, weight)
+        with torch.no_grad():
+            rstd = torch.rsqrt(x.square().mean(-1, keepdim=True).add_(eps))
+        return _offer(_RMSNorm.apply(x, weight, rstd), _rms_forward, x, weight, rstd)
     return F.rms_norm(x, weight.shape, weight, eps)
 
 
