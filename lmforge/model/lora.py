@@ -80,8 +80,10 @@ class LoRALinear(nn.Module):
         # passes over [tokens, out] (cat and mul ~15% of a LoRA step on CPU); the zeros cost
         # g x a rank-r matmul, small beside the base's.
         up = self.lora_B[0] if len(self.lora_B) == 1 else torch.block_diag(*self.lora_B)
-        flat = torch.addmm(out.reshape(-1, out.shape[-1]), low.reshape(-1, low.shape[-1]), up.t(), alpha=self.scale)
-        return flat.view(out.shape)
+        # In place on the base's fresh output (its matmul keeps no output for backward): no second
+        # [tokens, out] buffer per adapter.
+        out.view(-1, out.shape[-1]).addmm_(low.reshape(-1, low.shape[-1]), up.t(), alpha=self.scale)
+        return out
 
 
 def apply_lora(model: GPT, cfg: LoRAConfig) -> list[str]:
