@@ -99,8 +99,9 @@ def keep_freed_heap_pages(mmap_threshold: int = 32 << 20, trim_threshold: int = 
 
 
 def release_freed_buffers(mmap_threshold: int = 1 << 20, trim_threshold: int = 64 << 20):
-    """Fine-tuning's lean setting (`--heap release`): every buffer of >= 1 MB gets its own mapping,
-    returned when freed, so that resident memory is what is live and nothing more.
+    """`--heap release`: every buffer of >= 1 MB gets its own mapping, returned when freed, so that
+    resident memory is what is live and nothing more (fine-tuning's default is `pool`, as lean at
+    full speed: lmforge.train.saved_pool).
 
     Measured on LoRA fine-tuning of SmolLM2-135M (bench/bench_finetune.py --part peer: 16 chats x 60
     tokens, batch 16): peak RSS 3.47 GB with the heap kept (it grows over the first steps as

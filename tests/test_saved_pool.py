@@ -14,7 +14,7 @@ from test_model import LLAMA_GQA, tokens
 CFG = dataclasses.replace(LLAMA_GQA, n_embd=256, n_head=4, n_kv_head=2, intermediate_size=512, block_size=64)
 
 
-def grads_after_steps(lora: bool, pool: SavedActivationPool | None, model, steps: int = 3) -> list[torch.Tensor]:
+def grads_after_steps(pool: SavedActivationPool | None, model, steps: int = 3) -> list[torch.Tensor]:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-2)
     for step in range(steps):
@@ -41,10 +41,10 @@ def fresh(lora: bool):
 
 def test_pooled_training_is_bit_identical():
     for lora in (False, True):
-        plain = grads_after_steps(lora, None, fresh(lora))
+        plain = grads_after_steps(None, fresh(lora))
         model = fresh(lora)
         pool = SavedActivationPool(model)
-        pooled = grads_after_steps(lora, pool, model)
+        pooled = grads_after_steps(pool, model)
         assert all(torch.equal(a, b) for a, b in zip(plain, pooled)), f"lora={lora}"
         assert pool.capacity > 0
 
@@ -56,7 +56,7 @@ def test_the_pool_holds_the_saved_activations():
 
     model = fresh(True)
     pool = SavedActivationPool(model)
-    grads_after_steps(True, pool, model, steps=1)  # the first step sizes the pool
+    grads_after_steps(pool, model, steps=1)  # the first step sizes the pool
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     kinds = []
     pack = pool._pack

@@ -1,12 +1,17 @@
-"""RMSNorm and SwiGLU as autograd functions that keep only their input for backward.
+"""Training-time autograd functions that keep less for backward than autograd's own graph.
 
-Autograd's own graph for these two keeps every intermediate it may need: RMSNorm keeps its input
-and the normalised input (for the weight's gradient), SwiGLU keeps gate|up and silu(gate). Both
-intermediates are one elementwise pass away from the input, so here backward recomputes them
-instead. Per SmolLM2-135M layer at 960 tokens that is 2.2 MB x 2 norms + 5.9 MB of the ~40 MB a
-LoRA step keeps (~0.3 GB of the model's 30 layers), for two cheap passes over
-[tokens, width] in backward. Used while autograd records (training); inference keeps the plain
-kernels.
+RMSNorm and SwiGLU: autograd keeps every intermediate it may need (RMSNorm its input and the
+normalised input, for the weight's gradient; SwiGLU gate|up and silu(gate)). Both intermediates
+are one elementwise pass away from the input, so here backward recomputes them instead. Per
+SmolLM2-135M layer at 960 tokens that is 2.2 MB x 2 norms + 5.9 MB of the ~40 MB a LoRA step
+keeps (~0.3 GB over the model's 30 layers). While a SavedActivationPool records
+(lmforge.train.saved_pool), both also offer a recipe for their output, so an adapter that saves
+it keeps the recipe instead of a copy.
+
+The chunked linear + cross-entropy: each chunk's gradient in the same pass as its loss, so the
+head's [rows, vocab] logits exist one chunk at a time and are never recomputed.
+
+Used while autograd records (training); inference keeps the plain kernels.
 """
 
 from __future__ import annotations
@@ -158,11 +163,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_h, grad_w, None, None, None
 
 
+def linear_cross_entropy_applies(h: torch.Tensor, weight: torch.Tensor) -> bool:
+    """fp32 h and weight outside autocast: autocast does not take the out= products it fuses."""
+    return h.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled(h.device.type)
+
+
 def linear_cross_entropy_sum(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
     """The summed cross-entropy of logits h @ weight^T (computed in fp32) against `targets`, every
-    row counted (no -100), `chunk` rows of logits at a time. fp32 h and weight only: autocast
-    does not take the out= products this fuses."""
-    if h.dtype != torch.float32 or weight.dtype != torch.float32 or torch.is_autocast_enabled(h.device.type):
-        raise ValueError("linear_cross_entropy_sum takes fp32 inputs outside autocast")
+    row counted (no -100), `chunk` rows of logits at a time; see `linear_cross_entropy_applies`."""
+    if not linear_cross_entropy_applies(h, weight):
+        raise ValueError(f"linear_cross_entropy_sum takes fp32 inputs outside autocast, got {h.dtype} and {weight.dtype}")
     with_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
     return _LinearCrossEntropy.apply(h, weight, targets, chunk, with_grad)

@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from lmforge.errors import LmforgeError
 from lmforge.model.attention import short_causal_attention, uses_short_kernel
 from lmforge.model.config import ModelConfig
-from lmforge.model.fused import linear_cross_entropy_sum, rms_norm, swiglu
+from lmforge.model.fused import linear_cross_entropy_applies, linear_cross_entropy_sum, rms_norm, swiglu
 
 
 def _sdpa_supports_gqa() -> bool:
@@ -42,7 +42,6 @@ def _sdpa_supports_gqa() -> bool:
 
 
 SDPA_GQA = _sdpa_supports_gqa()
-_FUSED_RMS_NORM = hasattr(F, "rms_norm")  # torch >= 2.4
 
 
 class RMSNorm(nn.Module):
@@ -54,7 +53,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _FUSED_RMS_NORM and x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+        if x.dtype == self.weight.dtype == torch.float32:
             return rms_norm(x, self.weight, self.eps)  # one kernel; in training, keeps only x for backward
         dtype = x.dtype
         x = x.float()
@@ -365,7 +364,7 @@ class GPT(nn.Module):
         if flat_h.shape[0] <= self.loss_chunk:  # one chunk: nothing to gain from recomputing it
             return self._chunk_loss_sum(flat_h, flat_t) / count.clamp(min=1)
         weight = self.lm_head.weight
-        if h.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled(h.device.type):
+        if linear_cross_entropy_applies(flat_h, weight):
             # Each chunk's gradient in the same pass: no recomputation (lmforge.model.fused).
             return linear_cross_entropy_sum(flat_h, weight, flat_t, self.loss_chunk) / count.clamp(min=1)
         total = h.new_zeros((), dtype=torch.float32)
