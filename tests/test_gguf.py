@@ -222,8 +222,8 @@ def test_export_refuses_what_gguf_cannot_hold(tmp_path, tok, stdlib_texts):
     model = random_model(ModelConfig(vocab_size=wp.vocab_size, **LLAMA))
     with pytest.raises(LmforgeError, match="only byte-level BPE tokenizers can be written to GGUF"):
         write_gguf(ModelBundle(model, wp), tmp_path / "w.gguf")
-    with pytest.raises(LmforgeError, match="GGUF dtype must be one of f32, f16, q8_0"):
-        write_gguf(ModelBundle(model, tok), tmp_path / "w.gguf", dtype="q4_0")
+    with pytest.raises(LmforgeError, match="GGUF dtype must be one of f32, f16, q8_0, q4_0, q4_1; got 'q5_k'"):
+        write_gguf(ModelBundle(model, tok), tmp_path / "w.gguf", dtype="q5_k")
     assert not list(tmp_path.iterdir())  # nothing half-written
 
 

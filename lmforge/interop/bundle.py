@@ -35,6 +35,9 @@ class ModelBundle:
     tokenizer: Tokenizer
     generation: dict[str, Any] = field(default_factory=dict)  # generation.json: sampling defaults, stop ids
     source: dict[str, Any] = field(default_factory=dict)  # provenance, e.g. {"format": "gguf", "path": ...}
+    # A quantized model dir's stored blocks by weight name (lmforge.quant.store): the model holds
+    # their fp32 values, an exporter that keeps the format writes these bytes unchanged.
+    blocks: dict[str, Any] = field(default_factory=dict)
 
     @property
     def config(self) -> ModelConfig:
@@ -86,4 +89,11 @@ def load_bundle(path: str | os.PathLike) -> ModelBundle:
     path = Path(path)
     model, _ = load_model_dir(path)
     _, raw = read_model_config(path)
-    return ModelBundle(model, Tokenizer.load(path), read_generation(path), raw.get(SOURCE_KEY) or {})
+    blocks = {}
+    if "quantization" in raw:
+        from lmforge.model.io import WEIGHTS_FILE, read_safetensors
+        from lmforge.quant.store import quant_tensors
+
+        file = path / WEIGHTS_FILE
+        blocks = quant_tensors(read_safetensors(file), raw["quantization"], str(file))
+    return ModelBundle(model, Tokenizer.load(path), read_generation(path), raw.get(SOURCE_KEY) or {}, blocks)

@@ -39,13 +39,14 @@ from lmforge.interop.bundle import ModelBundle, assemble_model, save_bundle, sto
 from lmforge.interop.hf import family_of
 from lmforge.model.config import ModelConfig
 from lmforge.model.io import first_non_finite, model_state_dict
+from lmforge.quant.formats import quantize
 from lmforge.tokenizer import Tokenizer
 
 ARCHITECTURES = ("llama", "gpt2")
 # Tensor types we dequantize. The K-quants are read with gguf's reference dequantizers too; the
 # i-quants and ternary types are refused: rare in files of the sizes lmforge targets.
 READ_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
-WRITE_TYPES = ("f32", "f16", "q8_0")
+WRITE_TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1")
 # llama.cpp pre-tokenizer names whose split, on a vocabulary trained with it, gives the same
 # tokens as GPT-2's ByteLevel regex (transformers builds exactly that for them). smollm and
 # starcoder split digits one by one first, but their merges never join digits, so the result is
@@ -482,8 +483,10 @@ def _closed_on_error(writer):
 
 def write_gguf(bundle: ModelBundle, path: str | os.PathLike, *, dtype: str = "f32",
                overwrite: bool = False) -> dict[str, Any]:
-    """Write a bundle as a GGUF llama.cpp runs: 2-D weights as `dtype` (f32, f16 or q8_0),
-    norms and biases in f32 as llama.cpp's converter keeps them. Returns what was written."""
+    """Write a bundle as a GGUF llama.cpp runs: 2-D weights as `dtype` (f32, f16, q8_0, q4_0 or
+    q4_1), norms and biases in f32 as llama.cpp's converter keeps them. A quantized bundle's
+    blocks in the format asked for are written as they are (rows split and permuted, never
+    requantized). Returns what was written."""
     gguf = _gguf()
     path = Path(path)
     config, tokenizer = bundle.config, bundle.tokenizer
@@ -497,10 +500,13 @@ def write_gguf(bundle: ModelBundle, path: str | os.PathLike, *, dtype: str = "f3
     check_output_free(path, overwrite)
     pre = _byte_level_pre(tokenizer, where)
     tokens, types, merges = _gguf_vocab(tokenizer, config.vocab_size, where)
-    qtype = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
-             "q8_0": gguf.GGMLQuantizationType.Q8_0}[dtype]
+    Q = gguf.GGMLQuantizationType
+    qtype = {"f32": Q.F32, "f16": Q.F16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1}[dtype]
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
+                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+                 "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1}[dtype]
+    block_types = (Q.Q8_0, Q.Q4_0, Q.Q4_1)
+    kept = {name: q for name, q in bundle.blocks.items() if q.format.name == dtype}
 
     sd = model_state_dict(bundle.model)
     bad = first_non_finite(sd)
@@ -527,7 +533,7 @@ def write_gguf(bundle: ModelBundle, path: str | os.PathLike, *, dtype: str = "f3
         else:
             w.add_layer_norm_eps(config.norm_eps)
         w.add_file_type(file_type)
-        if qtype == gguf.GGMLQuantizationType.Q8_0:
+        if qtype in block_types:
             w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         w.add_tokenizer_model("gpt2")
         w.add_tokenizer_pre(pre)
@@ -546,18 +552,30 @@ def write_gguf(bundle: ModelBundle, path: str | os.PathLike, *, dtype: str = "f3
             w.add_eot_token_id(int(eot[0]))
         for ours, names in plan:
             sizes = config.fused_parts(ours) if arch == "llama" else []  # gpt2 keeps attn_qkv fused
-            parts = sd[ours].split(sizes, dim=0) if sizes else [sd[ours]]
+            # Blocks are whole rows, so splitting and permuting rows works on them as on fp32.
+            stored = ours if ours in kept else ("tok_emb.weight" if ours == "lm_head.weight" and "tok_emb.weight" in kept
+                                                and config.tie_embeddings else None)
+            source = torch.from_numpy(kept[stored].blocks) if stored else sd[ours]
+            parts = source.split(sizes, dim=0) if sizes else [source]
             for n, part in zip(names, parts):
                 heads = _rows_transform(config, n) if arch == "llama" else None
-                t = (_to_gguf_rows(part, heads) if heads else part).detach().float().contiguous().numpy()
-                t_type = qtype if t.ndim == 2 else gguf.GGMLQuantizationType.F32
-                if t_type == gguf.GGMLQuantizationType.Q8_0 and t.shape[-1] % 32:
-                    t_type = gguf.GGMLQuantizationType.F16  # Q8_0 needs rows in blocks of 32, as in llama.cpp
-                if t_type == gguf.GGMLQuantizationType.F16 and t.size and np.abs(t).max() > np.finfo(np.float16).max:
+                t = (_to_gguf_rows(part, heads) if heads else part).detach().contiguous()
+                if stored:
+                    w.add_tensor(n, t.numpy(), raw_dtype=qtype)
+                    written[qtype.name] = written.get(qtype.name, 0) + 1
+                    continue
+                t = t.float().numpy()
+                t_type = qtype if t.ndim == 2 else Q.F32
+                if t_type in block_types and t.shape[-1] % 32:
+                    t_type = Q.F16  # blocks need rows in blocks of 32, as in llama.cpp
+                if t_type == Q.F16 and t.size and np.abs(t).max() > np.finfo(np.float16).max:
                     raise LmforgeError(f"{where}: not written: {ours} has values beyond f16's range (±65504); "
                                        "export with --dtype f32 or q8_0")
-                data = gguf.quants.quantize(t, t_type)
-                w.add_tensor(n, data, raw_dtype=t_type if t_type == gguf.GGMLQuantizationType.Q8_0 else None)
+                if t_type in block_types:  # lmforge's quantizer: the bytes ggml's reference code makes
+                    data = quantize(t, dtype, ours).blocks
+                else:
+                    data = gguf.quants.quantize(t, t_type)
+                w.add_tensor(n, data, raw_dtype=t_type if t_type in block_types else None)
                 written[t_type.name] = written.get(t_type.name, 0) + 1
         w.write_header_to_file()
         w.write_kv_data_to_file()

@@ -6,6 +6,9 @@
     tokenizer.json     + tokenizer_config.json, when a tokenizer is given
     manifest.json      size + SHA-256 of every file, written last (see lmforge.manifest)
 
+A quantized model dir (`lmforge quantize`) adds config.json "quantization" and stores the linear
+weights as GGUF blocks (lmforge.quant.store).
+
 Everything is checked on load (the manifest when there is one, keys, shapes, a complete
 safetensors file, finite weights), and a problem is reported as an LmforgeError naming the file
 and what is wrong, not as a torch traceback or NaN output.
@@ -112,8 +115,11 @@ def model_from_state_dict(config: ModelConfig, sd: dict[str, torch.Tensor], *, s
 
 
 def write_model_files(model: GPT, folder: str | os.PathLike, tokenizer=None,
-                      extra_config: dict[str, Any] | None = None) -> None:
+                      extra_config: dict[str, Any] | None = None, weights: dict[str, torch.Tensor] | None = None) -> None:
     """Write config.json, model.safetensors and the tokenizer into an existing folder.
+
+    weights: what model.safetensors holds instead of the model's own state dict (a quantized
+    model dir's blocks: lmforge.quant.store).
 
     Not atomic by itself: `save_model_dir` and the trainer's checkpoint writer call it inside a
     temporary folder that is renamed into place once complete.
@@ -126,7 +132,7 @@ def write_model_files(model: GPT, folder: str | os.PathLike, tokenizer=None,
     with atomic_file(folder / CONFIG_FILE, "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
         f.write("\n")
-    sd = {k: v.cpu() for k, v in model_state_dict(model).items()}
+    sd = {k: v.cpu() for k, v in (model_state_dict(model) if weights is None else weights).items()}
     save_file(sd, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save(folder)
@@ -170,10 +176,15 @@ def load_model_dir(path: str | os.PathLike, device: torch.device | str = "cpu",
     """Load a model dir's GPT (in eval mode) and its ModelConfig, after checking its files
     against its manifest (when it has one)."""
     path = Path(path)
-    config, _ = read_model_config(path)
+    config, raw = read_model_config(path)
     verify_model_files(path)
     file = path / WEIGHTS_FILE
-    sd = read_safetensors(file, device)
+    if "quantization" in raw:  # GGUF blocks (lmforge.quant.store), computed in fp32 for now
+        from lmforge.quant.store import dequantize_state_dict
+
+        sd = dequantize_state_dict(read_safetensors(file, "cpu"), raw["quantization"], str(file))
+    else:
+        sd = read_safetensors(file, device)
     return model_from_state_dict(config, sd, source=str(file), device=device, dtype=dtype), config
 
 
