@@ -1,11 +1,15 @@
 """Few-row products on quantized weights (lmforge.quant.kernels) against the fp32 decode kernel
 (lmforge.generate.kernels.few_row_linear), on SmolLM2-135M's matrix shapes.
 
-For each shape [out, in] (576x576: q/o projections, 1536x576: gate/up, 576x1536: down,
-49152x576: the tied head) and each of fp32, q8_0, q4_0, q4_1: the time of one product with 1
-and with 8 rows (median of --runs, each the mean of --reps calls), and the implied GB/s of
-weight bytes read. Quantized formats are timed both ways: fp32 activations (`linear`) and int8
-activations per block (`linear_q8`). Random weights: the time does not depend on the values.
+Two measures, each the median of --runs runs:
+- per shape [out, in] (960x576: fused q|k|v, 576x576: o, 3072x576: gate|up, 576x1536: down,
+  49152x576: the tied head) and format (fp32, q8_0, q4_0, q4_1): the time of one product with 1
+  and with 8 rows, repeated on the same matrix (so the smaller ones run from cache: kernel
+  throughput, G weights/s);
+- per model (fp32; q8_0; q4_1 with a q8_0 head, as the shipped SmolLM2 GGUF): every product of one
+  decode step, 30 layers of distinct matrices plus the head (streamed from memory: GB/s of weight
+  bytes, the bound of a decoded token).
+Random blocks: the time does not depend on the values.
 
     .venv/bin/python bench/bench_quant.py --runs 7 > bench/results/quant.json
     .venv/bin/python bench/bench_quant.py --cpu haswell   # numba code for AVX2 only (no AVX-512)
@@ -22,7 +26,9 @@ import sys
 import time
 from pathlib import Path
 
-SHAPES = [(576, 576), (1536, 576), (576, 1536), (49152, 576)]
+SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536), (49152, 576)]
+LAYER = SHAPES[:4]
+LAYERS = 30
 FORMATS = ["q8_0", "q4_0", "q4_1"]
 
 
@@ -36,6 +42,18 @@ def timed(fn, x, w, runs: int, reps: int) -> float:
             fn(x, w)
         times.append((time.perf_counter() - start) / reps)
     return statistics.median(times)
+
+
+def random_packed(fmt: str, rows: int, cols: int, rng):
+    from lmforge.quant.formats import FORMATS as F, QuantTensor
+    from lmforge.quant.packed import pack
+    import numpy as np
+
+    f = F[fmt]
+    b = rng.integers(0, 256, (rows, cols // 32, f.block_bytes), dtype=np.uint8)
+    scale = np.full((rows, cols // 32, 2 if f.has_min else 1), 0.01, "<f2").view(np.uint8)
+    b[..., : scale.shape[-1]] = scale
+    return pack(QuantTensor(f, (rows, cols), b.reshape(rows, -1)))
 
 
 def main() -> None:
@@ -52,8 +70,7 @@ def main() -> None:
     import numpy as np
 
     from lmforge.generate.kernels import few_row_linear, set_threads
-    from lmforge.quant import quantize
-    from lmforge.quant.kernels import linear, linear_q8
+    from lmforge.quant.kernels import few_row_linear as quant_linear
 
     set_threads(args.threads)
     rng = np.random.default_rng(0)
@@ -61,19 +78,48 @@ def main() -> None:
     for n_out, k_in in SHAPES:
         w32 = (rng.standard_normal((n_out, k_in)) * 0.05).astype(np.float32)
         reps = args.reps if n_out < 10000 else max(1, args.reps // 5)
-        variants = [("fp32", "fp32", few_row_linear, w32, w32.nbytes)]
+        variants = [("fp32", few_row_linear, w32, w32.nbytes)]
         for fmt in FORMATS:
-            q = quantize(w32, fmt)
-            variants += [(fmt, "f32_act", linear, q, q.nbytes), (fmt, "q8_act", linear_q8, q, q.nbytes)]
-        for fmt, act, fn, w, nbytes in variants:
-            row = {"shape": [n_out, k_in], "format": fmt, "activations": act, "weight_mb": round(nbytes / 1e6, 3)}
+            q = random_packed(fmt, n_out, k_in, rng)
+            variants.append((fmt, quant_linear, q, q.nbytes))
+        for fmt, fn, w, nbytes in variants:
+            row = {"shape": [n_out, k_in], "format": fmt, "weight_mb": round(nbytes / 1e6, 3)}
             for rows in (1, 8):
                 x = rng.standard_normal((rows, k_in)).astype(np.float32)
                 sec = timed(fn, x, w, args.runs, reps)
                 row[f"ms_{rows}row"] = round(sec * 1e3, 4)
-                row[f"gb_s_{rows}row"] = round(nbytes / sec / 1e9, 2)
+                row[f"gweights_s_{rows}row"] = round(n_out * k_in / sec / 1e9, 2)
             results.append(row)
             print(json.dumps(row), file=sys.stderr)
+    models = []
+    for name, layer_fmt, head_fmt in (("fp32", "fp32", "fp32"), ("q8_0", "q8_0", "q8_0"), ("q4_1 + q8_0 head", "q4_1", "q8_0")):
+        def weight(fmt, n, k):
+            if fmt == "fp32":
+                return few_row_linear, (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
+            return quant_linear, random_packed(fmt, n, k, rng)
+
+        mats = [weight(layer_fmt, n, k) for _ in range(LAYERS) for n, k in LAYER] + [weight(head_fmt, *SHAPES[-1])]
+        nbytes = sum(w.nbytes for _, w in mats)
+        row = {"model": name, "weight_mb": round(nbytes / 1e6, 1)}
+        for rows in (1, 8):
+            xs = {k: rng.standard_normal((rows, k)).astype(np.float32) for k in (576, 1536)}
+
+            def step():
+                for fn, w in mats:
+                    fn(xs[w.shape[1]], w)
+
+            step()
+            times = []
+            for _ in range(args.runs):
+                start = time.perf_counter()
+                step()
+                times.append(time.perf_counter() - start)
+            sec = statistics.median(times)
+            row[f"ms_{rows}row"] = round(sec * 1e3, 3)
+            row[f"gb_s_{rows}row"] = round(nbytes / sec / 1e9, 2)
+        models.append(row)
+        print(json.dumps(row), file=sys.stderr)
+        del mats
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     print(json.dumps({
         "bench": "quant_kernels",
@@ -82,6 +128,7 @@ def main() -> None:
                     "load_average": load},
         "runs": args.runs, "reps": args.reps,
         "results": results,
+        "decode_step_products": models,
     }, indent=1))
 
 

@@ -1,5 +1,5 @@
-"""lmforge.quant.kernels against plain numpy: the weights dequantized by gguf's reference code,
-then a float64 matrix product. Random *blocks* (random bytes with random fp16 scales), not only
+"""lmforge.quant.kernels (and the packed layout they read) against plain numpy: the weights
+dequantized by gguf's reference code, then a float64 matrix product. Random *blocks* (random bytes with random fp16 scales), not only
 quantized random weights, so every nibble and int8 value (Q8_0's -128, which ggml's quantizer
 never writes) and subnormal scales are decoded."""
 
@@ -11,7 +11,9 @@ import pytest
 from gguf.quants import dequantize as gguf_dequantize
 
 from lmforge.quant import FORMATS, QuantTensor, quantize
-from lmforge.quant.kernels import linear, linear_q8, quantize_activations
+from lmforge.quant.kernels import dequantize, few_row_linear, rows_of
+from lmforge.quant.modules import matmul, matmul_transposed
+from lmforge.quant.packed import pack
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -19,7 +21,7 @@ GGML = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationTyp
         "q4_1": gguf.GGMLQuantizationType.Q4_1}
 NAMES = sorted(FORMATS)
 U = 2.0**-24  # fp32's unit roundoff
-# Odd shapes: output rows not a multiple of the kernels' chunk (16) or of anything else, K = 32 * odd.
+# Odd shapes: output rows not a multiple of the 8-row groups (padding), K = 32 * odd.
 SHAPES = [(37, 96), (130, 224), (5, 32)]
 
 
@@ -37,98 +39,100 @@ def random_blocks(name: str, rows: int, cols: int, seed: int) -> QuantTensor:
 
 
 def magnitudes(w: QuantTensor) -> np.ndarray:
-    """|d q| + |m| per weight: what an fp32 product's rounding error scales with (for Q4_1,
-    d q + m may be small while its parts are not)."""
+    """What an fp32 product's rounding error scales with, per weight: the kernels sum d q x and
+    add m sum(x) (Q4_1) or -8 d sum(x) (Q4_0, q the stored nibble) per block, so |d q| + |m|."""
     d, m, q = w.components()
+    if w.format.name == "q4_0":
+        return np.abs(np.repeat(d, 32, axis=1)) * (np.abs(q + 8) + 8)
     a = np.abs(np.repeat(d, 32, axis=1) * q)
     return a + np.abs(np.repeat(m, 32, axis=1)) if m is not None else a
 
 
+def bound(x: np.ndarray, w: QuantTensor) -> np.ndarray:
+    """fp32 sums of K products in any order are within K u sum|w x| of the exact sum (the kernels
+    reassociate), + 8 u for the scale products, the block sums of x and the fp32 weights."""
+    return (w.shape[1] + 8) * U * (np.abs(x).astype(np.float64) @ magnitudes(w).T) + 1e-30
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("rows, cols", SHAPES + [(8, 64), (9, 32)])
+def test_packing_is_a_lossless_permutation(name, rows, cols):
+    w = random_blocks(name, rows, cols, seed=rows * cols)
+    p = pack(w)
+    assert p.groups == -(-rows // 8) and p.nbytes >= w.nbytes
+    back = p.to_blocks()
+    assert back.format is w.format and back.shape == w.shape and np.array_equal(back.blocks, w.blocks)
+    # Dequantized from the packed layout: bit for bit what gguf's reference code gives.
+    ref = gguf_dequantize(w.blocks, GGML[name]).astype(np.float32)
+    assert np.array_equal(dequantize(p), ref)
+    ids = np.array([rows - 1, 0, rows // 2, rows - 1])
+    assert np.array_equal(rows_of(p, ids), ref[ids])
+    with pytest.raises(IndexError, match="row ids"):
+        rows_of(p, np.array([rows]))
+
+
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("rows, cols", SHAPES)
-def test_linear_matches_dequantized_reference(name, rows, cols):
+def test_few_row_products_match_dequantized_reference(name, rows, cols):
     w = random_blocks(name, rows, cols, seed=rows + cols)
+    p = pack(w)
     ref_w = gguf_dequantize(w.blocks, GGML[name]).astype(np.float64)
-    amag = magnitudes(w)
     rng = np.random.default_rng(1)
-    for r in (1, 2, 3, 4, 5, 6, 7, 8, 11):
+    for r in range(1, 9):
         x = (rng.standard_normal((r, cols)) * 3).astype(np.float32)
-        y = linear(x, w)
+        y = few_row_linear(x, p)
         assert y.shape == (r, rows) and y.dtype == np.float32
-        ref = x.astype(np.float64) @ ref_w.T
-        # fp32 sums of K products in any order are within K u sum|w x| of the exact sum (the
-        # kernels reassociate); + 3 u for the scale products and the reference's own fp32 weights.
-        bound = (cols + 3) * U * (np.abs(x).astype(np.float64) @ amag.T) + 1e-30
-        err = np.abs(y - ref)
-        assert (err <= bound).all(), f"R={r}: error {err.max():.3g} above the bound at {np.unravel_index((err / bound).argmax(), err.shape)}"
+        err = np.abs(y - x.astype(np.float64) @ ref_w.T)
+        b = bound(x, w)
+        assert (err <= b).all(), f"R={r}: error {err.max():.3g} above the bound at {np.unravel_index((err / b).argmax(), err.shape)}"
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_linear_on_quantized_weights(name):
+def test_many_row_products_and_their_gradient(name):
+    """Beyond 8 rows (prefill, scoring) and in backward: slices dequantized into a buffer + BLAS."""
+    w = random_blocks(name, 1030, 96, seed=5)
+    p = pack(w)
+    ref_w = gguf_dequantize(w.blocks, GGML[name]).astype(np.float64)
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((13, 96)).astype(np.float32)
+    y = matmul(x, p)
+    assert y.shape == (13, 1030)
+    assert (np.abs(y - x.astype(np.float64) @ ref_w.T) <= bound(x, w)).all()
+    g = rng.standard_normal((13, 1030)).astype(np.float32)
+    gx = matmul_transposed(g, p)
+    ref = g.astype(np.float64) @ ref_w
+    assert np.allclose(gx, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_slices_cover_a_matrix_larger_than_the_buffer(monkeypatch):
+    from lmforge.quant import modules
+
+    monkeypatch.setattr(modules, "_SLICE_BYTES", 4 * 64 * 16)  # two groups of 8 rows per slice
+    w = random_blocks("q4_1", 45, 64, seed=7)
+    x = np.random.default_rng(8).standard_normal((10, 64)).astype(np.float32)
+    ref = x.astype(np.float64) @ gguf_dequantize(w.blocks, GGML["q4_1"]).astype(np.float64).T
+    assert (np.abs(matmul(x, pack(w)) - ref) <= bound(x, w)).all()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_products_on_quantized_weights(name):
     """Blocks as ggml's quantizer writes them (the ones real files hold) give the same products
     as their dequantized weights."""
     rng = np.random.default_rng(2)
     w = quantize(rng.standard_normal((67, 160)).astype(np.float32), name)
     x = rng.standard_normal((8, 160)).astype(np.float32)
     ref = x.astype(np.float64) @ w.dequantize().astype(np.float64).T
-    bound = 163 * U * (np.abs(x).astype(np.float64) @ magnitudes(w).T)
-    assert (np.abs(linear(x, w) - ref) <= bound).all()
-    assert (np.abs(linear(x[:1], w) - ref[:1]) <= bound[:1]).all()
-
-
-def test_activation_quantization():
-    rng = np.random.default_rng(3)
-    x = (rng.standard_normal((3, 96)) * 10.0 ** rng.uniform(-4, 3, (3, 96))).astype(np.float32)
-    x[1, 32:64] = 0.0  # an all-zero block: scale 0, values 0
-    xq, dx, xsum = quantize_activations(x)
-    assert xq.dtype == np.int8 and dx.shape == xsum.shape == (3, 3)
-    blocks = x.reshape(3, 3, 32)
-    np.testing.assert_allclose(dx, np.abs(blocks).max(-1) / 127, rtol=2 * U)
-    assert dx[1, 1] == 0 and not xq[1, 32:64].any()
-    assert np.abs(xq.astype(int)).max() <= 127 and (np.abs(xq.astype(int)).reshape(3, 3, 32).max(-1) >= 126).sum() >= 8
-    back = xq.reshape(3, 3, 32) * dx[..., None].astype(np.float64)
-    assert (np.abs(back - blocks) <= dx[..., None] * (0.5 + 1e-6)).all()
-    np.testing.assert_allclose(xsum, blocks.sum(-1, dtype=np.float64), rtol=1e-5, atol=1e-30)
-
-
-@pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("rows, cols", SHAPES)
-def test_linear_q8_error_bound(name, rows, cols):
-    """Activations quantized per block: each moves by at most dx/2, so the product moves by at
-    most sum_i |w_i| dx_i / 2 (plus fp32 rounding). And the kernel computes exactly the product
-    with the quantized activations (up to rounding), which a kernel quietly using fp32
-    activations would not."""
-    w = random_blocks(name, rows, cols, seed=3 * rows + cols)
-    ref_w = gguf_dequantize(w.blocks, GGML[name]).astype(np.float64)
-    amag = magnitudes(w)
-    d, m, q = w.components()
-    rng = np.random.default_rng(4)
-    for r in (1, 2, 5, 8, 11):
-        x = (rng.standard_normal((r, cols)) * 3).astype(np.float32)
-        y = linear_q8(x, w).astype(np.float64)
-        xq, dx, xsum = quantize_activations(x)
-        dx_each = np.repeat(dx, 32, axis=1).astype(np.float64)
-        rounding = (cols + 4) * U * ((np.abs(x) + dx_each) @ amag.T) + 1e-30
-        # Against the fp32 product: the derived bound.
-        quant_bound = 0.5 * dx_each @ np.abs(ref_w).T
-        err = np.abs(y - x.astype(np.float64) @ ref_w.T)
-        assert (err <= quant_bound + rounding).all(), f"R={r}: {(err / (quant_bound + rounding)).max():.3g}x the bound"
-        # Against the product with quantized activations: the integer part is exact, Q4_1's
-        # m term uses the exact block sums.
-        qx = xq.astype(np.float64) * dx_each
-        dq = np.repeat(d, 32, axis=1) * q
-        exact = qx @ dq.T + (xsum.astype(np.float64) @ m.T if m is not None else 0.0)
-        assert (np.abs(y - exact) <= rounding).all()
-    # The activations were really quantized: the result differs from the fp32 kernel's by more
-    # than rounding.
-    assert (np.abs(y - linear(x, w)) > rounding).any()
+    assert (np.abs(few_row_linear(x, pack(w)) - ref) <= bound(x, w)).all()
+    assert (np.abs(few_row_linear(x[:1], pack(w)) - ref[:1]) <= bound(x[:1], w)).all()
 
 
 def test_wrong_inputs_are_refused():
-    w = quantize(np.ones((4, 64), np.float32), "q8_0")
+    p = pack(quantize(np.ones((4, 64), np.float32), "q8_0"))
     with pytest.raises(ValueError, match=r"does not match q8_0 weights \(4, 64\)"):
-        linear(np.ones((1, 32), np.float32), w)
+        few_row_linear(np.ones((1, 32), np.float32), p)
     with pytest.raises(ValueError, match="float64"):
-        linear_q8(np.ones((1, 64)), w)
-    with pytest.raises(TypeError, match="QuantTensor"):
-        linear(np.ones((1, 64), np.float32), np.ones((4, 64), np.float32))
+        few_row_linear(np.ones((1, 64)), p)
+    with pytest.raises(ValueError, match="1..8 rows"):
+        few_row_linear(np.ones((9, 64), np.float32), p)
+    with pytest.raises(TypeError, match="PackedWeight"):
+        few_row_linear(np.ones((1, 64), np.float32), np.ones((4, 64), np.float32))

@@ -28,7 +28,7 @@ def test_quantize_stores_blocks_and_loads_them_back(cli, tiny_model_dir, tmp_pat
     # every linear weight and the embedding; norms stay fp32
     assert "tok_emb.weight" in listed and "blocks.1.mlp.proj.weight" in listed and not any("norm" in n for n in listed)
     stored = load_file(str(out / "model.safetensors"))
-    loaded, _ = load_model_dir(out)
+    loaded, _ = load_model_dir(out, dequantize=True)
     got = model_state_dict(loaded)
     for name, w in ref.items():
         if name in listed:
@@ -42,7 +42,7 @@ def test_quantize_stores_blocks_and_loads_them_back(cli, tiny_model_dir, tmp_pat
     size = lambda p: (p / "model.safetensors").stat().st_size  # noqa: E731
     assert size(out) < 0.4 * size(tiny_model_dir)
     # loads through every front door: the registry, as a bundle
-    assert torch.equal(load_model(out).model.tok_emb.weight, got["tok_emb.weight"])
+    assert torch.equal(load_model(out, dequantize=True).model.tok_emb.weight, got["tok_emb.weight"])
 
 
 def test_quantize_refuses_bad_requests(cli, tiny_model_dir, tmp_path):

@@ -2,7 +2,8 @@
 
 'torch': the model's own forward. 'numpy': the NumpyDecoder (numba kernels) where it supports
 the model, else the torch forward with its Linear layers on numpy's BLAS
-(`runtime.inference_backend`). Only CPU fp32 models are candidates.
+(`runtime.inference_backend`). Only CPU fp32 models are candidates; a quantized one takes the
+decoder without a measurement.
 """
 
 from __future__ import annotations
@@ -23,7 +24,12 @@ def choose_inference_backend(model: torch.nn.Module) -> str:
     if weight.device.type != "cpu" or weight.dtype != torch.float32:
         return "torch"
     from lmforge.generate import numpy_decode  # on use: it loads numba
+    from lmforge.quant.modules import is_quantized
 
+    if is_quantized(model) and numpy_decode.supports(model):
+        # Both paths run the same block kernels; the decoder saves torch's per-operator dispatch
+        # (~2,000 small operations a token), which nothing on the torch side makes up for.
+        return "numpy"
     config = model.config
     # Whether the decoder runs is part of the key: a LoRA-wrapped model of the same shape takes
     # the BLAS path, whose speed the decoder's measurement says nothing about.

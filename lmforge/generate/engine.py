@@ -104,7 +104,7 @@ class Engine:
 
     @property
     def device(self) -> torch.device:
-        return self.model.tok_emb.weight.device
+        return self.model.device
 
     def _cache_for(self, batch_size: int, max_len: int) -> KVCache:
         """Reuse the preallocated cache when it is large enough; grow it otherwise."""

@@ -6,10 +6,11 @@ products are bound by memory bandwidth, and in eager PyTorch the small operation
 each in dispatch alone: as much time again as the products (SmolLM2-135M on 2 cores: 24 ms of
 products, 13-27 ms of the rest). Here each layer is eight kernel calls (`kernels`: norms, the
 few-row products that read each weight once for the whole batch, attention with RoPE and the
-cache write, SwiGLU) and a few numpy additions. The Engine uses it only for CPU fp32 models whose
-projections are all plain `lmforge.model.gpt.Linear` (no LoRA adapters, no quantized layers), and
-only when it measured faster than torch on the machine at hand; tests hold its logits to the
-torch path's.
+cache write, SwiGLU) and a few numpy additions. The Engine uses it for CPU fp32 models whose
+projections are plain `lmforge.model.gpt.Linear` or quantized (`lmforge.quant.modules`: the block
+kernels of lmforge.quant.kernels, the same call for every family), not LoRA-wrapped ones; for
+fp32 models only when it measured faster than torch on the machine at hand. Tests hold its
+logits to the torch path's.
 Prefill stays in torch: it is compute-bound, and there the dispatch cost is spread over many tokens.
 """
 
@@ -22,16 +23,20 @@ import torch.nn.functional as F
 from lmforge.errors import LmforgeError
 from lmforge.generate.kernels import ROWS, decode_attention, few_row_linear, kernel_threads, norm, silu_mul
 from lmforge.model.gpt import GPT, KVCache, Linear
+from lmforge.quant import kernels as quant_kernels
+from lmforge.quant.modules import QuantEmbedding, QuantLinear, matmul as quant_matmul
+from lmforge.quant.packed import PackedWeight
 
 
 def supports(model: GPT) -> bool:
-    """Whether `NumpyDecoder` computes exactly this model: CPU fp32, plain layers, inference."""
-    w = model.tok_emb.weight
+    """Whether `NumpyDecoder` computes exactly this model: CPU fp32, plain or quantized layers,
+    inference."""
+    w = model.norm_f.weight
     if w.device.type != "cpu" or w.dtype != torch.float32 or model.training:
         return False
     layers = [model.lm_head] + [m for b in model.blocks for m in (b.attn.qkv, b.attn.proj, b.mlp.fc, b.mlp.proj)]
     # LoRA-wrapped or replaced layers compute something else.
-    return all(type(layer) is Linear for layer in layers)
+    return all(type(layer) in (Linear, QuantLinear) for layer in layers)
 
 
 def decoder_for(model: GPT) -> "NumpyDecoder | None":
@@ -44,16 +49,21 @@ def _np(t: torch.Tensor | None) -> np.ndarray | None:
     return None if t is None else t.detach().numpy()
 
 
+def _weight(layer) -> np.ndarray | PackedWeight:
+    """A layer's weight as the products take it: an fp32 view, or the packed blocks."""
+    return layer.packed if isinstance(layer, QuantLinear) else _np(layer.weight)
+
+
 class _Layer:
     """Numpy views of one block's weights (shared memory: no copy, always the current values)."""
 
     def __init__(self, block) -> None:
         self.norm_1 = (_np(block.norm_1.weight), _np(getattr(block.norm_1, "bias", None)))
         self.norm_2 = (_np(block.norm_2.weight), _np(getattr(block.norm_2, "bias", None)))
-        self.qkv, self.qkv_b = _np(block.attn.qkv.weight), _np(block.attn.qkv.bias)
-        self.proj, self.proj_b = _np(block.attn.proj.weight), _np(block.attn.proj.bias)
-        self.fc, self.fc_b = _np(block.mlp.fc.weight), _np(block.mlp.fc.bias)
-        self.down, self.down_b = _np(block.mlp.proj.weight), _np(block.mlp.proj.bias)
+        self.qkv, self.qkv_b = _weight(block.attn.qkv), _np(block.attn.qkv.bias)
+        self.proj, self.proj_b = _weight(block.attn.proj), _np(block.attn.proj.bias)
+        self.fc, self.fc_b = _weight(block.mlp.fc), _np(block.mlp.fc.bias)
+        self.down, self.down_b = _weight(block.mlp.proj), _np(block.mlp.proj.bias)
 
 
 class NumpyDecoder:
@@ -70,12 +80,13 @@ class NumpyDecoder:
         self.eps = c.norm_eps
         self.H, self.Hkv, self.hd = c.n_head, c.n_kv_head, c.head_dim
         self.scale = 1.0 / float(np.sqrt(c.head_dim))
-        self.emb = _np(model.tok_emb.weight)
+        emb = model.tok_emb
+        self.emb = emb.packed if isinstance(emb, QuantEmbedding) else _np(emb.weight)
         self.pos_emb = _np(model.pos_emb.weight) if model.pos_emb is not None else None
         self.rope = (_np(model.rope_cos), _np(model.rope_sin_signed)) if c.position == "rope" else None
         self.layers = [_Layer(b) for b in model.blocks]
         self.norm_f = (_np(model.norm_f.weight), _np(getattr(model.norm_f, "bias", None)))
-        self.head, self.head_b = _np(model.lm_head.weight), _np(model.lm_head.bias)
+        self.head, self.head_b = _weight(model.lm_head), _np(model.lm_head.bias)
         self.gelu = {"gelu": "tanh", "gelu_exact": "none"}.get(c.mlp)
 
     # -- pieces ------------------------------------------------------------------------------
@@ -83,10 +94,13 @@ class NumpyDecoder:
         return norm(x, wb[0], wb[1], self.rms, self.eps)
 
     @staticmethod
-    def _linear(x: np.ndarray, w: np.ndarray, b: np.ndarray | None) -> np.ndarray:
+    def _linear(x: np.ndarray, w: np.ndarray | PackedWeight, b: np.ndarray | None) -> np.ndarray:
         # Up to ROWS rows (a decode batch): the kernels that read each weight row once for all
         # rows. Beyond, W @ x.T, the layout OpenBLAS runs fastest for tall-skinny products.
-        y = few_row_linear(x, w) if x.shape[0] <= ROWS else (w @ x.T).T
+        if isinstance(w, PackedWeight):
+            y = quant_matmul(x, w)
+        else:
+            y = few_row_linear(x, w) if x.shape[0] <= ROWS else (w @ x.T).T
         return y if b is None else y + b
 
     def _mlp_act(self, h: np.ndarray) -> np.ndarray:
@@ -118,7 +132,8 @@ class NumpyDecoder:
             pos = np.full(B, start, dtype=np.int64)
         else:
             pos = np.ascontiguousarray(positions.numpy().reshape(B), dtype=np.int64)
-        x = self.emb[idx.numpy()[:, 0]]
+        ids = idx.numpy()[:, 0]
+        x = quant_kernels.rows_of(self.emb, ids) if isinstance(self.emb, PackedWeight) else self.emb[ids]
         if self.pos_emb is not None:
             x = x + self.pos_emb[pos]
         bias = None

@@ -85,9 +85,9 @@ def read_generation(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_bundle(path: str | os.PathLike) -> ModelBundle:
-    """A model dir read back into a bundle (fp32, CPU)."""
+    """A model dir read back into a bundle (fp32, CPU; a quantized dir's blocks kept beside)."""
     path = Path(path)
-    model, _ = load_model_dir(path)
+    model, _ = load_model_dir(path, dequantize=True)
     _, raw = read_model_config(path)
     blocks = {}
     if "quantization" in raw:

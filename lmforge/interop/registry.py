@@ -371,10 +371,11 @@ class LoadedModel:
 
 
 def load_model(spec: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-               *, merge: bool = True) -> LoadedModel:
+               *, merge: bool = True, dequantize: bool = False) -> LoadedModel:
     """Load what `spec` names. An adapter dir loads its base, then the adapters on top: merged
     into the weights by default (a plain model, as fast as the base), or kept as LoRA layers
-    (`merge=False`) to train them further."""
+    (`merge=False`) to train them further. A quantized model dir computes on its blocks (CPU,
+    fp32), or on fp32 copies with dequantize=True; adapters always sit on an fp32 base."""
     path = resolve_model_dir(spec)
     if _is_adapter_dir(path):
         from lmforge.model.lora import load_adapter, merge_lora, read_adapter_config
@@ -385,7 +386,7 @@ def load_model(spec: str | os.PathLike, device: str | torch.device = "cpu", dtyp
         if Path(base_spec).resolve() == path.resolve():
             raise LmforgeError(f"{path}: adapter_config.json names the adapter itself as its base")
         try:
-            base = load_model(base_spec, device=device, dtype=torch.float32)
+            base = load_model(base_spec, device=device, dtype=torch.float32, dequantize=True)
         except LmforgeError as e:
             raise LmforgeError(f"{path}: cannot load its base model {base_spec!r}: {e}") from None
         load_adapter(base.model, path)
@@ -394,7 +395,7 @@ def load_model(spec: str | os.PathLike, device: str | torch.device = "cpu", dtyp
         tok = Tokenizer.load(path) if (path / "tokenizer.json").is_file() else base.tokenizer
         generation = read_generation(path) or base.generation
         return LoadedModel(model, tok, path, generation)
-    model, _ = load_model_dir(path, device=device, dtype=dtype)
+    model, _ = load_model_dir(path, device=device, dtype=dtype, dequantize=dequantize)
     return LoadedModel(model, Tokenizer.load(path), path, read_generation(path))
 
 

@@ -271,8 +271,20 @@ class GPT(nn.Module):
 
     def tie_weights(self) -> None:
         """Make lm_head share tok_emb's matrix (again: moving a model off `meta` unties it)."""
-        if self.config.tie_embeddings:
+        if not self.config.tie_embeddings:
+            return
+        packed = getattr(self.tok_emb, "packed", None)
+        if packed is not None:  # a quantized table (lmforge.quant.modules): the head reads the same blocks
+            from lmforge.quant.modules import QuantLinear
+
+            if getattr(self.lm_head, "packed", None) is not packed:
+                self.lm_head = QuantLinear(packed)
+        else:
             self.lm_head.weight = self.tok_emb.weight
+
+    @property
+    def device(self) -> torch.device:
+        return self.norm_f.weight.device  # every model has a final norm; quantized tables are not tensors
 
     def reset_rope(self) -> None:
         """Recompute the RoPE tables, e.g. after `to_empty` left them uninitialised."""
@@ -400,7 +412,7 @@ class GPT(nn.Module):
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         """A KVCache on this model's device and dtype (max_len defaults to block_size)."""
-        w = self.tok_emb.weight
+        w = self.norm_f.weight
         return KVCache(self.config, batch_size, max_len, device=w.device, dtype=w.dtype)
 
     # -- accounting --------------------------------------------------------------------------
@@ -408,12 +420,19 @@ class GPT(nn.Module):
         """Parameters, each shared tensor once. non_embedding=True leaves out the vocabulary and
         position tables (token embedding, position embedding, lm_head), Kaplan et al.'s N."""
         n = sum(p.numel() for p in self.parameters())
+        seen: set[int] = set()
+        for m in self.modules():  # quantized weights are not parameters: count each table once
+            packed = getattr(m, "packed", None)
+            if packed is not None and id(packed) not in seen:
+                seen.add(id(packed))
+                n += packed.shape[0] * packed.shape[1]
         if non_embedding:
-            n -= self.tok_emb.weight.numel()
+            c = self.config
+            n -= c.vocab_size * c.n_embd
             if self.pos_emb is not None:
                 n -= self.pos_emb.weight.numel()
-            if not self.config.tie_embeddings:
-                n -= self.lm_head.weight.numel()
+            if not c.tie_embeddings:
+                n -= c.vocab_size * c.n_embd
         return n
 
     def flops_per_token(self, seq_len: int) -> int:

@@ -43,7 +43,18 @@ def model_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     sd = model.state_dict()
     if model.config.tie_embeddings:
         sd.pop("lm_head.weight", None)
-    return {k: v.detach().contiguous() for k, v in sd.items()}
+    out = {k: v.detach().contiguous() for k, v in sd.items()}
+    out.update({k: torch.from_numpy(t.blocks) for k, t in _quantized_weights(model).items()})
+    return out
+
+
+def _quantized_weights(model: GPT) -> dict:
+    """A quantized model's weights as GGUF blocks ({name: QuantTensor}; {} for a plain model)."""
+    if not any(hasattr(m, "packed") for m in model.modules()):
+        return {}  # without importing lmforge.quant (numba): scoring and training never load it
+    from lmforge.quant.modules import packed_weights
+
+    return {k: w.to_blocks() for k, w in packed_weights(model).items()}
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -128,6 +139,12 @@ def write_model_files(model: GPT, folder: str | os.PathLike, tokenizer=None,
     extra = dict(extra_config or {})
     if MODEL_KEY in extra:
         raise LmforgeError(f"extra_config must not contain {MODEL_KEY!r}: it is written from the model itself")
+    if weights is None:
+        quantized = _quantized_weights(model)
+        if quantized:  # a model loaded from a quantized dir saves its blocks as they are
+            from lmforge.quant.store import QUANT_KEY, quant_entry
+
+            extra[QUANT_KEY] = quant_entry(quantized)
     config = {MODEL_KEY: model.config.to_dict(), "format_version": FORMAT_VERSION, **extra}
     with atomic_file(folder / CONFIG_FILE, "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
@@ -172,20 +189,54 @@ def read_safetensors(file: Path, device: torch.device | str = "cpu") -> dict[str
 
 
 def load_model_dir(path: str | os.PathLike, device: torch.device | str = "cpu",
-                   dtype: torch.dtype = torch.float32) -> tuple[GPT, ModelConfig]:
+                   dtype: torch.dtype = torch.float32, dequantize: bool = False) -> tuple[GPT, ModelConfig]:
     """Load a model dir's GPT (in eval mode) and its ModelConfig, after checking its files
-    against its manifest (when it has one)."""
+    against its manifest (when it has one). A quantized dir's layers compute on their blocks on
+    the CPU in fp32; with dequantize=True, or another device or dtype, on fp32 copies."""
     path = Path(path)
     config, raw = read_model_config(path)
     verify_model_files(path)
     file = path / WEIGHTS_FILE
-    if "quantization" in raw:  # GGUF blocks (lmforge.quant.store), computed in fp32 for now
-        from lmforge.quant.store import dequantize_state_dict
+    if "quantization" in raw:  # GGUF blocks (lmforge.quant.store)
+        sd = read_safetensors(file, "cpu")
+        if dequantize or torch.device(device).type != "cpu" or dtype != torch.float32:
+            # The kernels are CPU fp32 code: another device or dtype computes on fp32 weights.
+            from lmforge.quant.store import dequantize_state_dict
 
-        sd = dequantize_state_dict(read_safetensors(file, "cpu"), raw["quantization"], str(file))
+            sd = dequantize_state_dict(sd, raw["quantization"], str(file))
+        else:
+            return _model_from_quantized(config, sd, raw["quantization"], str(file)), config
     else:
         sd = read_safetensors(file, device)
     return model_from_state_dict(config, sd, source=str(file), device=device, dtype=dtype), config
+
+
+def _model_from_quantized(config: ModelConfig, sd: dict[str, torch.Tensor], entry: Any, source: str) -> GPT:
+    """A GPT whose listed layers compute on their blocks (lmforge.quant.modules); the rest of
+    the weights loaded as `model_from_state_dict` loads them."""
+    from lmforge.quant.modules import install_quantized
+    from lmforge.quant.store import quant_tensors
+
+    tensors = quant_tensors(sd, entry, source)
+    model = build_empty(config)
+    rest = {k: v for k, v in sd.items() if k not in tensors}
+    shapes = {k: tuple(v.shape) for k, v in model_state_dict(model).items()}
+    check_state_dict({**rest, **{k: torch.empty(0) for k in tensors}}, config, source,
+                     {k: (shapes[k] if k not in tensors else (0,)) for k in shapes})
+    with torch.no_grad():
+        model.load_state_dict(rest, strict=False, assign=True)
+    install_quantized(model, tensors, source)  # after the biases were loaded: QuantLinear keeps them
+    model.tie_weights()
+    check_finite(rest, source)
+    return model.eval()
+
+
+def is_quantized_dir(path: str | os.PathLike) -> bool:
+    """Whether a model dir stores block-quantized weights (config.json "quantization")."""
+    try:
+        return "quantization" in read_json(Path(path) / CONFIG_FILE)
+    except (LmforgeError, OSError):
+        return False
 
 
 def verify_model_files(path: Path) -> None:

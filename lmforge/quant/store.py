@@ -51,6 +51,14 @@ def quantize_state_dict(sd: dict[str, torch.Tensor], fmt: str) -> tuple[dict[str
     return out, {"format": f.name, "tensors": shapes}
 
 
+def quant_entry(tensors: dict[str, QuantTensor]) -> dict[str, Any]:
+    """The config.json entry describing `tensors` (all in one format)."""
+    formats = {t.format.name for t in tensors.values()}
+    if len(formats) != 1:
+        raise LmforgeError(f"quantized tensors in several formats ({', '.join(sorted(formats))}) need per-tensor entries")
+    return {"format": formats.pop(), "tensors": {k: list(t.shape) for k, t in tensors.items()}}
+
+
 def quant_tensors(sd: dict[str, torch.Tensor], entry: Any, source: str) -> dict[str, QuantTensor]:
     """The listed tensors of a quantized model dir's state dict as QuantTensors (views, no copy),
     after checking the config.json entry and each tensor's bytes against it."""

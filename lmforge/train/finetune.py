@@ -27,7 +27,7 @@ from lmforge.errors import LmforgeError
 from lmforge.fsutil import write_text_atomic
 from lmforge.interop.registry import GENERATION_FILE, LoadedModel, base_model_name, load_model
 from lmforge.model.estimate import estimate_memory
-from lmforge.model.io import load_model_dir, write_model_files
+from lmforge.model.io import is_quantized_dir, load_model_dir, write_model_files
 from lmforge.model.lora import LoRAConfig, apply_lora, count_parameters, load_adapter, save_adapter
 from lmforge.eval.perplexity import perplexity_from_nll as perplexity
 from lmforge.report import write_training_report
@@ -146,7 +146,11 @@ def _finetune(run: RunDir, model: str, data: str | Path, ft: FinetuneConfig, cfg
               val_data, resume, resume_from, progress, sample_count, pause_at) -> dict:
     run_dir = run.path
     ckpt = resume_checkpoint(run_dir, resume, resume_from) if (resume or resume_from) else None
-    loaded = load_model(model)
+    # Training runs on fp32 weights: a quantized base is dequantized (the values it stores, exactly).
+    loaded = load_model(model, dequantize=True)
+    if is_quantized_dir(loaded.path):
+        print(f"[finetune] {loaded.path} holds quantized weights: training on their fp32 values "
+              "(the result is an fp32 model; `lmforge quantize` it again to ship it quantized)", flush=True)
     base_name = base_model_name(model, loaded.path)
     net, tok = loaded.model, loaded.tokenizer
     block_size = min(cfg.block_size or net.config.block_size, net.config.block_size)

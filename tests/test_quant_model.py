@@ -1,0 +1,138 @@
+"""A model loaded from a quantized dir computes on its blocks: the torch forward (QuantLinear,
+QuantEmbedding), the numpy decoder and the Engine against the same model dequantized to fp32."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+
+from conftest import random_model
+from lmforge.generate.engine import Engine
+from lmforge.generate.numpy_decode import NumpyDecoder
+from lmforge.model.config import ModelConfig
+from lmforge.model.gpt import Linear
+from lmforge.model.io import load_model_dir, model_state_dict, save_model_dir, write_model_files
+from lmforge.quant.modules import QuantEmbedding, QuantLinear, is_quantized
+from lmforge.quant.store import QUANT_KEY, quantize_state_dict
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CONFIGS = {
+    # vocab 300: not a multiple of the kernels' 8-row groups (padding); GQA; tied head
+    "llama-gqa": ModelConfig(vocab_size=300, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
+                             intermediate_size=96),
+    # biases, learned positions, an untied head of its own
+    "gpt2": ModelConfig(vocab_size=300, block_size=64, n_layer=2, n_head=4, n_kv_head=4, n_embd=64,
+                        intermediate_size=128, norm="layernorm", mlp="gelu", position="learned", bias=True,
+                        tie_embeddings=False),
+}
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    """{(config, format): (quantized dir)} built once: random weights, saved, quantized."""
+    root = tmp_path_factory.mktemp("qmodels")
+    out = {}
+    for name, config in CONFIGS.items():
+        model = random_model(config)
+        for fmt in ("q8_0", "q4_0", "q4_1"):
+            weights, entry = quantize_state_dict(model_state_dict(model), fmt)
+            folder = root / f"{name}-{fmt}"
+            folder.mkdir()
+            write_model_files(model, folder, extra_config={QUANT_KEY: entry}, weights=weights)
+            out[(name, fmt)] = folder
+    return out
+
+
+CASES = [(n, f) for n in CONFIGS for f in ("q8_0", "q4_0", "q4_1")]
+
+
+@pytest.mark.parametrize("name, fmt", CASES)
+def test_quantized_modules_replace_every_projection(dirs, name, fmt):
+    q, _ = load_model_dir(dirs[(name, fmt)])
+    f, _ = load_model_dir(dirs[(name, fmt)], dequantize=True)
+    assert is_quantized(q) and not is_quantized(f)
+    assert isinstance(q.tok_emb, QuantEmbedding) and isinstance(q.lm_head, QuantLinear)
+    assert not any(type(m) is Linear for m in q.modules())
+    assert (q.lm_head.packed is q.tok_emb.packed) == CONFIGS[name].tie_embeddings
+    assert q.param_count() == f.param_count() and q.param_count(non_embedding=True) == f.param_count(non_embedding=True)
+
+
+@pytest.mark.parametrize("name, fmt", CASES)
+def test_forward_and_decode_match_the_dequantized_model(dirs, name, fmt):
+    q, _ = load_model_dir(dirs[(name, fmt)])
+    f, _ = load_model_dir(dirs[(name, fmt)], dequantize=True)
+    torch.manual_seed(1)
+    B, T = 3, 6
+    prompt = torch.randint(0, 300, (B, T))
+    with torch.inference_mode():
+        # Prefill: 18 rows, the dequantized slices + BLAS path.
+        torch.testing.assert_close(q(prompt)[0], f(prompt)[0], atol=1e-4, rtol=1e-4)
+        qc, dc, fc = q.new_cache(B, 16), q.new_cache(B, 16), f.new_cache(B, 16)
+        for m, c in ((q, qc), (q, dc), (f, fc)):
+            m(prompt, cache=c)
+        decoder = NumpyDecoder(q)
+        tok = torch.tensor([[7], [8], [9]])
+        for _ in range(4):
+            want, _ = f(tok, cache=fc, logits_to_keep=1)
+            got_torch, _ = q(tok, cache=qc, logits_to_keep=1)  # 3 rows: the block kernels, in torch
+            got = decoder.step(tok, dc)
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(got_torch, want, atol=1e-4, rtol=1e-4)
+            tok = want[:, -1].argmax(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_saving_a_loaded_quantized_model_keeps_its_blocks(dirs, tmp_path, name):
+    src = dirs[(name, "q4_1")]
+    q, _ = load_model_dir(src)
+    save_model_dir(q, tmp_path / "again")
+    a, b = load_file(src / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert is_quantized(load_model_dir(tmp_path / "again")[0])
+
+
+@pytest.fixture(scope="module")
+def tiny_q4_1(tiny_model_dir, tmp_path_factory):
+    from lmforge.interop.convert import quantize_model
+
+    out = tmp_path_factory.mktemp("q") / "llama-q4_1"
+    quantize_model(tiny_model_dir, out, "q4_1")
+    return out
+
+
+def test_engine_decodes_a_quantized_model_with_the_numpy_decoder(tiny_q4_1):
+    from lmforge.generate.sampling import SamplingParams
+    from lmforge.interop.registry import load_model
+
+    q = load_model(tiny_q4_1)
+    f = load_model(tiny_q4_1, dequantize=True)
+    assert is_quantized(q.model) and not is_quantized(f.model)
+    params = SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+    eq = Engine(q.model, q.tokenizer)
+    got = eq.generate_ids(prompts, params)
+    assert eq.decode_backend_used == "numpy"
+    ef = Engine(f.model, f.tokenizer)
+    ef.backend = "torch"
+    assert got == ef.generate_ids(prompts, params)
+    assert [len(g.ids) for g in got] == [6, 6]
+
+
+def test_generate_and_eval_ppl_take_a_quantized_dir(cli, tiny_q4_1, tmp_path):
+    r = cli("generate", str(tiny_q4_1), "def main", "--max-new-tokens", "5", "--temperature", "0")
+    assert r.code == 0, r.err
+    text = tmp_path / "t.txt"
+    text.write_text("def main():\n    return 0\n" * 20)
+    q = cli("eval", "ppl", str(tiny_q4_1), "--data", str(text), "--no-progress")
+    assert q.code == 0, q.err
+    # The same weights in fp32: a model dir written from the dequantized blocks.
+    r = cli("convert", str(tiny_q4_1), str(tmp_path / "fp32"), "--to", "lmforge")
+    assert r.code == 0, r.err
+    f = cli("eval", "ppl", str(tmp_path / "fp32"), "--data", str(text), "--no-progress")
+    assert f.code == 0, f.err
+    import json
+
+    assert json.loads(q.out)["perplexity"] == pytest.approx(json.loads(f.out)["perplexity"], rel=1e-4)
