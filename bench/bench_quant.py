@@ -69,10 +69,10 @@ def main() -> None:
     import numba
     import numpy as np
 
-    from lmforge.generate.kernels import few_row_linear, set_threads
+    from lmforge.generate.kernels import few_row_linear
     from lmforge.quant.kernels import few_row_linear as quant_linear
 
-    set_threads(args.threads)
+    numba.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
     results = []
     for n_out, k_in in SHAPES:

@@ -14,7 +14,12 @@ What is measured (batch 1, greedy, `n_ctx` 2048, `n_batch` 512, mmap as llama.cp
     ignored, so every run decodes the same count. Only this loop is timed;
   - prefill_tok_s: `reset()`, `eval(ids)` for a --prefill-token prompt (one llama_decode, since
     n_batch = 512 covers it);
-  - rss: VmRSS after load, and the process's peak (`ru_maxrss`) at the end, both in MiB.
+  - rss: VmRSS after load, and the process's peak (`ru_maxrss`) at the end, both in MiB;
+  - generated_ids: the first token (from the prompt) then the --new-tokens decoded ones.
+With --threads equal to the core count, llama.cpp's threads spin at each barrier: any other busy
+process on the machine slows decode many-fold (seen here: 142 tok/s quiet, 4-30 tok/s next to a
+test run), far beyond a fair share, so time it on a quiet machine and check loadavg_start/_end and
+the per-run lists.
 One untimed warm-up (prompt + a few decode steps) precedes the timed runs; each figure is the
 median over --runs repetitions in this process, the per-run values are listed too.
 
@@ -120,6 +125,7 @@ def main() -> None:
     if args.prefill > args.n_batch:
         print(f"note: --prefill {args.prefill} > n_batch {args.n_batch}: eval splits it", file=sys.stderr)
 
+    loadavg_start = list(os.getloadavg())
     t0 = time.perf_counter()
     llm = Llama(model_path=args.gguf, n_ctx=args.n_ctx, n_threads=args.threads,
                 n_threads_batch=args.threads, n_batch=args.n_batch, verbose=False)
@@ -201,7 +207,8 @@ def main() -> None:
         "generated_text": text,
         "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
         "python": platform.python_version(),
-        "loadavg": list(os.getloadavg()),
+        "loadavg_start": loadavg_start,
+        "loadavg_end": list(os.getloadavg()),
     }
     print(json.dumps(result))
 

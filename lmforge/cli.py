@@ -334,7 +334,7 @@ def convert(
     src: Annotated[str, typer.Argument(help="A model dir, run dir, known model name, HF folder, .gguf file or hf:org/name (a Hugging Face Hub id).", show_default=False)],
     dst: Annotated[Path, typer.Argument(help="Output: a folder (--to lmforge, hf) or a .gguf file.", show_default=False)],
     to: Annotated[str, typer.Option("--to", help="Output format: lmforge (model dir), hf (transformers folder) or gguf (llama.cpp).", show_default=False)],
-    dtype: Annotated[Optional[str], typer.Option(help="Weights: f32, f16, bf16 for lmforge/hf; f32, f16, q8_0, q4_0, q4_1 for gguf. Default: f32, or for a quantized model dir to gguf its own block format (blocks copied unchanged).", show_default=False)] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="Weights: fp32 (or f32), f16, bf16 for lmforge/hf; fp32, f16, q8_0, q4_0, q4_1 for gguf. Default: a GGUF's Q8_0/Q4_0/Q4_1 matrices (or a quantized model dir's blocks) copied unchanged into lmforge and gguf outputs, the rest fp32; fp32 for hf. --dtype fp32 dequantizes everything.", show_default=False)] = None,
     overwrite: Overwrite = False,
 ):
     """Convert a model between lmforge, Hugging Face and GGUF formats."""
@@ -351,14 +351,18 @@ def quantize(
     src: Annotated[str, typer.Argument(help="Any model lmforge loads: a model dir, run dir, known name, HF folder, .gguf file.", show_default=False)],
     to: Annotated[str, typer.Option("--to", help="Block format: q8_0, q4_0 or q4_1 (GGUF's own).", show_default=False)],
     out: Annotated[Path, typer.Option("-o", "--out", help="The quantized model dir to write.", show_default=False)],
+    embedding_format: Annotated[Optional[str], typer.Option("--embedding-format", help="Block format of the token embedding (which a tied head shares) and of an untied lm_head. Default: q8_0 for --to q4_0/q4_1 (the head is the most error-sensitive matrix; llama.cpp keeps it above 4 bits too), --to's format for q8_0.", show_default=False)] = None,
     overwrite: Overwrite = False,
 ):
-    """Store a model's linear weights and embedding as GGUF blocks (a model dir ~4x or ~7x smaller)."""
+    """Store a model's linear weights and embedding as GGUF blocks (a model dir ~4x or ~6x smaller)."""
     from lmforge.interop.convert import quantize_model
 
-    s = quantize_model(src, out, to, overwrite=overwrite)
-    typer.echo(f"quantized {s['source']} ({s['model']}, {s['params'] / 1e6:.1f}M parameters) to {s['format']} "
-               f"in {s['seconds']:.1f} s: {s['output']} ({s['bytes'] / 1e6:.1f} MB, {s['quantized_tensors']} tensors in blocks)")
+    s = quantize_model(src, out, to, embedding_format=embedding_format, overwrite=overwrite)
+    head = "the tied head shares it" if s["tied"] else "and lm_head"
+    types = ", ".join(f"{n} {t}" for t, n in sorted(s["tensor_types"].items()))
+    typer.echo(f"quantized {s['source']} ({s['model']}, {s['params'] / 1e6:.1f}M parameters) to {s['format']}, "
+               f"token embedding ({head}) {s['embedding_format']}, in {s['seconds']:.1f} s: {s['output']} "
+               f"({s['bytes'] / 1e6:.1f} MB; tensors: {types})")
 
 
 @app.command()

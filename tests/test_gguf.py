@@ -29,6 +29,7 @@ from lmforge.errors import LmforgeError  # noqa: E402
 from lmforge.interop.bundle import ModelBundle  # noqa: E402
 from lmforge.interop.gguf import import_gguf, open_gguf, read_gguf, write_gguf  # noqa: E402
 from lmforge.model import ModelConfig, load_model_dir  # noqa: E402
+from lmforge.quant.formats import quantize  # noqa: E402
 from lmforge.tokenizer import Tokenizer  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
@@ -290,3 +291,134 @@ def test_unsupported_architecture_quantization_and_tokenizer(tmp_path, tok, hf_l
     # A missing tensor, and an unknown one.
     with pytest.raises(LmforgeError, match=r"miss.gguf: tensors missing for a llama model: blk.1.attn_v.weight"):
         read_gguf(write_gguf_from_hf(tmp_path / "miss.gguf", hf_llama, tok, drop=("blk.1.attn_v.weight",)))
+
+
+# -- blocks kept on import -------------------------------------------------------------------------
+def _tensor_bytes(path) -> dict[str, tuple[str, bytes]]:
+    return {t.name: (t.tensor_type.name, np.asarray(t.data).tobytes()) for t in gguf.GGUFReader(str(path)).tensors}
+
+
+@pytest.mark.parametrize("family", ["llama", "llama-untied", "gpt2"])
+def test_quantized_gguf_round_trips_byte_for_byte(tmp_path, tok, family):
+    """q4_1 (embedding q8_0) dir -> GGUF -> import -> export: every tensor's bytes as they were,
+    and the import's blocks are the quantized dir's own (the q/k rows un-permuted exactly)."""
+    from lmforge.interop.convert import convert, quantize_model
+    from lmforge.model.io import save_model_dir
+    from safetensors.torch import load_file
+
+    if family == "gpt2":
+        cfg = ModelConfig(name="g", vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=4, n_kv_head=4,
+                          n_embd=64, intermediate_size=128, norm="layernorm", mlp="gelu", position="learned", bias=True)
+    else:
+        cfg = ModelConfig(vocab_size=tok.vocab_size, tie_embeddings=family == "llama", **LLAMA)
+    save_model_dir(random_model(cfg, seed=7), tmp_path / "src", tokenizer=tok)
+    quantize_model(tmp_path / "src", tmp_path / "q", "q4_1")
+    first, second = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    assert convert(tmp_path / "q", first, "gguf")["dtype"] == "q4_1"
+    s = convert(first, tmp_path / "imported", "lmforge")
+    assert s["dtype"] == "q4_1" and s["tensor_types"]["q8_0"] == (1 if family != "llama-untied" else 2)
+    convert(tmp_path / "imported", second, "gguf")
+
+    a, b = _tensor_bytes(first), _tensor_bytes(second)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name] == b[name], name
+    assert a["token_embd.weight"][0] == "Q8_0" and a["blk.1.ffn_down.weight"][0] == "Q4_1"
+    assert a["output_norm.weight"][0] == "F32"
+
+    q_entry = json.loads((tmp_path / "q" / "config.json").read_text())["quantization"]
+    i_entry = json.loads((tmp_path / "imported" / "config.json").read_text())["quantization"]
+    assert i_entry["format"] == "q4_1"
+    assert {n: i_entry["tensors"][n] for n in q_entry["tensors"]} == q_entry["tensors"]
+    qsd, isd = load_file(str(tmp_path / "q" / "model.safetensors")), load_file(str(tmp_path / "imported" / "model.safetensors"))
+    for name in q_entry["tensors"]:
+        assert torch.equal(qsd[name], isd[name]), name
+    imported, quantized = load_model_dir(tmp_path / "imported")[0], load_model_dir(tmp_path / "q")[0]
+    if family == "gpt2":
+        # The one change: the export made GPT-2's fp32 position table q4_1, like every 2-D weight,
+        # and the import kept those blocks.
+        assert i_entry["tensors"]["pos_emb.weight"]["format"] == "q4_1" and "pos_emb.weight" not in q_entry["tensors"]
+        pos = quantize(quantized.pos_emb.weight.detach().numpy(), "q4_1").dequantize()
+        assert torch.equal(imported.pos_emb.weight, torch.from_numpy(pos))
+        return
+    # And it computes as the quantized dir does.
+    ids = _ids(tok)
+    with torch.no_grad():
+        assert torch.equal(imported(ids)[0], quantized(ids)[0])
+
+
+def test_import_keeps_llama_cpp_blocks_in_our_row_order(tmp_path, tok):
+    """A Q4_1 file written as llama.cpp writes it (q/k rows permuted, then quantized by gguf):
+    the imported qkv blocks are gguf's blocks of the original, unpermuted HF rows."""
+    hf = hf_tiny_llama(tok.vocab_size, tie=False, seed=4)
+    path = write_gguf_from_hf(tmp_path / "m.gguf", hf, tok, Q.Q4_1)
+    out = import_gguf(path, tmp_path / "dir")
+    from safetensors.torch import load_file
+
+    sd = load_file(str(out / "model.safetensors"))
+    entry = json.loads((out / "config.json").read_text())["quantization"]
+    assert entry["format"] == "q4_1" and entry["tensors"]["blocks.0.attn.qkv.weight"] == {"format": "q4_1", "shape": [128, 64]}
+    attn = hf.model.layers[1].self_attn
+    want = np.concatenate([gguf.quants.quantize(p.weight.detach().numpy(), Q.Q4_1)
+                           for p in (attn.q_proj, attn.k_proj, attn.v_proj)])
+    assert np.array_equal(sd["blocks.1.attn.qkv.weight"].numpy(), want)
+    assert sd["blocks.0.norm_1.weight"].dtype == torch.float32 and "blocks.0.norm_1.weight" not in entry["tensors"]
+    # --dtype fp32: today's model dir, the same values, no blocks
+    plain = import_gguf(path, tmp_path / "fp32", dtype="fp32")
+    assert "quantization" not in json.loads((plain / "config.json").read_text())
+    a, b = load_model_dir(out)[0].state_dict(), load_model_dir(plain)[0].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(LmforgeError, match="GGUF import dtype must be fp32 or None"):
+        import_gguf(path, tmp_path / "x", dtype="q4_1")
+
+
+def _retype(src, dst, types: dict[str, "Q"]):
+    """A copy of the GGUF `src` with the tensors named in `types` stored in another type."""
+    r = open_gguf(src)
+    w = gguf.GGUFWriter(str(dst), r.arch)
+    for key, value in r.metadata.items():
+        if key.startswith((r.arch + ".", "tokenizer.")):
+            if isinstance(value, list):
+                w.add_array(key, value)
+            else:
+                (w.add_string if isinstance(value, str) else w.add_float32 if isinstance(value, float)
+                 else w.add_bool if isinstance(value, bool) else w.add_uint32)(key, value)
+    for t in r.tensors.values():
+        if t.name in types:
+            values = gguf.quants.dequantize(t.data, t.tensor_type).reshape(r.shape(t.name))
+            w.add_tensor(t.name, gguf.quants.quantize(values, types[t.name]), raw_dtype=types[t.name])
+        else:
+            w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+def test_other_types_and_mixed_parts_are_dequantized(tmp_path, tok, hf_llama, cli):
+    """F16 tensors, and a fused weight whose GGUF parts differ in type, become fp32; the rest stay blocks."""
+    q41 = write_gguf_from_hf(tmp_path / "m.gguf", hf_llama, tok, Q.Q4_1)
+    mixed = _retype(q41, tmp_path / "mixed.gguf", {"blk.0.attn_k.weight": Q.Q8_0, "blk.1.ffn_down.weight": Q.F16})
+    r = cli("convert", mixed, tmp_path / "dir", "--to", "lmforge")
+    assert r.code == 0, r.err
+    assert "to lmforge q4_1" in r.out
+    entry = json.loads((tmp_path / "dir" / "config.json").read_text())["quantization"]["tensors"]
+    assert "blocks.0.attn.qkv.weight" not in entry and "blocks.1.mlp.proj.weight" not in entry
+    assert entry["blocks.1.attn.qkv.weight"]["format"] == "q4_1" and entry["tok_emb.weight"]["format"] == "q4_1"
+    ours = load_model_dir(tmp_path / "dir")[0]
+    with torch.no_grad():
+        assert (ours(_ids(tok))[0] - _hf_from_gguf(mixed)(_ids(tok)).logits).abs().max().item() <= 1e-4
+    # --dtype fp32 (the import command's flag): nothing kept, the same model
+    r = cli("convert", mixed, tmp_path / "fp32", "--to", "lmforge", "--dtype", "fp32")
+    assert r.code == 0 and "to lmforge f32" in r.out, r.err
+    assert "quantization" not in json.loads((tmp_path / "fp32" / "config.json").read_text())
+    a, b = ours.state_dict(), load_model_dir(tmp_path / "fp32")[0].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # A NaN scale in kept blocks (inside the fused qkv): the GGUF tensor is named, as for fp32 ones.
+    data = bytearray(q41.read_bytes())
+    t = open_gguf(q41).tensors["blk.1.attn_k.weight"]
+    data[t.data_offset + 20 * 2 + 0: t.data_offset + 20 * 2 + 2] = np.float16("nan").tobytes()  # row 0, block 2's d
+    (tmp_path / "nan.gguf").write_bytes(bytes(data))
+    with pytest.raises(LmforgeError, match=r"nan.gguf: tensor blk.1.attn_k.weight holds NaN"):
+        read_gguf(tmp_path / "nan.gguf")

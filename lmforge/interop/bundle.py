@@ -5,6 +5,9 @@ exporter consumes one, so a conversion is always "read into a bundle, write the 
 
     model dir    config.json (+ "source": where it was imported from), model.safetensors,
                  tokenizer.json + tokenizer_config.json, generation.json (stop tokens etc.), manifest.json
+
+A bundle read from GGUF blocks (a GGUF file, a quantized model dir) carries them beside the fp32
+model: writers that can hold blocks (a model dir, a GGUF) store those bytes unchanged.
 """
 
 from __future__ import annotations
@@ -35,9 +38,11 @@ class ModelBundle:
     tokenizer: Tokenizer
     generation: dict[str, Any] = field(default_factory=dict)  # generation.json: sampling defaults, stop ids
     source: dict[str, Any] = field(default_factory=dict)  # provenance, e.g. {"format": "gguf", "path": ...}
-    # A quantized model dir's stored blocks by weight name (lmforge.quant.store): the model holds
-    # their fp32 values, an exporter that keeps the format writes these bytes unchanged.
+    # GGUF blocks by weight name (lmforge.quant.store), from a quantized model dir or a GGUF: the
+    # model holds their fp32 values, a writer that keeps them writes these bytes unchanged.
     blocks: dict[str, Any] = field(default_factory=dict)
+    # The main block format of `blocks` (config.json "quantization".format); None when there are none.
+    quant_format: str | None = None
 
     @property
     def config(self) -> ModelConfig:
@@ -64,10 +69,19 @@ def assemble_model(config: ModelConfig, sd: dict[str, torch.Tensor], source: str
 
 
 def save_bundle(bundle: ModelBundle, out: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write a complete model dir, atomically (temp folder renamed into place)."""
-    extra = {SOURCE_KEY: bundle.source} if bundle.source else None
+    """Write a complete model dir, atomically (temp folder renamed into place); a bundle with
+    blocks becomes a quantized model dir holding those bytes (lmforge.quant.store)."""
+    extra = {SOURCE_KEY: bundle.source} if bundle.source else {}
+    weights = None
+    if bundle.blocks:
+        from lmforge.model.io import model_state_dict
+        from lmforge.quant.store import QUANT_KEY, blocks_state_dict, main_format
+
+        weights, entry = blocks_state_dict(model_state_dict(bundle.model), bundle.blocks,
+                                           bundle.quant_format or main_format(bundle.blocks))
+        extra[QUANT_KEY] = entry
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        write_model_files(bundle.model, tmp, tokenizer=bundle.tokenizer, extra_config=extra)
+        write_model_files(bundle.model, tmp, tokenizer=bundle.tokenizer, extra_config=extra or None, weights=weights)
         if bundle.generation:
             write_text_atomic(tmp / GENERATION_FILE, json.dumps(bundle.generation, indent=2) + "\n")
         write_manifest(tmp)
@@ -89,11 +103,12 @@ def load_bundle(path: str | os.PathLike) -> ModelBundle:
     path = Path(path)
     model, _ = load_model_dir(path, dequantize=True)
     _, raw = read_model_config(path)
-    blocks = {}
+    blocks, fmt = {}, None
     if "quantization" in raw:
         from lmforge.model.io import WEIGHTS_FILE, read_safetensors
-        from lmforge.quant.store import quant_tensors
+        from lmforge.quant.store import quant_tensors, tensor_layout
 
         file = path / WEIGHTS_FILE
         blocks = quant_tensors(read_safetensors(file), raw["quantization"], str(file))
-    return ModelBundle(model, Tokenizer.load(path), read_generation(path), raw.get(SOURCE_KEY) or {}, blocks)
+        fmt = tensor_layout(raw["quantization"], str(file))[0].name
+    return ModelBundle(model, Tokenizer.load(path), read_generation(path), raw.get(SOURCE_KEY) or {}, blocks, fmt)

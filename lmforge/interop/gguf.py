@@ -1,8 +1,10 @@
 """GGUF (llama.cpp's single-file format) <-> lmforge: read, dequantize, import; write, export.
 
 Reading goes through the `gguf` package (an interop extra, imported only here, on use):
-metadata is the model config and the tokenizer; tensors are dequantized to fp32 numpy with
-`gguf.quants.dequantize`. Two layout differences from our (= Hugging Face's) weights:
+metadata is the model config and the tokenizer; Q8_0/Q4_0/Q4_1 matrices are kept as their blocks
+(lmforge.quant; a model dir of them is a quantized model dir, lmforge.quant.store) beside their
+fp32 values, other tensors are dequantized to fp32 numpy with `gguf.quants.dequantize`. Two
+layout differences from our (= Hugging Face's) weights, both undone on blocks as on values:
 
 - Llama q/k rows: llama.cpp's converter permutes them so RoPE can rotate adjacent pairs
   (2i, 2i+1); we, like HF, rotate (i, i + head_dim/2). `_to_gguf_rows` is the converter's
@@ -39,7 +41,8 @@ from lmforge.interop.bundle import ModelBundle, assemble_model, save_bundle, sto
 from lmforge.interop.hf import family_of
 from lmforge.model.config import ModelConfig
 from lmforge.model.io import first_non_finite, model_state_dict
-from lmforge.quant.formats import quantize
+from lmforge.quant.formats import FORMATS, QuantTensor, from_gguf_bytes, quantize
+from lmforge.quant.store import main_format
 from lmforge.tokenizer import Tokenizer
 
 ARCHITECTURES = ("llama", "gpt2")
@@ -47,6 +50,8 @@ ARCHITECTURES = ("llama", "gpt2")
 # i-quants and ternary types are refused: rare in files of the sizes lmforge targets.
 READ_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 WRITE_TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1")
+# ggml type ids of the block formats an import keeps as blocks instead of dequantizing.
+_KEPT_TYPES = frozenset(f.ggml_type for f in FORMATS.values())
 # llama.cpp pre-tokenizer names whose split, on a vocabulary trained with it, gives the same
 # tokens as GPT-2's ByteLevel regex (transformers builds exactly that for them). smollm and
 # starcoder split digits one by one first, but their merges never join digits, so the result is
@@ -193,13 +198,12 @@ def _dequantize(g: GgufFile, name: str) -> torch.Tensor:
     arr = arr.reshape(shape)
     if isinstance(arr, np.memmap) or not arr.flags.writeable or arr.dtype != np.float32:
         arr = np.array(arr, dtype=np.float32)  # F32 tensors are views of the read-only file map
-    if not np.isfinite(arr).all():  # numpy's check: 25x faster than torch.isfinite here
-        raise LmforgeError(f"{g.path}: tensor {name} holds NaN or infinite values (a corrupt file?)")
-    return torch.from_numpy(arr)
+    return torch.from_numpy(_finite(g, name, arr))
 
 
 def _from_gguf_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """Undo llama.cpp's q/k row permutation (interleaved RoPE pairs -> rotate_half halves)."""
+    """Undo llama.cpp's q/k row permutation (interleaved RoPE pairs -> rotate_half halves).
+    It moves whole rows, so it works alike on values and on rows of blocks (a tensor or an array)."""
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
@@ -290,9 +294,40 @@ def config_from_gguf(g: GgufFile, name: str | None = None) -> ModelConfig:
         raise LmforgeError(msg if msg.startswith(str(g.path)) else f"{g.path}: {msg.removeprefix('model config: ')}") from None
 
 
-def state_dict_from_gguf(g: GgufFile, config: ModelConfig,
-                         progress: Callable[[int, int], None] | None = None) -> dict[str, torch.Tensor]:
-    """Dequantized fp32 weights under lmforge names, q/k rows back in rotate_half order."""
+def _blocks(g: GgufFile, name: str) -> QuantTensor | None:
+    """A GGUF matrix stored in a block format lmforge keeps (Q8_0, Q4_0, Q4_1), as a QuantTensor
+    over a copy of its bytes; None for any other type."""
+    t = g.tensors[name]
+    if int(t.tensor_type) not in _KEPT_TYPES or len(t.shape) != 2:
+        return None
+    try:
+        # A copy: the reader's array is a read-only view of the file map, which torch cannot wrap.
+        q = from_gguf_bytes(np.array(t.data, dtype=np.uint8), int(t.tensor_type), name)
+    except LmforgeError as e:
+        raise LmforgeError(f"{g.path}: tensor {e}") from None
+    if q.shape != g.shape(name):
+        raise LmforgeError(f"{g.path}: tensor {name} holds {q.format.name} blocks for shape {list(q.shape)}, "
+                           f"its shape is {list(g.shape(name))}")
+    return q
+
+
+def _finite(g: GgufFile, name: str, arr: np.ndarray) -> np.ndarray:
+    if not np.isfinite(arr).all():  # numpy's check: 25x faster than torch.isfinite here
+        raise LmforgeError(f"{g.path}: tensor {name} holds NaN or infinite values (a corrupt file?)")
+    return arr
+
+
+def weights_from_gguf(g: GgufFile, config: ModelConfig, progress: Callable[[int, int], None] | None = None,
+                      *, keep_blocks: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, QuantTensor]]:
+    """(fp32 weights under lmforge names with q/k rows back in rotate_half order, the blocks kept).
+
+    keep_blocks: every weight whose GGUF parts are all Q8_0, all Q4_0 or all Q4_1 matrices is also
+    returned as those blocks, with the same rows permuted and concatenated (a block lies within
+    one row, so rows of blocks move like rows of values); its fp32 value is then those blocks
+    dequantized by lmforge.quant, the values a model dir of them loads as (and gguf's, tested).
+    Other types (F32, F16, BF16, Q5_0, Q5_1, K-quants) and weights whose parts differ in type
+    are fp32 only.
+    """
     plan = _tensor_plan(config, g.arch)
     needed = {n for _, names in plan for n in names}
     missing = sorted(needed - set(g.tensors))
@@ -302,17 +337,41 @@ def state_dict_from_gguf(g: GgufFile, config: ModelConfig,
     if extra:
         raise LmforgeError(f"{g.path}: tensors lmforge has no place for: {', '.join(extra[:5])}")
     sd: dict[str, torch.Tensor] = {}
+    blocks: dict[str, QuantTensor] = {}
     for k, (ours, names) in enumerate(plan):
-        parts = []
-        for n in names:
-            t = _dequantize(g, n)
-            heads = _rows_transform(config, n) if g.arch == "llama" else None
-            parts.append(_from_gguf_rows(t, heads) if heads else t)
-        sd[ours] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-        del parts
+        held = [_blocks(g, n) for n in names] if keep_blocks else [None]
+        if all(q is not None for q in held) and len({q.format for q in held}) == 1:
+            rows = []
+            for n, q in zip(names, held):
+                heads = _rows_transform(config, n) if g.arch == "llama" else None
+                rows.append(_from_gguf_rows(q.blocks, heads) if heads else q.blocks)
+            whole = rows[0] if len(rows) == 1 else np.concatenate(rows, axis=0)
+            q = QuantTensor(held[0].format, (whole.shape[0], held[0].shape[1]), np.ascontiguousarray(whole))
+            values = q.dequantize()
+            if not np.isfinite(values).all():  # an fp16 scale that is NaN/Inf: name the GGUF tensor
+                bad_row = int(np.argwhere(~np.isfinite(values))[0][0])
+                ends = np.cumsum([p.shape[0] for p in held])
+                _finite(g, names[int(np.searchsorted(ends, bad_row, side="right"))], values)
+            blocks[ours] = q
+            sd[ours] = torch.from_numpy(values)
+        else:
+            parts = []
+            for n in names:
+                t = _dequantize(g, n)
+                heads = _rows_transform(config, n) if g.arch == "llama" else None
+                parts.append(_from_gguf_rows(t, heads) if heads else t)
+            sd[ours] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+            del parts
+        del held
         if progress:
             progress(k + 1, len(plan))
-    return sd
+    return sd, blocks
+
+
+def state_dict_from_gguf(g: GgufFile, config: ModelConfig,
+                         progress: Callable[[int, int], None] | None = None) -> dict[str, torch.Tensor]:
+    """Dequantized fp32 weights under lmforge names, q/k rows back in rotate_half order."""
+    return weights_from_gguf(g, config, progress, keep_blocks=False)[0]
 
 
 def _byte_alphabet() -> dict[int, str]:
@@ -393,18 +452,20 @@ def tokenizer_from_gguf(g: GgufFile) -> Tokenizer:
 
 
 def read_gguf(path: str | os.PathLike, name: str | None = None,
-              progress: Callable[[int, int], None] | None = None) -> ModelBundle:
-    """A GGUF file as a bundle: fp32 model, tokenizer, stop tokens, provenance."""
+              progress: Callable[[int, int], None] | None = None, *, keep_blocks: bool = True) -> ModelBundle:
+    """A GGUF file as a bundle: fp32 model, tokenizer, stop tokens, provenance, and (keep_blocks)
+    its Q8_0/Q4_0/Q4_1 matrices as blocks (see weights_from_gguf)."""
     g = open_gguf(path)
     config = config_from_gguf(g, name)
     tokenizer = tokenizer_from_gguf(g)  # before the weights: a missing tokenizer fails fast
     if tokenizer.vocab_size > config.vocab_size:
         raise LmforgeError(f"{g.path}: the tokenizer has {tokenizer.vocab_size} tokens, the embedding only {config.vocab_size} rows")
-    sd = state_dict_from_gguf(g, config, progress)
+    sd, blocks = weights_from_gguf(g, config, progress, keep_blocks=keep_blocks)
     if not config.tie_embeddings and "lm_head.weight" in sd and torch.equal(sd["lm_head.weight"], sd["tok_emb.weight"]):
         # llama.cpp's converter writes GPT-2's output matrix as a copy of the embedding: tie it again
         # (exact, and one matrix less in memory).
         del sd["lm_head.weight"]
+        blocks.pop("lm_head.weight", None)
         config = config.replace(tie_embeddings=True)
     model = assemble_model(config, sd, str(g.path))
     del sd
@@ -413,14 +474,22 @@ def read_gguf(path: str | os.PathLike, name: str | None = None,
     types = sorted({t.tensor_type.name for t in g.tensors.values()})
     source = {"format": "gguf", "path": str(Path(path).resolve()), "file_size": g.path.stat().st_size,
               "architecture": g.arch, "tensor_types": types, "name": g.metadata.get("general.name")}
-    return ModelBundle(model, tokenizer, generation, source)
+    return ModelBundle(model, tokenizer, generation, source, blocks, main_format(blocks) if blocks else None)
+
+
+IMPORT_DTYPES = (None, "fp32")  # None: keep the blocks; "fp32": dequantize every tensor
 
 
 def import_gguf(path: str | os.PathLike, out: str | os.PathLike, *, name: str | None = None,
-                overwrite: bool = False, source: dict | None = None) -> Path:
-    """Convert a GGUF into a model dir (fp32 weights, tokenizer files, generation.json)."""
+                overwrite: bool = False, source: dict | None = None, dtype: str | None = None) -> Path:
+    """Convert a GGUF into a model dir (weights, tokenizer files, generation.json).
+
+    dtype None: a quantized model dir keeping the file's Q8_0/Q4_0/Q4_1 matrices as their blocks
+    (lmforge.quant.store), everything else fp32; "fp32": every weight dequantized to fp32."""
+    if dtype not in IMPORT_DTYPES:
+        raise LmforgeError(f"GGUF import dtype must be fp32 or None (keep the file's blocks); got {dtype!r}")
     check_output_free(out, overwrite)
-    bundle = read_gguf(path, name)
+    bundle = read_gguf(path, name, keep_blocks=dtype is None)
     if source:
         bundle.source.update(source)
     return save_bundle(bundle, out, overwrite=overwrite)
@@ -484,9 +553,10 @@ def _closed_on_error(writer):
 def write_gguf(bundle: ModelBundle, path: str | os.PathLike, *, dtype: str = "f32",
                overwrite: bool = False) -> dict[str, Any]:
     """Write a bundle as a GGUF llama.cpp runs: 2-D weights as `dtype` (f32, f16, q8_0, q4_0 or
-    q4_1), norms and biases in f32 as llama.cpp's converter keeps them. A quantized bundle's
-    blocks in the format asked for are written as they are (rows split and permuted, never
-    requantized). Returns what was written."""
+    q4_1), norms and biases in f32 as llama.cpp's converter keeps them. A bundle's blocks are
+    written as they are (rows split and permuted, never requantized): all of them, each in its
+    own format, when `dtype` is the bundle's main block format (a q4_1 dir's q8_0 embedding stays
+    q8_0); otherwise those already in `dtype`. Returns what was written."""
     gguf = _gguf()
     path = Path(path)
     config, tokenizer = bundle.config, bundle.tokenizer
@@ -506,7 +576,8 @@ def write_gguf(bundle: ModelBundle, path: str | os.PathLike, *, dtype: str = "f3
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
                  "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1}[dtype]
     block_types = (Q.Q8_0, Q.Q4_0, Q.Q4_1)
-    kept = {name: q for name, q in bundle.blocks.items() if q.format.name == dtype}
+    main = bundle.quant_format or (main_format(bundle.blocks) if bundle.blocks else None)
+    kept = {name: q for name, q in bundle.blocks.items() if dtype == main or q.format.name == dtype}
 
     sd = model_state_dict(bundle.model)
     bad = first_non_finite(sd)
@@ -561,8 +632,9 @@ def write_gguf(bundle: ModelBundle, path: str | os.PathLike, *, dtype: str = "f3
                 heads = _rows_transform(config, n) if arch == "llama" else None
                 t = (_to_gguf_rows(part, heads) if heads else part).detach().contiguous()
                 if stored:
-                    w.add_tensor(n, t.numpy(), raw_dtype=qtype)
-                    written[qtype.name] = written.get(qtype.name, 0) + 1
+                    own = Q(kept[stored].format.ggml_type)
+                    w.add_tensor(n, t.numpy(), raw_dtype=own)
+                    written[own.name] = written.get(own.name, 0) + 1
                     continue
                 t = t.float().numpy()
                 t_type = qtype if t.ndim == 2 else Q.F32

