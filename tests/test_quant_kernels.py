@@ -73,14 +73,15 @@ def test_packing_is_a_lossless_permutation(name, rows, cols):
 
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("rows, cols", SHAPES)
-def test_few_row_products_match_dequantized_reference(name, rows, cols):
+@pytest.mark.parametrize("lanes", [8, 16])
+def test_few_row_products_match_dequantized_reference(name, rows, cols, lanes):
     w = random_blocks(name, rows, cols, seed=rows + cols)
     p = pack(w)
     ref_w = gguf_dequantize(w.blocks, GGML[name]).astype(np.float64)
     rng = np.random.default_rng(1)
     for r in range(1, 9):
         x = (rng.standard_normal((r, cols)) * 3).astype(np.float32)
-        y = few_row_linear(x, p)
+        y = few_row_linear(x, p, lanes)
         assert y.shape == (r, rows) and y.dtype == np.float32
         err = np.abs(y - x.astype(np.float64) @ ref_w.T)
         b = bound(x, w)

@@ -28,6 +28,7 @@ from lmforge.generate.engine import Engine  # noqa: E402
 from lmforge.generate.sampling import SamplingParams  # noqa: E402
 from lmforge.interop import registry  # noqa: E402
 from lmforge.interop.convert import convert  # noqa: E402
+from lmforge.quant.modules import is_quantized  # noqa: E402
 
 NAME = "smollm2-135m-instruct"
 PROMPT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "

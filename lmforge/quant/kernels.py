@@ -51,13 +51,14 @@ def _i64(n: int) -> ir.Constant:
     return ir.Constant(_I64, n)
 
 
-def _splat(builder, value):
-    v = builder.insert_element(ir.Constant(_V8F, ir.Undefined), value, ir.Constant(_I32, 0))
-    return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, GROUP), [0] * GROUP))
+def _splat(builder, value, lanes: int = GROUP):
+    v = builder.insert_element(ir.Constant(ir.VectorType(_F32, lanes), ir.Undefined), value, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, lanes), [0] * lanes))
 
 
 def _fma(builder, a, b, c):
-    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V8F, [_V8F] * 3), "llvm.fma.v8f32")
+    n = a.type.count
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(a.type, [a.type] * 3), f"llvm.fma.v{n}f32")
     return builder.call(fn, [a, b, c])
 
 
@@ -72,93 +73,140 @@ def _scales(builder, ptr, index):
     return builder.fpext(builder.bitcast(raw, _V8H), _V8F)
 
 
+def _wide_lanes() -> int:
+    """Lanes of the row sums: 16 where numba compiles for a CPU with AVX-512 (two elements of the
+    eight rows per vector, half the multiply-adds), else 8 (AVX2: a 16-wide vector would be split
+    into two 8-wide ones anyway)."""
+    from numba.core import config
+
+    if config.CPU_NAME not in (None, "host"):  # e.g. NUMBA_CPU_NAME=haswell for the AVX2 baseline
+        return GROUP
+    import llvmlite.binding as llvm
+
+    return 2 * GROUP if llvm.get_host_cpu_features().get("avx512f") else GROUP
+
+
+LANES = _wide_lanes()
+
+
+def _vec(t, n):
+    return ir.VectorType(t, n)
+
+
 @intrinsic(prefer_literal=True)
-def _group_dot(typingctx, kind, rows, qs, d, m, x, sx, y, g):
+def _group_dot(typingctx, kind, rows, lanes, qs, d, m, x, sx, y, g):
     """Row sums of one group of eight weight rows g against `rows` rows of x, into y.
 
-    kind (0 Q8_0, 1 Q4_0, 2 Q4_1) and rows (1..8) are literals: the IR is generated for them.
+    kind (0 Q8_0, 1 Q4_0, 2 Q4_1), rows (1..8) and lanes (8 or 16) are literals: the IR is
+    generated for them. With 16 lanes, a vector holds elements j and j + 1 of the eight rows (the
+    layout keeps them in 16 consecutive bytes); the two halves are added when the group is done.
     qs/d/m: a PackedWeight's arrays; x [rows, K] fp32; sx [rows, K/32] x's block sums (Q4_1/Q4_0);
     y [rows, groups*8]: y[r, 8g:8g+8] is written."""
-    if not isinstance(kind, types.IntegerLiteral) or not isinstance(rows, types.IntegerLiteral):
+    if not all(isinstance(a, types.IntegerLiteral) for a in (kind, rows, lanes)):
         return None
-    K_, R = kind.literal_value, rows.literal_value
+    K_, R, L = kind.literal_value, rows.literal_value, lanes.literal_value
     J = 32 if K_ == 0 else 16  # value bytes per block and row
-    sig = types.void(kind, rows, _U8A, _U16A, _U16A, _F32A2, _F32A2, _F32A2, types.int64)
+    step = L // GROUP  # elements of a row per vector: 1 or 2
+    vf, vi8, vi32 = _vec(_F32, L), _vec(_I8, L), _vec(_I32, L)
+    sig = types.void(kind, rows, lanes, _U8A, _U16A, _U16A, _F32A2, _F32A2, _F32A2, types.int64)
 
     def codegen(context, builder, signature, args):
-        _, _, qs_a, d_a, m_a, x_a, sx_a, y_a, g = args
+        _, _, _, qs_a, d_a, m_a, x_a, sx_a, y_a, g = args
         qp = _data(context, builder, _U8A, qs_a)
         dp, mp = _data(context, builder, _U16A, d_a), _data(context, builder, _U16A, m_a)
         xp, sxp, yp = (_data(context, builder, _F32A2, a) for a in (x_a, sx_a, y_a))
         xs = cgutils.create_struct_proxy(_F32A2)(context, builder, value=x_a)
         ys = cgutils.create_struct_proxy(_F32A2)(context, builder, value=y_a)
-        shape_x = cgutils.unpack_tuple(builder, xs.shape, 2)
-        K = shape_x[1]
+        K = cgutils.unpack_tuple(builder, xs.shape, 2)[1]
         nb = builder.udiv(K, _i64(BLOCK))
         n_out = cgutils.unpack_tuple(builder, ys.shape, 2)[1]
-        zero = ir.Constant(_V8F, [0.0] * GROUP)
+        zero = ir.Constant(vf, [0.0] * L)
+        zero8 = ir.Constant(_V8F, [0.0] * GROUP)
         acc = [cgutils.alloca_once_value(builder, zero) for _ in range(R)]  # registers after mem2reg
         base = builder.mul(g, nb)  # first block of this group
+
+        def widen(v8, upper):
+            """An 8-lane vector as L lanes: repeated (scales), or in the low half only."""
+            if L == GROUP:
+                return v8
+            other = zero8 if upper is None else v8
+            return builder.shuffle_vector(v8, other, ir.Constant(_vec(_I32, L), list(range(L))))
+
+        def broadcast(row, col):
+            """x[row, col .. col + step) each repeated over eight lanes."""
+            if step == 1:
+                return _splat(builder, builder.load(builder.gep(xp, [builder.add(row, col)])))
+            pair = _load(builder, xp, builder.add(row, col), _vec(_F32, step))
+            mask = [i // GROUP for i in range(L)]
+            return builder.shuffle_vector(pair, pair, ir.Constant(_vec(_I32, L), mask))
+
         with cgutils.for_range(builder, nb) as loop:
             b = loop.index
             blk = builder.add(base, b)
             qoff = builder.mul(blk, _i64(J * GROUP))
             xoff = builder.mul(b, _i64(BLOCK))
             t = [[zero, zero] for _ in range(R)]
-            for j in range(J):
-                raw = _load(builder, qp, builder.add(qoff, _i64(j * GROUP)), _V8I8)
+            for j in range(0, J, step):
+                raw = _load(builder, qp, builder.add(qoff, _i64(j * GROUP)), vi8)
                 if K_ == 0:
-                    vals = [(builder.sitofp(raw, _V8F), j)]
+                    vals = [(builder.sitofp(raw, vf), j)]
                 else:  # byte j: element j in the low nibble, j + 16 in the high one
-                    v = builder.zext(raw, _V8I32)
-                    lo = builder.and_(v, ir.Constant(_V8I32, [15] * GROUP))
-                    hi = builder.lshr(v, ir.Constant(_V8I32, [4] * GROUP))
-                    vals = [(builder.sitofp(lo, _V8F), j), (builder.sitofp(hi, _V8F), j + 16)]
+                    v = builder.zext(raw, vi32)
+                    lo = builder.and_(v, ir.Constant(vi32, [15] * L))
+                    hi = builder.lshr(v, ir.Constant(vi32, [4] * L))
+                    vals = [(builder.sitofp(lo, vf), j), (builder.sitofp(hi, vf), j + 16)]
                 for r in range(R):
                     row = builder.mul(_i64(r), K)
                     for i, (w, col) in enumerate(vals):
-                        xv = builder.load(builder.gep(xp, [builder.add(row, builder.add(xoff, _i64(col)))]))
-                        s = (j + i) % 2
-                        t[r][s] = _fma(builder, w, _splat(builder, xv), t[r][s])
+                        s = (j // step + i) % 2
+                        t[r][s] = _fma(builder, w, broadcast(row, builder.add(xoff, _i64(col))), t[r][s])
             doff = builder.mul(blk, _i64(GROUP))
             dv = _scales(builder, dp, doff)
             if K_ == 2:
                 mv = _scales(builder, mp, doff)
             elif K_ == 1:  # (q - 8) d = q d + (-8 d)
                 mv = builder.fmul(dv, ir.Constant(_V8F, [-8.0] * GROUP))
+            dw = widen(dv, upper=True)
+            mw = widen(mv, upper=None) if K_ != 0 else None  # added once: the low half only
             for r in range(R):
-                a = _fma(builder, dv, builder.fadd(t[r][0], t[r][1]), builder.load(acc[r]))
+                a = _fma(builder, dw, builder.fadd(t[r][0], t[r][1]), builder.load(acc[r]))
                 if K_ != 0:
                     s = builder.load(builder.gep(sxp, [builder.add(builder.mul(_i64(r), nb), b)]))
-                    a = _fma(builder, mv, _splat(builder, s), a)
+                    a = _fma(builder, mw, _splat(builder, s, L), a)
                 builder.store(a, acc[r])
         col = builder.mul(g, _i64(GROUP))
         for r in range(R):
+            total = builder.load(acc[r])
+            if L != GROUP:
+                low = builder.shuffle_vector(total, total, ir.Constant(_vec(_I32, GROUP), list(range(GROUP))))
+                high = builder.shuffle_vector(total, total, ir.Constant(_vec(_I32, GROUP), list(range(GROUP, L))))
+                total = builder.fadd(low, high)
             out = builder.gep(yp, [builder.add(builder.mul(_i64(r), n_out), col)])
-            builder.store(builder.load(acc[r]), builder.bitcast(out, _V8F.as_pointer()), align=4)
+            builder.store(total, builder.bitcast(out, _V8F.as_pointer()), align=4)
         return context.get_dummy_value()
 
     return sig, codegen
 
 
-def _make_kernel(kind: int, rows: int):
+def _make_kernel(kind: int, rows: int, lanes: int):
     """The product for one format and row count (both frozen into the compiled code)."""
 
     @njit(parallel=True, cache=True)
     def kernel(qs, d, m, x, sx, y):
         for g in prange(y.shape[1] // 8):
-            _group_dot(kind, rows, qs, d, m, x, sx, y, g)
+            _group_dot(kind, rows, lanes, qs, d, m, x, sx, y, g)
 
     return kernel
 
 
-_KERNELS: dict[tuple[int, int], object] = {}
+_KERNELS: dict[tuple[int, int, int], object] = {}
 
 
-def _kernel(kind: int, rows: int):
-    k = _KERNELS.get((kind, rows))
+def _kernel(kind: int, rows: int, lanes: int | None = None):
+    lanes = lanes or LANES
+    k = _KERNELS.get((kind, rows, lanes))
     if k is None:
-        k = _KERNELS[(kind, rows)] = _make_kernel(kind, rows)
+        k = _KERNELS[(kind, rows, lanes)] = _make_kernel(kind, rows, lanes)
     return k
 
 
@@ -171,8 +219,9 @@ def _check(x: np.ndarray, w: PackedWeight) -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
-def few_row_linear(x: np.ndarray, w: PackedWeight) -> np.ndarray:
-    """x [R, K] fp32 (R <= 8) times W[N, K].T -> [R, N] fp32, reading W's blocks once."""
+def few_row_linear(x: np.ndarray, w: PackedWeight, lanes: int | None = None) -> np.ndarray:
+    """x [R, K] fp32 (R <= 8) times W[N, K].T -> [R, N] fp32, reading W's blocks once.
+    lanes: 8 or 16 (default LANES, by the CPU)."""
     x = _check(x, w)
     rows = x.shape[0]
     if not 1 <= rows <= ROWS:
@@ -180,7 +229,7 @@ def few_row_linear(x: np.ndarray, w: PackedWeight) -> np.ndarray:
     n = w.shape[0]
     sx = x.reshape(rows, -1, BLOCK).sum(axis=2, dtype=np.float32)
     y = np.empty((rows, w.groups * GROUP), dtype=np.float32)
-    _kernel(_KIND[w.format.name], rows)(w.qs, w.d, w.m, x, sx, y)
+    _kernel(_KIND[w.format.name], rows, lanes)(w.qs, w.d, w.m, x, sx, y)
     return y if y.shape[1] == n else y[:, :n]
 
 
