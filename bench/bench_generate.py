@@ -10,6 +10,18 @@ plus the bandwidth bound (fp32 weights streamed once per decoded token, at the m
 GB/s this machine reaches) and peak RSS.
 
     .venv/bin/python bench/bench_generate.py --runs 3 > bench/results/generate.json
+
+With --gguf FILE (repeatable) it compares quantized decoding instead: lmforge on the file's blocks
+(imported with `lmforge convert FILE DIR --to lmforge`, which keeps them) against llama.cpp itself
+on the same file, through llama-cpp-python built by bench/setup_llamacpp.sh into its own venv
+(--peer-python; bench/peer_llamacpp.py runs there). Same prompt ids, greedy, 2 threads, 128 new
+tokens; plus lmforge's load time from the model dir, batch 8, and the fp32 model's prefill for
+comparison. Time it on a quiet machine: llama.cpp's and numba's threads spin at barriers, and a
+busy core slows both many-fold.
+
+    bash bench/setup_llamacpp.sh /work/peer/llama-venv
+    .venv/bin/python bench/bench_generate.py --runs 3 --gguf SmolLM2-135M-Instruct.Q4_1.gguf \
+        --gguf SmolLM2-135M-Instruct.Q8_0.gguf > bench/results/generate_quant.json
 """
 
 from __future__ import annotations
@@ -19,6 +31,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -71,7 +84,9 @@ def run_lmforge(model_dir: str) -> dict:
     from lmforge.model.io import load_model_dir
 
     torch.set_num_threads(2)
+    start = time.perf_counter()
     model, cfg = load_model_dir(model_dir)
+    load_s = time.perf_counter() - start
 
     class NoTokenizer:  # ids in, ids out: tokenization is not what is measured
         eos_id = None
@@ -87,7 +102,7 @@ def run_lmforge(model_dir: str) -> dict:
         engine.generate_ids(prompts, SamplingParams(max_new_tokens=n, temperature=0.0, top_k=0, ignore_eos=True))
         return time.perf_counter() - start
 
-    return _measure(timed, cfg.vocab_size)
+    return {"load_s": load_s, **_measure(timed, cfg.vocab_size)}
 
 
 def run_transformers(hf_dir: str) -> dict:
@@ -141,13 +156,76 @@ def bandwidth() -> dict:
     return {k: w.numel() * 4 / v / 1e9 for k, v in best.items()}
 
 
+def compare_quantized(args, work: Path) -> dict:
+    """lmforge on each GGUF's blocks against llama.cpp on the file (module docstring)."""
+    import subprocess
+
+    from lmforge.model.io import read_model_config
+
+    peer_script = str(Path(__file__).resolve().parent / "peer_llamacpp.py")
+    out: dict = {"new_tokens": NEW_TOKENS, "threads": 2, "files": {}}
+    for gguf_file in args.gguf:
+        gguf_file = Path(gguf_file).resolve()
+        ours = work / f"lmforge-{gguf_file.stem}"
+        if not ours.exists():
+            subprocess.run([sys.executable, "-m", "lmforge", "convert", str(gguf_file), str(ours), "--to", "lmforge"],
+                           check=True, capture_output=True)
+        vocab = read_model_config(ours)[0].vocab_size
+        ids = work / "prompt_ids.json"
+        ids.write_text(json.dumps(_prompts(1, PROMPT, vocab)[0]))
+        long_ids = work / "prefill_ids.json"
+        long_ids.write_text(json.dumps(_prompts(1, PREFILL, vocab)[0]))
+        peer = [args.peer_python, peer_script, str(gguf_file), "--threads", "2", "--new-tokens", str(NEW_TOKENS - 1),
+                "--prompt-tokens", str(PROMPT), "--prefill", str(PREFILL), "--runs", "3",
+                "--prompt-ids", str(ids), "--prefill-ids", str(long_ids)]
+        raw: dict = {"lmforge": [], "llama.cpp": []}
+        for _ in range(args.runs):  # interleaved, each in a fresh process
+            raw["lmforge"].append(run_measured(f"import json, bench_generate as b; print(json.dumps(b.run_lmforge({str(ours)!r})))",
+                                               env={"OMP_NUM_THREADS": "2"}))
+            raw["llama.cpp"].append(run_measured("", argv=peer))
+        ours_r = {k: round(statistics.median(r[k] for r in raw["lmforge"]), 3) for k in raw["lmforge"][0]}
+        ours_r["runs_decode_tokens_per_s_b1"] = [round(r["decode_tokens_per_s_b1"], 1) for r in raw["lmforge"]]
+        peer_keys = ("load_s", "ttft_s", "decode_tok_s", "prefill_tok_s", "peak_rss_mb")
+        theirs = {k: round(statistics.median(r[k] for r in raw["llama.cpp"]), 3) for k in peer_keys}
+        theirs["runs_decode_tok_s"] = [round(r["decode_tok_s"], 1) for r in raw["llama.cpp"]]
+        theirs["llama_cpp_version"] = raw["llama.cpp"][0].get("llama_cpp_version")
+        out["files"][gguf_file.name] = {
+            "lmforge": ours_r, "llama.cpp": theirs,
+            "summary": {
+                "decode_b1_vs_llama_cpp": round(ours_r["decode_tokens_per_s_b1"] / theirs["decode_tok_s"], 3),
+                "b8_over_b1_aggregate": round(ours_r["decode_tokens_per_s_b8"] / ours_r["decode_tokens_per_s_b1"], 3),
+                "peak_rss_vs_llama_cpp": round(ours_r["peak_rss_mb"] / theirs["peak_rss_mb"], 3),
+                "prefill_vs_llama_cpp": round(ours_r["prefill_tokens_per_s_512"] / theirs["prefill_tok_s"], 3),
+            },
+        }
+        print(json.dumps(out["files"][gguf_file.name]), file=sys.stderr)
+    # Today's fp32 path on the same weights, for the prefill comparison.
+    fp32 = work / "lmforge-fp32"
+    if not fp32.exists():
+        subprocess.run([sys.executable, "-m", "lmforge", "convert", str(Path(args.gguf[0]).resolve()), str(fp32),
+                        "--to", "lmforge", "--dtype", "fp32"], check=True, capture_output=True)
+    runs = [run_measured(f"import json, bench_generate as b; print(json.dumps(b.run_lmforge({str(fp32)!r})))",
+                         env={"OMP_NUM_THREADS": "2"}) for _ in range(args.runs)]
+    out["lmforge_fp32"] = {k: round(statistics.median(r[k] for r in runs), 3) for k in runs[0]}
+    out["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+                      "load_average_end": os.getloadavg()}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--weights", choices=["random", "smollm2"], default="random")
     ap.add_argument("--work", type=Path, default=None)
+    ap.add_argument("--gguf", action="append", default=[], help="compare quantized decoding on this GGUF with llama.cpp")
+    ap.add_argument("--peer-python", default="/work/peer/llama-venv/bin/python",
+                    help="the interpreter of the venv bench/setup_llamacpp.sh built")
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="lmforge-bench-gen-"))
+    if args.gguf:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        print(json.dumps(compare_quantized(args, work), indent=2))
+        return
     ours, hf = build(work, args.weights)
     codes = {
         "lmforge": f"import json, bench_generate as b; print(json.dumps(b.run_lmforge({str(ours)!r})))",

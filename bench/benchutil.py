@@ -43,10 +43,11 @@ def tree_rss_bytes(pid: int) -> int:
     return total
 
 
-def run_measured(code: str, env: dict | None = None) -> dict:
-    """Run `code` (which prints one JSON object last) in a fresh interpreter; add peak_rss_mb."""
+def run_measured(code: str, env: dict | None = None, argv: list[str] | None = None) -> dict:
+    """Run `code` (which prints one JSON object last) in a fresh interpreter, or the command
+    `argv` when given (a peer's own interpreter and script); add peak_rss_mb."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        argv or [sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONPATH": str(REPO / "bench"), **(env or {})},
     )
     peak = 0

@@ -169,3 +169,20 @@ def test_the_fp32_import_is_the_same_model(ours, home):
     assert "quantization" not in json.loads((fp32.path / "config.json").read_text())
     a, b = ours[0].model.state_dict(), fp32.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_q8_0_greedy_text_equals_fp32(ours, home, tmp_path):
+    """Requantized to q8_0, the model writes the fp32 model's first 32 greedy tokens (the README's
+    prompt and this file's)."""
+    from lmforge.interop.convert import quantize_model
+
+    fp32 = registry.load_model(NAME, import_dtype="fp32")
+    quantize_model(fp32.path, tmp_path / "q8", "q8_0")
+    q8 = registry.load_model(tmp_path / "q8")
+    assert is_quantized(q8.model) and q8.model.tok_emb.packed.format.name == "q8_0"
+    params = SamplingParams(max_new_tokens=32, temperature=0.0, ignore_eos=True)
+    for prompt in ("Once upon a time", PROMPT):
+        ids = fp32.tokenizer.encode(prompt)
+        want = Engine(fp32.model, fp32.tokenizer).generate_ids([ids], params)[0].ids
+        got = Engine(q8.model, q8.tokenizer).generate_ids([ids], params)[0].ids
+        assert got == want, (prompt, fp32.tokenizer.decode(got), fp32.tokenizer.decode(want))

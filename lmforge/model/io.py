@@ -231,7 +231,8 @@ def _model_from_quantized(config: ModelConfig, sd: dict[str, torch.Tensor], entr
                      {k: (shapes[k] if k not in tensors else (0,)) for k in shapes})
     with torch.no_grad():
         model.load_state_dict(rest, strict=False, assign=True)
-    install_quantized(model, tensors, source)  # after the biases were loaded: QuantLinear keeps them
+    # After the biases were loaded (QuantLinear keeps them); sd is this function's own file map.
+    install_quantized(model, tensors, source, release_source=True)
     model.tie_weights()
     check_finite(rest, source)
     return model.eval()

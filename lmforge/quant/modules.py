@@ -142,10 +142,12 @@ def packed_weights(model: nn.Module) -> dict[str, PackedWeight]:
     return out
 
 
-def install_quantized(model: nn.Module, tensors: dict, source: str) -> None:
+def install_quantized(model: nn.Module, tensors: dict, source: str, *, release_source: bool = False) -> None:
     """Replace the modules whose weights are in `tensors` ({state-dict name: QuantTensor}, e.g.
     "blocks.0.attn.qkv.weight") by QuantLinear / QuantEmbedding over the packed blocks. The
-    replaced modules' biases are kept (they must be loaded into the model already)."""
+    replaced modules' biases are kept (they must be loaded into the model already).
+    release_source: the tensors are a memory map of a file that nobody reads afterwards (see
+    `_release_pages`); never for arrays in ordinary memory, whose pages would be zeroed."""
     from lmforge.quant.packed import pack
 
     for name, t in tensors.items():
@@ -168,3 +170,28 @@ def install_quantized(model: nn.Module, tensors: dict, source: str) -> None:
         else:
             raise LmforgeError(f"{source}: {name} belongs to a {type(old).__name__}, which cannot hold quantized weights")
         setattr(parent, child, new)
+        if release_source:
+            _release_pages(t.blocks)
+
+
+def _release_pages(a: np.ndarray) -> None:
+    """Let the kernel drop the memory pages that lie wholly inside `a`'s bytes (Linux).
+
+    A model dir's weights are a memory map of model.safetensors: every page packing read stays
+    resident until the map closes, so a load would briefly hold the model twice (98 MB of SmolLM2
+    blocks read + 98 MB packed). Dropped pages of a file map are read from the file again if
+    touched; `a` is never read after packing, and pages shared with a neighbouring tensor are kept.
+    """
+    import sys
+
+    if sys.platform != "linux" or a.nbytes < (1 << 20):
+        return
+    import ctypes
+    import mmap
+
+    page = mmap.PAGESIZE
+    start = -(-a.ctypes.data // page) * page
+    end = (a.ctypes.data + a.nbytes) // page * page
+    if end > start:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4)  # MADV_DONTNEED
