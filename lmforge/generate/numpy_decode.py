@@ -98,7 +98,7 @@ class NumpyDecoder:
         # Up to ROWS rows (a decode batch): the kernels that read each weight row once for all
         # rows. Beyond, W @ x.T, the layout OpenBLAS runs fastest for tall-skinny products.
         if isinstance(w, PackedWeight):
-            y = quant_matmul(x, w)
+            y = quant_kernels.product(x, w) if x.shape[0] <= ROWS else quant_matmul(x, w)
         else:
             y = few_row_linear(x, w) if x.shape[0] <= ROWS else (w @ x.T).T
         return y if b is None else y + b

@@ -188,6 +188,79 @@ def _group_dot(typingctx, kind, rows, lanes, qs, d, m, x, sx, y, g):
     return sig, codegen
 
 
+@intrinsic(prefer_literal=True)
+def _group_to_columns(typingctx, kind, qs, d, m, g, out, col):
+    """Group g's eight rows, dequantized, into columns col..col+8 of out [K, n] (fp32): W's
+    transpose, so that each element j of a block is one contiguous 8-float store for the eight
+    rows. kind a literal as in _group_dot."""
+    if not isinstance(kind, types.IntegerLiteral):
+        return None
+    K_ = kind.literal_value
+    J = 32 if K_ == 0 else 16
+    sig = types.void(kind, _U8A, _U16A, _U16A, types.int64, _F32A2, types.int64)
+
+    def codegen(context, builder, signature, args):
+        _, qs_a, d_a, m_a, g, out_a, col = args
+        qp = _data(context, builder, _U8A, qs_a)
+        dp, mp = _data(context, builder, _U16A, d_a), _data(context, builder, _U16A, m_a)
+        op = _data(context, builder, _F32A2, out_a)
+        os_ = cgutils.create_struct_proxy(_F32A2)(context, builder, value=out_a)
+        K, n = cgutils.unpack_tuple(builder, os_.shape, 2)
+        nb = builder.udiv(K, _i64(BLOCK))
+        base = builder.mul(g, nb)
+        with cgutils.for_range(builder, nb) as loop:
+            b = loop.index
+            blk = builder.add(base, b)
+            qoff = builder.mul(blk, _i64(J * GROUP))
+            doff = builder.mul(blk, _i64(GROUP))
+            dv = _scales(builder, dp, doff)
+            mv = (_scales(builder, mp, doff) if K_ == 2
+                  else builder.fmul(dv, ir.Constant(_V8F, [-8.0] * GROUP)) if K_ == 1 else None)
+            row0 = builder.mul(b, _i64(BLOCK))
+
+            def store(value, element):
+                at = builder.add(builder.mul(builder.add(row0, _i64(element)), n), col)
+                builder.store(value, builder.bitcast(builder.gep(op, [at]), _V8F.as_pointer()), align=4)
+
+            for j in range(J):
+                raw = _load(builder, qp, builder.add(qoff, _i64(j * GROUP)), _V8I8)
+                if K_ == 0:
+                    store(builder.fmul(builder.sitofp(raw, _V8F), dv), j)
+                else:  # as ggml: d q + m (Q4_1), d (q - 8) (Q4_0) = d q - 8 d up to rounding
+                    v = builder.zext(raw, _V8I32)
+                    lo = builder.sitofp(builder.and_(v, ir.Constant(_V8I32, [15] * GROUP)), _V8F)
+                    hi = builder.sitofp(builder.lshr(v, ir.Constant(_V8I32, [4] * GROUP)), _V8F)
+                    store(_fma(builder, lo, dv, mv), j)
+                    store(_fma(builder, hi, dv, mv), j + 16)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def _make_columns(kind: int):
+    # One thread, no OpenMP: this runs between torch's operations in a prefill, where a second
+    # thread pool spinning beside torch's made the whole forward 3x slower.
+    @njit(cache=True, nogil=True)
+    def columns(qs, d, m, first, out):
+        for i in range(out.shape[1] // 8):
+            _group_to_columns(kind, qs, d, m, first + i, out, i * 8)
+
+    return columns
+
+
+_COLUMNS = {k: _make_columns(k) for k in _KIND.values()}
+
+
+def dequantize_columns(w: PackedWeight, first_group: int, out: np.ndarray) -> np.ndarray:
+    """Rows [8 first_group, 8 first_group + out.shape[1]) of W, dequantized and transposed into
+    out [K, 8 count] (fp32, C-contiguous): the right-hand side of x @ W.T for a slice of W."""
+    if out.dtype != np.float32 or out.ndim != 2 or out.shape[0] != w.shape[1] or out.shape[1] % GROUP \
+            or not out.flags.c_contiguous or first_group + out.shape[1] // GROUP > w.groups:
+        raise ValueError(f"dequantize_columns: out {out.dtype} {out.shape} does not fit {w.format.name} {w.shape}")
+    _COLUMNS[_KIND[w.format.name]](w.qs, w.d, w.m, first_group, out)
+    return out
+
+
 def _make_kernel(kind: int, rows: int, lanes: int):
     """The product for one format and row count (both frozen into the compiled code)."""
 
@@ -216,7 +289,7 @@ _KERNELS: dict[tuple[int, int, int], object] = {}
 
 def _kernel(kind: int, rows: int, lanes: int | None = None):
     lanes = lanes or LANES
-    k = _KERNELS.get((kind, rows, lanes))
+    k = _KERNELS.get((kind, rows, lanes))  # noqa: SIM401 (hot path: no default built per call)
     if k is None:
         k = _KERNELS[(kind, rows, lanes)] = _make_kernel(kind, rows, lanes)
     return k
@@ -229,6 +302,13 @@ def _check(x: np.ndarray, w: PackedWeight) -> np.ndarray:
         raise ValueError(f"x {x.dtype} {x.shape} does not match {w.format.name} weights {w.shape} "
                          "(x fp32 [R, K], w [N, K])")
     return x if x.flags.c_contiguous else np.ascontiguousarray(x)
+
+
+def product(x: np.ndarray, w: PackedWeight) -> np.ndarray:
+    """`few_row_linear` without its checks, for the decoder's own C-contiguous fp32 rows (1..8):
+    a decode step makes ~120 calls, where microseconds add up."""
+    y = _kernel(_KIND[w.format.name], x.shape[0])(w.qs, w.d, w.m, x, w.groups)
+    return y if y.shape[1] == w.shape[0] else y[:, : w.shape[0]]
 
 
 def few_row_linear(x: np.ndarray, w: PackedWeight, lanes: int | None = None) -> np.ndarray:

@@ -37,36 +37,42 @@ def _buffer(n: int) -> np.ndarray:
 
 
 def _slices(w: PackedWeight):
-    """(first row, rows, fp32 [rows, K] view of the scratch) per slice of W, dequantized."""
+    """(first row, rows, fp32 [K, rows] tensor: those rows of W transposed) per slice of W, each
+    dequantized into the same scratch."""
     n, k = w.shape
     groups = max(1, _SLICE_BYTES // (4 * k * GROUP))
     buf = _buffer(groups * GROUP * k)
-    kind = kernels._KIND[w.format.name]
     for g in range(0, w.groups, groups):
         count = min(groups, w.groups - g)
-        out = buf[: count * GROUP * k].reshape(count * GROUP, k)
-        kernels._dequantize_groups(w.qs, w.d, w.m, kind, g, count, k, out)
+        out = buf[: count * GROUP * k].reshape(k, count * GROUP)
+        kernels.dequantize_columns(w, g, out)
         first = g * GROUP
         rows = min(count * GROUP, n - first)
-        yield first, rows, out[:rows]
+        yield first, rows, torch.from_numpy(out)[:, :rows]
 
 
 def matmul(x: np.ndarray, w: PackedWeight) -> np.ndarray:
-    """x [R, K] @ W.T -> [R, N] fp32 for any R: the kernels up to 8 rows, slices + BLAS beyond."""
-    if x.shape[0] <= kernels.ROWS and x.shape[0] > 0:
+    """x [R, K] @ W.T -> [R, N] fp32 for any R: the kernels up to 8 rows; beyond, W a slice at a
+    time dequantized (one thread) and multiplied by torch's BLAS on torch's threads."""
+    if 0 < x.shape[0] <= kernels.ROWS:
         return kernels.few_row_linear(x, w)
-    y = np.empty((x.shape[0], w.shape[0]), np.float32)
+    xt = torch.from_numpy(x)
+    y = torch.empty((x.shape[0], w.shape[0]), dtype=torch.float32)
     for first, rows, wt in _slices(w):
-        np.matmul(x, wt.T, out=y[:, first : first + rows])
-    return y
+        if rows == w.shape[0]:
+            torch.matmul(xt, wt, out=y)
+        else:
+            y[:, first : first + rows] = xt @ wt
+    return y.numpy()
 
 
 def matmul_transposed(g: np.ndarray, w: PackedWeight) -> np.ndarray:
     """g [R, N] @ W -> [R, K] (the input gradient of x @ W.T)."""
-    out = np.zeros((g.shape[0], w.shape[1]), np.float32)
+    gt = torch.from_numpy(g)
+    out = torch.zeros((g.shape[0], w.shape[1]), dtype=torch.float32)
     for first, rows, wt in _slices(w):
-        out += g[:, first : first + rows] @ wt
-    return out
+        out += gt[:, first : first + rows] @ wt.T
+    return out.numpy()
 
 
 class _QuantMatmul(torch.autograd.Function):
