@@ -225,47 +225,69 @@ def decode_attention(qkv: np.ndarray, pos: np.ndarray, rope: tuple[np.ndarray, n
     return out
 
 
+@njit(fastmath=_FAST, cache=True)
+def _norm_row(x, r, w, b, use_bias, rms, eps, out):
+    dim = x.shape[1]
+    mean = np.float32(0.0)
+    if not rms:
+        for d in range(dim):
+            mean += x[r, d]
+        mean /= dim
+    var = np.float32(0.0)
+    for d in range(dim):
+        c = x[r, d] - mean
+        var += c * c
+    inv = np.float32(1.0) / np.sqrt(var / dim + eps)
+    for d in range(dim):
+        v = (x[r, d] - mean) * inv * w[d]
+        out[r, d] = v + b[d] if use_bias else v
+
+
 @njit(parallel=True, fastmath=_FAST, cache=True)
 def _norm(x, w, b, use_bias, rms, eps, out):
-    rows, dim = x.shape
-    for r in prange(rows):
-        mean = np.float32(0.0)
-        if not rms:
-            for d in range(dim):
-                mean += x[r, d]
-            mean /= dim
-        var = np.float32(0.0)
-        for d in range(dim):
-            c = x[r, d] - mean
-            var += c * c
-        inv = np.float32(1.0) / np.sqrt(var / dim + eps)
-        for d in range(dim):
-            v = (x[r, d] - mean) * inv * w[d]
-            out[r, d] = v + b[d] if use_bias else v
+    for r in prange(x.shape[0]):
+        _norm_row(x, r, w, b, use_bias, rms, eps, out)
+
+
+# One row (batch-1 decoding) runs without OpenMP: a parallel launch costs ~2 us more than the
+# row's work, ~90 times a SmolLM2 step.
+@njit(fastmath=_FAST, cache=True)
+def _norm_one(x, w, b, use_bias, rms, eps, out):
+    _norm_row(x, 0, w, b, use_bias, rms, eps, out)
 
 
 def norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, rms: bool, eps: float) -> np.ndarray:
     """LayerNorm (rms=False: centred) or RMSNorm of each row of x [R, C], then weight and bias."""
     out = np.empty(x.shape, dtype=np.float32)
     has_bias = bias is not None
-    _norm(np.ascontiguousarray(x), weight, bias if has_bias else weight, has_bias, rms, np.float32(eps), out)
+    fn = _norm_one if x.shape[0] == 1 else _norm
+    fn(np.ascontiguousarray(x), weight, bias if has_bias else weight, has_bias, rms, np.float32(eps), out)
     return out
+
+
+@njit(fastmath=_FAST, cache=True)
+def _silu_mul_row(h, r, out):
+    half = h.shape[1] // 2
+    for i in range(half):
+        g = h[r, i]
+        out[r, i] = g / (np.float32(1.0) + np.exp(-g)) * h[r, half + i]
 
 
 @njit(parallel=True, fastmath=_FAST, cache=True)
 def _silu_mul(h, out):
-    rows, width = h.shape
-    half = width // 2
-    for r in prange(rows):
-        for i in range(half):
-            g = h[r, i]
-            out[r, i] = g / (np.float32(1.0) + np.exp(-g)) * h[r, half + i]
+    for r in prange(h.shape[0]):
+        _silu_mul_row(h, r, out)
+
+
+@njit(fastmath=_FAST, cache=True)
+def _silu_mul_one(h, out):
+    _silu_mul_row(h, 0, out)
 
 
 def silu_mul(h: np.ndarray) -> np.ndarray:
     """SwiGLU's activation on rows of [gate | up]: silu(gate) * up."""
     out = np.empty((h.shape[0], h.shape[1] // 2), dtype=np.float32)
-    _silu_mul(np.ascontiguousarray(h), out)
+    (_silu_mul_one if h.shape[0] == 1 else _silu_mul)(np.ascontiguousarray(h), out)
     return out
 
 
