@@ -9,9 +9,9 @@ import torch
 from safetensors.numpy import load_file
 
 from conftest import random_model
+from test_numpy_decode import CONFIGS as DECODE_CONFIGS
 from lmforge.generate.engine import Engine
 from lmforge.generate.numpy_decode import NumpyDecoder
-from lmforge.model.config import ModelConfig
 from lmforge.model.gpt import Linear
 from lmforge.model.io import load_model_dir, model_state_dict, save_model_dir, write_model_files
 from lmforge.quant.modules import QuantEmbedding, QuantLinear, is_quantized
@@ -19,15 +19,9 @@ from lmforge.quant.store import QUANT_KEY, quantize_state_dict
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-CONFIGS = {
-    # vocab 300: not a multiple of the kernels' 8-row groups (padding); GQA; tied head
-    "llama-gqa": ModelConfig(vocab_size=300, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
-                             intermediate_size=96),
-    # biases, learned positions, an untied head of its own
-    "gpt2": ModelConfig(vocab_size=300, block_size=64, n_layer=2, n_head=4, n_kv_head=4, n_embd=64,
-                        intermediate_size=128, norm="layernorm", mlp="gelu", position="learned", bias=True,
-                        tie_embeddings=False),
-}
+# llama-gqa: vocab 300, not a multiple of the kernels' 8-row groups (padding), GQA, a tied head;
+# gpt2: biases, learned positions, an untied head of its own.
+CONFIGS = {name: DECODE_CONFIGS[name] for name in ("llama-gqa", "gpt2")}
 
 
 @pytest.fixture(scope="module")
