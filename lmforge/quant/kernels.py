@@ -267,21 +267,20 @@ def _make_kernel(kind: int, rows: int, lanes: int):
     """The product for one format and row count (both frozen into the compiled code)."""
 
     @njit(parallel=True, cache=True)
-    def kernel(qs, d, m, x, groups):
-        # The block sums of x (for the m term) and the output, here rather than in numpy: a decode
-        # step makes ~120 of these calls, and numpy's per-call overhead was 15% of the step.
+    def kernel(qs, d, m, x, sx, y):
+        # The block sums of x (for the m term) here rather than in numpy: a decode step makes ~120
+        # of these calls, and numpy's per-call overhead was 15% of the step. (The buffers come
+        # from the caller: an array returned by a cached parallel kernel failed to box now and
+        # then, "NRT_adapt_ndarray_to_python: descr is NULL".)
         nb = x.shape[1] // 32
-        sx = np.empty((x.shape[0], nb), np.float32)
         for r in range(x.shape[0]):
             for b in range(nb):
                 total = np.float32(0.0)
                 for j in range(32):
                     total += x[r, b * 32 + j]
                 sx[r, b] = total
-        y = np.empty((x.shape[0], groups * 8), np.float32)
-        for g in prange(groups):
+        for g in prange(y.shape[1] // 8):
             _group_dot(kind, rows, lanes, qs, d, m, x, sx, y, g)
-        return y
 
     return kernel
 
@@ -309,7 +308,14 @@ def _check(x: np.ndarray, w: PackedWeight) -> np.ndarray:
 def product(x: np.ndarray, w: PackedWeight) -> np.ndarray:
     """`few_row_linear` without its checks, for the decoder's own C-contiguous fp32 rows (1..8):
     a decode step makes ~120 calls, where microseconds add up."""
-    y = _kernel(_KIND[w.format.name], x.shape[0])(w.qs, w.d, w.m, x, w.groups)
+    return _run(_kernel(_KIND[w.format.name], x.shape[0]), x, w)
+
+
+def _run(kernel, x: np.ndarray, w: PackedWeight) -> np.ndarray:
+    rows = x.shape[0]
+    sx = np.empty((rows, x.shape[1] // BLOCK), np.float32)
+    y = np.empty((rows, w.groups * GROUP), np.float32)
+    kernel(w.qs, w.d, w.m, x, sx, y)
     return y if y.shape[1] == w.shape[0] else y[:, : w.shape[0]]
 
 
@@ -320,9 +326,7 @@ def few_row_linear(x: np.ndarray, w: PackedWeight, lanes: int | None = None) -> 
     rows = x.shape[0]
     if not 1 <= rows <= ROWS:
         raise ValueError(f"few_row_linear takes 1..{ROWS} rows, got {rows}")
-    y = _kernel(_KIND[w.format.name], rows, lanes)(w.qs, w.d, w.m, x, w.groups)
-    n = w.shape[0]
-    return y if y.shape[1] == n else y[:, :n]
+    return _run(_kernel(_KIND[w.format.name], rows, lanes), x, w)
 
 
 @njit(parallel=True, cache=True)
