@@ -6,8 +6,9 @@
     tokenizer.json     + tokenizer_config.json, when a tokenizer is given
     manifest.json      size + SHA-256 of every file, written last (see lmforge.manifest)
 
-A quantized model dir (`lmforge quantize`) adds config.json "quantization" and stores the linear
-weights as GGUF blocks (lmforge.quant.store).
+A quantized model dir (`lmforge quantize`, a GGUF import) adds config.json "quantization" and
+stores the linear weights and the embedding as GGUF blocks (lmforge.quant.store); it loads as a
+GPT whose layers compute on those blocks (lmforge.quant.modules), or as fp32 with dequantize=True.
 
 Everything is checked on load (the manifest when there is one, keys, shapes, a complete
 safetensors file, finite weights), and a problem is reported as an LmforgeError naming the file

@@ -20,8 +20,9 @@ the rest is 4-bit, as llama.cpp keeps its output matrix at higher precision. An 
 wrote a tensor as a bare `[rows, cols]`, meaning the main format; it is still read.
 
 Everything not listed (norms, biases, rows whose length is not a multiple of 32, tensors a GGUF
-stored in another type) stays floating point. Loading turns the blocks back into fp32 weights
-exactly as ggml does; the file keeps the bytes, so an export writes them unchanged.
+stored in another type) stays floating point. A load computes on the blocks
+(lmforge.quant.modules) or, asked to, turns them back into fp32 exactly as ggml does; the file
+keeps the bytes, so an export writes them unchanged.
 """
 
 from __future__ import annotations
