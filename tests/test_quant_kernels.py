@@ -11,7 +11,7 @@ import pytest
 from gguf.quants import dequantize as gguf_dequantize
 
 from lmforge.quant import FORMATS, QuantTensor, quantize
-from lmforge.quant.kernels import dequantize, few_row_linear, rows_of
+from lmforge.quant.kernels import dequantize_columns, few_row_linear, rows_of
 from lmforge.quant.modules import matmul, matmul_transposed
 from lmforge.quant.packed import pack
 
@@ -62,13 +62,18 @@ def test_packing_is_a_lossless_permutation(name, rows, cols):
     assert p.groups == -(-rows // 8) and p.nbytes >= w.nbytes
     back = p.to_blocks()
     assert back.format is w.format and back.shape == w.shape and np.array_equal(back.blocks, w.blocks)
-    # Dequantized from the packed layout: bit for bit what gguf's reference code gives.
+    # Rows looked up in the packed layout (an embedding): bit for bit what gguf's reference gives.
     ref = gguf_dequantize(w.blocks, GGML[name]).astype(np.float32)
-    assert np.array_equal(dequantize(p), ref)
     ids = np.array([rows - 1, 0, rows // 2, rows - 1])
     assert np.array_equal(rows_of(p, ids), ref[ids])
     with pytest.raises(IndexError, match="row ids"):
         rows_of(p, np.array([rows]))
+    # The transposed slices prefill multiplies by: d q (+ m, or - 8 d) in one fused rounding, so
+    # within an ulp of |d q| + |m| of ggml's two-step values.
+    cols = dequantize_columns(p, 0, np.empty((cols, p.groups * 8), np.float32))[:, :rows].T
+    assert (np.abs(cols - ref) <= 2 * U * (magnitudes(w) + 1e-30)).all()
+    with pytest.raises(ValueError, match="does not fit"):
+        dequantize_columns(p, 1, np.empty((w.shape[1], p.groups * 8), np.float32))
 
 
 @pytest.mark.parametrize("name", NAMES)

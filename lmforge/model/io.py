@@ -227,9 +227,9 @@ def _model_from_quantized(config: ModelConfig, sd: dict[str, torch.Tensor], entr
     tensors = computed
     model = build_empty(config)
     rest = {k: v for k, v in sd.items() if k not in tensors}
-    shapes = {k: tuple(v.shape) for k, v in model_state_dict(model).items()}
-    check_state_dict({**rest, **{k: torch.empty(0) for k in tensors}}, config, source,
-                     {k: (shapes[k] if k not in tensors else (0,)) for k in shapes})
+    # The fp32 tensors are checked here; the quantized ones' names and shapes where they are installed.
+    expected = {k: tuple(v.shape) for k, v in model_state_dict(model).items() if k not in tensors}
+    check_state_dict(rest, config, source, expected)
     with torch.no_grad():
         model.load_state_dict(rest, strict=False, assign=True)
     # After the biases were loaded (QuantLinear keeps them); sd is this function's own file map.

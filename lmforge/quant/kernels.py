@@ -329,31 +329,6 @@ def few_row_linear(x: np.ndarray, w: PackedWeight, lanes: int | None = None) -> 
     return _run(_kernel(_KIND[w.format.name], rows, lanes), x, w)
 
 
-@njit(parallel=True, cache=True)
-def _dequantize_groups(qs, d, m, kind, first, count, cols, out):
-    """Rows [8 first, 8 (first + count)) into out[: 8 count] (fp32, as ggml computes them)."""
-    nb = cols // 32
-    J = 32 if kind == 0 else 16
-    for gi in prange(count):
-        g = first + gi
-        for b in range(nb):
-            blk = g * nb + b
-            for k in range(8):
-                dk = np.float32(_f16(d[blk * 8 + k]))
-                mk = np.float32(_f16(m[blk * 8 + k])) if kind == 2 else np.float32(0.0)
-                row = out[gi * 8 + k]
-                for j in range(J):
-                    v = qs[(blk * J + j) * 8 + k]
-                    if kind == 0:
-                        row[b * 32 + j] = dk * np.float32(np.int8(v))
-                    elif kind == 1:
-                        row[b * 32 + j] = dk * np.float32(np.int32(v & 15) - 8)
-                        row[b * 32 + 16 + j] = dk * np.float32(np.int32(v >> 4) - 8)
-                    else:
-                        row[b * 32 + j] = dk * np.float32(v & 15) + mk
-                        row[b * 32 + 16 + j] = dk * np.float32(v >> 4) + mk
-
-
 @njit(cache=True)
 def _f16(h):
     """An fp16 bit pattern (uint16) -> float32, exactly (numba has no float16 type)."""
@@ -367,17 +342,6 @@ def _f16(h):
     else:
         v = (mant + 1024) * 2.0 ** (e - 25)
     return np.float32(-v if h & 0x8000 else v)
-
-
-def dequantize(w: PackedWeight, out: np.ndarray | None = None) -> np.ndarray:
-    """W as fp32 [N, K]; into `out` (a reused buffer of at least N * K floats) when given."""
-    n, k = w.shape
-    buf = np.empty(w.groups * GROUP * k, np.float32) if out is None else out
-    if buf.dtype != np.float32 or buf.size < w.groups * GROUP * k:
-        raise ValueError(f"dequantize: the buffer holds {buf.size} values, {w.groups * GROUP * k} needed")
-    full = buf.reshape(-1)[: w.groups * GROUP * k].reshape(w.groups * GROUP, k)
-    _dequantize_groups(w.qs, w.d, w.m, _KIND[w.format.name], 0, w.groups, k, full)
-    return full[:n]
 
 
 @njit(cache=True)
