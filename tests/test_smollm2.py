@@ -65,9 +65,10 @@ def test_first_use_imports_and_later_loads_are_fast(ours, home):
     loaded, again, first_s, again_s = ours
     assert loaded.path == home / "models" / f"{NAME}-q4_1"  # the GGUF's blocks, as shipped
     assert again.path == loaded.path
-    # The model computes on the blocks: a load reads and repacks 100 MB, nothing is dequantized.
-    assert again_s < 1.0, f"a cached load took {again_s:.2f} s"
-    assert is_quantized(loaded.model)
+    # The model computes on the blocks: a load reads and repacks 100 MB, nothing is dequantized
+    # (0.38 s in bench_generate.py --gguf; the bound here only catches a load that does far more).
+    assert again_s < 2.0, f"a cached load took {again_s:.2f} s"
+    assert is_quantized(loaded.model) and is_quantized(again.model)
     entry = json.loads((loaded.path / "config.json").read_text())["quantization"]
     formats = [t["format"] for t in entry["tensors"].values()]
     # the embedding Q8_0, 30 layers x 4 fused matrices (the GGUF's 7 per layer) Q4_1
