@@ -18,7 +18,6 @@ import threading
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from lmforge.errors import LmforgeError
 from lmforge.quant import kernels
