@@ -119,7 +119,6 @@ def main() -> None:
             row[f"gb_s_{rows}row"] = round(nbytes / sec / 1e9, 2)
         models.append(row)
         print(json.dumps(row), file=sys.stderr)
-        del mats
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     print(json.dumps({
         "bench": "quant_kernels",
