@@ -39,14 +39,16 @@ MODEL_KEY = "lmforge_model"
 FORMAT_VERSION = 1
 
 
-def model_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+def model_state_dict(model: GPT, quantized: dict | None = None) -> dict[str, torch.Tensor]:
     """The weights to save: detached, contiguous, a tied lm_head left out (safetensors refuses
-    two names for one storage, and the config says to re-tie it on load)."""
+    two names for one storage, and the config says to re-tie it on load); a quantized layer's
+    weight as its GGUF blocks (`quantized`: `_quantized_weights(model)` when the caller has it)."""
     sd = model.state_dict()
     if model.config.tie_embeddings:
         sd.pop("lm_head.weight", None)
     out = {k: v.detach().contiguous() for k, v in sd.items()}
-    out.update({k: torch.from_numpy(t.blocks) for k, t in _quantized_weights(model).items()})
+    blocks = _quantized_weights(model) if quantized is None else quantized
+    out.update({k: torch.from_numpy(t.blocks) for k, t in blocks.items()})
     return out
 
 
@@ -142,16 +144,17 @@ def write_model_files(model: GPT, folder: str | os.PathLike, tokenizer=None,
     if MODEL_KEY in extra:
         raise LmforgeError(f"extra_config must not contain {MODEL_KEY!r}: it is written from the model itself")
     if weights is None:
-        quantized = _quantized_weights(model)
+        quantized = _quantized_weights(model)  # repacked once, for the entry and the file
         if quantized:  # a model loaded from a quantized dir saves its blocks as they are
             from lmforge.quant.store import QUANT_KEY, quant_entry
 
             extra[QUANT_KEY] = quant_entry(quantized)
+        weights = model_state_dict(model, quantized)
     config = {MODEL_KEY: model.config.to_dict(), "format_version": FORMAT_VERSION, **extra}
     with atomic_file(folder / CONFIG_FILE, "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
         f.write("\n")
-    sd = {k: v.cpu() for k, v in (model_state_dict(model) if weights is None else weights).items()}
+    sd = {k: v.cpu() for k, v in weights.items()}
     save_file(sd, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save(folder)

@@ -15,11 +15,13 @@ scalar sums (the SLP vectoriser left scalar int-to-float conversions): 2-4 G wei
 core. The block step is therefore emitted as IR by hand (`_group_dot`, a numba intrinsic): <8 x i8>
 loads, zext/and/shift, sitofp, fp16 scales widened by `fpext` (one vcvtph2ps with F16C, which
 every AVX2 CPU has), fused multiply-adds into sums that live in registers for the whole row.
-The code is ordinary LLVM vector IR, so LLVM lowers it for whatever CPU numba targets (AVX2 or
-AVX-512; 8-wide either way). Two partial sums per row halve the chain of dependent FMAs.
+The code is ordinary LLVM vector IR, so LLVM lowers it for whatever CPU numba targets: 16 lanes
+(two elements of the eight rows per vector) where it has AVX-512, 8 on AVX2 (`LANES`). Two
+partial sums per row halve the chain of dependent FMAs.
 
-Rows beyond 8 (prefill, scoring) are not for these kernels: `dequantize` writes the fp32 matrix
-into a buffer for BLAS. Compiled on first use per (format, rows) and cached on disk by numba.
+Rows beyond 8 (prefill, scoring) are not for these kernels: `dequantize_columns` writes a slice
+of W's transpose in fp32 for BLAS (lmforge.quant.modules). `rows_of` decodes embedding rows.
+Compiled on first use per (format, rows, lanes) and cached on disk by numba.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ _F32, _I8, _I16, _I32, _I64 = ir.FloatType(), ir.IntType(8), ir.IntType(16), ir.
 _V8F, _V8I8, _V8I16, _V8I32 = (ir.VectorType(t, GROUP) for t in (_F32, _I8, _I16, _I32))
 _V8H = ir.VectorType(ir.HalfType(), GROUP)
 _U8A, _U16A = types.Array(types.uint8, 1, "C"), types.Array(types.uint16, 1, "C")
-_F32A, _F32A2 = types.Array(types.float32, 1, "C"), types.Array(types.float32, 2, "C")
+_F32A2 = types.Array(types.float32, 2, "C")
 
 
 def _data(context, builder, arrty, arr):

@@ -94,19 +94,18 @@ def blocks_state_dict(sd: dict[str, torch.Tensor], blocks: dict[str, QuantTensor
                       fmt: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(sd with each tensor in `blocks` replaced by its uint8 blocks, the config.json entry with
     main format `fmt`). Blocks for names `sd` does not hold (a tied lm_head) are left out."""
-    main = block_format(fmt)
     out = dict(sd)
-    tensors: dict[str, dict[str, Any]] = {}
+    kept: dict[str, QuantTensor] = {}
     for name, q in blocks.items():
         if name not in sd:
             continue
         if tuple(sd[name].shape) != q.shape:
             raise LmforgeError(f"{name}: blocks of shape {list(q.shape)} for a weight of shape {list(sd[name].shape)}")
         out[name] = torch.from_numpy(np.ascontiguousarray(q.blocks))
-        tensors[name] = {"format": q.format.name, "shape": list(q.shape)}
-    if not tensors:
+        kept[name] = q
+    if not kept:
         raise LmforgeError("no quantized tensor among the weights")
-    return out, {"format": main.name, "tensors": tensors}
+    return out, quant_entry(kept, fmt)
 
 
 def quantize_state_dict(sd: dict[str, torch.Tensor], fmt: str, *, embedding_format: str | None = None,
@@ -154,10 +153,11 @@ def tensor_layout(entry: Any, source: str) -> tuple[BlockFormat, dict[str, tuple
     return main, layout
 
 
-def quant_entry(tensors: dict[str, QuantTensor]) -> dict[str, Any]:
-    """The config.json entry describing `tensors` (a loaded quantized model's weights)."""
-    return {"format": main_format(tensors),
-            "tensors": {k: {"format": t.format.name, "shape": list(t.shape)} for k, t in tensors.items()}}
+def quant_entry(tensors: dict[str, QuantTensor], fmt: str | None = None) -> dict[str, Any]:
+    """The config.json entry describing `tensors`, under main format `fmt` (default: the one most
+    of them are in)."""
+    main = block_format(fmt).name if fmt is not None else main_format(tensors)
+    return {"format": main, "tensors": {k: {"format": t.format.name, "shape": list(t.shape)} for k, t in tensors.items()}}
 
 
 def quant_tensors(sd: dict[str, torch.Tensor], entry: Any, source: str) -> dict[str, QuantTensor]:
