@@ -11,7 +11,7 @@ import pytest
 from gguf.quants import dequantize as gguf_dequantize
 
 from lmforge.quant import FORMATS, QuantTensor, quantize
-from lmforge.quant.kernels import dequantize_columns, few_row_linear, rows_of
+from lmforge.quant.kernels import TILE, dequantize_columns, few_row_linear, many_row_linear, rows_of
 from lmforge.quant.modules import matmul, matmul_transposed
 from lmforge.quant.packed import pack
 
@@ -94,16 +94,33 @@ def test_few_row_products_match_dequantized_reference(name, rows, cols, lanes):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_many_row_products_and_their_gradient(name):
-    """Beyond 8 rows (prefill, scoring) and in backward: slices dequantized into a buffer + BLAS."""
+@pytest.mark.parametrize("lanes", [8, 16])
+def test_many_row_products_match_dequantized_reference(name, lanes):
+    """Beyond 8 rows (prefill, scoring): tiles of x against every group, with the calls of
+    fewer than eight rows at each tile's end (13 = 8 + 5; 77 = two whole tiles + 8 + 5)."""
+    w = random_blocks(name, 1030, 96, seed=5)
+    p = pack(w)
+    ref_w = gguf_dequantize(w.blocks, GGML[name]).astype(np.float64)
+    rng = np.random.default_rng(6)
+    for r in (9, 13, 2 * TILE + 13):
+        x = (rng.standard_normal((r, 96)) * 3).astype(np.float32)
+        y = many_row_linear(x, p, lanes)
+        assert y.shape == (r, 1030) and y.dtype == np.float32
+        assert (np.abs(y - x.astype(np.float64) @ ref_w.T) <= bound(x, w)).all(), f"R={r}"
+    # The same sums as the few-row kernel's, row for row.
+    assert np.array_equal(many_row_linear(x[:8], p, lanes), few_row_linear(x[:8], p, lanes))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_products_and_gradient_through_the_module_path(name):
     w = random_blocks(name, 1030, 96, seed=5)
     p = pack(w)
     ref_w = gguf_dequantize(w.blocks, GGML[name]).astype(np.float64)
     rng = np.random.default_rng(6)
     x = rng.standard_normal((13, 96)).astype(np.float32)
-    y = matmul(x, p)
-    assert y.shape == (13, 1030)
-    assert (np.abs(y - x.astype(np.float64) @ ref_w.T) <= bound(x, w)).all()
+    for rows in (3, 13):
+        assert (np.abs(matmul(x[:rows], p) - x[:rows].astype(np.float64) @ ref_w.T) <= bound(x[:rows], w)).all()
+    # Backward (the input gradient): slices of W dequantized into a buffer + BLAS.
     g = rng.standard_normal((13, 1030)).astype(np.float32)
     gx = matmul_transposed(g, p)
     ref = g.astype(np.float64) @ ref_w
@@ -115,9 +132,9 @@ def test_slices_cover_a_matrix_larger_than_the_buffer(monkeypatch):
 
     monkeypatch.setattr(modules, "_SLICE_BYTES", 4 * 64 * 16)  # two groups of 8 rows per slice
     w = random_blocks("q4_1", 45, 64, seed=7)
-    x = np.random.default_rng(8).standard_normal((10, 64)).astype(np.float32)
-    ref = x.astype(np.float64) @ gguf_dequantize(w.blocks, GGML["q4_1"]).astype(np.float64).T
-    assert (np.abs(matmul(x, pack(w)) - ref) <= bound(x, w)).all()
+    g = np.random.default_rng(8).standard_normal((10, 45)).astype(np.float32)
+    ref = g.astype(np.float64) @ gguf_dequantize(w.blocks, GGML["q4_1"]).astype(np.float64)
+    assert np.allclose(matmul_transposed(g, pack(w)), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
 @pytest.mark.parametrize("name", NAMES)

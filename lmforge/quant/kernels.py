@@ -19,8 +19,11 @@ The code is ordinary LLVM vector IR, so LLVM lowers it for whatever CPU numba ta
 (two elements of the eight rows per vector) where it has AVX-512, 8 on AVX2 (`LANES`). Two
 partial sums per row halve the chain of dependent FMAs.
 
-Rows beyond 8 (prefill, scoring) are not for these kernels: `dequantize_columns` writes a slice
-of W's transpose in fp32 for BLAS (lmforge.quant.modules). `rows_of` decodes embedding rows.
+Rows beyond 8 (prefill, scoring) run the same block step in calls of eight rows over tiles of
+x (`many_row_linear`): ~100 G multiply-adds/s on two cores, where BLAS on the fp32 weights
+reaches 60-100 and dequantizing W first cost 1 ns a weight on top. `dequantize_columns` writes a
+slice of W's transpose in fp32, for the backward pass (lmforge.quant.modules). `rows_of` decodes
+embedding rows.
 Compiled on first use per (format, rows, lanes) and cached on disk by numba.
 """
 
@@ -96,24 +99,25 @@ def _vec(t, n):
 
 
 @intrinsic(prefer_literal=True)
-def _group_dot(typingctx, kind, rows, lanes, qs, d, m, x, sx, y, g):
-    """Row sums of one group of eight weight rows g against `rows` rows of x, into y.
+def _group_dot(typingctx, kind, rows, lanes, qs, d, m, x, sx, y, g, r0):
+    """Row sums of one group of eight weight rows g against rows r0 .. r0 + `rows` of x, into
+    the same rows of y.
 
     kind (0 Q8_0, 1 Q4_0, 2 Q4_1), rows (1..8) and lanes (8 or 16) are literals: the IR is
     generated for them. With 16 lanes, a vector holds elements j and j + 1 of the eight rows (the
     layout keeps them in 16 consecutive bytes); the two halves are added when the group is done.
     qs/d/m: a PackedWeight's arrays; x [rows, K] fp32; sx [rows, K/32] x's block sums (Q4_1/Q4_0);
-    y [rows, groups*8]: y[r, 8g:8g+8] is written."""
+    y [R, groups*8]: y[r, 8g:8g+8] is written."""
     if not all(isinstance(a, types.IntegerLiteral) for a in (kind, rows, lanes)):
         return None
     K_, R, L = kind.literal_value, rows.literal_value, lanes.literal_value
     J = 32 if K_ == 0 else 16  # value bytes per block and row
     step = L // GROUP  # elements of a row per vector: 1 or 2
     vf, vi8, vi32 = _vec(_F32, L), _vec(_I8, L), _vec(_I32, L)
-    sig = types.void(kind, rows, lanes, _U8A, _U16A, _U16A, _F32A2, _F32A2, _F32A2, types.int64)
+    sig = types.void(kind, rows, lanes, _U8A, _U16A, _U16A, _F32A2, _F32A2, _F32A2, types.int64, types.int64)
 
     def codegen(context, builder, signature, args):
-        _, _, _, qs_a, d_a, m_a, x_a, sx_a, y_a, g = args
+        _, _, _, qs_a, d_a, m_a, x_a, sx_a, y_a, g, r0 = args
         qp = _data(context, builder, _U8A, qs_a)
         dp, mp = _data(context, builder, _U16A, d_a), _data(context, builder, _U16A, m_a)
         xp, sxp, yp = (_data(context, builder, _F32A2, a) for a in (x_a, sx_a, y_a))
@@ -158,7 +162,7 @@ def _group_dot(typingctx, kind, rows, lanes, qs, d, m, x, sx, y, g):
                     hi = builder.lshr(v, ir.Constant(vi32, [4] * L))
                     vals = [(builder.sitofp(lo, vf), j), (builder.sitofp(hi, vf), j + 16)]
                 for r in range(R):
-                    row = builder.mul(_i64(r), K)
+                    row = builder.mul(builder.add(r0, _i64(r)), K)
                     for i, (w, col) in enumerate(vals):
                         s = (j // step + i) % 2
                         t[r][s] = _fma(builder, w, broadcast(row, builder.add(xoff, _i64(col))), t[r][s])
@@ -173,7 +177,7 @@ def _group_dot(typingctx, kind, rows, lanes, qs, d, m, x, sx, y, g):
             for r in range(R):
                 a = _fma(builder, dw, builder.fadd(t[r][0], t[r][1]), builder.load(acc[r]))
                 if K_ != 0:
-                    s = builder.load(builder.gep(sxp, [builder.add(builder.mul(_i64(r), nb), b)]))
+                    s = builder.load(builder.gep(sxp, [builder.add(builder.mul(builder.add(r0, _i64(r)), nb), b)]))
                     a = _fma(builder, mw, _splat(builder, s, L), a)
                 builder.store(a, acc[r])
         col = builder.mul(g, _i64(GROUP))
@@ -183,7 +187,7 @@ def _group_dot(typingctx, kind, rows, lanes, qs, d, m, x, sx, y, g):
                 low = builder.shuffle_vector(total, total, ir.Constant(_vec(_I32, GROUP), list(range(GROUP))))
                 high = builder.shuffle_vector(total, total, ir.Constant(_vec(_I32, GROUP), list(range(GROUP, L))))
                 total = builder.fadd(low, high)
-            out = builder.gep(yp, [builder.add(builder.mul(_i64(r), n_out), col)])
+            out = builder.gep(yp, [builder.add(builder.mul(builder.add(r0, _i64(r)), n_out), col)])
             builder.store(total, builder.bitcast(out, _V8F.as_pointer()), align=4)
         return context.get_dummy_value()
 
@@ -282,9 +286,72 @@ def _make_kernel(kind: int, rows: int, lanes: int):
                     total += x[r, b * 32 + j]
                 sx[r, b] = total
         for g in prange(y.shape[1] // 8):
-            _group_dot(kind, rows, lanes, qs, d, m, x, sx, y, g)
+            _group_dot(kind, rows, lanes, qs, d, m, x, sx, y, g, 0)
 
     return kernel
+
+
+TILE = 32  # rows of x per tile in the many-row product: a tile stays in L2 while W streams past
+
+
+def _make_many(kind: int, lanes: int):
+    """The product for any number of rows (prefill, scoring): x in tiles of TILE rows, each tile
+    multiplied by every group of W in calls of eight rows. A group's blocks (3-8 KB) stay in L1
+    for the tile's calls and the tile in L2 for all groups, so W is read from memory once per
+    tile and never written out in fp32."""
+
+    @njit(parallel=True, cache=True)
+    def kernel(qs, d, m, x, sx, y):
+        rows = x.shape[0]
+        nb = x.shape[1] // 32
+        for r in prange(rows):
+            for b in range(nb):
+                total = np.float32(0.0)
+                for j in range(32):
+                    total += x[r, b * 32 + j]
+                sx[r, b] = total
+        groups = y.shape[1] // 8
+        tiles = (rows + TILE - 1) // TILE
+        # One parallel loop over (tile, group): each thread takes whole tiles' worth of work in
+        # order, so its tile of x stays in its own L2.
+        for i in prange(tiles * groups):
+            t = i // groups
+            g = i - t * groups
+            r = t * TILE
+            end = min(rows, r + TILE)
+            while r + 8 <= end:
+                _group_dot(kind, 8, lanes, qs, d, m, x, sx, y, g, r)
+                r += 8
+            left = end - r
+            if left == 1:
+                _group_dot(kind, 1, lanes, qs, d, m, x, sx, y, g, r)
+            elif left == 2:
+                _group_dot(kind, 2, lanes, qs, d, m, x, sx, y, g, r)
+            elif left == 3:
+                _group_dot(kind, 3, lanes, qs, d, m, x, sx, y, g, r)
+            elif left == 4:
+                _group_dot(kind, 4, lanes, qs, d, m, x, sx, y, g, r)
+            elif left == 5:
+                _group_dot(kind, 5, lanes, qs, d, m, x, sx, y, g, r)
+            elif left == 6:
+                _group_dot(kind, 6, lanes, qs, d, m, x, sx, y, g, r)
+            elif left == 7:
+                _group_dot(kind, 7, lanes, qs, d, m, x, sx, y, g, r)
+
+    return kernel
+
+
+_MANY: dict[tuple[int, int], object] = {}
+
+
+def many_row_linear(x: np.ndarray, w: PackedWeight, lanes: int | None = None) -> np.ndarray:
+    """x [R, K] fp32 (any R >= 1) times W[N, K].T -> [R, N] fp32, computed on the blocks."""
+    x = _check(x, w)
+    key = (_KIND[w.format.name], lanes or LANES)
+    kernel = _MANY.get(key)
+    if kernel is None:
+        kernel = _MANY[key] = _make_many(*key)
+    return _run(kernel, x, w)
 
 
 _KERNELS: dict[tuple[int, int, int], object] = {}

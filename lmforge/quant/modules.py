@@ -1,10 +1,11 @@
 """Torch modules over quantized weights: a GPT loaded from a quantized model dir computes on its
 blocks, never on an fp32 copy of the whole model.
 
-- QuantLinear replaces a projection (and an untied or tied lm_head). Up to 8 rows (a decode step
-  in torch, e.g. one token per sequence) run the block kernels; more rows (prefill, scoring,
-  backward) dequantize the matrix a slice of rows at a time into a small reused buffer and run
-  BLAS on it, so the extra memory is one slice (<= 8 MB), not the fp32 matrix.
+- QuantLinear replaces a projection (and an untied or tied lm_head). Its products run the block
+  kernels for any number of rows (decode steps, prefill, scoring). The backward pass (the input
+  gradient, for adapters on top) dequantizes the matrix a slice of rows at a time into a small
+  reused buffer and runs BLAS on it, so the extra memory is one slice (<= 8 MB), not the fp32
+  matrix.
 - QuantEmbedding replaces tok_emb: a lookup decodes just the rows asked for.
 
 The weights are frozen: gradients flow to the input (so adapters on top could train) but the
@@ -23,7 +24,7 @@ from lmforge.errors import LmforgeError
 from lmforge.quant import kernels
 from lmforge.quant.packed import GROUP, PackedWeight
 
-_SLICE_BYTES = 8 << 20  # fp32 rows dequantized at once for BLAS: fits in L2/L3 next to x
+_SLICE_BYTES = 8 << 20  # fp32 rows dequantized at once for BLAS (backward): fits in L3 next to g
 _scratch = threading.local()
 
 
@@ -51,18 +52,12 @@ def _slices(w: PackedWeight):
 
 
 def matmul(x: np.ndarray, w: PackedWeight) -> np.ndarray:
-    """x [R, K] @ W.T -> [R, N] fp32 for any R: the kernels up to 8 rows; beyond, W a slice at a
-    time dequantized (one thread) and multiplied by torch's BLAS on torch's threads."""
+    """x [R, K] @ W.T -> [R, N] fp32 for any R, on the blocks: the few-row kernels up to 8 rows,
+    the tiled many-row kernel beyond (prefill, scoring: ~100 G multiply-adds/s on two cores,
+    faster than BLAS on the fp32 weights, and no fp32 copy of W)."""
     if 0 < x.shape[0] <= kernels.ROWS:
         return kernels.few_row_linear(x, w)
-    xt = torch.from_numpy(x)
-    y = torch.empty((x.shape[0], w.shape[0]), dtype=torch.float32)
-    for first, rows, wt in _slices(w):
-        if rows == w.shape[0]:
-            torch.matmul(xt, wt, out=y)
-        else:
-            y[:, first : first + rows] = xt @ wt
-    return y.numpy()
+    return kernels.many_row_linear(x, w)
 
 
 def matmul_transposed(g: np.ndarray, w: PackedWeight) -> np.ndarray:
