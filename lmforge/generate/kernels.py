@@ -136,70 +136,60 @@ def _attend(qkv, pos, cos, sin, use_rope, keys, values, start, bias, use_bias, s
     group = heads // kv_heads
     half = dim // 2
     length = start + 1
-    q = np.empty((batch, heads, dim), dtype=np.float32)
-    # RoPE on q and k (HF's rotate_half layout, the sign folded into `sin`), k and v into the cache.
-    for bh in prange(batch * (heads + kv_heads)):
-        b = bh // (heads + kv_heads)
-        h = bh - b * (heads + kv_heads)
-        src = qkv[b, h]
-        dst = q[b, h] if h < heads else keys[b, h - heads, start]
-        if use_rope:
-            c = cos[pos[b]]
-            sn = sin[pos[b]]
-            for d in range(dim):
-                other = d + half if d < half else d - half
-                dst[d] = src[d] * c[d] + src[other] * sn[d]
-        else:
-            for d in range(dim):
-                dst[d] = src[d]
-        if h >= heads:
-            vdst = values[b, h - heads, start]
-            vsrc = qkv[b, heads + kv_heads + h - heads]
-            for d in range(dim):
-                vdst[d] = vsrc[d]
-    for bh in prange(batch * heads):
-        b = bh // heads
-        h = bh - b * heads
-        kv = h // group
-        qv = q[b, h]
-        scores = np.empty(length, dtype=np.float32)
-        top = np.float32(-np.inf)
-        for s in range(length):
-            krow = keys[b, kv, s]
-            acc = np.float32(0.0)
-            for d in range(dim):
-                acc += qv[d] * krow[d]
-            acc *= scale
-            if use_bias:
-                acc += bias[b, s]
-            scores[s] = acc
-            top = max(top, acc)
-        total = np.float32(0.0)
-        for s in range(length):
-            e = np.exp(scores[s] - top)
-            scores[s] = e
-            total += e
-        # out[h] = sum_s p[s] v[s], four positions per pass over the row: the compiler
-        # vectorises the loop over dims (checking at run time that out and the cache do not
-        # overlap), and four positions per load and store of out keep it from being the bottleneck.
-        o = h * dim
+    # One unit of work per (row, kv head): RoPE on its query heads and its key, the cache write,
+    # then attention for the query heads that share the key/value rows (read once for all).
+    for unit in prange(batch * kv_heads):
+        b = unit // kv_heads
+        kv = unit - b * kv_heads
+        q = np.empty((group, dim), dtype=np.float32)
+        row = pos[b] if use_rope else 0  # without RoPE the tables are a placeholder
+        c = cos[row]
+        sn = sin[row]
+        for gi in range(group + 1):
+            src = qkv[b, kv * group + gi] if gi < group else qkv[b, heads + kv]
+            dst = q[gi] if gi < group else keys[b, kv, start]
+            if use_rope:
+                for d in range(dim):
+                    other = d + half if d < half else d - half
+                    dst[d] = src[d] * c[d] + src[other] * sn[d]
+            else:
+                for d in range(dim):
+                    dst[d] = src[d]
+        vsrc = qkv[b, heads + kv_heads + kv]
+        vdst = values[b, kv, start]
         for d in range(dim):
-            out[b, o + d] = 0.0
-        s = 0
-        while s + 4 <= length:
-            p0, p1, p2, p3 = scores[s], scores[s + 1], scores[s + 2], scores[s + 3]
+            vdst[d] = vsrc[d]
+        kb = keys[b, kv]
+        vb = values[b, kv]
+        scores = np.empty((group, length), dtype=np.float32)
+        for s in range(length):
+            for gi in range(group):
+                acc = np.float32(0.0)
+                for d in range(dim):
+                    acc += q[gi, d] * kb[s, d]
+                scores[gi, s] = acc * scale + (bias[b, s] if use_bias else np.float32(0.0))
+        acc_o = np.zeros((group, dim), dtype=np.float32)
+        for gi in range(group):
+            top = np.float32(-np.inf)
+            for s in range(length):
+                top = max(top, scores[gi, s])
+            total = np.float32(0.0)
+            for s in range(length):
+                e = np.exp(scores[gi, s] - top)
+                scores[gi, s] = e
+                total += e
+            inv = np.float32(1.0) / total
+            for s in range(length):
+                scores[gi, s] *= inv
+        for s in range(length):
+            for gi in range(group):
+                p = scores[gi, s]
+                for d in range(dim):
+                    acc_o[gi, d] += p * vb[s, d]
+        for gi in range(group):
+            o = (kv * group + gi) * dim
             for d in range(dim):
-                out[b, o + d] += (p0 * values[b, kv, s, d] + p1 * values[b, kv, s + 1, d]
-                                  + p2 * values[b, kv, s + 2, d] + p3 * values[b, kv, s + 3, d])
-            s += 4
-        while s < length:
-            p0 = scores[s]
-            for d in range(dim):
-                out[b, o + d] += p0 * values[b, kv, s, d]
-            s += 1
-        inv = np.float32(1.0) / total
-        for d in range(dim):
-            out[b, o + d] *= inv
+                out[b, o + d] = acc_o[gi, d]
 
 
 _EMPTY2 = np.zeros((1, 1), dtype=np.float32)
