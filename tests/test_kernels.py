@@ -106,3 +106,24 @@ def test_silu_mul_matches_torch(threads):
     h = _rand(np.random.default_rng(3), 4, 2 * 40) * 4
     gate, up = torch.from_numpy(h).chunk(2, dim=-1)
     np.testing.assert_allclose(kernels.silu_mul(h), (F.silu(gate) * up).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_softmax_exponential_is_within_two_ulp():
+    """The vectorisable exp of attention's softmax and SwiGLU, against float64 numpy over its
+    domain (x <= 0): 0 below -87 (fp32's subnormals) and for -inf (masked positions)."""
+    from numba import njit
+
+    @njit
+    def run(a, out):
+        for i in range(a.shape[0]):
+            out[i] = kernels._exp_nonpositive(a[i])
+
+    rng = np.random.default_rng(0)
+    x = np.concatenate([-np.abs(rng.standard_normal(100_000) * 20), -rng.random(10_000) * 87,
+                        [0.0, -0.0, -1e-30, -87.0, -87.01, -1000.0, -np.inf]]).astype(np.float32)
+    got = np.empty_like(x)
+    run(x, got)
+    ref = np.exp(x.astype(np.float64))
+    normal = x >= -87.0
+    assert (np.abs(got[normal] - ref[normal]) <= 2 * np.spacing(ref[normal].astype(np.float32))).all()
+    assert (got[~normal] == 0).all() and got[x == 0].tolist() == [1.0, 1.0]
