@@ -11,7 +11,8 @@ import pytest
 from gguf.quants import dequantize as gguf_dequantize
 
 from lmforge.quant import FORMATS, QuantTensor, quantize
-from lmforge.quant.kernels import TILE, dequantize_columns, few_row_linear, many_row_linear, rows_of
+from lmforge.quant.kernels import (TILE, _quantize_rows, dequantize_columns, few_row_linear, int8_linear,
+                                   many_row_linear, rows_of)
 from lmforge.quant.modules import matmul, matmul_transposed
 from lmforge.quant.packed import pack
 
@@ -91,6 +92,79 @@ def test_few_row_products_match_dequantized_reference(name, rows, cols, lanes):
         err = np.abs(y - x.astype(np.float64) @ ref_w.T)
         b = bound(x, w)
         assert (err <= b).all(), f"R={r}: error {err.max():.3g} above the bound at {np.unravel_index((err / b).argmax(), err.shape)}"
+
+
+def _cpu_has(mode: str) -> bool:
+    import llvmlite.binding as llvm
+
+    have = llvm.get_host_cpu_features()
+    return bool(have.get("avx2")) if mode == "avx2" else bool(have.get("avx512vnni") and have.get("avx512vl"))
+
+
+def quantized_rows(x: np.ndarray):
+    """x quantized per block of 32 by the kernels' own routine, checked against its definition."""
+    rows, nb = x.shape[0], x.shape[1] // 32
+    xq, xd = np.empty(x.shape, np.int8), np.empty((rows, nb), np.float32)
+    xs, xsq = np.empty((rows, nb), np.float32), np.empty((rows, nb), np.int32)
+    _quantize_rows(x, xq, xd, xs, xsq)
+    amax = np.abs(x.reshape(rows, nb, 32)).max(-1)
+    assert np.array_equal(xd, amax / np.float32(127))
+    assert (np.abs(xq) <= 127).all() and np.array_equal(xsq, xq.reshape(rows, nb, 32).sum(-1, dtype=np.int32))
+    err = np.abs(x.reshape(rows, nb, 32) - xq.reshape(rows, nb, 32) * xd[..., None].astype(np.float64))
+    assert (err <= xd[..., None] * (0.5 + 1e-5)).all()  # rounded to the nearest step
+    return xq, xd, xs
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("mode", ["avx2", "vnni"])
+def test_int8_products_match_their_integer_reference(name, mode):
+    """Batched decode steps: x rounded to int8 per block, each block's products summed exactly
+    in int32 by the CPU's dot instructions, scaled in fp32. Against int64 sums of the same
+    integers, scaled in float64; and the two instruction sets give the same bits."""
+    if not _cpu_has(mode):
+        pytest.skip(f"this CPU has no {mode}")
+    for rows, cols in SHAPES:
+        w = random_blocks(name, rows, cols, seed=rows + 3 * cols)
+        p = pack(w)
+        d, m, q = (a.astype(np.float64) if a is not None else None for a in w.components())
+        if name == "q4_0":
+            q = q + 8  # the kernels sum the stored nibbles and add -8 d (x's block sum)
+        rng = np.random.default_rng(rows)
+        for r in (1, 2, 5, 8):
+            x = (rng.standard_normal((r, cols)) * 3).astype(np.float32)
+            x[0, :32] = 0  # an all-zero block: scale 0
+            xq, xd, xs = quantized_rows(x)
+            nb = cols // 32
+            sums = np.einsum("nbj,rbj->rnb", q.reshape(rows, nb, 32).astype(np.int64),
+                             xq.reshape(r, nb, 32).astype(np.int64))
+            terms = d[None] * xd.astype(np.float64)[:, None] * sums
+            if name == "q4_1":
+                extra = m[None] * xs.astype(np.float64)[:, None]
+            elif name == "q4_0":
+                extra = -8 * d[None] * xs.astype(np.float64)[:, None]
+            else:
+                extra = np.zeros_like(terms)
+            ref = (terms + extra).sum(-1)
+            bound = (nb + 4) * 2 * U * (np.abs(terms) + np.abs(extra)).sum(-1) + 1e-30
+            y = int8_linear(x, p, mode)
+            assert y.shape == (r, rows) and y.dtype == np.float32
+            assert (np.abs(y - ref) <= bound).all(), f"{rows}x{cols} R={r}"
+            if mode == "vnni" and _cpu_has("avx2"):
+                assert np.array_equal(y, int8_linear(x, p, "avx2"))
+    with pytest.raises(ValueError, match="1..8 rows"):
+        int8_linear(np.zeros((9, 32), np.float32), pack(random_blocks(name, 8, 32, seed=0)), mode)
+
+
+def test_decoder_products_round_activations_only_for_batched_steps():
+    """`product` (the numpy decoder's): one row as the fp32-activation kernel, bit for bit; 2..8
+    rows the int8 kernel where the CPU has one."""
+    from lmforge.quant.kernels import INT8, product
+
+    w = pack(random_blocks("q4_1", 40, 96, seed=9))
+    x = np.random.default_rng(10).standard_normal((3, 96)).astype(np.float32)
+    assert np.array_equal(product(x[:1], w), few_row_linear(x[:1], w))
+    want = int8_linear(x, w) if INT8 else few_row_linear(x, w)
+    assert np.array_equal(product(x, w), want)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -52,12 +52,9 @@ def _slices(w: PackedWeight):
 
 
 def matmul(x: np.ndarray, w: PackedWeight) -> np.ndarray:
-    """x [R, K] @ W.T -> [R, N] fp32 for any R, on the blocks: the few-row kernels up to 8 rows,
-    the tiled many-row kernel beyond (prefill, scoring: ~100 G multiply-adds/s on two cores,
-    faster than BLAS on the fp32 weights, and no fp32 copy of W)."""
-    if 0 < x.shape[0] <= kernels.ROWS:
-        return kernels.few_row_linear(x, w)
-    return kernels.many_row_linear(x, w)
+    """x [R, K] @ W.T -> [R, N] fp32 for any R, on the blocks with fp32 activations
+    (`kernels.linear`)."""
+    return kernels.linear(x, w)
 
 
 def matmul_transposed(g: np.ndarray, w: PackedWeight) -> np.ndarray:
