@@ -230,9 +230,6 @@ def _int8_mode() -> str | None:
 INT8 = _int8_mode()
 _V32I8, _V16I16 = ir.VectorType(_I8, 32), ir.VectorType(_I16, 16)
 _I8A2, _I32A2 = types.Array(types.int8, 2, "C"), types.Array(types.int32, 2, "C")
-# Byte jj*8 + r of a 32-byte load (element j0 + jj of row r, the packed layout) to byte r*4 + jj:
-# each 32-bit lane then holds four consecutive elements of one row, as the dot instructions take.
-_TO_ROW_LANES = [jj * GROUP + r for r in range(GROUP) for jj in range(4)]
 
 
 def _call(builder, name: str, ret, args):
@@ -241,18 +238,27 @@ def _call(builder, name: str, ret, args):
 
 
 @intrinsic(prefer_literal=True)
-def _group_dot_int8(typingctx, kind, rows, vnni, qs, d, m, xq, xd, xs, xsq, y, g, r0):
+def _group_dot_int8(typingctx, kind, rows, dot, qs, d, m, xq, xd, xs, xsq, y, g, r0):
     """`_group_dot` with x quantized per block of 32 (xq int8 [R, K], xd its scales, xs = xd *
     sum(xq) and xsq = sum(xq) [R, K/32]): each block's products summed exactly in int32 by the
-    CPU's u8 x s8 dot instructions (vnni 1: vpdpbusd; 0: vpmaddubsw + vpmaddwd), then scaled
-    once by d (and the m term added) in fp32. The 4-bit values are unsigned already; Q8_0's
-    signed bytes go in as q + 128 with 128 sum(xq) subtracted (vpdpbusd), or as |q| against x
-    with q's signs (vpmaddubsw: |q| x stays within its int16 pair sums)."""
-    if not all(isinstance(a, types.IntegerLiteral) for a in (kind, rows, vnni)):
+    CPU's u8 x s8 dot instructions, then scaled once by d (and the m term added) in fp32.
+    dot (a literal): 0 AVX2 (vpmaddubsw + vpmaddwd), 1 AVX-512 VNNI (vpdpbusd on 256 bits; 512
+    bits measured no faster: the broadcasts of x and the per-block scaling bound it). Each 32-bit
+    lane holds four consecutive elements of one row, shuffled out of the packed layout in
+    registers. The 4-bit values are unsigned already; Q8_0's signed bytes go in as q + 128 with
+    128 sum(xq) subtracted (VNNI), or as |q| against x with q's signs (vpmaddubsw: |q| x stays
+    within its int16 pair sums)."""
+    if not all(isinstance(a, types.IntegerLiteral) for a in (kind, rows, dot)):
         return None
-    K_, R, VNNI = kind.literal_value, rows.literal_value, vnni.literal_value
+    K_, R, DOT = kind.literal_value, rows.literal_value, dot.literal_value
     J = 32 if K_ == 0 else 16
-    sig = types.void(kind, rows, vnni, _U8A, _U16A, _U16A, _I8A2, _F32A2, _F32A2, _I32A2, _F32A2,
+    W = GROUP  # int32 lanes, one per row
+    per_load = 4  # elements of each row per 32-byte load
+    vi8, vi32 = _V32I8, _V8I32
+    # Byte (jj * 8 + r) of a load (element j0 + jj of row r in the packed layout) to byte r * 4 + jj:
+    # each 32-bit lane then holds four consecutive elements of one row, as the dot instructions take.
+    to_lanes = [jj * GROUP + r for r in range(GROUP) for jj in range(4)]
+    sig = types.void(kind, rows, dot, _U8A, _U16A, _U16A, _I8A2, _F32A2, _F32A2, _I32A2, _F32A2,
                      types.int64, types.int64)
 
     def codegen(context, builder, signature, args):
@@ -266,44 +272,48 @@ def _group_dot_int8(typingctx, kind, rows, vnni, qs, d, m, xq, xd, xs, xsq, y, g
         n_out = cgutils.unpack_tuple(builder, cgutils.create_struct_proxy(_F32A2)(context, builder, value=y_a).shape, 2)[1]
         nb = builder.udiv(K, _i64(BLOCK))
         zero_f = ir.Constant(_V8F, [0.0] * GROUP)
-        zero_i = ir.Constant(_V8I32, [0] * GROUP)
+        zero_i = ir.Constant(vi32, [0] * W)
         ones16 = ir.Constant(_V16I16, [1] * 16)
         acc = [cgutils.alloca_once_value(builder, zero_f) for _ in range(R)]
         base = builder.mul(g, nb)
-        xq32 = builder.bitcast(xqp, _I32.as_pointer())
+        xq_word = builder.bitcast(xqp, _I32.as_pointer())
 
-        def dot(total, u, x):
-            if VNNI:
-                return _call(builder, "llvm.x86.avx512.vpdpbusd.256", _V8I32,
-                             [total, builder.bitcast(u, _V8I32), builder.bitcast(x, _V8I32)])
+        def dot_add(total, u, x):
+            if DOT:
+                return _call(builder, "llvm.x86.avx512.vpdpbusd.256", vi32,
+                             [total, builder.bitcast(u, vi32), builder.bitcast(x, vi32)])
             pairs = _call(builder, "llvm.x86.avx2.pmadd.ub.sw", _V16I16, [u, x])
             return builder.add(total, _call(builder, "llvm.x86.avx2.pmadd.wd", _V8I32, [pairs, ones16]))
+
+        def x_lanes(at):
+            """x's four elements at .. at + 3 (at a multiple of 4) in every lane."""
+            word = builder.load(builder.gep(xq_word, [builder.udiv(at, _i64(per_load))]), align=1)
+            return builder.bitcast(_splat_i32(builder, word), vi8)
 
         with cgutils.for_range(builder, nb) as loop:
             b = loop.index
             blk = builder.add(base, b)
             qoff = builder.mul(blk, _i64(J * GROUP))
             isum = [zero_i] * R
-            for j0 in range(0, J, 4):
-                raw = _load(builder, qp, builder.add(qoff, _i64(j0 * GROUP)), _V32I8)
-                t = builder.shuffle_vector(raw, raw, ir.Constant(_vec(_I32, 32), _TO_ROW_LANES))
+            for j0 in range(0, J, per_load):
+                raw = _load(builder, qp, builder.add(qoff, _i64(j0 * GROUP)), vi8)
+                t = builder.shuffle_vector(raw, raw, ir.Constant(_vec(_I32, 4 * W), to_lanes))
                 sign = None
                 if K_ != 0:
-                    parts = [(builder.and_(t, ir.Constant(_V32I8, [15] * 32)), j0),
-                             (builder.lshr(t, ir.Constant(_V32I8, [4] * 32)), j0 + 16)]
-                elif VNNI:
-                    parts = [(builder.xor(t, ir.Constant(_V32I8, [-128] * 32)), j0)]
+                    parts = [(builder.and_(t, ir.Constant(vi8, [15] * 4 * W)), j0),
+                             (builder.lshr(t, ir.Constant(vi8, [4] * 4 * W)), j0 + 16)]
+                elif DOT:
+                    parts = [(builder.xor(t, ir.Constant(vi8, [-128] * 4 * W)), j0)]
                 else:  # |q| (psign(q, q); -128 stays 0x80 = 128 unsigned) against sign(q) x
                     parts = [(_call(builder, "llvm.x86.avx2.psign.b", _V32I8, [t, t]), j0)]
                     sign = t
                 for r in range(R):
-                    xrow = builder.mul(builder.add(r0, _i64(r)), K)
+                    xrow = builder.add(builder.mul(builder.add(r0, _i64(r)), K), builder.mul(b, _i64(BLOCK)))
                     for u, col in parts:
-                        at = builder.udiv(builder.add(xrow, builder.add(builder.mul(b, _i64(BLOCK)), _i64(col))), _i64(4))
-                        xv = builder.bitcast(_splat_i32(builder, builder.load(builder.gep(xq32, [at]), align=1)), _V32I8)
+                        xv = x_lanes(builder.add(xrow, _i64(col)))
                         if sign is not None:
                             xv = _call(builder, "llvm.x86.avx2.psign.b", _V32I8, [xv, sign])
-                        isum[r] = dot(isum[r], u, xv)
+                        isum[r] = dot_add(isum[r], u, xv)
             doff = builder.mul(blk, _i64(GROUP))
             dv = _scales(builder, dp, doff)
             if K_ == 2:
@@ -313,7 +323,7 @@ def _group_dot_int8(typingctx, kind, rows, vnni, qs, d, m, xq, xd, xs, xsq, y, g
             for r in range(R):
                 at = builder.add(builder.mul(builder.add(r0, _i64(r)), nb), b)
                 total = isum[r]
-                if K_ == 0 and VNNI:  # sum (q + 128) x = sum q x + 128 sum x
+                if K_ == 0 and DOT:  # sum (q + 128) x = sum q x + 128 sum x
                     s = builder.load(builder.gep(xsqp, [at]))
                     total = builder.sub(total, _splat_i32(builder, builder.mul(s, ir.Constant(_I32, 128))))
                 scale = builder.fmul(dv, _splat(builder, builder.load(builder.gep(xdp, [at]))))
@@ -453,12 +463,15 @@ def _make_kernel(kind: int, rows: int, lanes: int):
     return kernel
 
 
-def _make_int8(kind: int, rows: int, vnni: int):
+_DOT = {"avx2": 0, "vnni": 1}
+
+
+def _make_int8(kind: int, rows: int, dot: int):
     @njit(parallel=True, cache=True)
     def kernel(qs, d, m, x, xq, xd, xs, xsq, y):
         _quantize_rows(x, xq, xd, xs, xsq)
         for g in prange(y.shape[1] // 8):
-            _group_dot_int8(kind, rows, vnni, qs, d, m, xq, xd, xs, xsq, y, g, 0)
+            _group_dot_int8(kind, rows, dot, qs, d, m, xq, xd, xs, xsq, y, g, 0)
 
     return kernel
 
@@ -473,16 +486,16 @@ def int8_linear(x: np.ndarray, w: PackedWeight, mode: str | None = None) -> np.n
     mode: "vnni" or "avx2" (default INT8, by the CPU; None there: a clear error)."""
     x = _check(x, w)
     mode = mode or INT8
-    if mode not in ("vnni", "avx2"):
+    if mode not in _DOT:
         raise LmforgeError(f"int8 products need AVX2 or AVX-512 VNNI; this CPU target has neither (mode {mode!r})")
     rows = x.shape[0]
     if not 1 <= rows <= ROWS:
         raise ValueError(f"int8_linear takes 1..{ROWS} rows, got {rows}")
-    return _run_int8(_int8_kernel(_KIND[w.format.name], rows, mode == "vnni"), x, w)
+    return _run_int8(_int8_kernel(_KIND[w.format.name], rows, _DOT[mode]), x, w)
 
 
-def _int8_kernel(kind: int, rows: int, vnni: bool):
-    key = (kind, rows, int(vnni))
+def _int8_kernel(kind: int, rows: int, dot: int):
+    key = (kind, rows, dot)
     k = _INT8_KERNELS.get(key)  # noqa: SIM401 (hot path)
     if k is None:
         k = _INT8_KERNELS[key] = _make_int8(*key)
@@ -590,7 +603,7 @@ def product(x: np.ndarray, w: PackedWeight) -> np.ndarray:
     which bound those steps."""
     rows = x.shape[0]
     if rows > 1 and INT8 is not None:
-        return _run_int8(_int8_kernel(_KIND[w.format.name], rows, INT8 == "vnni"), x, w)
+        return _run_int8(_int8_kernel(_KIND[w.format.name], rows, _DOT[INT8]), x, w)
     return _run(_kernel(_KIND[w.format.name], rows), x, w)
 
 
