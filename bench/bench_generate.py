@@ -15,8 +15,8 @@ With --gguf FILE (repeatable) it compares quantized decoding instead: lmforge on
 (imported with `lmforge convert FILE DIR --to lmforge`, which keeps them) against llama.cpp itself
 on the same file, through llama-cpp-python built by bench/setup_llamacpp.sh into its own venv
 (--peer-python; bench/peer_llamacpp.py runs there). Same prompt ids, greedy, 2 threads, 128 new
-tokens; plus lmforge's load time from the model dir, batch 8, and the fp32 model's prefill for
-comparison. Time it on a quiet machine: llama.cpp's and numba's threads spin at barriers, and a
+tokens; plus lmforge's load time from the model dir, batch 8, the same with int8 activations
+(`Engine(..., int8_activations=True)`), and the fp32 model's prefill for comparison. Time it on a quiet machine: llama.cpp's and numba's threads spin at barriers, and a
 busy core slows both many-fold.
 
     bash bench/setup_llamacpp.sh /work/peer/llama-venv
@@ -76,7 +76,7 @@ def _prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
     return torch.randint(100, vocab - 100, (batch, length), generator=g).tolist()
 
 
-def run_lmforge(model_dir: str) -> dict:
+def run_lmforge(model_dir: str, int8_activations: bool = False) -> dict:
     import torch
 
     from lmforge.generate.engine import Engine
@@ -95,7 +95,7 @@ def run_lmforge(model_dir: str) -> dict:
         def decode(self, ids):
             return ""
 
-    engine = Engine(model, NoTokenizer())
+    engine = Engine(model, NoTokenizer(), int8_activations=int8_activations)
 
     def timed(prompts, n):  # exactly n tokens per row, as transformers' min_new_tokens=n below
         start = time.perf_counter()
@@ -178,20 +178,25 @@ def compare_quantized(args, work: Path) -> dict:
         peer = [args.peer_python, peer_script, str(gguf_file), "--threads", "2", "--new-tokens", str(NEW_TOKENS - 1),
                 "--prompt-tokens", str(PROMPT), "--prefill", str(PREFILL), "--runs", "3",
                 "--prompt-ids", str(ids), "--prefill-ids", str(long_ids)]
-        raw: dict = {"lmforge": [], "llama.cpp": []}
+        raw: dict = {"lmforge": [], "lmforge_int8": [], "llama.cpp": []}
         for _ in range(args.runs):  # interleaved, each in a fresh process
-            raw["lmforge"].append(run_measured(f"import json, bench_generate as b; print(json.dumps(b.run_lmforge({str(ours)!r})))",
-                                               env={"OMP_NUM_THREADS": "2"}))
+            for key, int8 in (("lmforge", False), ("lmforge_int8", True)):
+                code = f"import json, bench_generate as b; print(json.dumps(b.run_lmforge({str(ours)!r}, {int8})))"
+                raw[key].append(run_measured(code, env={"OMP_NUM_THREADS": "2"}))
             raw["llama.cpp"].append(run_measured("", argv=peer))
-        ours_r = {k: round(statistics.median(r[k] for r in raw["lmforge"]), 3) for k in raw["lmforge"][0]}
+        ours_r, int8_r = ({k: round(statistics.median(r[k] for r in raw[key]), 3) for k in raw[key][0]}
+                          for key in ("lmforge", "lmforge_int8"))
         ours_r["runs_decode_tokens_per_s_b1"] = [round(r["decode_tokens_per_s_b1"], 1) for r in raw["lmforge"]]
+        int8_r["runs_decode_tokens_per_s_b1"] = [round(r["decode_tokens_per_s_b1"], 1) for r in raw["lmforge_int8"]]
         peer_keys = ("load_s", "ttft_s", "decode_tok_s", "prefill_tok_s", "peak_rss_mb")
         theirs = {k: round(statistics.median(r[k] for r in raw["llama.cpp"]), 3) for k in peer_keys}
         theirs["runs_decode_tok_s"] = [round(r["decode_tok_s"], 1) for r in raw["llama.cpp"]]
         theirs["llama_cpp_version"] = raw["llama.cpp"][0].get("llama_cpp_version")
         out["files"][gguf_file.name] = {
-            "lmforge": ours_r, "llama.cpp": theirs,
+            "lmforge": ours_r, "lmforge_int8_activations": int8_r, "llama.cpp": theirs,
             "summary": {
+                "int8_decode_b1_vs_llama_cpp": round(int8_r["decode_tokens_per_s_b1"] / theirs["decode_tok_s"], 3),
+                "int8_b8_over_b1_aggregate": round(int8_r["decode_tokens_per_s_b8"] / int8_r["decode_tokens_per_s_b1"], 3),
                 "decode_b1_vs_llama_cpp": round(ours_r["decode_tokens_per_s_b1"] / theirs["decode_tok_s"], 3),
                 "b8_over_b1_aggregate": round(ours_r["decode_tokens_per_s_b8"] / ours_r["decode_tokens_per_s_b1"], 3),
                 "peak_rss_vs_llama_cpp": round(ours_r["peak_rss_mb"] / theirs["peak_rss_mb"], 3),

@@ -430,6 +430,7 @@ def generate(
     params: SamplingParams = None,
     stream: Annotated[Optional[bool], typer.Option("--stream/--no-stream", help="Print tokens as they come (default: when stdout is a terminal).", show_default=False)] = None,
     truncate: Annotated[Optional[str], typer.Option(help="'left': cut a too-long prompt from the left (with a warning) instead of failing.")] = None,
+    int8_activations: Annotated[bool, typer.Option("--int8-activations", help="Quantized models: round the products' inputs to int8 per block, as llama.cpp does (faster batched decoding; the text leaves the exact model's after some tokens).")] = False,
 ):
     """Continue a prompt with a model (sampling options as in transformers)."""
     from lmforge.generate.engine import Engine
@@ -439,7 +440,8 @@ def generate(
         raise LmforgeError(f"--truncate must be 'left', got {truncate!r}")
     loaded = load_model(model)
     params = _sampling_from(ctx, params, loaded.generation)
-    engine = Engine(loaded.model, loaded.tokenizer, stop_token_ids=loaded.generation.get("stop_token_ids", ()))
+    engine = Engine(loaded.model, loaded.tokenizer, stop_token_ids=loaded.generation.get("stop_token_ids", ()),
+                    int8_activations=int8_activations)
     ids = engine.encode(prompt)
     kept = engine.check_length(ids, params, truncate)
     if len(kept) < len(ids):
@@ -462,6 +464,7 @@ def chat(
     model: ModelArg,
     params: SamplingParams = None,
     system: Annotated[Optional[str], typer.Option(help="System prompt.")] = None,
+    int8_activations: Annotated[bool, typer.Option("--int8-activations", help="Quantized models: round the products' inputs to int8 per block, as llama.cpp does (faster batched decoding; the text leaves the exact model's after some tokens).")] = False,
 ):
     """Chat with a model in the terminal (/system TEXT, /reset, /save FILE, /exit); reads a pipe too."""
     from lmforge.generate.chat_session import ChatSession
@@ -470,7 +473,8 @@ def chat(
 
     loaded = load_model(model)
     params = _sampling_from(ctx, params, loaded.generation)
-    engine = Engine(loaded.model, loaded.tokenizer, stop_token_ids=loaded.generation.get("stop_token_ids", ()))
+    engine = Engine(loaded.model, loaded.tokenizer, stop_token_ids=loaded.generation.get("stop_token_ids", ()),
+                    int8_activations=int8_activations)
     if not loaded.tokenizer.chat_template:
         raise LmforgeError(f"{loaded.path}: this model has no chat template; use `lmforge generate` for plain text")
     interactive = sys.stdin.isatty()

@@ -155,16 +155,17 @@ def test_int8_products_match_their_integer_reference(name, mode):
         int8_linear(np.zeros((9, 32), np.float32), pack(random_blocks(name, 8, 32, seed=0)), mode)
 
 
-def test_decoder_products_round_activations_only_for_batched_steps():
-    """`product` (the numpy decoder's): one row as the fp32-activation kernel, bit for bit; 2..8
-    rows the int8 kernel where the CPU has one."""
+def test_decoder_products_take_fp32_or_int8_activations_as_asked():
+    """`product` (the numpy decoder's): the fp32-activation kernel by default, the int8 one when
+    asked, bit for bit, for any row count."""
     from lmforge.quant.kernels import INT8, product
 
     w = pack(random_blocks("q4_1", 40, 96, seed=9))
     x = np.random.default_rng(10).standard_normal((3, 96)).astype(np.float32)
-    assert np.array_equal(product(x[:1], w), few_row_linear(x[:1], w))
-    want = int8_linear(x, w) if INT8 else few_row_linear(x, w)
-    assert np.array_equal(product(x, w), want)
+    for rows in (1, 3):
+        assert np.array_equal(product(x[:rows], w), few_row_linear(x[:rows], w))
+        if INT8:
+            assert np.array_equal(product(x[:rows], w, True), int8_linear(x[:rows], w))
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -63,7 +63,7 @@ def test_forward_and_decode_match_the_dequantized_model(dirs, name, fmt):
     T = 6
     prompt = torch.randint(0, 300, (3, T))
     with torch.inference_mode():
-        # Prefill: 18 rows, the many-row kernel, fp32 activations.
+        # Prefill: 18 rows, the many-row kernel.
         torch.testing.assert_close(q(prompt)[0], f(prompt)[0], atol=1e-4, rtol=1e-4)
         for B in (1, 3):
             qc, dc, fc = q.new_cache(B, 16), q.new_cache(B, 16), f.new_cache(B, 16)
@@ -75,14 +75,47 @@ def test_forward_and_decode_match_the_dequantized_model(dirs, name, fmt):
                 want, _ = f(tok, cache=fc, logits_to_keep=1)
                 got_torch, _ = q(tok, cache=qc, logits_to_keep=1)  # the block kernels, called from torch
                 got = decoder.step(tok, dc)
-                # The torch modules: fp32 activations, the dequantized model's logits.
+                torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
                 torch.testing.assert_close(got_torch, want, atol=1e-4, rtol=1e-4)
-                if B == 1 or INT8 is None:  # the decoder, one row: the same
-                    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-                else:  # a batched step: activations rounded to int8 per block of 32 (~0.4% each)
-                    err = (got - want).abs().max() / want.abs().max()
-                    assert 0 < err < 0.02, f"int8-activation logits off by {err:.3g} of their range"
                 tok = want[:, -1].argmax(-1, keepdim=True)
+
+
+@pytest.mark.skipif(INT8 is None, reason="int8 activations need AVX2 or AVX-512 VNNI")
+@pytest.mark.parametrize("name, fmt", CASES)
+def test_int8_activation_steps_are_close_and_do_not_depend_on_the_batch(dirs, name, fmt):
+    """With int8 activations each row's logits are what that row alone gets, bit for bit (so a
+    prompt's text does not depend on who else is decoding), within int8 rounding of the exact
+    model's."""
+    q, _ = load_model_dir(dirs[(name, fmt)])
+    f, _ = load_model_dir(dirs[(name, fmt)], dequantize=True)
+    torch.manual_seed(2)
+    prompt = torch.randint(0, 300, (3, 5))
+    tok = torch.tensor([[7], [8], [9]])
+    with torch.inference_mode():
+        caches = {}
+        for key, model, B in (("batch", q, 3), ("exact", f, 3), *((("row", r), q, 1) for r in range(3))):
+            rows = slice(None) if B == 3 else slice(key[1], key[1] + 1)
+            caches[key] = model.new_cache(B, 16)
+            model(prompt[rows], cache=caches[key])
+        decoder = NumpyDecoder(q, int8_activations=True)
+        batch = decoder.step(tok, caches["batch"])
+        for r in range(3):
+            assert torch.equal(batch[r], decoder.step(tok[r : r + 1], caches[("row", r)])[0])
+        exact, _ = f(tok, cache=caches["exact"], logits_to_keep=1)
+        err = (batch - exact).abs().max() / exact.abs().max()
+        assert 0 < err < 0.02, f"int8-activation logits off by {err:.3g} of their range"
+
+
+def test_int8_activations_are_refused_where_they_do_not_apply(dirs, tiny_model_dir):
+    from lmforge.errors import LmforgeError
+    from lmforge.tokenizer import Tokenizer
+
+    f, _ = load_model_dir(dirs[("llama-gqa", "q8_0")], dequantize=True)
+    with pytest.raises(LmforgeError, match="not quantized"):
+        NumpyDecoder(f, int8_activations=True)
+    fp32, _ = load_model_dir(tiny_model_dir)
+    with pytest.raises(LmforgeError, match="not quantized"):
+        Engine(fp32, Tokenizer.load(tiny_model_dir), int8_activations=True)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -137,3 +170,12 @@ def test_generate_and_eval_ppl_take_a_quantized_dir(cli, tiny_q4_1, tmp_path):
     import json
 
     assert json.loads(q.out)["perplexity"] == pytest.approx(json.loads(f.out)["perplexity"], rel=1e-4)
+
+
+def test_int8_activations_from_the_command_line(cli, tiny_q4_1, tiny_model_dir):
+    args = ["def main", "--max-new-tokens", "5", "--temperature", "0", "--int8-activations"]
+    if INT8 is not None:
+        r = cli("generate", str(tiny_q4_1), *args)
+        assert r.code == 0 and r.out.strip(), r.err
+    r = cli("generate", str(tiny_model_dir), *args)  # fp32: nothing to round
+    assert r.code != 0 and "not quantized" in r.err and len(r.err.strip().splitlines()) == 1

@@ -70,8 +70,17 @@ class TokenScores:
 
 
 class Engine:
-    def __init__(self, model: GPT, tokenizer: Tokenizer, *, stop_token_ids: Sequence[int] = ()):
+    def __init__(self, model: GPT, tokenizer: Tokenizer, *, stop_token_ids: Sequence[int] = (),
+                 int8_activations: bool = False):
+        """int8_activations: decode a quantized model with its products' inputs rounded to int8
+        per block (as llama.cpp does; lmforge.quant.kernels): faster batched steps, text that
+        leaves the exact model's after some tokens. Refused for models it cannot apply to."""
         self.model = model.eval()
+        self.int8_activations = int8_activations
+        if int8_activations:
+            from lmforge.generate.numpy_decode import check_int8_activations
+
+            check_int8_activations(self.model)
         self.tokenizer = tokenizer
         self.config = model.config
         # One place decides what ends a generation: the tokenizer's eos and end-of-turn tokens,
@@ -207,10 +216,12 @@ class Engine:
     def _decoder(self) -> "NumpyDecoder | None":
         """The NumpyDecoder for decode steps where the "numpy" backend measured faster, else None.
         Built while torch still has all its threads: the decoder's kernels take that many."""
-        if self.backend != "numpy":
-            return None
         from lmforge.generate import numpy_decode  # imported on use: it loads numba
 
+        if self.int8_activations:  # the numpy decoder's arithmetic, whatever the timing said
+            return numpy_decode.decoder_for(self.model, int8_activations=True)
+        if self.backend != "numpy":
+            return None
         return numpy_decode.decoder_for(self.model)
 
     def _steps(self, b: "_Batch", params: SamplingParams,

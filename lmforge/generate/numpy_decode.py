@@ -39,9 +39,28 @@ def supports(model: GPT) -> bool:
     return all(type(layer) in (Linear, QuantLinear) for layer in layers)
 
 
-def decoder_for(model: GPT) -> "NumpyDecoder | None":
+def check_int8_activations(model: GPT) -> None:
+    """Refuse int8 activations where they cannot be had: they are the quantized products' (an
+    fp32 model has none), on a CPU with AVX2 or AVX-512 VNNI, in the numpy decoder."""
+    from lmforge.quant.modules import is_quantized
+
+    if not is_quantized(model):
+        raise LmforgeError("int8 activations apply to a quantized model's products; this model is not quantized "
+                           "(`lmforge quantize MODEL --to q8_0|q4_0|q4_1 -o OUT` makes one)")
+    if quant_kernels.INT8 is None:
+        raise LmforgeError("int8 activations need a CPU with AVX2 or AVX-512 VNNI; this one (as numba targets it) "
+                           "has neither: decode without --int8-activations")
+    if not supports(model):
+        raise LmforgeError("int8 activations run in the numpy decoder, which does not compute this model "
+                           "(LoRA layers, or not a CPU fp32 model in eval mode): merge the adapters first")
+
+
+def decoder_for(model: GPT, *, int8_activations: bool = False) -> "NumpyDecoder | None":
     """A NumpyDecoder for `model` (kernels on torch's thread count now), or None where the
-    decoder does not compute this model (see `supports`): the caller decodes in torch then."""
+    decoder does not compute this model (see `supports`): the caller decodes in torch then.
+    With int8_activations a model the decoder cannot run is refused (check_int8_activations)."""
+    if int8_activations:
+        return NumpyDecoder(model, int8_activations=True)
     return NumpyDecoder(model) if supports(model) else None
 
 
@@ -69,11 +88,17 @@ class _Layer:
 class NumpyDecoder:
     """Decode steps for one model. Build it per generation: it holds views of the weights."""
 
-    def __init__(self, model: GPT, threads: int | None = None) -> None:
+    def __init__(self, model: GPT, threads: int | None = None, *, int8_activations: bool = False) -> None:
         """threads: for the kernels (default torch's count now); the Engine builds the decoder
-        while torch still has all its threads and holds torch at one during decode steps."""
+        while torch still has all its threads and holds torch at one during decode steps.
+        int8_activations: round the inputs of the quantized products to int8 per block
+        (lmforge.quant.kernels.int8_linear): faster batched steps, not the dequantized model's
+        exact sums."""
         if not supports(model):
             raise LmforgeError("NumpyDecoder: the model is not a plain CPU fp32 lmforge GPT in eval mode")
+        if int8_activations:
+            check_int8_activations(model)
+        self.int8 = int8_activations
         self.threads = threads or torch.get_num_threads()
         c = model.config
         self.rms = c.norm == "rmsnorm"
@@ -93,12 +118,11 @@ class NumpyDecoder:
     def _norm(self, x: np.ndarray, wb: tuple) -> np.ndarray:
         return norm(x, wb[0], wb[1], self.rms, self.eps)
 
-    @staticmethod
-    def _linear(x: np.ndarray, w: np.ndarray | PackedWeight, b: np.ndarray | None) -> np.ndarray:
+    def _linear(self, x: np.ndarray, w: np.ndarray | PackedWeight, b: np.ndarray | None) -> np.ndarray:
         # Up to ROWS rows (a decode batch): the kernels that read each weight row once for all
         # rows. Beyond, W @ x.T, the layout OpenBLAS runs fastest for tall-skinny products.
         if isinstance(w, PackedWeight):
-            y = quant_kernels.product(x, w) if x.shape[0] <= ROWS else quant_matmul(x, w)
+            y = quant_kernels.product(x, w, self.int8) if x.shape[0] <= ROWS else quant_matmul(x, w)
         else:
             y = few_row_linear(x, w) if x.shape[0] <= ROWS else (w @ x.T).T
         return y if b is None else y + b

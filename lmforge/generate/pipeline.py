@@ -24,11 +24,12 @@ _SAMPLING_KEYS = {"max_new_tokens", "temperature", "top_k", "top_p", "min_p", "r
 
 
 class TextGenerationPipeline:
-    def __init__(self, loaded: LoadedModel):
+    def __init__(self, loaded: LoadedModel, *, int8_activations: bool = False):
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
-        self.engine = Engine(loaded.model, loaded.tokenizer, stop_token_ids=loaded.generation.get("stop_token_ids", ()))
+        self.engine = Engine(loaded.model, loaded.tokenizer, stop_token_ids=loaded.generation.get("stop_token_ids", ()),
+                             int8_activations=int8_activations)
 
     def sampling_params(self, **kwargs) -> SamplingParams:
         """transformers' conventions: greedy unless do_sample; sampling defaults to top_k=50.
@@ -92,8 +93,9 @@ def _is_chat(x: Any) -> bool:
     return isinstance(x, list) and bool(x) and all(isinstance(m, dict) for m in x)
 
 
-def pipeline(task: str, model: str, device: str = "cpu") -> TextGenerationPipeline:
-    """Build a pipeline; `model` is a model dir, a run dir (its best model) or a known name."""
+def pipeline(task: str, model: str, device: str = "cpu", *, int8_activations: bool = False) -> TextGenerationPipeline:
+    """Build a pipeline; `model` is a model dir, a run dir (its best model) or a known name.
+    int8_activations: see Engine (quantized models only)."""
     if task not in TASKS:
         raise LmforgeError(f"unsupported task {task!r}; lmforge pipelines: {', '.join(TASKS)}")
-    return TextGenerationPipeline(load_model(model, device=device))
+    return TextGenerationPipeline(load_model(model, device=device), int8_activations=int8_activations)

@@ -19,13 +19,16 @@ The code is ordinary LLVM vector IR, so LLVM lowers it for whatever CPU numba ta
 (two elements of the eight rows per vector) where it has AVX-512, 8 on AVX2 (`LANES`). Two
 partial sums per row halve the chain of dependent FMAs.
 
-Batched decode steps (2..8 rows) are bound by those multiply-adds rather than by memory, so the
-numpy decoder runs them with x rounded to int8 per block of 32 (ggml's Q8_1, ~0.4% per value):
+Batched decode steps (2..8 rows) are bound by those multiply-adds rather than by memory. Asked
+for (`Engine(..., int8_activations=True)`, `--int8-activations`), the numpy decoder runs every
+step with x rounded to int8 per block of 32 (ggml's Q8_1, ~0.4% per value), as llama.cpp does:
 `_group_dot_int8` sums each block's products exactly in int32 with the CPU's u8 x s8 dot
 instructions (AVX-512 VNNI's vpdpbusd, or AVX2's vpmaddubsw + vpmaddwd; 4 consecutive elements of
 a row per 32-bit lane, shuffled out of the packed layout in registers) and scales once per
-block: 25-40% less time per product. One row stays fp32 (memory-bound: nothing to gain), and so
-do the torch modules' products (`linear`), whose logits tests hold to the dequantized model's.
+block: 25-40% less time per 8-row product. Not the default: greedy text then leaves the
+dequantized model's after some 13-47 tokens on SmolLM2, where fp32 activations keep it exactly.
+Either way a row's sums do not depend on the other rows of the batch, so a prompt decodes to the
+same tokens alone or batched.
 
 Rows beyond 8 (prefill, scoring) run the same block step in calls of eight rows over tiles of
 x (`many_row_linear`): ~100 G multiply-adds/s on two cores, where BLAS on the fp32 weights
@@ -595,14 +598,12 @@ def _check(x: np.ndarray, w: PackedWeight) -> np.ndarray:
     return x if x.flags.c_contiguous else np.ascontiguousarray(x)
 
 
-def product(x: np.ndarray, w: PackedWeight) -> np.ndarray:
+def product(x: np.ndarray, w: PackedWeight, int8: bool = False) -> np.ndarray:
     """The numpy decoder's products, without checks (its own C-contiguous fp32 rows, 1..8: a
-    decode step makes ~120 calls, where microseconds add up). One row: fp32 activations, the
-    same sums as `linear` (memory-bound: int8 would gain nothing). 2..8 rows, a batched step:
-    `int8_linear` where the CPU has the instructions, 25-40% less time than fp32 multiply-adds,
-    which bound those steps."""
+    decode step makes ~120 calls, where microseconds add up). int8: `int8_linear`'s arithmetic
+    (the caller checked that INT8 is set), else the fp32-activation kernels."""
     rows = x.shape[0]
-    if rows > 1 and INT8 is not None:
+    if int8:
         return _run_int8(_int8_kernel(_KIND[w.format.name], rows, _DOT[INT8]), x, w)
     return _run(_kernel(_KIND[w.format.name], rows), x, w)
 
