@@ -5,10 +5,11 @@ Two measures, each the median of --runs runs:
 - per shape [out, in] (960x576: fused q|k|v, 576x576: o, 3072x576: gate|up, 576x1536: down,
   49152x576: the tied head) and format (fp32, q8_0, q4_0, q4_1): the time of one product with 1
   and with 8 rows, repeated on the same matrix (so the smaller ones run from cache: kernel
-  throughput, G weights/s);
+  throughput, G weights/s); 8 rows with int8 activations (`int8_linear`, where the CPU has
+  AVX2/VNNI); 512 rows (a prefill's: the tiled many-row kernel, or torch's BLAS for fp32);
 - per model (fp32; q8_0; q4_1 with a q8_0 head, as the shipped SmolLM2 GGUF): every product of one
   decode step, 30 layers of distinct matrices plus the head (streamed from memory: GB/s of weight
-  bytes, the bound of a decoded token).
+  bytes, the bound of a decoded token), at 1 and 8 rows (and 8 with int8 activations).
 Random blocks: the time does not depend on the values.
 
     .venv/bin/python bench/bench_quant.py --runs 7 > bench/results/quant.json
@@ -69,10 +70,17 @@ def main() -> None:
     import numba
     import numpy as np
 
+    import torch
+
     from lmforge.generate.kernels import few_row_linear
+    from lmforge.quant.kernels import INT8, int8_linear, many_row_linear
     from lmforge.quant.kernels import few_row_linear as quant_linear
 
     numba.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
+
+    def fp32_prefill(x, w):  # what an fp32 model's prefill runs: torch's BLAS
+        return torch.from_numpy(x) @ torch.from_numpy(w).T
     rng = np.random.default_rng(0)
     results = []
     for n_out, k_in in SHAPES:
@@ -89,6 +97,14 @@ def main() -> None:
                 sec = timed(fn, x, w, args.runs, reps)
                 row[f"ms_{rows}row"] = round(sec * 1e3, 4)
                 row[f"gweights_s_{rows}row"] = round(n_out * k_in / sec / 1e9, 2)
+            if fmt != "fp32" and INT8:  # int8 activations (--int8-activations)
+                sec = timed(int8_linear, rng.standard_normal((8, k_in)).astype(np.float32), w, args.runs, reps)
+                row["ms_8row_int8"] = round(sec * 1e3, 4)
+                row["gweights_s_8row_int8"] = round(n_out * k_in / sec / 1e9, 2)
+            x = rng.standard_normal((512, k_in)).astype(np.float32)  # a 512-token prefill's rows
+            sec = timed(fp32_prefill if fmt == "fp32" else many_row_linear, x, w, max(1, args.runs // 2), 1)
+            row["ms_512row"] = round(sec * 1e3, 3)
+            row["gmacs_s_512row"] = round(512 * n_out * k_in / sec / 1e9, 1)
             results.append(row)
             print(json.dumps(row), file=sys.stderr)
     models = []
@@ -101,12 +117,14 @@ def main() -> None:
         mats = [weight(layer_fmt, n, k) for _ in range(LAYERS) for n, k in LAYER] + [weight(head_fmt, *SHAPES[-1])]
         nbytes = sum(w.nbytes for _, w in mats)
         row = {"model": name, "weight_mb": round(nbytes / 1e6, 1)}
-        for rows in (1, 8):
+        for rows, int8 in ((1, False), (8, False), (8, True)):
+            if int8 and (layer_fmt == "fp32" or not INT8):
+                continue
             xs = {k: rng.standard_normal((rows, k)).astype(np.float32) for k in (576, 1536)}
 
             def step():
                 for fn, w in mats:
-                    fn(xs[w.shape[1]], w)
+                    (int8_linear if int8 else fn)(xs[w.shape[1]], w)
 
             step()
             times = []
@@ -115,15 +133,17 @@ def main() -> None:
                 step()
                 times.append(time.perf_counter() - start)
             sec = statistics.median(times)
-            row[f"ms_{rows}row"] = round(sec * 1e3, 3)
-            row[f"gb_s_{rows}row"] = round(nbytes / sec / 1e9, 2)
+            tag = f"{rows}row" + ("_int8" if int8 else "")
+            row[f"ms_{tag}"] = round(sec * 1e3, 3)
+            row[f"gb_s_{tag}"] = round(nbytes / sec / 1e9, 2)
         models.append(row)
         print(json.dumps(row), file=sys.stderr)
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     print(json.dumps({
         "bench": "quant_kernels",
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
-                    "numba_cpu": os.environ.get("NUMBA_CPU_NAME", "host"), "threads": numba.get_num_threads(),
+                    "numba_cpu": os.environ.get("NUMBA_CPU_NAME", "host"), "int8": INT8,
+                    "threads": numba.get_num_threads(),
                     "load_average": load},
         "runs": args.runs, "reps": args.reps,
         "results": results,
