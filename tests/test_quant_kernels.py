@@ -171,8 +171,8 @@ def test_decoder_products_take_fp32_or_int8_activations_as_asked():
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("lanes", [8, 16])
 def test_many_row_products_match_dequantized_reference(name, lanes):
-    """Beyond 8 rows (prefill, scoring): tiles of x against every group, with the calls of
-    fewer than eight rows at each tile's end (13 = 8 + 5; 77 = two whole tiles + 8 + 5)."""
+    """Beyond 8 rows (prefill, scoring): tiles of x against every group in calls of eight rows,
+    the last call padded with zero rows (13 = 8 + 5; 2 TILE + 13 = two whole tiles + 8 + 5)."""
     w = random_blocks(name, 1030, 96, seed=5)
     p = pack(w)
     ref_w = gguf_dequantize(w.blocks, GGML[name]).astype(np.float64)

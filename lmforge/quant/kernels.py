@@ -519,7 +519,7 @@ TILE = 32  # rows of x per tile in the many-row product: a tile stays in L2 whil
 
 
 def _make_many(kind: int, lanes: int):
-    """The product for any number of rows (prefill, scoring): x in tiles of TILE rows, each tile
+    """The product for a multiple of 8 rows (prefill, scoring): x in tiles of TILE rows, each tile
     multiplied by every group of W in calls of eight rows. A group's blocks (3-8 KB) stay in L1
     for the tile's calls and the tile in L2 for all groups, so W is read from memory once per
     tile and never written out in fp32."""
@@ -541,26 +541,8 @@ def _make_many(kind: int, lanes: int):
         for i in prange(tiles * groups):
             t = i // groups
             g = i - t * groups
-            r = t * TILE
-            end = min(rows, r + TILE)
-            while r + 8 <= end:
+            for r in range(t * TILE, min(rows, (t + 1) * TILE), 8):
                 _group_dot(kind, 8, lanes, qs, d, m, x, sx, y, g, r)
-                r += 8
-            left = end - r
-            if left == 1:
-                _group_dot(kind, 1, lanes, qs, d, m, x, sx, y, g, r)
-            elif left == 2:
-                _group_dot(kind, 2, lanes, qs, d, m, x, sx, y, g, r)
-            elif left == 3:
-                _group_dot(kind, 3, lanes, qs, d, m, x, sx, y, g, r)
-            elif left == 4:
-                _group_dot(kind, 4, lanes, qs, d, m, x, sx, y, g, r)
-            elif left == 5:
-                _group_dot(kind, 5, lanes, qs, d, m, x, sx, y, g, r)
-            elif left == 6:
-                _group_dot(kind, 6, lanes, qs, d, m, x, sx, y, g, r)
-            elif left == 7:
-                _group_dot(kind, 7, lanes, qs, d, m, x, sx, y, g, r)
 
     return kernel
 
@@ -575,6 +557,11 @@ def many_row_linear(x: np.ndarray, w: PackedWeight, lanes: int | None = None) ->
     kernel = _MANY.get(key)
     if kernel is None:
         kernel = _MANY[key] = _make_many(*key)
+    rows = x.shape[0]
+    if rows % GROUP:  # whole calls of eight rows only: zero rows pad the last one (their sums unused)
+        padded = np.zeros((rows + GROUP - rows % GROUP, x.shape[1]), np.float32)
+        padded[:rows] = x
+        return _run(kernel, padded, w)[:rows]
     return _run(kernel, x, w)
 
 
