@@ -25,16 +25,18 @@ step with x rounded to int8 per block of 32 (ggml's Q8_1, ~0.4% per value), as l
 `_group_dot_int8` sums each block's products exactly in int32 with the CPU's u8 x s8 dot
 instructions (AVX-512 VNNI's vpdpbusd, or AVX2's vpmaddubsw + vpmaddwd; 4 consecutive elements of
 a row per 32-bit lane, shuffled out of the packed layout in registers) and scales once per
-block: 25-40% less time per 8-row product. Not the default: greedy text then leaves the
-dequantized model's after some 13-47 tokens on SmolLM2, where fp32 activations keep it exactly.
+block: 8-row products 1.4-2.1x as fast (AVX2: 1.4x). Not the default: greedy text then leaves
+the dequantized model's after some 13-47 tokens on SmolLM2, where fp32 activations keep it
+exactly.
 Either way a row's sums do not depend on the other rows of the batch, so a prompt decodes to the
 same tokens alone or batched.
 
 Rows beyond 8 (prefill, scoring) run the same block step in calls of eight rows over tiles of
-x (`many_row_linear`): ~100 G multiply-adds/s on two cores, where BLAS on the fp32 weights
-reaches 60-100 and dequantizing W first cost 1 ns a weight on top. `dequantize_columns` writes a
-slice of W's transpose in fp32, for the backward pass (lmforge.quant.modules). `rows_of` decodes
-embedding rows.
+x (`many_row_linear`): 120-138 G multiply-adds/s on two cores, where torch's BLAS on the fp32
+weights reaches 84-98 and dequantizing W first cost 1 ns a weight on top. `dequantize_columns`
+writes a slice of W's transpose in fp32, for the backward pass (lmforge.quant.modules).
+`rows_of` decodes embedding rows.
+
 Compiled on first use per (format, rows, lanes) and cached on disk by numba.
 """
 
@@ -215,8 +217,8 @@ _AVX2_CPUS = {"haswell", "broadwell", "skylake", "skylake-avx512", "cannonlake",
 def _int8_mode() -> str | None:
     """The integer dot product numba's target CPU has for the int8 kernels: "vnni" (AVX-512
     VNNI with VL: vpdpbusd, 32 u8 x s8 products summed into 8 int32 per instruction), "avx2"
-    (vpmaddubsw + vpmaddwd, the same in two), or None (no int8 kernels: batched steps run the
-    fp32 ones)."""
+    (vpmaddubsw + vpmaddwd, the same in two), or None (no int8 kernels: int8 activations are
+    refused)."""
     from numba.core import config
 
     name = (config.CPU_NAME or "host").lower()
@@ -255,9 +257,6 @@ def _group_dot_int8(typingctx, kind, rows, dot, qs, d, m, xq, xd, xs, xsq, y, g,
         return None
     K_, R, DOT = kind.literal_value, rows.literal_value, dot.literal_value
     J = 32 if K_ == 0 else 16
-    W = GROUP  # int32 lanes, one per row
-    per_load = 4  # elements of each row per 32-byte load
-    vi8, vi32 = _V32I8, _V8I32
     # Byte (jj * 8 + r) of a load (element j0 + jj of row r in the packed layout) to byte r * 4 + jj:
     # each 32-bit lane then holds four consecutive elements of one row, as the dot instructions take.
     to_lanes = [jj * GROUP + r for r in range(GROUP) for jj in range(4)]
@@ -275,7 +274,7 @@ def _group_dot_int8(typingctx, kind, rows, dot, qs, d, m, xq, xd, xs, xsq, y, g,
         n_out = cgutils.unpack_tuple(builder, cgutils.create_struct_proxy(_F32A2)(context, builder, value=y_a).shape, 2)[1]
         nb = builder.udiv(K, _i64(BLOCK))
         zero_f = ir.Constant(_V8F, [0.0] * GROUP)
-        zero_i = ir.Constant(vi32, [0] * W)
+        zero_i = ir.Constant(_V8I32, [0] * GROUP)
         ones16 = ir.Constant(_V16I16, [1] * 16)
         acc = [cgutils.alloca_once_value(builder, zero_f) for _ in range(R)]
         base = builder.mul(g, nb)
@@ -283,30 +282,30 @@ def _group_dot_int8(typingctx, kind, rows, dot, qs, d, m, xq, xd, xs, xsq, y, g,
 
         def dot_add(total, u, x):
             if DOT:
-                return _call(builder, "llvm.x86.avx512.vpdpbusd.256", vi32,
-                             [total, builder.bitcast(u, vi32), builder.bitcast(x, vi32)])
+                return _call(builder, "llvm.x86.avx512.vpdpbusd.256", _V8I32,
+                             [total, builder.bitcast(u, _V8I32), builder.bitcast(x, _V8I32)])
             pairs = _call(builder, "llvm.x86.avx2.pmadd.ub.sw", _V16I16, [u, x])
             return builder.add(total, _call(builder, "llvm.x86.avx2.pmadd.wd", _V8I32, [pairs, ones16]))
 
         def x_lanes(at):
             """x's four elements at .. at + 3 (at a multiple of 4) in every lane."""
-            word = builder.load(builder.gep(xq_word, [builder.udiv(at, _i64(per_load))]), align=1)
-            return builder.bitcast(_splat_i32(builder, word), vi8)
+            word = builder.load(builder.gep(xq_word, [builder.udiv(at, _i64(4))]), align=1)
+            return builder.bitcast(_splat_i32(builder, word), _V32I8)
 
         with cgutils.for_range(builder, nb) as loop:
             b = loop.index
             blk = builder.add(base, b)
             qoff = builder.mul(blk, _i64(J * GROUP))
             isum = [zero_i] * R
-            for j0 in range(0, J, per_load):
-                raw = _load(builder, qp, builder.add(qoff, _i64(j0 * GROUP)), vi8)
-                t = builder.shuffle_vector(raw, raw, ir.Constant(_vec(_I32, 4 * W), to_lanes))
+            for j0 in range(0, J, 4):  # 32 bytes: elements j0 .. j0 + 3 of the eight rows
+                raw = _load(builder, qp, builder.add(qoff, _i64(j0 * GROUP)), _V32I8)
+                t = builder.shuffle_vector(raw, raw, ir.Constant(_vec(_I32, 32), to_lanes))
                 sign = None
                 if K_ != 0:
-                    parts = [(builder.and_(t, ir.Constant(vi8, [15] * 4 * W)), j0),
-                             (builder.lshr(t, ir.Constant(vi8, [4] * 4 * W)), j0 + 16)]
+                    parts = [(builder.and_(t, ir.Constant(_V32I8, [15] * 32)), j0),
+                             (builder.lshr(t, ir.Constant(_V32I8, [4] * 32)), j0 + 16)]
                 elif DOT:
-                    parts = [(builder.xor(t, ir.Constant(vi8, [-128] * 4 * W)), j0)]
+                    parts = [(builder.xor(t, ir.Constant(_V32I8, [-128] * 32)), j0)]
                 else:  # |q| (psign(q, q); -128 stays 0x80 = 128 unsigned) against sign(q) x
                     parts = [(_call(builder, "llvm.x86.avx2.psign.b", _V32I8, [t, t]), j0)]
                     sign = t
