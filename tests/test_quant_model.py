@@ -179,3 +179,30 @@ def test_int8_activations_from_the_command_line(cli, tiny_q4_1, tiny_model_dir):
         assert r.code == 0 and r.out.strip(), r.err
     r = cli("generate", str(tiny_model_dir), *args)  # fp32: nothing to round
     assert r.code != 0 and "not quantized" in r.err and len(r.err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_rows_at_their_own_lengths_decode_as_each_sequence_alone(dirs, name):
+    """Continuous batching's step: rows holding sequences of different lengths in one cache (each
+    from position 0) give, bit for bit, the logits each sequence gets decoded alone."""
+    q, _ = load_model_dir(dirs[(name, "q4_1")])
+    torch.manual_seed(3)
+    prompts = [torch.randint(0, 300, (1, n)) for n in (3, 7, 5)]
+    decoder = NumpyDecoder(q)
+    with torch.inference_mode():
+        alone = [q.new_cache(1, 16) for _ in prompts]
+        for p, c in zip(prompts, alone):
+            q(p, cache=c)
+        shared = q.new_cache(3, 16)
+        for r, p in enumerate(prompts):  # each newcomer's prefill into its own row (slot)
+            q(p, cache=shared.rows(r, r + 1))
+        for r, c in enumerate(alone):
+            assert torch.equal(shared.k[:, r, :, : c.pos], c.k[:, 0, :, : c.pos])
+        lengths = np.array([p.shape[1] for p in prompts], np.int64)
+        tok = torch.tensor([[11], [12], [13]])
+        for _ in range(3):
+            got = decoder.step(tok, shared, lengths=lengths)
+            for r, c in enumerate(alone):
+                assert torch.equal(got[r], decoder.step(tok[r : r + 1], c)[0])
+            lengths += 1
+            tok = got[:, -1].argmax(-1, keepdim=True)

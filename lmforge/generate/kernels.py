@@ -164,18 +164,19 @@ def _exp_nonpositive(x):
 
 
 @njit(parallel=True, fastmath=_FAST, cache=True)
-def _attend(qkv, pos, cos, sin, use_rope, keys, values, start, bias, use_bias, scale, out):
+def _attend(qkv, pos, cos, sin, use_rope, keys, values, starts, bias, use_bias, scale, out):
     batch, width, dim = qkv.shape
     kv_heads = keys.shape[1]
     heads = width - 2 * kv_heads
     group = heads // kv_heads
     half = dim // 2
-    length = start + 1
     # One unit of work per (row, kv head): RoPE on its query heads and its key, the cache write,
     # then attention for the query heads that share the key/value rows (read once for all).
     for unit in prange(batch * kv_heads):
         b = unit // kv_heads
         kv = unit - b * kv_heads
+        start = starts[b]  # this row's cached positions: the new key goes there
+        length = start + 1
         q = np.empty((group, dim), dtype=np.float32)
         row = pos[b] if use_rope else 0  # without RoPE the tables are a placeholder
         c = cos[row]
@@ -241,21 +242,24 @@ _EMPTY2 = np.zeros((1, 1), dtype=np.float32)
 
 
 def decode_attention(qkv: np.ndarray, pos: np.ndarray, rope: tuple[np.ndarray, np.ndarray] | None,
-                     keys: np.ndarray, values: np.ndarray, start: int, bias: np.ndarray | None,
+                     keys: np.ndarray, values: np.ndarray, start: "int | np.ndarray", bias: np.ndarray | None,
                      scale: float) -> np.ndarray:
     """One decode step of a layer's attention for one new token per row.
 
     qkv [B, H + 2*Hkv, D]: the fused projection's output. q and k are rotated (RoPE tables
     `rope` = (cos, sin_signed) [max_pos, D], indexed by `pos` [B]) unless rope is None; k and v
     are written into the layer's cache at position `start`; each query then attends over the
-    positions [0, start]. keys, values [B, Hkv, max_len, D] (a layer of the KVCache; query head h
+    positions [0, start]. start: one position for every row, or an int64 array [B] of each row's
+    own (a cache whose rows hold prompts of different lengths, side by side from position 0).
+    keys, values [B, Hkv, max_len, D] (a layer of the KVCache; query head h
     reads kv head h // (H / Hkv)); bias [B, start + 1] additive (-inf = masked) or None.
     Returns [B, H*D]."""
     batch, width, dim = qkv.shape
     heads = width - 2 * keys.shape[1]
     out = np.empty((batch, heads * dim), dtype=np.float32)
     cos, sin = rope if rope is not None else (_EMPTY2, _EMPTY2)
-    _attend(np.ascontiguousarray(qkv), pos, cos, sin, rope is not None, keys, values, start,
+    starts = np.full(batch, start, np.int64) if np.isscalar(start) else np.ascontiguousarray(start, dtype=np.int64)
+    _attend(np.ascontiguousarray(qkv), pos, cos, sin, rope is not None, keys, values, starts,
             _EMPTY2 if bias is None else bias, bias is not None, np.float32(scale), out)
     return out
 

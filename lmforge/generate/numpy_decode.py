@@ -134,28 +134,40 @@ class NumpyDecoder:
 
     # -- the step ----------------------------------------------------------------------------
     def step(self, idx: torch.Tensor, cache: KVCache, *, positions: torch.Tensor | None = None,
-             attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+             attn_mask: torch.Tensor | None = None, lengths: np.ndarray | None = None) -> torch.Tensor:
         """`GPT.forward(idx, positions=, attn_mask=, cache=, logits_to_keep=1)` for one new token
         per row: idx [B, 1] -> logits [B, 1, vocab]. Writes the keys/values at cache.pos and
         advances it. positions [B, 1] (default cache.pos for every row); attn_mask [B, cache.pos + 1]
-        bool, True = may attend (left-padded batches). The kernels run on the decoder's threads;
-        the caller's numba count comes back after the step."""
+        bool, True = may attend (left-padded batches).
+        lengths: int64 [B], each row's own count of cached positions, for a cache whose rows are
+        independent sequences (continuous batching: each row's prompt from position 0, rows at
+        different lengths). The new keys/values go to position lengths[b] of row b, which attends
+        over [0, lengths[b]] at position lengths[b] (positions and attn_mask not taken); the
+        caller advances lengths, cache.pos is not used. A row's logits are then the same bits as
+        that sequence decoded alone.
+        The kernels run on the decoder's threads; the caller's numba count comes back after."""
         with kernel_threads(self.threads):
-            return self._step(idx, cache, positions=positions, attn_mask=attn_mask)
+            return self._step(idx, cache, positions=positions, attn_mask=attn_mask, lengths=lengths)
 
     def _step(self, idx: torch.Tensor, cache: KVCache, *, positions: torch.Tensor | None,
-              attn_mask: torch.Tensor | None) -> torch.Tensor:
+              attn_mask: torch.Tensor | None, lengths: np.ndarray | None) -> torch.Tensor:
         B = idx.shape[0]
-        start = cache.pos
-        S = start + 1
         if idx.shape != (B, 1):
             raise LmforgeError(f"NumpyDecoder decodes one token per row: idx of shape {tuple(idx.shape)}")
-        if S > cache.max_len:
-            raise LmforgeError(f"KV cache full: {start} cached + 1 new token exceed its max_len {cache.max_len}")
-        if positions is None:
-            pos = np.full(B, start, dtype=np.int64)
+        if lengths is not None:
+            if positions is not None or attn_mask is not None:
+                raise LmforgeError("NumpyDecoder.step: lengths gives each row's positions; pass no positions or attn_mask")
+            start = np.ascontiguousarray(lengths, dtype=np.int64).reshape(B)
+            pos = start
+            top = int(start.max()) if B else 0
         else:
-            pos = np.ascontiguousarray(positions.numpy().reshape(B), dtype=np.int64)
+            start = top = cache.pos
+            if positions is None:
+                pos = np.full(B, start, dtype=np.int64)
+            else:
+                pos = np.ascontiguousarray(positions.numpy().reshape(B), dtype=np.int64)
+        if top + 1 > cache.max_len:
+            raise LmforgeError(f"KV cache full: {top} cached + 1 new token exceed its max_len {cache.max_len}")
         ids = idx.numpy()[:, 0]
         x = quant_kernels.rows_of(self.emb, ids) if isinstance(self.emb, PackedWeight) else self.emb[ids]
         if self.pos_emb is not None:
@@ -171,6 +183,7 @@ class NumpyDecoder:
             x = x + self._linear(y, L.proj, L.proj_b)
             h = self._mlp_act(self._linear(self._norm(x, L.norm_2), L.fc, L.fc_b))
             x = x + self._linear(h, L.down, L.down_b)
-        cache.pos = S
+        if lengths is None:
+            cache.pos = start + 1
         logits = self._linear(self._norm(x, self.norm_f), self.head, self.head_b)
         return torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32))[:, None]

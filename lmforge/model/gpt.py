@@ -135,6 +135,18 @@ class KVCache:
         self._v_layers = self.v.unbind(0)
         self.pos = 0
 
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """A cache over rows [start, stop) of this one, sharing its memory, with its own pos
+        (from 0): a forward on it fills those rows only, e.g. one newcomer's prefill into its slot
+        of a serving batch whose other rows are mid-decode."""
+        if not 0 <= start < stop <= self.batch_size:
+            raise LmforgeError(f"KVCache.rows({start}, {stop}): the cache has {self.batch_size} rows")
+        view = object.__new__(KVCache)
+        view.k, view.v = self.k[:, start:stop], self.v[:, start:stop]
+        view._k_layers, view._v_layers = view.k.unbind(0), view.v.unbind(0)
+        view.pos = 0
+        return view
+
     @property
     def batch_size(self) -> int:
         return self.k.shape[1]
