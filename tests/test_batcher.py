@@ -1,0 +1,96 @@
+"""Continuous batching (lmforge.generate.batcher): requests that join and leave a running batch get
+exactly what `Engine.generate_ids` gives each one alone."""
+
+from __future__ import annotations
+
+import pytest
+
+from lmforge.generate.batcher import ContinuousBatcher
+from lmforge.generate.engine import Engine
+from lmforge.generate.sampling import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_model_dir, tmp_path_factory):
+    from lmforge.interop.convert import quantize_model
+    from lmforge.interop.registry import load_model
+
+    out = tmp_path_factory.mktemp("q") / "tiny-q4_1"
+    quantize_model(tiny_model_dir, out, "q4_1")
+    return load_model(out)
+
+
+def run(batcher: ContinuousBatcher, schedule: dict[int, list]) -> dict[int, tuple[str, list[int], str]]:
+    """Submit schedule[k] (prompt ids, params) before step k; step until all finish."""
+    texts, ids, reasons, names = {}, {}, {}, {}
+    step = 0
+    while batcher.busy or any(k >= step for k in schedule):
+        for prompt, params in schedule.get(step, []):
+            rid = batcher.submit(prompt, params)
+            names[rid] = (tuple(prompt), params.seed, params.temperature)
+            texts[rid], ids[rid] = "", []
+        for e in batcher.step():
+            texts[e.request_id] += e.text
+            if e.token_id is not None:
+                ids[e.request_id].append(e.token_id)
+            if e.finish_reason:
+                reasons[e.request_id] = e.finish_reason
+        step += 1
+    return {rid: (texts[rid], ids[rid], reasons[rid]) for rid in texts}
+
+
+def test_requests_joining_a_running_batch_get_their_text_alone(quantized):
+    engine = Engine(quantized.model, quantized.tokenizer)
+    greedy = SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True)
+    sampled = SamplingParams(max_new_tokens=9, temperature=1.0, top_k=20, seed=7, ignore_eos=True)
+    prompts = [engine.encode(t) for t in ("def main():", "import os\nimport", "class A:", "x = [", "for i in")]
+    schedule = {0: [(prompts[0], greedy), (prompts[1], sampled)], 3: [(prompts[2], greedy)],
+                4: [(prompts[3], sampled), (prompts[4], greedy)]}
+    batcher = ContinuousBatcher(engine, max_batch=3)  # fewer slots than requests: one waits
+    got = run(batcher, schedule)
+    submitted = [item for k in sorted(schedule) for item in schedule[k]]
+    assert len(got) == len(submitted)
+    for rid, (prompt, params) in enumerate(submitted):
+        want = Engine(quantized.model, quantized.tokenizer).generate_ids([prompt], params)[0]
+        text, ids, reason = got[rid]
+        assert ids == want.ids and text == want.text and reason == want.finish_reason, rid
+    assert not batcher.active and sorted(batcher.free) == [0, 1, 2]
+
+
+def test_stop_strings_and_cancel_free_their_slot(quantized):
+    engine = Engine(quantized.model, quantized.tokenizer)
+    prompt = engine.encode("def main():")
+    alone = engine.generate_ids([prompt], SamplingParams(max_new_tokens=16, temperature=0.0, ignore_eos=True))[0]
+    stop = alone.text[3:5]
+    params = SamplingParams(max_new_tokens=16, temperature=0.0, ignore_eos=True, stop=[stop])
+    want = engine.generate_ids([prompt], params)[0]
+    batcher = ContinuousBatcher(engine, max_batch=2)
+    a = batcher.submit(prompt, params)
+    b = batcher.submit(prompt, SamplingParams(max_new_tokens=16, temperature=0.0, ignore_eos=True))
+    text, reasons = {a: "", b: ""}, {}
+    for k in range(40):
+        if k == 2:
+            batcher.cancel(b)
+        for e in batcher.step():
+            text[e.request_id] += e.text
+            if e.finish_reason:
+                reasons[e.request_id] = e.finish_reason
+        if not batcher.busy:
+            break
+    assert text[a] == want.text and reasons[a] == "stop" and stop not in text[a]
+    assert reasons[b] == "cancelled" and not batcher.busy and sorted(batcher.free) == [0, 1]
+
+
+def test_models_the_numpy_decoder_does_not_run_decode_row_by_row_in_torch(tiny_model_dir):
+    from lmforge.interop.registry import load_model
+
+    loaded = load_model(tiny_model_dir)
+    engine = Engine(loaded.model, loaded.tokenizer)
+    engine.backend = "torch"  # as for LoRA layers or a GPU
+    params = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True)
+    prompts = [engine.encode(t) for t in ("def f(x):", "while True:")]
+    got = run(ContinuousBatcher(engine, max_batch=2), {0: [(prompts[0], params)], 2: [(prompts[1], params)]})
+    for rid, prompt in enumerate(prompts):
+        alone = Engine(loaded.model, loaded.tokenizer)
+        alone.backend = "torch"
+        assert got[rid][1] == alone.generate_ids([prompt], params)[0].ids
