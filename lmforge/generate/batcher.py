@@ -8,8 +8,8 @@ row's logits are the same bits as its sequence decoded alone — so a request's 
 depend on who else is being served. Models the numpy decoder does not run (LoRA layers, GPUs)
 decode row by row in torch on the same slots.
 
-WIP (issue 15): the per-row sampling state below repeats the rules of `Engine._steps` and
-`Engine.stream_ids`; the Engine should be rebuilt on `_Sequence` so there is one copy.
+Tokens are picked by the Engine's own `_pick` and text is held back by the same rule as
+`Engine.stream_ids` (`_safe_end`), so stopping and sampling behave as everywhere else.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from lmforge.errors import LmforgeError
-from lmforge.generate.engine import Engine, _find_stop, _stop_prefix_start, require_finite_logits
-from lmforge.generate.sampling import SamplingParams, apply_repetition_penalty, next_tokens
+from lmforge.generate.engine import Engine, _find_stop, _safe_end
+from lmforge.generate.sampling import SamplingParams
 
 
 @dataclass
@@ -127,10 +127,7 @@ class ContinuousBatcher:
         device = engine.device
         seq.generator = torch.Generator(device=device).manual_seed(p.seed) if p.seed is not None else None
         seq.ending = set(engine._ending_ids(p))
-        if p.min_new_tokens:
-            seq.banned = torch.zeros(engine.config.vocab_size, dtype=torch.bool, device=device)
-            ids = [i for i in set(engine.stop_token_ids) | set(p.stop_token_ids) if 0 <= i < engine.config.vocab_size]
-            seq.banned[torch.tensor(ids, dtype=torch.long, device=device)] = True
+        seq.banned = engine._banned(p)
         if p.repetition_penalty != 1.0:
             seq.seen = torch.zeros((1, engine.config.vocab_size), dtype=torch.bool, device=device)
             seq.seen[0, torch.tensor(seq.prompt_ids, device=device)] = True
@@ -170,14 +167,7 @@ class ContinuousBatcher:
     def _advance(self, seq: _Sequence, logits: torch.Tensor) -> Event:
         """Sample seq's next token from its logits [vocab]; emit text; finish or keep the slot."""
         p, engine = seq.params, self.engine
-        step = len(seq.generated)
-        last = logits[None]
-        require_finite_logits(last, f"at generated token {step + 1}")
-        if seq.seen is not None:
-            last = apply_repetition_penalty(last.float(), seq.seen, p.repetition_penalty)
-        if seq.banned is not None and step < p.min_new_tokens:
-            last = last.masked_fill(seq.banned, float("-inf"))
-        tok = int(next_tokens(last, p, seq.generator)[0])
+        tok = int(engine._pick(logits[None], p, len(seq.generated), seq.generator, seq.seen, seq.banned)[0])
         if seq.seen is not None:
             seq.seen[0, tok] = True
         if tok in seq.ending:
@@ -192,12 +182,7 @@ class ContinuousBatcher:
             return self._finish(seq, tok, "stop", include=False, text=piece)
         if len(seq.generated) >= p.max_new_tokens:
             return self._finish(seq, tok, "length", include=True)
-        safe = len(text)
-        if text.endswith("\ufffd"):
-            safe = text.rfind("\ufffd")
-            while safe > 0 and text[safe - 1] == "\ufffd":
-                safe -= 1
-        safe = min(safe, _stop_prefix_start(text, p.stop))
+        safe = _safe_end(text, p.stop)
         piece = text[seq.emitted : safe] if safe > seq.emitted else ""
         seq.emitted = max(seq.emitted, safe)
         self.next_token[seq.slot] = tok

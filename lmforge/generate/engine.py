@@ -160,6 +160,29 @@ class Engine:
             return None
         return len(self.tokenizer.decode(ids[: n - 1])) if n > 1 else 0
 
+    def _banned(self, params: SamplingParams) -> torch.Tensor | None:
+        """min_new_tokens: a [vocab] mask of every stop token, even one ignore_eos lets through
+        (as vLLM), to keep out of the first min_new_tokens picks; None without it."""
+        if not params.min_new_tokens:
+            return None
+        banned = torch.zeros(self.config.vocab_size, dtype=torch.bool, device=self.device)
+        ids = [i for i in set(self.stop_token_ids) | set(params.stop_token_ids) if 0 <= i < self.config.vocab_size]
+        banned[torch.tensor(ids, dtype=torch.long, device=self.device)] = True
+        return banned
+
+    @staticmethod
+    def _pick(last: torch.Tensor, params: SamplingParams, step: int, generator: torch.Generator | None,
+              seen: torch.Tensor | None, banned: torch.Tensor | None) -> torch.Tensor:
+        """The next token of each row from its logits [B, vocab], all rows at generated token
+        `step` + 1: the one place logits are turned into tokens, for every caller (the Engine's
+        batches, the serving batcher's rows)."""
+        require_finite_logits(last, f"at generated token {step + 1}")
+        if seen is not None:
+            last = apply_repetition_penalty(last.float(), seen, params.repetition_penalty)
+        if banned is not None and step < params.min_new_tokens:
+            last = last.masked_fill(banned, float("-inf"))
+        return next_tokens(last, params, generator)
+
     # -- the core loop -------------------------------------------------------------------
     def _prepare(self, prompts: list[list[int]], params: SamplingParams) -> "_Batch":
         """Left-pad the prompts; build the padding mask and positions when lengths differ."""
@@ -229,26 +252,14 @@ class Engine:
         device, B = self.device, b.ids.shape[0]
         generator = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
         stop_ids = torch.tensor(self._ending_ids(params), dtype=torch.long, device=device)
-        banned = None  # min_new_tokens: every stop token, even one ignore_eos lets through (as vLLM)
-        if params.min_new_tokens:
-            banned = torch.zeros(self.config.vocab_size, dtype=torch.bool, device=device)
-            ids = [i for i in set(self.stop_token_ids) | set(params.stop_token_ids) if 0 <= i < self.config.vocab_size]
-            banned[torch.tensor(ids, dtype=torch.long, device=device)] = True
+        banned = self._banned(params)
         alive = torch.ones(B, dtype=torch.bool, device=device)
         cache = self._cache_for(B, b.total)
         longest = b.ids.shape[1]
         logits, _ = self.model(b.ids, positions=b.positions, cache=cache, logits_to_keep=1,
                                attn_mask=None if b.key_mask is None else b.key_mask[:, :longest])
         for step in range(params.max_new_tokens):
-            last = logits[:, -1, :]
-            require_finite_logits(last, f"at generated token {step + 1}")
-            if b.seen is not None:
-                last = apply_repetition_penalty(last.float(), b.seen, params.repetition_penalty)
-            if banned is not None and step < params.min_new_tokens:
-                # Every row is at the same step, and this is the one place either decoder's
-                # logits are sampled: greedy and sampling both pick among the other tokens.
-                last = last.masked_fill(banned, float("-inf"))
-            nxt = next_tokens(last, params, generator)
+            nxt = self._pick(logits[:, -1, :], params, step, generator, b.seen, banned)
             nxt = torch.where(alive, nxt, torch.full_like(nxt, b.pad))
             yield nxt, alive
             alive = alive & ~torch.isin(nxt, stop_ids)
@@ -323,12 +334,7 @@ class Engine:
                 if cut > emitted:
                     yield text[emitted:cut]
                 return
-            safe = len(text)
-            if text.endswith("\ufffd"):
-                safe = text.rfind("\ufffd")
-                while safe > 0 and text[safe - 1] == "\ufffd":
-                    safe -= 1
-            safe = min(safe, _stop_prefix_start(text, params.stop))
+            safe = _safe_end(text, params.stop)
             if safe > emitted:
                 yield text[emitted:safe]
                 emitted = safe
@@ -496,6 +502,17 @@ def _find_stop(text: str, stops: Sequence[str], floor: int = 0) -> int | None:
     """Where the first stop string ending after text[:floor] begins, None if none does."""
     hits = [i for i in (text.find(s, max(0, floor - len(s) + 1)) for s in stops if s) if i != -1]
     return min(hits) if hits else None
+
+
+def _safe_end(text: str, stops: Sequence[str]) -> int:
+    """How much of a growing generated text can be handed out for good: not a trailing partial
+    UTF-8 character (byte-level tokens can split one) nor a possible start of a stop string."""
+    safe = len(text)
+    if text.endswith("\ufffd"):
+        safe = text.rfind("\ufffd")
+        while safe > 0 and text[safe - 1] == "\ufffd":
+            safe -= 1
+    return min(safe, _stop_prefix_start(text, stops))
 
 
 def _stop_prefix_start(text: str, stops: Sequence[str]) -> int:
