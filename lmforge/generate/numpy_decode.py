@@ -161,9 +161,10 @@ class NumpyDecoder:
             pos = start
             top = int(start.max()) if B else 0
         else:
-            start = top = cache.pos
+            top = cache.pos
+            start = np.full(B, top, dtype=np.int64)  # every row writes at cache.pos (once per step, not per layer)
             if positions is None:
-                pos = np.full(B, start, dtype=np.int64)
+                pos = start
             else:
                 pos = np.ascontiguousarray(positions.numpy().reshape(B), dtype=np.int64)
         if top + 1 > cache.max_len:
@@ -184,6 +185,6 @@ class NumpyDecoder:
             h = self._mlp_act(self._linear(self._norm(x, L.norm_2), L.fc, L.fc_b))
             x = x + self._linear(h, L.down, L.down_b)
         if lengths is None:
-            cache.pos = start + 1
+            cache.pos = top + 1
         logits = self._linear(self._norm(x, self.norm_f), self.head, self.head_b)
         return torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32))[:, None]

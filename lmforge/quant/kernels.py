@@ -443,22 +443,27 @@ def dequantize_columns(w: PackedWeight, first_group: int, out: np.ndarray) -> np
     return out
 
 
+@njit(inline="always")
+def _block_sums(x, r, sx):
+    """sx[r, b] = the sum of row r of x over block b (the m and -8 d terms' factor)."""
+    for b in range(x.shape[1] // 32):
+        total = np.float32(0.0)
+        for j in range(32):
+            total += x[r, b * 32 + j]
+        sx[r, b] = total
+
+
 def _make_kernel(kind: int, rows: int, lanes: int):
     """The product for one format and row count (both frozen into the compiled code)."""
 
     @njit(parallel=True, cache=True)
     def kernel(qs, d, m, x, sx, y):
-        # The block sums of x (for the m term) here rather than in numpy: a decode step makes ~120
-        # of these calls, and numpy's per-call overhead was 15% of the step. (The buffers come
-        # from the caller: an array returned by a cached parallel kernel failed to box now and
-        # then, "NRT_adapt_ndarray_to_python: descr is NULL".)
-        nb = x.shape[1] // 32
+        # The block sums of x here rather than in numpy: a decode step makes ~120 of these calls,
+        # and numpy's per-call overhead was 15% of the step. (The buffers come from the caller:
+        # an array returned by a cached parallel kernel failed to box now and then,
+        # "NRT_adapt_ndarray_to_python: descr is NULL".)
         for r in range(x.shape[0]):
-            for b in range(nb):
-                total = np.float32(0.0)
-                for j in range(32):
-                    total += x[r, b * 32 + j]
-                sx[r, b] = total
+            _block_sums(x, r, sx)
         for g in prange(y.shape[1] // 8):
             _group_dot(kind, rows, lanes, qs, d, m, x, sx, y, g, 0)
 
@@ -478,9 +483,6 @@ def _make_int8(kind: int, rows: int, dot: int):
     return kernel
 
 
-_INT8_KERNELS: dict[tuple[int, int, int], object] = {}
-
-
 def int8_linear(x: np.ndarray, w: PackedWeight, mode: str | None = None) -> np.ndarray:
     """x [R, K] fp32 (R <= 8) times W[N, K].T -> [R, N] fp32, with x quantized to int8 per block
     of 32 (as ggml's Q8_1) and the blocks' products summed exactly in int32: 2..8 rows of a
@@ -494,14 +496,6 @@ def int8_linear(x: np.ndarray, w: PackedWeight, mode: str | None = None) -> np.n
     if not 1 <= rows <= ROWS:
         raise ValueError(f"int8_linear takes 1..{ROWS} rows, got {rows}")
     return _run_int8(_int8_kernel(_KIND[w.format.name], rows, _DOT[mode]), x, w)
-
-
-def _int8_kernel(kind: int, rows: int, dot: int):
-    key = (kind, rows, dot)
-    k = _INT8_KERNELS.get(key)  # noqa: SIM401 (hot path)
-    if k is None:
-        k = _INT8_KERNELS[key] = _make_int8(*key)
-    return k
 
 
 def _run_int8(kernel, x: np.ndarray, w: PackedWeight) -> np.ndarray:
@@ -526,13 +520,8 @@ def _make_many(kind: int, lanes: int):
     @njit(parallel=True, cache=True)
     def kernel(qs, d, m, x, sx, y):
         rows = x.shape[0]
-        nb = x.shape[1] // 32
         for r in prange(rows):
-            for b in range(nb):
-                total = np.float32(0.0)
-                for j in range(32):
-                    total += x[r, b * 32 + j]
-                sx[r, b] = total
+            _block_sums(x, r, sx)
         groups = y.shape[1] // 8
         tiles = (rows + TILE - 1) // TILE
         # One parallel loop over (tile, group): each thread takes whole tiles' worth of work in
@@ -546,16 +535,10 @@ def _make_many(kind: int, lanes: int):
     return kernel
 
 
-_MANY: dict[tuple[int, int], object] = {}
-
-
 def many_row_linear(x: np.ndarray, w: PackedWeight, lanes: int | None = None) -> np.ndarray:
     """x [R, K] fp32 (any R >= 1) times W[N, K].T -> [R, N] fp32, computed on the blocks."""
     x = _check(x, w)
-    key = (_KIND[w.format.name], lanes or LANES)
-    kernel = _MANY.get(key)
-    if kernel is None:
-        kernel = _MANY[key] = _make_many(*key)
+    kernel = _compiled(_make_many, _KIND[w.format.name], lanes or LANES)
     rows = x.shape[0]
     if rows % GROUP:  # whole calls of eight rows only: zero rows pad the last one (their sums unused)
         padded = np.zeros((rows + GROUP - rows % GROUP, x.shape[1]), np.float32)
@@ -564,15 +547,23 @@ def many_row_linear(x: np.ndarray, w: PackedWeight, lanes: int | None = None) ->
     return _run(kernel, x, w)
 
 
-_KERNELS: dict[tuple[int, int, int], object] = {}
+_KERNELS: dict[tuple, object] = {}
+
+
+def _compiled(make, *key):
+    """The kernel `make(*key)` builds, made once per process (numba caches its code on disk)."""
+    k = _KERNELS.get((make, *key))  # noqa: SIM401 (hot path: no default built per call)
+    if k is None:
+        k = _KERNELS[(make, *key)] = make(*key)
+    return k
 
 
 def _kernel(kind: int, rows: int, lanes: int | None = None):
-    lanes = lanes or LANES
-    k = _KERNELS.get((kind, rows, lanes))  # noqa: SIM401 (hot path: no default built per call)
-    if k is None:
-        k = _KERNELS[(kind, rows, lanes)] = _make_kernel(kind, rows, lanes)
-    return k
+    return _compiled(_make_kernel, kind, rows, lanes or LANES)
+
+
+def _int8_kernel(kind: int, rows: int, dot: int):
+    return _compiled(_make_int8, kind, rows, dot)
 
 
 def _check(x: np.ndarray, w: PackedWeight) -> np.ndarray:
@@ -598,11 +589,7 @@ def linear(x: np.ndarray, w: PackedWeight) -> np.ndarray:
     """x [R, K] fp32 times W[N, K].T -> [R, N] fp32 for any R, fp32 activations: the torch
     modules' products (forward of prefill, scoring, training). The few-row kernels up to 8 rows,
     the many-row one beyond."""
-    x = _check(x, w)
-    rows = x.shape[0]
-    if 0 < rows <= ROWS:
-        return _run(_kernel(_KIND[w.format.name], rows), x, w)
-    return many_row_linear(x, w)
+    return few_row_linear(x, w) if 0 < x.shape[0] <= ROWS else many_row_linear(x, w)
 
 
 def _run(kernel, x: np.ndarray, w: PackedWeight) -> np.ndarray:
