@@ -94,3 +94,20 @@ def test_models_the_numpy_decoder_does_not_run_decode_row_by_row_in_torch(tiny_m
         alone = Engine(loaded.model, loaded.tokenizer)
         alone.backend = "torch"
         assert got[rid][1] == alone.generate_ids([prompt], params)[0].ids
+
+
+def test_a_free_slot_between_busy_ones_changes_nothing(quantized):
+    """Slots 0 and 2 decoding with slot 1 freed between them (the decoder steps the span of rows,
+    the free one on a dummy token): both texts as alone."""
+    engine = Engine(quantized.model, quantized.tokenizer)
+    long = SamplingParams(max_new_tokens=10, temperature=0.0, ignore_eos=True)
+    short = SamplingParams(max_new_tokens=2, temperature=0.0, ignore_eos=True)
+    prompts = [engine.encode(t) for t in ("def main():", "x = 1", "import sys")]
+    batcher = ContinuousBatcher(engine, max_batch=3)
+    gaps = []
+    real_decode = batcher._decode
+    batcher._decode = lambda slots: (gaps.append(slots), real_decode(slots))[1]
+    got = run(batcher, {0: [(prompts[0], long), (prompts[1], short), (prompts[2], long)]})
+    assert [0, 2] in gaps
+    for rid, (prompt, params) in enumerate(((prompts[0], long), (prompts[1], short), (prompts[2], long))):
+        assert got[rid][1] == Engine(quantized.model, quantized.tokenizer).generate_ids([prompt], params)[0].ids

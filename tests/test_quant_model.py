@@ -92,16 +92,17 @@ def test_int8_activation_steps_are_close_and_do_not_depend_on_the_batch(dirs, na
     prompt = torch.randint(0, 300, (3, 5))
     tok = torch.tensor([[7], [8], [9]])
     with torch.inference_mode():
-        caches = {}
-        for key, model, B in (("batch", q, 3), ("exact", f, 3), *((("row", r), q, 1) for r in range(3))):
-            rows = slice(None) if B == 3 else slice(key[1], key[1] + 1)
-            caches[key] = model.new_cache(B, 16)
-            model(prompt[rows], cache=caches[key])
+        together, exact_cache = q.new_cache(3, 16), f.new_cache(3, 16)
+        q(prompt, cache=together)
+        f(prompt, cache=exact_cache)
+        alone = [q.new_cache(1, 16) for _ in range(3)]
+        for r, c in enumerate(alone):
+            q(prompt[r : r + 1], cache=c)
         decoder = NumpyDecoder(q, int8_activations=True)
-        batch = decoder.step(tok, caches["batch"])
-        for r in range(3):
-            assert torch.equal(batch[r], decoder.step(tok[r : r + 1], caches[("row", r)])[0])
-        exact, _ = f(tok, cache=caches["exact"], logits_to_keep=1)
+        batch = decoder.step(tok, together)
+        for r, c in enumerate(alone):
+            assert torch.equal(batch[r], decoder.step(tok[r : r + 1], c)[0])
+        exact, _ = f(tok, cache=exact_cache, logits_to_keep=1)
         err = (batch - exact).abs().max() / exact.abs().max()
         assert 0 < err < 0.02, f"int8-activation logits off by {err:.3g} of their range"
 

@@ -138,21 +138,25 @@ class ContinuousBatcher:
         return self._advance(seq, logits[0, -1])
 
     def _decode(self, slots: list[int]) -> torch.Tensor:
-        """Logits [len(slots), vocab] for the tokens waiting in `slots`, each at its own length."""
-        tokens = torch.tensor([[self.next_token[s]] for s in slots], dtype=torch.long, device=self.engine.device)
+        """Logits [len(slots), vocab] for the tokens waiting in `slots` (sorted), each at its own
+        length. The numpy decoder takes the span of rows slots[0]..slots[-1] in one step: a free
+        row inside it decodes a dummy token at its position 0 (overwritten by the next prefill
+        there), which costs little beside reading every weight once for all rows."""
+        first, last = slots[0], slots[-1] + 1
         decoder = self._numpy_decoder()
-        if decoder is not None and slots == list(range(slots[0], slots[0] + len(slots))):
-            view = self.cache.rows(slots[0], slots[0] + len(slots))
-            out = decoder.step(tokens, view, lengths=self.lengths[slots[0] : slots[0] + len(slots)])
-        elif decoder is not None:  # rows not side by side: gather through a batch of their own
-            out = torch.cat([decoder.step(tokens[i : i + 1], self.cache.rows(s, s + 1), lengths=self.lengths[s : s + 1])
-                             for i, s in enumerate(slots)])
-        else:
+        if decoder is not None:
+            tokens = torch.zeros((last - first, 1), dtype=torch.long, device=self.engine.device)
+            for s in slots:
+                tokens[s - first, 0] = self.next_token[s]
+            out = decoder.step(tokens, self.cache.rows(first, last), lengths=self.lengths[first:last])
+            out = out[[s - first for s in slots]]
+        else:  # the torch forward has one position per call: row by row
             rows = []
-            for i, s in enumerate(slots):
+            for s in slots:
                 view = self.cache.rows(s, s + 1)
                 view.pos = int(self.lengths[s])
-                rows.append(self.model(tokens[i : i + 1], cache=view, logits_to_keep=1)[0])
+                token = torch.tensor([[self.next_token[s]]], dtype=torch.long, device=self.engine.device)
+                rows.append(self.model(token, cache=view, logits_to_keep=1)[0])
             out = torch.cat(rows)
         for s in slots:
             self.lengths[s] += 1
