@@ -520,6 +520,50 @@ def chat(
                 raise
 
 
+@app.command()
+def serve(
+    model: Annotated[str, typer.Argument(help="A model dir, run dir, adapter dir or known model name.")] = "smollm2-135m-instruct",
+    host: Annotated[str, typer.Option(help="Address to listen on (loopback by default; 0.0.0.0 for every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", help="Require 'Authorization: Bearer KEY' on /v1 and /metrics.", show_default=False)] = None,
+    api_key_file: Annotated[Optional[Path], typer.Option("--api-key-file", help="Read the API key from this file (keeps it out of the process list).", show_default=False)] = None,
+    max_batch: Annotated[int, typer.Option(help="Sequences decoded together (the KV cache's slots).")] = 8,
+    max_queue: Annotated[int, typer.Option(help="Sequences waiting for a slot; more are answered 429 with Retry-After.")] = 64,
+    max_model_len: Annotated[Optional[int], typer.Option(help="Context served, prompt + completion (default: the model's, at most 2048).", show_default=False)] = None,
+    max_tokens_limit: Annotated[Optional[int], typer.Option(help="The most tokens one completion may ask for (default: the context).", show_default=False)] = None,
+    max_n: Annotated[int, typer.Option(help="The most choices (n) one request may ask for.")] = 8,
+    max_messages: Annotated[int, typer.Option(help="Messages in one chat request.")] = 256,
+    max_prompt_chars: Annotated[int, typer.Option(help="Characters of prompt text in one request.")] = 200_000,
+    max_body_bytes: Annotated[int, typer.Option(help="Request body size; larger is answered 413.")] = 2 << 20,
+    prefill_chunk: Annotated[int, typer.Option(help="Prompt tokens prefilled per step beside the running batch (longer prompts go in pieces).")] = 512,
+    cors_origin: Annotated[Optional[list[str]], typer.Option("--cors-origin", help="A browser origin allowed to call the API (repeat the flag).", show_default=False)] = None,
+    served_model_name: Annotated[Optional[str], typer.Option(help="The model id clients send and /v1/models lists (default: MODEL).", show_default=False)] = None,
+    drain_seconds: Annotated[float, typer.Option(help="On Ctrl-C: how long in-flight requests may take to finish.")] = 30.0,
+    int8_activations: Annotated[bool, typer.Option("--int8-activations", help="Quantized models: round the products' inputs to int8 per block, as llama.cpp does (faster batched decoding; the text leaves the exact model's after some tokens).")] = False,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+):
+    """Serve a model over an OpenAI-compatible API (/v1/chat/completions, /v1/completions) with a chat page at /."""
+    from lmforge.serve import ServeConfig, run_server
+
+    if api_key and api_key_file:
+        raise LmforgeError("give --api-key or --api-key-file, not both")
+    if api_key_file is not None:
+        try:
+            api_key = api_key_file.read_text(encoding="utf-8").strip()
+        except OSError as e:
+            raise LmforgeError(f"{api_key_file}: cannot read the API key file: {e.strerror}") from None
+        if not api_key:
+            raise LmforgeError(f"{api_key_file}: the API key file is empty")
+    if log_level not in ("debug", "info", "warning", "error"):
+        raise LmforgeError(f"--log-level must be debug, info, warning or error, got {log_level!r}")
+    run_server(ServeConfig(model=model, served_model_name=served_model_name, host=host, port=port, api_key=api_key,
+                           max_batch=max_batch, max_queue=max_queue, max_model_len=max_model_len,
+                           max_tokens_limit=max_tokens_limit, max_n=max_n, max_messages=max_messages,
+                           max_prompt_chars=max_prompt_chars, max_body_bytes=max_body_bytes, prefill_chunk=prefill_chunk,
+                           cors_origins=list(cors_origin or []), drain_seconds=drain_seconds,
+                           int8_activations=int8_activations, log_level=log_level))
+
+
 class _Interrupted(Exception):
     """Ctrl-C, carried past click (which would print "Aborted!" and exit 1) to `main`."""
 

@@ -23,6 +23,7 @@ import torch
 from lmforge.errors import LmforgeError
 from lmforge.generate.engine import Engine, _find_stop, _safe_end
 from lmforge.generate.sampling import SamplingParams
+from lmforge.runtime import inference_backend
 
 
 @dataclass
@@ -32,8 +33,11 @@ class Event:
 
     request_id: int
     text: str
-    token_id: int | None
+    token_id: int | None  # the token added to the text (None: an end token, or no token)
     finish_reason: str | None = None  # "stop" | "length" | "cancelled"
+    sampled: int = 0  # tokens the model produced in this event, an end token included (usage counts these)
+    logprob: float | None = None  # log p(token_id) under the model's own distribution, when asked
+    top_logprobs: list[tuple[int, float]] | None = None  # the k most likely (token, log p), when asked
 
 
 @dataclass
@@ -43,47 +47,62 @@ class _Sequence:
     request_id: int
     prompt_ids: list[int]
     params: SamplingParams
+    logprobs: int | None = None  # None: no log-probs; k: the picked token's and the top k
     slot: int = -1
+    prefilled: int = 0  # prompt tokens already in the slot's cache
     generated: list[int] = field(default_factory=list)
     emitted: int = 0  # characters of the text already handed out
     generator: torch.Generator | None = None
     ending: set[int] = field(default_factory=set)
     banned: torch.Tensor | None = None
     seen: torch.Tensor | None = None
+    counts: torch.Tensor | None = None
     cancelled: bool = False
 
 
 class ContinuousBatcher:
     """Owns the Engine's model for serving: `submit` requests, call `step` until they finish.
     Not thread-safe by itself: one generation thread calls submit/cancel/step (the server puts
-    requests on a queue that thread drains)."""
+    requests on a queue that thread drains).
 
-    def __init__(self, engine: Engine, max_batch: int = 8, max_len: int | None = None):
+    Prefill is chunked so that a long prompt does not stall the running requests: each step
+    prefills at most `prefill_chunk` prompt tokens besides its decode step. A prompt of up to
+    `prefill_chunk` tokens is prefilled whole in one step (never split: its cache is then the
+    same bits as `Engine.generate_ids` computes); a longer one in pieces of `prefill_chunk`.
+    """
+
+    def __init__(self, engine: Engine, max_batch: int = 8, max_len: int | None = None, prefill_chunk: int = 512):
         if max_batch < 1:
             raise LmforgeError(f"max_batch must be >= 1, got {max_batch}")
+        if prefill_chunk < 1:
+            raise LmforgeError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.engine = engine
         self.model = engine.model
         self.max_batch = max_batch
-        self.max_len = max_len or engine.config.block_size
+        self.max_len = min(max_len or engine.config.block_size, engine.config.block_size)
+        self.prefill_chunk = prefill_chunk
         self.cache = self.model.new_cache(max_batch, self.max_len)
         self.lengths = np.zeros(max_batch, np.int64)
         self.free = list(range(max_batch))
         self.waiting: list[_Sequence] = []
-        self.active: dict[int, _Sequence] = {}  # slot -> sequence
+        self.prefilling: list[_Sequence] = []  # holding a slot, prompt partly in its cache
+        self.active: dict[int, _Sequence] = {}  # slot -> sequence (prefilling ones included)
         self.next_token: dict[int, int] = {}  # slot -> token to feed at the next step
         self._ids = itertools.count()
         self._decoder = None
         self._decoder_checked = False
 
     # -- requests ------------------------------------------------------------------------
-    def submit(self, prompt_ids: list[int], params: SamplingParams) -> int:
+    def submit(self, prompt_ids: list[int], params: SamplingParams, logprobs: int | None = None) -> int:
         """Queue a request; returns its id. Refuses one that cannot fit a slot."""
         if not prompt_ids:
             raise LmforgeError("empty prompt")
         if len(prompt_ids) + params.max_new_tokens > self.max_len:
             raise LmforgeError(f"prompt of {len(prompt_ids)} tokens + max_new_tokens {params.max_new_tokens} exceeds "
                                f"the context of {self.max_len} tokens")
-        seq = _Sequence(next(self._ids), list(prompt_ids), params)
+        if logprobs is not None and not 0 <= logprobs <= self.engine.config.vocab_size:
+            raise LmforgeError(f"logprobs must be in [0, vocab size], got {logprobs}")
+        seq = _Sequence(next(self._ids), list(prompt_ids), params, logprobs)
         self.waiting.append(seq)
         return seq.request_id
 
@@ -97,10 +116,16 @@ class ContinuousBatcher:
     def busy(self) -> bool:
         return bool(self.waiting or self.active)
 
+    @property
+    def decoding(self) -> int:
+        """Requests in the decode batch now (prefilled, not finished)."""
+        return len(self.next_token)
+
     # -- one step ------------------------------------------------------------------------
     def step(self) -> list[Event]:
-        """Admit newcomers into free slots (their prefill yields their first token), then one
-        decode step for every other busy slot. Returns the events of this step."""
+        """One decode step for every request past its prefill, then prefill (up to
+        `prefill_chunk` prompt tokens) of newcomers, whose last piece yields their first token.
+        Returns the events of this step."""
         events: list[Event] = []
         for seq in [s for s in self.waiting if s.cancelled]:
             self.waiting.remove(seq)
@@ -109,18 +134,37 @@ class ContinuousBatcher:
             if seq.cancelled:
                 events.append(Event(seq.request_id, "", None, "cancelled"))
                 self._release(slot)
-        running = sorted(self.active)  # slots decoding this step (before newcomers join)
+        running = sorted(self.next_token)  # slots decoding this step (before newcomers join)
         with torch.inference_mode():
             if running:
                 logits = self._decode(running)
                 for row, slot in enumerate(running):
                     events.append(self._advance(self.active[slot], logits[row]))
-            while self.waiting and self.free:
-                seq = self.waiting.pop(0)
-                events.append(self._admit(seq))
+            budget = self.prefill_chunk
+            while budget:
+                seq = self.prefilling[0] if self.prefilling else (self.waiting[0] if self.waiting and self.free else None)
+                if seq is None:
+                    break
+                left = len(seq.prompt_ids) - seq.prefilled
+                # A piece never splits a prompt that fits one chunk; a longer prompt goes in whole
+                # chunks, one a step at most.
+                piece = left if left <= self.prefill_chunk else self.prefill_chunk
+                if piece > budget:
+                    break
+                budget -= piece
+                if seq.slot < 0:
+                    self._take_slot(self.waiting.pop(0))
+                logits = self._prefill(seq, piece)
+                if seq.prefilled < len(seq.prompt_ids):
+                    if seq not in self.prefilling:
+                        self.prefilling.append(seq)
+                    break
+                if seq in self.prefilling:
+                    self.prefilling.remove(seq)
+                events.append(self._advance(seq, logits))
         return events
 
-    def _admit(self, seq: _Sequence) -> Event:
+    def _take_slot(self, seq: _Sequence) -> None:
         engine, p = self.engine, seq.params
         seq.slot = self.free.pop(0)
         self.active[seq.slot] = seq
@@ -131,33 +175,44 @@ class ContinuousBatcher:
         if p.repetition_penalty != 1.0:
             seq.seen = torch.zeros((1, engine.config.vocab_size), dtype=torch.bool, device=device)
             seq.seen[0, torch.tensor(seq.prompt_ids, device=device)] = True
+        if p.counts_tokens:
+            seq.counts = torch.zeros((1, engine.config.vocab_size), dtype=torch.float32, device=device)
+
+    def _prefill(self, seq: _Sequence, n: int) -> torch.Tensor:
+        """Run the next n prompt tokens of seq into its slot; the last position's logits [vocab]."""
         view = self.cache.rows(seq.slot, seq.slot + 1)
-        ids = torch.tensor([seq.prompt_ids], dtype=torch.long, device=device)
+        view.pos = seq.prefilled
+        ids = torch.tensor([seq.prompt_ids[seq.prefilled : seq.prefilled + n]], dtype=torch.long,
+                           device=self.engine.device)
         logits, _ = self.model(ids, cache=view, logits_to_keep=1)
-        self.lengths[seq.slot] = len(seq.prompt_ids)
-        return self._advance(seq, logits[0, -1])
+        seq.prefilled += n
+        self.lengths[seq.slot] = seq.prefilled
+        return logits[0, -1]
 
     def _decode(self, slots: list[int]) -> torch.Tensor:
         """Logits [len(slots), vocab] for the tokens waiting in `slots` (sorted), each at its own
         length. The numpy decoder takes the span of rows slots[0]..slots[-1] in one step: a free
-        row inside it decodes a dummy token at its position 0 (overwritten by the next prefill
-        there), which costs little beside reading every weight once for all rows."""
+        or prefilling row inside it decodes a dummy token at its current length (its cache entry
+        there is overwritten by its next prefill piece or its first token), which costs little
+        beside reading every weight once for all rows."""
         first, last = slots[0], slots[-1] + 1
         decoder = self._numpy_decoder()
-        if decoder is not None:
-            tokens = torch.zeros((last - first, 1), dtype=torch.long, device=self.engine.device)
-            for s in slots:
-                tokens[s - first, 0] = self.next_token[s]
-            out = decoder.step(tokens, self.cache.rows(first, last), lengths=self.lengths[first:last])
-            out = out[[s - first for s in slots]]
-        else:  # the torch forward has one position per call: row by row
-            rows = []
-            for s in slots:
-                view = self.cache.rows(s, s + 1)
-                view.pos = int(self.lengths[s])
-                token = torch.tensor([[self.next_token[s]]], dtype=torch.long, device=self.engine.device)
-                rows.append(self.model(token, cache=view, logits_to_keep=1)[0])
-            out = torch.cat(rows)
+        # As in Engine._run: torch keeps one thread during steps run by numpy's kernels.
+        with inference_backend(self.model, self.engine.backend, switch_layers=decoder is None):
+            if decoder is not None:
+                tokens = torch.zeros((last - first, 1), dtype=torch.long, device=self.engine.device)
+                for s in slots:
+                    tokens[s - first, 0] = self.next_token[s]
+                out = decoder.step(tokens, self.cache.rows(first, last), lengths=self.lengths[first:last])
+                out = out[[s - first for s in slots]]
+            else:  # the torch forward has one position per call: row by row
+                rows = []
+                for s in slots:
+                    view = self.cache.rows(s, s + 1)
+                    view.pos = int(self.lengths[s])
+                    token = torch.tensor([[self.next_token[s]]], dtype=torch.long, device=self.engine.device)
+                    rows.append(self.model(token, cache=view, logits_to_keep=1)[0])
+                out = torch.cat(rows)
         for s in slots:
             self.lengths[s] += 1
         return out[:, -1]
@@ -171,9 +226,19 @@ class ContinuousBatcher:
     def _advance(self, seq: _Sequence, logits: torch.Tensor) -> Event:
         """Sample seq's next token from its logits [vocab]; emit text; finish or keep the slot."""
         p, engine = seq.params, self.engine
-        tok = int(engine._pick(logits[None], p, len(seq.generated), seq.generator, seq.seen, seq.banned)[0])
+        tok = int(engine._pick(logits[None], p, len(seq.generated), seq.generator, seq.seen, seq.banned,
+                               seq.counts)[0])
+        logprob = top = None
+        if seq.logprobs is not None:
+            lp = torch.log_softmax(logits.float(), -1)
+            logprob = float(lp[tok])
+            if seq.logprobs:
+                values, ids = torch.topk(lp, seq.logprobs)
+                top = list(zip(ids.tolist(), values.tolist()))
         if seq.seen is not None:
             seq.seen[0, tok] = True
+        if seq.counts is not None:
+            seq.counts[0, tok] += 1
         if tok in seq.ending:
             return self._finish(seq, tok, "stop", include=False)
         seq.generated.append(tok)
@@ -183,25 +248,29 @@ class ContinuousBatcher:
         if cut is not None:
             piece = text[seq.emitted : cut] if cut > seq.emitted else ""
             seq.emitted = max(seq.emitted, cut)
-            return self._finish(seq, tok, "stop", include=False, text=piece)
+            return self._finish(seq, tok, "stop", include=True, text=piece, logprob=logprob, top=top)
         if len(seq.generated) >= p.max_new_tokens:
-            return self._finish(seq, tok, "length", include=True)
+            return self._finish(seq, tok, "length", include=True, logprob=logprob, top=top)
         safe = _safe_end(text, p.stop)
         piece = text[seq.emitted : safe] if safe > seq.emitted else ""
         seq.emitted = max(seq.emitted, safe)
         self.next_token[seq.slot] = tok
-        return Event(seq.request_id, piece, tok)
+        return Event(seq.request_id, piece, tok, sampled=1, logprob=logprob, top_logprobs=top)
 
-    def _finish(self, seq: _Sequence, tok: int, reason: str, *, include: bool, text: str | None = None) -> Event:
+    def _finish(self, seq: _Sequence, tok: int, reason: str, *, include: bool, text: str | None = None,
+                logprob: float | None = None, top: list | None = None) -> Event:
         if text is None:
             full = self.engine.tokenizer.decode(seq.generated)
             text = full[seq.emitted :]
             seq.emitted = len(full)
         self._release(seq.slot)
-        return Event(seq.request_id, text, tok if include else None, reason)
+        return Event(seq.request_id, text, tok if include else None, reason, sampled=1,
+                     logprob=logprob if include else None, top_logprobs=top if include else None)
 
     def _release(self, slot: int) -> None:
-        self.active.pop(slot, None)
+        seq = self.active.pop(slot, None)
+        if seq in self.prefilling:
+            self.prefilling.remove(seq)
         self.next_token.pop(slot, None)
         self.lengths[slot] = 0
         self.free.append(slot)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 import torch
 
 from lmforge.errors import LmforgeError
-from lmforge.generate.sampling import SamplingParams, apply_repetition_penalty, next_tokens
+from lmforge.generate.sampling import SamplingParams, apply_presence_frequency, apply_repetition_penalty, next_tokens
 from lmforge.model.gpt import GPT, KVCache
 from lmforge.generate.backend import choose_inference_backend
 from lmforge.runtime import inference_backend
@@ -43,6 +43,7 @@ class _Batch:
     positions: torch.Tensor | None = None  # [B, longest] each row's positions, 0 at its first token
     next_pos: torch.Tensor | None = None  # [B] position of each row's next token
     seen: torch.Tensor | None = None  # [B, V] tokens seen so far (repetition penalty)
+    counts: torch.Tensor | None = None  # [B, V] float: tokens generated so far (presence/frequency penalty)
 
 
 @dataclass
@@ -172,13 +173,16 @@ class Engine:
 
     @staticmethod
     def _pick(last: torch.Tensor, params: SamplingParams, step: int, generator: torch.Generator | None,
-              seen: torch.Tensor | None, banned: torch.Tensor | None) -> torch.Tensor:
+              seen: torch.Tensor | None, banned: torch.Tensor | None,
+              counts: torch.Tensor | None = None) -> torch.Tensor:
         """The next token of each row from its logits [B, vocab], all rows at generated token
         `step` + 1: the one place logits are turned into tokens, for every caller (the Engine's
         batches, the serving batcher's rows)."""
         require_finite_logits(last, f"at generated token {step + 1}")
         if seen is not None:
             last = apply_repetition_penalty(last.float(), seen, params.repetition_penalty)
+        if counts is not None:
+            last = apply_presence_frequency(last.float(), counts, params)
         if banned is not None and step < params.min_new_tokens:
             last = last.masked_fill(banned, float("-inf"))
         return next_tokens(last, params, generator)
@@ -212,6 +216,8 @@ class Engine:
             batch.seen = torch.zeros((B, self.config.vocab_size), dtype=torch.bool, device=device)
             for row, p in enumerate(prompts):
                 batch.seen[row, torch.tensor(p, device=device)] = True
+        if params.counts_tokens:
+            batch.counts = torch.zeros((B, self.config.vocab_size), dtype=torch.float32, device=device)
         return batch
 
     def _run(self, prompts: list[list[int]], params: SamplingParams) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -259,12 +265,14 @@ class Engine:
         logits, _ = self.model(b.ids, positions=b.positions, cache=cache, logits_to_keep=1,
                                attn_mask=None if b.key_mask is None else b.key_mask[:, :longest])
         for step in range(params.max_new_tokens):
-            nxt = self._pick(logits[:, -1, :], params, step, generator, b.seen, banned)
+            nxt = self._pick(logits[:, -1, :], params, step, generator, b.seen, banned, b.counts)
             nxt = torch.where(alive, nxt, torch.full_like(nxt, b.pad))
             yield nxt, alive
             alive = alive & ~torch.isin(nxt, stop_ids)
             if b.seen is not None:
                 b.seen[torch.arange(B, device=device), nxt] = True
+            if b.counts is not None:  # finished rows pick pads: not counted, they pick nothing more
+                b.counts[torch.arange(B, device=device), nxt] += alive.float()
             if step == params.max_new_tokens - 1 or not bool(alive.any()):
                 break
             positions = mask = None

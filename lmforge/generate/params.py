@@ -15,6 +15,8 @@ class SamplingParams:
     top_p: float = 1.0  # keep the smallest set of tokens whose probability reaches p (1 = off)
     min_p: float = 0.0  # drop tokens less likely than min_p x the top token's probability (0 = off)
     repetition_penalty: float = 1.0  # > 1 discourages tokens already in the text (CTRL-style)
+    presence_penalty: float = 0.0  # OpenAI's: subtracted from the logit of every token already generated (-2..2)
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted once per earlier occurrence in the generated text (-2..2)
     stop: list[str] = field(default_factory=list)  # stop when the text contains any of these
     stop_token_ids: list[int] = field(default_factory=list)  # extra token ids that end generation
     seed: int | None = None  # same seed, same text
@@ -38,8 +40,16 @@ class SamplingParams:
                                f"got {self.min_new_tokens!r}")
         if not isinstance(self.ignore_eos, bool):
             raise LmforgeError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise LmforgeError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
         if self.repetition_penalty <= 0:
             raise LmforgeError(f"repetition_penalty must be positive, got {self.repetition_penalty}")
+
+    @property
+    def counts_tokens(self) -> bool:
+        """Whether picking a token needs the counts of the tokens generated so far."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     @property
     def greedy(self) -> bool:

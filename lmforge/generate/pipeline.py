@@ -19,7 +19,8 @@ from lmforge.generate.sampling import SamplingParams
 from lmforge.interop.registry import LoadedModel, load_model
 
 TASKS = ("text-generation",)
-_SAMPLING_KEYS = {"max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "stop",
+_SAMPLING_KEYS = {"max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                  "frequency_penalty", "stop",
                   "stop_token_ids", "seed", "do_sample", "min_new_tokens", "ignore_eos"}
 
 

@@ -7,7 +7,7 @@ import torch
 
 from lmforge.generate.params import SamplingParams
 
-__all__ = ["SamplingParams", "apply_repetition_penalty", "filter_logits", "next_tokens"]
+__all__ = ["SamplingParams", "apply_presence_frequency", "apply_repetition_penalty", "filter_logits", "next_tokens"]
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -15,6 +15,12 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     `seen` is a bool [B, V] mask of tokens present in each row's text so far."""
     penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalized, logits)
+
+
+def apply_presence_frequency(logits: torch.Tensor, counts: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """OpenAI's penalties: logit - count * frequency_penalty - (count > 0) * presence_penalty,
+    where `counts` [B, V] counts each token in the text generated so far (not the prompt)."""
+    return logits - counts * p.frequency_penalty - (counts > 0).to(logits.dtype) * p.presence_penalty
 
 
 def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
