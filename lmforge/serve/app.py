@@ -203,8 +203,13 @@ async def _complete(server: Server, request: Request, req, plan, *, chat: bool):
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def client_gone() -> None:  # the body is read: what the server receives next is the disconnect
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
     try:
-        return await respond(plan, ticket, shape, request.is_disconnected)
+        return await respond(plan, ticket, shape, client_gone)
     except ConnectionAbortedError:
         return Response(status_code=499)  # nobody is listening; the status is for the log and metrics
     finally:

@@ -200,29 +200,37 @@ def _reason(event: Event) -> str:
     return event.finish_reason if event.finish_reason in ("stop", "length") else "stop"
 
 
-async def respond(plan: Plan, ticket: Ticket, shape: Shape, disconnected: Callable[[], Awaitable[bool]]) -> dict:
-    """Wait for every sequence; the whole response. A client gone meanwhile cancels the work."""
+async def respond(plan: Plan, ticket: Ticket, shape: Shape, client_gone: Callable[[], Awaitable[None]]) -> dict:
+    """Wait for every sequence; the whole response. `client_gone()` returns when the client
+    disconnects: then the work stops (ConnectionAbortedError) instead of running to its end."""
     import asyncio
 
     choices = [_Choice() for _ in plan.sequences]
-    left = len(choices)
-    while left:
-        try:
-            index, item = await asyncio.wait_for(ticket.events.get(), timeout=0.5)
-        except asyncio.TimeoutError:
-            if await disconnected():
-                raise ConnectionAbortedError from None
-            continue
-        if index < 0:
-            raise item
-        c = choices[index]
-        c.text.append(item.text)
-        c.tokens += item.sampled
-        if item.logprob is not None:
-            c.logprobs.append(item)
-        if item.finish_reason:
-            c.finish_reason = _reason(item)
-            left -= 1
+
+    async def collect() -> None:
+        left = len(choices)
+        while left:
+            index, item = await ticket.events.get()
+            if index < 0:
+                raise item
+            c = choices[index]
+            c.text.append(item.text)
+            c.tokens += item.sampled
+            if item.logprob is not None:
+                c.logprobs.append(item)
+            if item.finish_reason:
+                c.finish_reason = _reason(item)
+                left -= 1
+
+    work, watch = asyncio.ensure_future(collect()), asyncio.ensure_future(client_gone())
+    try:
+        await asyncio.wait([work, watch], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if not work.done():
+        work.cancel()
+        raise ConnectionAbortedError
+    work.result()  # raises what the worker sent
     out = []
     for index, c in enumerate(choices):
         head = plan.echo[index // plan.n] if plan.echo else ""
