@@ -111,3 +111,34 @@ def test_a_free_slot_between_busy_ones_changes_nothing(quantized):
     assert [0, 2] in gaps
     for rid, (prompt, params) in enumerate(((prompts[0], long), (prompts[1], short), (prompts[2], long))):
         assert got[rid][1] == Engine(quantized.model, quantized.tokenizer).generate_ids([prompt], params)[0].ids
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_the_batch_decodes(quantized):
+    """prefill_chunk=8: a 40-token prompt goes in five pieces, one a step, and the running request
+    gets a token at each of those steps; the long prompt's greedy text is still its text alone
+    (the chunks compute the same attention, in other shapes). A prompt of at most one chunk is
+    never split, even when a step's budget is partly spent."""
+    engine = Engine(quantized.model, quantized.tokenizer)
+    params = SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True)
+    running = engine.encode("def main():")
+    long = engine.encode("import os\nimport sys\nfrom typing import Any\n\n\ndef parse(text: str) -> dict:\n    ")
+    long = (long * 8)[:40]
+    short = running[:5]
+    batcher = ContinuousBatcher(engine, max_batch=3, prefill_chunk=8)
+    pieces = []
+    real_prefill = batcher._prefill
+    batcher._prefill = lambda seq, n: (pieces.append((seq.request_id, n)), real_prefill(seq, n))[1]
+    a = batcher.submit(running, SamplingParams(max_new_tokens=30, temperature=0.0, ignore_eos=True))
+    batcher.step()  # a's prompt (8 tokens or fewer: one piece) and its first token
+    b = batcher.submit(long, params)
+    c = batcher.submit(short, params)
+    tokens_of_a = []
+    while batcher.busy:
+        events = batcher.step()
+        tokens_of_a.append(sum(e.request_id == a and e.sampled for e in events))
+    assert [n for rid, n in pieces if rid == b] == [8, 8, 8, 8, 8]
+    assert [n for rid, n in pieces if rid == c] == [5]  # whole, in a step of its own
+    assert all(tokens_of_a[:6])  # a decoded at every step while b was prefilled
+    got = run(ContinuousBatcher(engine, max_batch=2, prefill_chunk=8), {0: [(long, params), (short, params)]})
+    for rid, prompt in enumerate((long, short)):
+        assert got[rid][1] == engine.generate_ids([prompt], params)[0].ids

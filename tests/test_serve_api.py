@@ -451,3 +451,48 @@ def test_a_client_gone_cancels_its_request_within_a_step(live):
         assert live.metric("lmforge_batch_size") == 0, stream
         made = live.metric("lmforge_generation_tokens_total") - before
         assert 0 < made < 500, (stream, made)  # stopped before its end
+
+
+def test_ctrl_c_drains_in_flight_requests_and_exits_cleanly(model_dir):
+    """`lmforge serve` as a process: SIGINT while a stream runs stops new connections, lets the
+    stream finish whole, and exits 0."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", str(model_dir), "--port", str(port),
+                             "--served-model-name", NAME, "--drain-seconds", "30"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 90
+        while True:
+            assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else ""
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        body = {"model": NAME, "prompt": "x", "max_tokens": 400, "ignore_eos": True, "stream": True}
+        lines = []
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if not lines:
+                    proc.send_signal(signal.SIGINT)
+                lines.append(line)
+        events = [json.loads(x[6:]) for x in lines if x.startswith("data: {")]
+        assert lines[-2:] == ["data: [DONE]", ""] or lines[-1] == "data: [DONE]"
+        assert events[-1]["choices"][0]["finish_reason"] == "length"
+        with pytest.raises(httpx.HTTPError):  # no new requests while draining / after
+            httpx.get(url + "/health", timeout=2)
+        assert proc.wait(30) == 0
+        out = proc.stdout.read()
+        assert "chat page: http://127.0.0.1:" in out and "Traceback" not in out, out
+    finally:
+        proc.kill()
+        proc.wait()

@@ -32,5 +32,9 @@ def run_server(config: ServeConfig, notify=lambda text: print(text, file=sys.std
         notify(f"lmforge serve: {text}\n  chat page: {base}/\n  OpenAI API: {base}/v1  (e.g. {base}/v1/chat/completions)")
 
     app = create_app(server, announce=announce)
-    uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
-                                  timeout_graceful_shutdown=config.drain_seconds, access_log=False)).run()
+    try:
+        uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
+                                      timeout_graceful_shutdown=config.drain_seconds, access_log=False)).run()
+    except KeyboardInterrupt:  # uvicorn drained the requests, then hands Ctrl-C back: the normal way to stop
+        pass
+    notify("lmforge serve: stopped")
