@@ -8,6 +8,7 @@ Everything goes through Hugging Face `tokenizers`, and a tokenizer lives in a fo
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -131,6 +132,23 @@ def check_tokenizer_config(config: dict, where: str | os.PathLike) -> None:
         raise LmforgeError(f"{where}: chat_template must be a string or a list of {{name, template}} objects")
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's stand-in characters -> the bytes they encode (GPT-2's scheme: printable
+    Latin-1 bytes stand for themselves, the others for the characters from U+0100 on, in order)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[chr(b)] = b
+        else:
+            table[chr(256 + extra)] = b
+            extra += 1
+    return table
+
+
+_BYTE_OF_CHAR = _byte_level_alphabet()
+
+
 class Tokenizer:
     """An HF `tokenizers.Tokenizer` plus the special-token roles and chat template lmforge needs."""
 
@@ -173,6 +191,30 @@ class Tokenizer:
         with open(folder / TOKENIZER_FILE, "wb") as f:
             f.write(self._raw_json)
         write_text_atomic(folder / CONFIG_FILE, json.dumps(self.config, indent=2, ensure_ascii=False))
+
+    # -- single tokens ------------------------------------------------------------------
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for. Byte-level BPE tokens can hold part of a UTF-8
+        character, which `decode([id])` shows as U+FFFD: these are the real bytes (OpenAI's
+        log-prob `bytes` field). Added tokens are their text; other vocabularies their decoding."""
+        added = self._added_tokens.get(token_id)
+        if added is not None:
+            return added.encode("utf-8")
+        piece = self.hf.id_to_token(token_id)
+        table = _BYTE_OF_CHAR if self._byte_level else None
+        if piece is not None and table is not None and all(c in table for c in piece):
+            return bytes(table[c] for c in piece)
+        return self.hf.decode([token_id], skip_special_tokens=False).encode("utf-8")
+
+    @functools.cached_property
+    def _added_tokens(self) -> dict[int, str]:
+        return {i: t.content for i, t in self.hf.get_added_tokens_decoder().items()}
+
+    @functools.cached_property
+    def _byte_level(self) -> bool:
+        decoder = json.loads(self._raw_json).get("decoder") or {}
+        parts = decoder.get("decoders", [decoder]) if decoder.get("type") == "Sequence" else [decoder]
+        return any(d.get("type") == "ByteLevel" for d in parts)
 
     # -- special tokens -----------------------------------------------------------------
     def _role_id(self, role: str) -> int | None:

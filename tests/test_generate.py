@@ -176,3 +176,17 @@ def test_the_backend_choice_follows_the_measurement(tiny_model_dir, monkeypatch,
     monkeypatch.setattr(NumpyDecoder, "step", timed_step)
     assert backend.choose_inference_backend(model) == want
     assert Engine(model, loaded.tokenizer).backend == want  # measured once, per architecture
+
+
+def test_presence_and_frequency_penalties_follow_openais_formula():
+    """logit - count * frequency_penalty - (count > 0) * presence_penalty, counts over generated tokens."""
+    import torch
+
+    from lmforge.generate.sampling import apply_presence_frequency
+
+    logits = torch.tensor([[1.0, 1.0, 1.0, 1.0]])
+    counts = torch.tensor([[0.0, 1.0, 3.0, 0.0]])
+    got = apply_presence_frequency(logits, counts, SamplingParams(presence_penalty=0.5, frequency_penalty=0.25))
+    assert torch.equal(got, torch.tensor([[1.0, 0.25, -0.25, 1.0]]))
+    with pytest.raises(LmforgeError, match="presence_penalty"):
+        SamplingParams(presence_penalty=2.5)

@@ -225,6 +225,8 @@ def test_logprobs_are_the_models_own(live, loaded, engine):
         assert len(entry.top_logprobs) == 3
         assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob, abs=1e-6)  # greedy: the top one
         assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob >= entry.top_logprobs[2].logprob
+    # A reply's text is the concatenation of its tokens' bytes (byte tokens: part of a character).
+    assert b"".join(bytes(e.bytes) for e in content).decode("utf-8", "replace") == r.choices[0].message.content
     legacy = client.completions.create(model=NAME, prompt="x = 1", max_tokens=4, temperature=0, logprobs=2,
                                        extra_body={"ignore_eos": True}).choices[0]
     assert len(legacy.logprobs.tokens) == 4 and len(legacy.logprobs.top_logprobs[0]) == 2

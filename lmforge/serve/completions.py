@@ -157,8 +157,7 @@ class Shape:
             return None
         if self.chat:
             def entry(tok, lp):
-                s = self._token(tok)
-                return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
+                return {"token": self._token(tok), "logprob": lp, "bytes": list(self.tokenizer.token_bytes(tok))}
 
             return {"content": [{**entry(e.token_id, e.logprob),
                                  "top_logprobs": [entry(t, lp) for t, lp in (e.top_logprobs or [])]} for e in events],
