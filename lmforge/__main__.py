@@ -1,3 +1,4 @@
 from lmforge.cli import entry
 
-entry()
+if __name__ == "__main__":  # not when a spawned process (lmforge serve's HTTP side) imports this module
+    entry()

@@ -22,22 +22,9 @@ import torch
 
 from lmforge.errors import LmforgeError
 from lmforge.generate.engine import Engine, _find_stop, _safe_end
+from lmforge.generate.events import Event
 from lmforge.generate.sampling import SamplingParams
 from lmforge.runtime import inference_backend
-
-
-@dataclass
-class Event:
-    """What one step produced for one request: new text (possibly empty: held back while it could
-    start a stop string or ends in a partial UTF-8 character), and the finish reason at its end."""
-
-    request_id: int
-    text: str
-    token_id: int | None  # the token added to the text (None: an end token, or no token)
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled"
-    sampled: int = 0  # tokens the model produced in this event, an end token included (usage counts these)
-    logprob: float | None = None  # log p(token_id) under the model's own distribution, when asked
-    top_logprobs: list[tuple[int, float]] | None = None  # the k most likely (token, log p), when asked
 
 
 @dataclass

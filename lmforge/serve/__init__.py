@@ -10,31 +10,56 @@ __all__ = ["DEFAULT_MODEL", "ServeConfig", "run_server"]
 
 
 def run_server(config: ServeConfig, notify=lambda text: print(text, file=sys.stderr, flush=True)) -> None:
-    """Load the model, listen, serve until Ctrl-C (or SIGTERM); then stop taking connections and
-    let in-flight requests finish for up to `config.drain_seconds` before exiting."""
-    import logging
+    """Load the model and warm it up; start the HTTP process; generate on this thread until the
+    HTTP process ends. Ctrl-C (or SIGTERM) stops taking connections and lets in-flight requests
+    finish for up to `config.drain_seconds`; a second Ctrl-C stops at once."""
+    import multiprocessing
+    import os
+    import signal
 
-    import uvicorn
-
+    from lmforge.errors import LmforgeError
+    from lmforge.generate.engine import Engine
     from lmforge.interop.registry import load_model
-    from lmforge.serve.app import build_server, create_app
+    from lmforge.serve.app import context_served
+    from lmforge.serve.http_process import HttpSpec, http_main
+    from lmforge.serve.link import PipeInbox, PipeOutbox
+    from lmforge.serve.worker import GenerationWorker
 
-    logging.basicConfig(level=config.log_level.upper(), format="lmforge serve: %(message)s")
     if config.host not in ("127.0.0.1", "localhost", "::1") and not config.api_key:
         notify(f"lmforge: warning: listening on {config.host} without an API key: anyone who can reach this "
                "port can use the model (give --api-key or --api-key-file)")
     loaded = load_model(config.model)
-    server = build_server(config, loaded)
-    host = f"[{config.host}]" if ":" in config.host else config.host
-    base = f"http://{host}:{config.port}"
+    engine = Engine(loaded.model, loaded.tokenizer, stop_token_ids=loaded.generation.get("stop_token_ids", ()),
+                    int8_activations=config.int8_activations)
+    max_len = context_served(config, loaded.model.config.block_size)
+    worker = GenerationWorker(engine, max_batch=config.max_batch, max_len=max_len, prefill_chunk=config.prefill_chunk)
+    worker.warm_up()
+    tok = loaded.tokenizer
+    spec = HttpSpec(config, tok.hf.to_str().encode("utf-8"), tok.config, dict(loaded.generation),
+                    loaded.model.config.vocab_size, max_len)
+    here, there = multiprocessing.Pipe()
+    http = multiprocessing.get_context("spawn").Process(target=http_main, args=(there, spec), name="lmforge-http")
+    http.start()
+    there.close()
+    stopping = []
 
-    def announce(text: str) -> None:
-        notify(f"lmforge serve: {text}\n  chat page: {base}/\n  OpenAI API: {base}/v1  (e.g. {base}/v1/chat/completions)")
+    def on_signal(signum, frame):
+        if not stopping:
+            notify("lmforge serve: stopping: finishing the requests in flight (Ctrl-C again to stop now)")
+        stopping.append(signum)
+        if http.is_alive():
+            os.kill(http.pid, signum)
 
-    app = create_app(server, announce=announce)
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
-                                      timeout_graceful_shutdown=config.drain_seconds, access_log=False)).run()
-    except KeyboardInterrupt:  # uvicorn drained the requests, then hands Ctrl-C back: the normal way to stop
-        pass
+        worker.run(PipeInbox(here), PipeOutbox(here), until=lambda: not http.is_alive())
+        http.join()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if http.is_alive():
+            http.kill()
+    if http.exitcode and not stopping:
+        raise LmforgeError(f"the HTTP server stopped (exit code {http.exitcode}); could it listen on "
+                           f"{config.host}:{config.port}? See the error above")
     notify("lmforge serve: stopped")

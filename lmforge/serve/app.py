@@ -3,8 +3,9 @@
     POST /v1/chat/completions, /v1/completions   (stream or not)
     GET  /v1/models, /health, /metrics (Prometheus), /  (the chat page)
 
-The event loop only parses, validates and writes; one generation thread owns the model
-(serve.worker). Every error is OpenAI's error JSON with the status OpenAI would send.
+The event loop only parses, validates and writes; the generation loop (serve.worker) owns the
+model — in `lmforge serve` on the main thread of a process of its own (serve.link). Every error
+is OpenAI's error JSON with the status OpenAI would send.
 """
 
 from __future__ import annotations
@@ -15,21 +16,23 @@ import hmac
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Awaitable, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.middleware.cors import CORSMiddleware
 
-from lmforge.generate.engine import Engine
-from lmforge.interop.registry import LoadedModel
+from lmforge.errors import LmforgeError
 from lmforge.serve.completions import Shape, plan_chat, plan_completion, respond, stream
 from lmforge.serve.config import ServeConfig
+from lmforge.serve.link import ThreadLink
 from lmforge.serve.metrics import ServeMetrics
 from lmforge.serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest, parse
-from lmforge.serve.worker import GenerationWorker, Ticket
+from lmforge.serve.tickets import Admission, Ticket
+from lmforge.tokenizer import Tokenizer
 
 log = logging.getLogger("lmforge.serve")
 STATIC = Path(__file__).parent / "static"
@@ -39,32 +42,53 @@ _PROTECTED = ("/v1/", "/metrics")  # what the API key guards; the page and /heal
 
 @dataclass
 class Server:
+    """What the HTTP side knows of the model (no torch here: in `lmforge serve` this side is a
+    process of its own) and its link to the generation loop. `open`/`close` run at the app's
+    start and end, on its event loop."""
+
     config: ServeConfig
-    loaded: LoadedModel
-    engine: Engine
-    worker: GenerationWorker
+    tokenizer: Tokenizer
+    generation: dict  # sampling defaults from the model dir's generation.json
+    vocab_size: int
+    max_len: int  # the context served
+    link: object  # serve.link.ThreadLink or PipeLink
     metrics: ServeMetrics
-    max_len: int
-    started: int
-
-    @property
-    def generation_defaults(self) -> dict:
-        return self.loaded.generation
+    open: Callable[[asyncio.AbstractEventLoop], Awaitable[None]]
+    close: Callable[[], None]
+    started: int = field(default_factory=lambda: int(time.time()))
 
 
-def build_server(config: ServeConfig, loaded: LoadedModel) -> Server:
+def context_served(config: ServeConfig, block_size: int) -> int:
+    if config.max_model_len is not None and config.max_model_len > block_size:
+        raise LmforgeError(f"--max-model-len {config.max_model_len} exceeds the model's context of {block_size} tokens")
+    return config.max_model_len or min(block_size, DEFAULT_CONTEXT)
+
+
+def build_server(config: ServeConfig, loaded) -> Server:
+    """A server whose generation loop runs on a thread of this process (tests, notebooks)."""
+    from lmforge.generate.engine import Engine
+    from lmforge.serve.worker import GenerationWorker, QueueInbox, start_thread
+
     engine = Engine(loaded.model, loaded.tokenizer, stop_token_ids=loaded.generation.get("stop_token_ids", ()),
                     int8_activations=config.int8_activations)
-    block = loaded.model.config.block_size
-    if config.max_model_len is not None and config.max_model_len > block:
-        from lmforge.errors import LmforgeError
+    max_len = context_served(config, loaded.model.config.block_size)
+    worker = GenerationWorker(engine, max_batch=config.max_batch, max_len=max_len, prefill_chunk=config.prefill_chunk)
+    metrics, inbox = ServeMetrics(), QueueInbox()
+    link = ThreadLink(inbox, metrics, Admission(config.max_batch, config.max_queue))
+    threads = []
 
-        raise LmforgeError(f"--max-model-len {config.max_model_len} exceeds the model's context of {block} tokens")
-    max_len = config.max_model_len or min(block, DEFAULT_CONTEXT)
-    metrics = ServeMetrics()
-    worker = GenerationWorker(engine, max_batch=config.max_batch, max_len=max_len, max_queue=config.max_queue,
-                              prefill_chunk=config.prefill_chunk, metrics=metrics)
-    return Server(config, loaded, engine, worker, metrics, max_len, int(time.time()))
+    async def open_(loop):
+        link.loop = loop
+        await asyncio.to_thread(worker.warm_up)
+        threads.append(start_thread(worker, inbox, link))
+
+    def close():
+        inbox.put(("stop", 0, None))
+        for t in threads:
+            t.join(10)
+
+    return Server(config, loaded.tokenizer, loaded.generation, loaded.model.config.vocab_size, max_len, link, metrics,
+                  open_, close)
 
 
 def create_app(server: Server, *, announce=None) -> FastAPI:
@@ -73,12 +97,11 @@ def create_app(server: Server, *, announce=None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        await asyncio.to_thread(server.worker.warm_up)
-        server.worker.start()
+        await server.open(asyncio.get_running_loop())
         if announce:
             announce(f"serving {cfg.name} (context {server.max_len} tokens, {cfg.max_batch} sequences at once)")
         yield
-        server.worker.stop()
+        server.close()
 
     app = FastAPI(title="lmforge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -190,16 +213,16 @@ async def _read_json(request: Request, limit: int):
 
 async def _complete(server: Server, request: Request, req, plan, *, chat: bool):
     ticket = Ticket(plan.sequences, asyncio.get_running_loop())
-    server.worker.submit(ticket)  # 429 when the queue is full
+    server.link.submit(ticket)  # 429 when the queue is full
     server.metrics.prompt_tokens.inc(plan.prompt_tokens)
-    shape = Shape(chat, server.engine.tokenizer, server.config.name)
+    shape = Shape(chat, server.tokenizer, server.config.name)
     if req.stream:
         async def events():
             try:
                 async for piece in stream(plan, ticket, shape, req.include_usage):
                     yield piece
             finally:  # the client closed the stream (or it ended): stop generating for it
-                server.worker.cancel(ticket)
+                server.link.cancel(ticket)
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -213,4 +236,4 @@ async def _complete(server: Server, request: Request, req, plan, *, chat: bool):
     except ConnectionAbortedError:
         return Response(status_code=499)  # nobody is listening; the status is for the log and metrics
     finally:
-        server.worker.cancel(ticket)
+        server.link.cancel(ticket)

@@ -16,10 +16,10 @@ from typing import AsyncIterator, Awaitable, Callable
 
 from lmforge.chat import render_chat
 from lmforge.errors import LmforgeError
-from lmforge.generate.batcher import Event
-from lmforge.generate.sampling import SamplingParams
+from lmforge.generate.events import Event
+from lmforge.generate.params import SamplingParams
 from lmforge.serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest
-from lmforge.serve.worker import Sequence, Ticket
+from lmforge.serve.tickets import Sequence, Ticket
 
 
 @dataclass
@@ -34,7 +34,7 @@ class Plan:
 
 
 def plan_chat(req: ChatCompletionRequest, server) -> Plan:
-    cfg, tokenizer = server.config, server.engine.tokenizer
+    cfg, tokenizer = server.config, server.tokenizer
     if len(req.messages) > cfg.max_messages:
         raise ApiError(400, f"{len(req.messages)} messages exceed this server's limit of {cfg.max_messages}",
                        param="messages", code="too_many_messages")
@@ -52,23 +52,23 @@ def plan_chat(req: ChatCompletionRequest, server) -> Plan:
 
 
 def plan_completion(req: CompletionRequest, server) -> Plan:
-    cfg, engine = server.config, server.engine
+    cfg, tokenizer = server.config, server.tokenizer
     prompts = req.prompts()
     _check_chars(sum(len(p) for p in prompts if isinstance(p, str)), cfg.max_prompt_chars, "prompt")
-    vocab = engine.config.vocab_size
+    vocab = server.vocab_size
     ids_list, texts = [], []
     for i, p in enumerate(prompts):
         if isinstance(p, str):
             if not p:
                 raise ApiError(400, f"prompt[{i}] is empty", param="prompt")
-            ids = engine.tokenizer.encode(p)
+            ids = tokenizer.encode(p)
             texts.append(p)
         else:
             if not p or any(not 0 <= t < vocab for t in p):
                 raise ApiError(400, f"prompt[{i}]: token ids must be a non-empty list of ids in [0, {vocab})",
                                param="prompt")
             ids = list(p)
-            texts.append(engine.tokenizer.decode(ids))
+            texts.append(tokenizer.decode(ids))
         ids_list.append(ids)
     plan = _plan(req, server, ids_list, prompt_field="prompt")
     if req.echo:
@@ -83,7 +83,7 @@ def _check_chars(n: int, limit: int, param: str) -> None:
 
 
 def _plan(req, server, prompts: list[list[int]], prompt_field: str) -> Plan:
-    cfg, generation = server.config, server.generation_defaults
+    cfg, generation = server.config, server.generation
     if req.n > cfg.max_n:
         raise ApiError(400, f"n={req.n} exceeds this server's limit of {cfg.max_n}", param="n")
     if req.model is not None and req.model != cfg.name:

@@ -1,202 +1,151 @@
-"""The generation thread: the one owner of the model while serving.
+"""The generation loop: the one owner of the model while serving.
 
-HTTP handlers never touch the model. They hand a `Ticket` (one request's sequences) to
-`GenerationWorker.submit`, which is thread-safe; the worker thread feeds the ContinuousBatcher
-from its inbox between steps and sends every Event back to the handler's asyncio queue through
-the event loop (`call_soon_threadsafe`), so the loop never waits on a decode step.
+It takes requests from an inbox between steps — ("submit", key, sequences), ("cancel", key),
+("stop", None) — feeds the ContinuousBatcher, and puts every Event in an outbox, flushed once per
+step. `lmforge serve` runs it on the main thread of the main process, with the HTTP server in a
+process of its own (serve.link): numba's OpenMP kernels spin-wait between parallel regions, and
+on two cores an HTTP thread beside them in the same process waits on the GIL behind them — one
+stream went from 75 to 4-15 tokens/s with 4 s to the first token; the same loop on a thread of
+its own decoded at 33. In-process servers (tests, notebooks) run it on a thread.
 """
 
 from __future__ import annotations
 
-import asyncio
-import itertools
 import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from typing import Callable, Protocol
 
 from lmforge.errors import LmforgeError
-from lmforge.generate.batcher import ContinuousBatcher, Event
+from lmforge.generate.batcher import ContinuousBatcher
 from lmforge.generate.engine import Engine
+from lmforge.generate.events import Event
 from lmforge.generate.sampling import SamplingParams
-from lmforge.serve.metrics import ServeMetrics
-from lmforge.serve.protocol import ApiError
+from lmforge.serve.tickets import Failure, Sequence
 
 log = logging.getLogger("lmforge.serve")
 
 
-@dataclass
-class Sequence:
-    prompt_ids: list[int]
-    params: SamplingParams
-    logprobs: int | None = None
+class Outbox(Protocol):
+    def send(self, key: int, index: int, item: Event | Failure) -> None: ...
+
+    def flush(self, batch_size: int, waiting: int, step_seconds: float | None) -> None: ...
 
 
-@dataclass
-class Ticket:
-    """One HTTP request's sequences (n choices, several prompts). Events arrive on `events` as
-    (sequence index, Event), or (-1, exception) when the worker failed the request."""
+class QueueInbox:
+    """Requests from threads of the same process."""
 
-    sequences: list[Sequence]
-    loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
-    created: float = field(default_factory=time.perf_counter)
-    ids: dict[int, int] = field(default_factory=dict)  # batcher request id -> sequence index
-    left: int = 0  # sequences not finished
-    cancelled: bool = False
-    first_token_at: float | None = None
-    last_token_at: float | None = None
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+
+    def put(self, message: tuple) -> None:
+        self._queue.put(message)
+
+    def get(self, timeout: float | None) -> tuple | None:
+        try:
+            return self._queue.get(timeout=timeout) if timeout else self._queue.get_nowait()
+        except queue.Empty:
+            return None
 
 
 class GenerationWorker:
-    def __init__(self, engine: Engine, *, max_batch: int, max_len: int, max_queue: int, prefill_chunk: int,
-                 metrics: ServeMetrics):
+    def __init__(self, engine: Engine, *, max_batch: int, max_len: int, prefill_chunk: int):
         self.engine = engine
-        self.max_batch, self.max_len, self.max_queue, self.prefill_chunk = max_batch, max_len, max_queue, prefill_chunk
-        self.metrics = metrics
+        self.max_batch, self.max_len, self.prefill_chunk = max_batch, max_len, prefill_chunk
         self.batcher = ContinuousBatcher(engine, max_batch=max_batch, max_len=max_len, prefill_chunk=prefill_chunk)
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._outstanding = 0  # sequences submitted and not finished: the bound on the queue
-        self._owner: dict[int, Ticket] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="lmforge-generation", daemon=True)
-        self._order = itertools.count()
-
-    # -- called from the event loop ---------------------------------------------------------
-    def start(self) -> None:
-        self._thread.start()
+        self._owner: dict[int, tuple[int, int]] = {}  # batcher request id -> (request key, sequence index)
+        self._requests: dict[int, list[int]] = {}  # request key -> its batcher request ids not finished
+        self._stopped = False
 
     def warm_up(self) -> None:
         """Run one short generation before serving, so the first request does not pay for the
         decode kernels' compilation and the backend's timing (seconds on a cold start)."""
         ids = self.engine.encode("Hello")
-        rid = self.batcher.submit(ids, SamplingParams(max_new_tokens=2, temperature=0.0, ignore_eos=True))
-        rid2 = self.batcher.submit(ids, SamplingParams(max_new_tokens=3, temperature=0.0, ignore_eos=True))
-        done = set()
+        for n in (2, 3):  # two rows: a batched decode step too
+            self.batcher.submit(ids, SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True))
         while self.batcher.busy:
-            done.update(e.request_id for e in self.batcher.step() if e.finish_reason)
-        assert done == {rid, rid2}
+            self.batcher.step()
 
-    def submit(self, ticket: Ticket) -> None:
-        """Queue a request's sequences; 429 when the queue is full (the caller tells the client
-        when to retry)."""
-        n = len(ticket.sequences)
-        with self._lock:
-            if self._outstanding + n > self.max_batch + self.max_queue:
-                raise ApiError(429, f"the server is busy: {self._outstanding} sequences are running or queued "
-                               f"(limit {self.max_batch} running + {self.max_queue} queued); retry shortly",
-                               type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
-            self._outstanding += n
-        ticket.left = n
-        self.metrics.queue_depth.set(self.waiting())
-        self._inbox.put(("submit", ticket))
-
-    def cancel(self, ticket: Ticket) -> None:
-        """Stop generating for a request (a closed stream, a client gone): within one step."""
-        if not ticket.cancelled and ticket.left:
-            ticket.cancelled = True
-            self._inbox.put(("cancel", ticket))
-
-    def waiting(self) -> int:
-        with self._lock:
-            return max(0, self._outstanding - self.batcher.decoding)
-
-    def stop(self, timeout: float = 5.0) -> None:
-        self._stop.set()
-        self._inbox.put(("wake", None))
-        self._thread.join(timeout)
-
-    # -- the generation thread --------------------------------------------------------------
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self._drain_inbox(block=not self.batcher.busy)
+    def run(self, inbox, outbox: Outbox, until: Callable[[], bool] | None = None) -> None:
+        """The loop, on the calling thread, until a "stop" message, a closed inbox or `until()`."""
+        while not self._stopped and not (until and until()):
+            if not self._take(inbox, outbox, block=not self.batcher.busy):
+                break
             if not self.batcher.busy:
+                outbox.flush(0, 0, None)  # a request refused while taking messages: its failure goes now
                 continue
             started = time.perf_counter()
             try:
                 events = self.batcher.step()
             except Exception as e:  # a bad request must not take the server down: fail the batch
                 log.exception("generation step failed")
-                self._fail_all(e)
+                self._fail_all(outbox, e)
+                outbox.flush(0, 0, None)
                 continue
-            self.metrics.step_seconds.observe(time.perf_counter() - started)
-            now = time.perf_counter()
+            seconds = time.perf_counter() - started
             for event in events:
-                self._dispatch(event, now)
-            self.metrics.batch_size.set(self.batcher.decoding)
-            self.metrics.queue_depth.set(self.waiting())
+                self._route(outbox, event)
+            outbox.flush(self.batcher.decoding, len(self.batcher.waiting) + len(self.batcher.prefilling), seconds)
 
-    def _drain_inbox(self, block: bool) -> None:
+    def _take(self, inbox, outbox: Outbox, block: bool) -> bool:
+        """Apply every waiting message (waiting up to 0.5 s for one when idle); False once the
+        inbox is closed (the HTTP side is gone)."""
         try:
-            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
-        except queue.Empty:
-            return
-        while True:
-            kind, ticket = item
-            if kind == "submit":
-                self._start(ticket)
-            elif kind == "cancel":
-                for rid in ticket.ids:
-                    self.batcher.cancel(rid)
-            try:
-                item = self._inbox.get_nowait()
-            except queue.Empty:
-                return
+            message = inbox.get(0.5 if block else None)
+            while message is not None:
+                kind, key, payload = message
+                if kind == "submit":
+                    self._start(key, payload, outbox)
+                elif kind == "cancel":
+                    for rid in self._requests.get(key, []):
+                        self.batcher.cancel(rid)
+                elif kind == "stop":
+                    self._stopped = True
+                message = inbox.get(None)
+        except EOFError:
+            return False
+        return True
 
-    def _start(self, ticket: Ticket) -> None:
-        if ticket.cancelled:
-            self._finished(ticket, len(ticket.sequences))
-            return
-        for index, seq in enumerate(ticket.sequences):
+    def _start(self, key: int, sequences: list[Sequence], outbox: Outbox) -> None:
+        rids = []
+        for index, seq in enumerate(sequences):
             try:
                 rid = self.batcher.submit(seq.prompt_ids, seq.params, seq.logprobs)
-            except LmforgeError as e:  # checked by the handler already; kept as a guard
-                for started in ticket.ids:
+            except LmforgeError as e:  # checked by the HTTP side already; kept as a guard
+                for started in rids:
                     self.batcher.cancel(started)
-                self._send(ticket, -1, ApiError(400, str(e)))
-                self._finished(ticket, len(ticket.sequences) - index)
+                outbox.send(key, -1, Failure(400, str(e), "invalid_request_error"))
                 return
-            ticket.ids[rid] = index
-            self._owner[rid] = ticket
+            self._owner[rid] = (key, index)
+            rids.append(rid)
+        self._requests[key] = rids
 
-    def _dispatch(self, event: Event, now: float) -> None:
-        ticket = self._owner.get(event.request_id)
-        if ticket is None:
+    def _route(self, outbox: Outbox, event: Event) -> None:
+        owner = self._owner.get(event.request_id)
+        if owner is None:
             return
-        if event.sampled:
-            self.metrics.generation_tokens.inc(event.sampled)
-            if ticket.first_token_at is None:
-                ticket.first_token_at = now
-                self.metrics.ttft.observe(now - ticket.created)
-            elif ticket.last_token_at is not None:
-                self.metrics.inter_token.observe(now - ticket.last_token_at)
-            ticket.last_token_at = now
-        self._send(ticket, ticket.ids[event.request_id], event)
+        key, index = owner
+        outbox.send(key, index, event)
         if event.finish_reason:
             del self._owner[event.request_id]
-            self._finished(ticket, 1)
+            rids = self._requests.get(key, [])
+            if event.request_id in rids:
+                rids.remove(event.request_id)
+            if not rids:
+                self._requests.pop(key, None)
 
-    def _finished(self, ticket: Ticket, n: int) -> None:
-        ticket.left -= n
-        with self._lock:
-            self._outstanding -= n
-        if ticket.left <= 0:
-            self.metrics.request_seconds.observe(time.perf_counter() - ticket.created)
-
-    def _fail_all(self, error: Exception) -> None:
+    def _fail_all(self, outbox: Outbox, error: Exception) -> None:
         """After a failed step the batch's state is unknown: fail every request in it, start over."""
-        for rid, ticket in list(self._owner.items()):
-            self._send(ticket, -1, ApiError(500, f"generation failed: {error}", type="server_error"))
-            del self._owner[rid]
-            self._finished(ticket, 1)
+        for key in list(self._requests):
+            outbox.send(key, -1, Failure(500, f"generation failed: {error}"))
+        self._owner.clear()
+        self._requests.clear()
         self.batcher = ContinuousBatcher(self.engine, max_batch=self.max_batch, max_len=self.max_len,
                                          prefill_chunk=self.prefill_chunk)
 
-    @staticmethod
-    def _send(ticket: Ticket, index: int, item) -> None:
-        try:
-            ticket.loop.call_soon_threadsafe(ticket.events.put_nowait, (index, item))
-        except RuntimeError:  # the loop is closed: the server is going down
-            pass
+
+def start_thread(worker: GenerationWorker, inbox: QueueInbox, outbox: Outbox) -> threading.Thread:
+    thread = threading.Thread(target=worker.run, args=(inbox, outbox), name="lmforge-generation", daemon=True)
+    thread.start()
+    return thread
