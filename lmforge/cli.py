@@ -317,15 +317,18 @@ def models(
     rows = []
     for name, c in PRESETS.items():
         est = estimate_memory(c, 1, min(c.block_size, 1024))
-        rows.append({"name": name, "family": "llama" if c.position == "rope" else "gpt2", "params": est["params"],
-                     "layers": c.n_layer, "heads": f"{c.n_head}/{c.n_kv_head}", "width": c.n_embd,
-                     "context": c.block_size, "vocab": c.vocab_size})
+        family = "enc-dec" if c.is_encoder_decoder else "llama" if c.position == "rope" else "gpt2"
+        # An encoder-decoder's layers as encoder+decoder, e.g. 6+6.
+        layers = f"{c.n_encoder_layer}+{c.n_layer}" if c.is_encoder_decoder else c.n_layer
+        rows.append({"name": name, "family": family, "params": est["params"], "layers": layers,
+                     "heads": f"{c.n_head}/{c.n_kv_head}", "width": c.n_embd, "context": c.block_size,
+                     "vocab": c.vocab_size})
     if as_json:
         _echo_json(rows)
         return
-    typer.echo(f"{'preset':<14} {'family':<7} {'params':>10} {'layers':>6} {'heads q/kv':>10} {'width':>6} {'context':>8} {'vocab':>7}")
+    typer.echo(f"{'preset':<16} {'family':<7} {'params':>10} {'layers':>6} {'heads q/kv':>10} {'width':>6} {'context':>8} {'vocab':>7}")
     for r in rows:
-        typer.echo(f"{r['name']:<14} {r['family']:<7} {r['params'] / 1e6:>9.1f}M {r['layers']:>6} {r['heads']:>10} "
+        typer.echo(f"{r['name']:<16} {r['family']:<7} {r['params'] / 1e6:>9.1f}M {r['layers']:>6} {r['heads']:>10} "
                    f"{r['width']:>6} {r['context']:>8} {r['vocab']:>7}")
 
 
@@ -382,6 +385,9 @@ def estimate(
     est = estimate_memory(config, batch_size, seq_len or config.block_size, optimizer=optimizer)
     gib = lambda b: f"{b / 2**30:.3f} GiB"  # noqa: E731
     typer.echo(f"{config.name}: {est['params']:,} parameters, {est['flops_per_token'] / 1e9:.3f} GFLOP per token (train)")
+    if config.is_encoder_decoder:
+        typer.echo(f"  encoder-decoder ({config.n_encoder_layer}+{config.n_layer} layers): sources and targets of "
+                   f"{seq_len or config.block_size} tokens each; FLOPs per target token")
     for key in ("weights", "grads", "optimizer", "activations", "logits", "total"):
         typer.echo(f"  {key:<12} {gib(est[key])}")
 

@@ -1,6 +1,6 @@
 """`lmforge convert SRC DST --to lmforge|hf|gguf`: read any model source into a bundle, write it
-in the format asked for; `lmforge quantize SRC --to q8_0|q4_0|q4_1 -o OUT`: the same, as a model
-dir of GGUF blocks.
+in the format asked for (an encoder-decoder: lmforge, or hf as mBART); `lmforge quantize SRC
+--to q8_0|q4_0|q4_1 -o OUT`: the same, as a model dir of GGUF blocks.
 
 SRC is whatever `resolve_model_dir` accepts (model dir, run dir, HF folder, .gguf file, known
 name, hf:org/name Hub id); GGUF files and HF folders are read directly, without a stop in the cache.
@@ -64,6 +64,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, dtype: s
     check_output_free(dst, overwrite)  # before reading a large source
     t0 = time.perf_counter()
     bundle = read_any(src)
+    if bundle.config.is_encoder_decoder and to == "gguf":
+        raise LmforgeError(f"{src}: an encoder-decoder ({bundle.config.name}) cannot be written as GGUF; "
+                           "--to lmforge or hf (mBART)")
     if dtype is None and to != "hf" and bundle.blocks:
         dtype = bundle.quant_format
     elif to == "lmforge" or dtype is None:
@@ -124,6 +127,8 @@ def quantize_model(src: str | os.PathLike, dst: str | os.PathLike, fmt: str, *, 
     check_output_free(dst, overwrite)
     t0 = time.perf_counter()
     bundle = read_any(src)
+    if bundle.config.is_encoder_decoder:
+        raise LmforgeError(f"{src}: quantizing an encoder-decoder ({bundle.config.name}) is not supported")
     blocks = quantize_blocks(model_state_dict(bundle.model), f.name, embedding_format=emb.name, keep=bundle.blocks)
     reused = sum(1 for name, q in blocks.items() if bundle.blocks.get(name) is q)
     bundle.blocks, bundle.quant_format = blocks, f.name

@@ -1,5 +1,9 @@
 """Hugging Face transformers <-> lmforge, for GPT2LMHeadModel and LlamaForCausalLM.
 
+Encoder-decoders (ModelConfig arch "encoder-decoder") go to and come from
+MBartForConditionalGeneration through lmforge.interop.hf_seq2seq; the folder-level functions
+here (load_hf_dir, save_hf_dir, read_hf_dir, write_hf_dir) hand them over to it.
+
 Everything here works on plain dicts and tensors: transformers itself is never imported, so
 this module runs without it. The mapping, per block i:
 
@@ -44,7 +48,8 @@ def hf_family(hf_config: dict[str, Any]) -> str:
     if archs:
         if archs[0] not in SUPPORTED:
             raise LmforgeError(
-                f"HF config: unsupported architecture {archs[0]!r}; lmforge converts {', '.join(SUPPORTED)}"
+                f"HF config: unsupported architecture {archs[0]!r}; lmforge converts {', '.join(SUPPORTED)} "
+                "and MBartForConditionalGeneration"
             )
         return SUPPORTED[archs[0]]
     model_type = hf_config.get("model_type")
@@ -263,6 +268,10 @@ def load_hf_dir(path: str | os.PathLike, device: torch.device | str = "cpu",
     hf_config = read_json(path / "config.json")
     if not isinstance(hf_config, dict):
         raise LmforgeError(f"{path / 'config.json'}: expected a JSON object")
+    from lmforge.interop import hf_seq2seq
+
+    if hf_seq2seq.is_hf_seq2seq(hf_config):
+        return hf_seq2seq.load_hf_dir(path, device, dtype)
     try:
         config = config_from_hf(hf_config)
     except LmforgeError as e:
@@ -314,8 +323,14 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat
 def save_hf_dir(model: GPT, config: ModelConfig, path: str | os.PathLike, tokenizer=None,
                 overwrite: bool = False, stop_token_ids: list[int] | None = None) -> Path:
     """Write an HF folder (config.json, model.safetensors, tokenizer files) that
-    `transformers.AutoModelForCausalLM.from_pretrained` and `pipeline(...)` load as is."""
+    `transformers.AutoModelForCausalLM.from_pretrained` and `pipeline(...)` load as is (an
+    encoder-decoder: lmforge.interop.hf_seq2seq.save_hf_dir)."""
     from safetensors.torch import save_file
+
+    if config.is_encoder_decoder:
+        from lmforge.interop.hf_seq2seq import save_hf_dir as save_seq2seq
+
+        return save_seq2seq(model, config, path, tokenizer, overwrite, stop_token_ids)
 
     dtype = model.tok_emb.weight.dtype
     if dtype not in _DTYPE_NAMES:
@@ -384,6 +399,10 @@ def read_hf_tokenizer(path: str | os.PathLike) -> Tokenizer:
 def read_hf_dir(path: str | os.PathLike) -> ModelBundle:
     """An HF GPT2LMHeadModel / LlamaForCausalLM folder as a bundle (fp32 model + tokenizer)."""
     path = Path(path)
+    from lmforge.interop import hf_seq2seq
+
+    if (path / "config.json").is_file() and hf_seq2seq.is_hf_seq2seq(read_json(path / "config.json")):
+        return hf_seq2seq.read_hf_dir(path)
     tokenizer = read_hf_tokenizer(path)  # first: a missing tokenizer fails before any weights are read
     model, config = load_hf_dir(path)
     hf_config = read_json(path / "config.json")
@@ -406,6 +425,11 @@ def import_hf_dir(path: str | os.PathLike, out: str | os.PathLike, *, overwrite:
 
 
 def write_hf_dir(bundle: ModelBundle, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Write a bundle as an HF folder `transformers.pipeline('text-generation', model=out)` loads."""
+    """Write a bundle as an HF folder `transformers.pipeline('text-generation', model=out)` loads
+    (an encoder-decoder as mBART: lmforge.interop.hf_seq2seq)."""
+    if bundle.config.is_encoder_decoder:
+        from lmforge.interop.hf_seq2seq import write_hf_dir as write_seq2seq
+
+        return write_seq2seq(bundle, out, overwrite=overwrite)
     return save_hf_dir(bundle.model, bundle.config, out, tokenizer=bundle.tokenizer, overwrite=overwrite,
                        stop_token_ids=bundle.generation.get("stop_token_ids"))

@@ -1,4 +1,5 @@
-"""Models: ModelConfig and presets, the decoder-only GPT (GPT-2 and Llama layouts), model dirs.
+"""Models: ModelConfig and presets, the decoder-only GPT (GPT-2 and Llama layouts), the
+encoder-decoder Seq2Seq on the same parts, model dirs.
 
 The submodules are the API; the names below are re-exported lazily, so that importing the
 config (as the CLI does to build its options) does not import torch.
@@ -9,6 +10,7 @@ from importlib import import_module
 _EXPORTS = {
     "ModelConfig": "lmforge.model.config", "PRESETS": "lmforge.model.config", "get_preset": "lmforge.model.config",
     "GPT": "lmforge.model.gpt", "KVCache": "lmforge.model.gpt",
+    "Seq2Seq": "lmforge.model.seq2seq", "Seq2SeqCache": "lmforge.model.seq2seq",
     "load_model_dir": "lmforge.model.io", "save_model_dir": "lmforge.model.io",
 }
 __all__ = list(_EXPORTS)

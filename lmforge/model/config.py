@@ -1,8 +1,12 @@
-"""ModelConfig: one dataclass that describes every decoder-only model lmforge builds.
+"""ModelConfig: one dataclass that describes every model lmforge builds.
 
 Like litgpt's `Config`, the architecture is not a class hierarchy but a handful of switches
 (norm, mlp, position, bias, tied embeddings): GPT-2 and Llama are two settings of the same
 fields, so one model file serves both and a new family is a new preset, not new code.
+
+`arch` picks the model file: "decoder" (lmforge.model.gpt.GPT, the default) or
+"encoder-decoder" (lmforge.model.seq2seq.Seq2Seq), built from the same parts and switches;
+its encoder has `n_encoder_layer` blocks, its decoder `n_layer`.
 """
 
 from __future__ import annotations
@@ -16,6 +20,11 @@ from lmforge.errors import LmforgeError
 NormKind = Literal["layernorm", "rmsnorm"]
 MlpKind = Literal["gelu", "gelu_exact", "swiglu"]
 PositionKind = Literal["learned", "rope"]
+ArchKind = Literal["decoder", "encoder-decoder"]
+ARCHS = ("decoder", "encoder-decoder")
+# Fields only an encoder-decoder uses: left out of a decoder's to_dict, so a decoder-only
+# config.json is what it was before they existed (and older lmforge versions still read it).
+ENCODER_DECODER_FIELDS = ("n_encoder_layer", "src_vocab_size")
 
 
 @dataclass
@@ -37,6 +46,9 @@ class ModelConfig:
     tie_embeddings: bool = True  # share the token embedding matrix with the output head
     dropout: float = 0.0  # dropout on embeddings, attention weights and residual branches
     init_std: float = 0.02  # std of the normal init; residual projections get /sqrt(2*n_layer)
+    arch: ArchKind = "decoder"  # decoder (decoder-only GPT) or encoder-decoder (Seq2Seq: n_encoder_layer encoder + n_layer decoder blocks)
+    n_encoder_layer: int = 0  # encoder-decoder only: number of encoder blocks (n_layer counts the decoder's)
+    src_vocab_size: int = 0  # encoder-decoder only: source embedding rows for a separate source vocabulary; 0 = source and target share vocab_size's table
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -65,6 +77,17 @@ class ModelConfig:
             raise LmforgeError(f"model config: dropout must be in [0, 1), got {self.dropout}")
         if not self.init_std > 0:
             raise LmforgeError(f"model config: init_std must be positive, got {self.init_std}")
+        if self.arch not in ARCHS:
+            raise LmforgeError(f"model config: arch must be one of {', '.join(ARCHS)}; got {self.arch!r}")
+        if self.arch == "decoder":
+            for f in ENCODER_DECODER_FIELDS:
+                if getattr(self, f):
+                    raise LmforgeError(f"model config: {f} is for arch encoder-decoder; a decoder needs 0, got {getattr(self, f)}")
+        else:
+            if self.n_encoder_layer < 1:
+                raise LmforgeError(f"model config: an encoder-decoder needs n_encoder_layer >= 1, got {self.n_encoder_layer}")
+            if self.src_vocab_size < 0:
+                raise LmforgeError(f"model config: src_vocab_size must be 0 (shared vocabulary) or positive, got {self.src_vocab_size}")
 
     def _check_types(self) -> None:
         # Configs arrive from JSON and YAML, where "4" and 4.0 are easy mistakes; catch them here
@@ -98,12 +121,24 @@ class ModelConfig:
         dotted = f".{name}."
         if ".attn.qkv." in dotted:
             return [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim]
+        if ".cross_attn.kv." in dotted:  # an encoder-decoder's cross-attention: k|v over the encoder output
+            return [self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim]
         if ".mlp.fc." in dotted and self.mlp == "swiglu":
             return [self.intermediate_size, self.intermediate_size]
         return []
 
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return self.arch == "encoder-decoder"
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every field; a decoder's leaves out arch and the encoder-decoder fields (all at their
+        defaults), so its config.json is unchanged from before the encoder-decoder existed."""
+        d = dataclasses.asdict(self)
+        if self.arch == "decoder":
+            for f in ("arch", *ENCODER_DECODER_FIELDS):
+                del d[f]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "model config") -> "ModelConfig":
@@ -149,6 +184,22 @@ PRESETS: dict[str, ModelConfig] = {
         name="smollm2-135m", vocab_size=49152, block_size=8192, n_layer=30, n_head=9, n_kv_head=3,
         n_embd=576, intermediate_size=1536, norm="rmsnorm", norm_eps=1e-5, mlp="swiglu",
         position="rope", rope_theta=100000.0, bias=False, tie_embeddings=True,
+    ),
+    # Encoder-decoders (lmforge.model.seq2seq), in the mBART layout that exports to Hugging Face
+    # exactly (lmforge.interop.hf_seq2seq): pre-norm LayerNorm, exact GELU, learned positions,
+    # biases, one vocabulary shared by source, target and the tied output head.
+    # A small one for tests and quick experiments.
+    "seq2seq-tiny": ModelConfig(
+        name="seq2seq-tiny", arch="encoder-decoder", vocab_size=4096, block_size=256, n_encoder_layer=2, n_layer=2,
+        n_head=4, n_kv_head=4, n_embd=128, intermediate_size=512, norm="layernorm", norm_eps=1e-5,
+        mlp="gelu_exact", position="learned", bias=True, tie_embeddings=True,
+    ),
+    # Transformer "base" of Vaswani et al. 2017 (6+6 layers, 512 wide, 8 heads, 2048 MLP, a
+    # shared ~37k BPE vocabulary), pre-norm and with learned positions; 64,135,168 parameters.
+    "transformer-base": ModelConfig(
+        name="transformer-base", arch="encoder-decoder", vocab_size=37000, block_size=1024, n_encoder_layer=6,
+        n_layer=6, n_head=8, n_kv_head=8, n_embd=512, intermediate_size=2048, norm="layernorm", norm_eps=1e-5,
+        mlp="gelu_exact", position="learned", bias=True, tie_embeddings=True, dropout=0.1,
     ),
 }
 

@@ -166,19 +166,74 @@ class KVCache:
     def reset(self) -> None:
         self.pos = 0
 
+    def reorder(self, beam_indices: torch.Tensor) -> None:
+        """Make row i hold what row beam_indices[i] held (beam search keeps the best
+        continuations). Same batch size: in place, the filled positions only; another size:
+        new tensors of that many rows."""
+        idx = torch.as_tensor(beam_indices, dtype=torch.long, device=self.k.device)
+        if idx.dim() != 1 or (idx.numel() and not 0 <= int(idx.min()) <= int(idx.max()) < self.batch_size):
+            raise LmforgeError(f"KVCache.reorder: expected a 1-D tensor of row indices below {self.batch_size}")
+        if idx.numel() == self.batch_size:
+            for t in (self.k, self.v):
+                filled = t.narrow(3, 0, self.pos)
+                filled.copy_(filled.index_select(1, idx))
+            return
+        self.k, self.v = self.k.index_select(1, idx), self.v.index_select(1, idx)
+        self._k_layers, self._v_layers = self.k.unbind(0), self.v.unbind(0)
 
-class CausalSelfAttention(nn.Module):
-    def __init__(self, config: ModelConfig):
+
+class Attention(nn.Module):
+    """What every attention layer shares: the head layout, the output projection `proj`, and
+    `attend`, the attention math itself. A subclass adds the input projections (passed in, so
+    they are registered, and saved, before `proj`) and says where q, k and v come from:
+    CausalSelfAttention below, the encoder-decoder's CrossAttention (lmforge.model.seq2seq)."""
+
+    def __init__(self, config: ModelConfig, **input_projections: nn.Module):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
-        # One fused projection for q, k and v: [q (n_head*hd) | k (n_kv*hd) | v (n_kv*hd)].
-        self.qkv = Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * config.head_dim, bias=config.bias)
+        for name, module in input_projections.items():
+            setattr(self, name, module)
         self.proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
         gqa = config.n_kv_head != config.n_head
         # Without SDPA's enable_gqa (torch < 2.5), repeat each kv head for its group of queries.
         self.kv_repeat = config.n_head // config.n_kv_head if gqa and not SDPA_GQA else 1
         self.sdpa_kwargs = {"enable_gqa": True} if gqa and SDPA_GQA else {}
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
+        """softmax(q k^T / sqrt(head_dim), masked) v with the heads merged, through `proj`.
+
+        q [B, n_head, T, hd]; k, v [B, n_kv_head, S, hd]. mask None: causal attention, T == S
+        (the fast path); mask False: every key is visible (decoding one token against a cache,
+        an encoder without padding, cross-attention); else a bool mask broadcastable to
+        [B, n_head, T, S], True = may attend.
+        """
+        B, _, T, _ = q.shape
+        dropout = self.dropout if self.training else 0.0
+        is_causal = mask is None
+        if mask is False:
+            mask = None
+        if is_causal and uses_short_kernel(q, dropout):
+            y = short_causal_attention(q, k, v)
+        else:
+            if self.kv_repeat > 1:
+                k, v = k.repeat_interleave(self.kv_repeat, dim=1), v.repeat_interleave(self.kv_repeat, dim=1)
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, **self.sdpa_kwargs
+            )
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+        y = self.proj(y)
+        return F.dropout(y, dropout, True) if dropout else y
+
+
+class CausalSelfAttention(Attention):
+    """Self-attention with one fused q|k|v projection; causal unless `mask` says otherwise (an
+    encoder passes its source padding mask, or False: bidirectional attention)."""
+
+    def __init__(self, config: ModelConfig):
+        # One fused projection for q, k and v: [q (n_head*hd) | k (n_kv*hd) | v (n_kv*hd)].
+        qkv = Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * config.head_dim, bias=config.bias)
+        super().__init__(config, qkv=qkv)
 
     def forward(self, x, rope, mask, cache: KVCache | None, layer: int) -> torch.Tensor:
         B, T, C = x.shape
@@ -191,23 +246,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, hd]
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        dropout = self.dropout if self.training else 0.0
-        # mask None: plain causal attention (the fast path); mask False: decoding one token
-        # against the whole cache, where every key is visible; else the bool mask says it all.
-        is_causal = mask is None
-        if mask is False:
-            mask = None
-        if is_causal and uses_short_kernel(q, dropout):
-            y = short_causal_attention(q, k, v)
-        else:
-            if self.kv_repeat > 1:
-                k, v = k.repeat_interleave(self.kv_repeat, dim=1), v.repeat_interleave(self.kv_repeat, dim=1)
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, **self.sdpa_kwargs
-            )
-        y = y.transpose(1, 2).reshape(B, T, C)
-        y = self.proj(y)
-        return F.dropout(y, dropout, True) if dropout else y
+        return self.attend(q, k, v, mask)
 
 
 class MLP(nn.Module):
@@ -251,6 +290,9 @@ class Block(nn.Module):
 class GPT(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
+        if config.is_encoder_decoder:
+            raise LmforgeError(f"model {config.name!r} is an encoder-decoder: it builds a Seq2Seq "
+                               "(lmforge.model.seq2seq), not the decoder-only GPT")
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
         self.pos_emb = nn.Embedding(config.block_size, config.n_embd) if config.position == "learned" else None
@@ -503,11 +545,13 @@ def skip_init() -> Iterator[None]:
         yield
 
 
-def build_empty(config: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> GPT:
-    """A GPT with uninitialised weights (about to be overwritten by a checkpoint): no time goes
-    into a random init that would be thrown away (see `skip_init`)."""
+def build_empty(config: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                cls: type[nn.Module] = GPT) -> GPT:
+    """A `cls` (GPT, or the Seq2Seq an encoder-decoder config builds) with uninitialised weights
+    (about to be overwritten by a checkpoint): no time goes into a random init that would be
+    thrown away (see `skip_init`)."""
     with skip_init(), torch.device(device):
-        model = GPT(config)
+        model = cls(config)
     if dtype != torch.float32:
         model = model.to(dtype)  # the RoPE tables too, as a checkpoint of this dtype expects
     model.tie_weights()

@@ -6,6 +6,9 @@
     tokenizer.json     + tokenizer_config.json, when a tokenizer is given
     manifest.json      size + SHA-256 of every file, written last (see lmforge.manifest)
 
+The model class comes from the config: a GPT, or for "arch": "encoder-decoder" a Seq2Seq
+(lmforge.model.seq2seq); both save and load through the same functions.
+
 A quantized model dir (`lmforge quantize`, a GGUF import) adds config.json "quantization" and
 stores the linear weights and the embedding as GGUF blocks (lmforge.quant.store); it loads as a
 GPT whose layers compute on those blocks (lmforge.quant.modules), or as fp32 with dequantize=True.
@@ -39,6 +42,15 @@ MODEL_KEY = "lmforge_model"
 FORMAT_VERSION = 1
 
 
+def model_class(config: ModelConfig) -> type:
+    """The class a config builds: GPT for a decoder, Seq2Seq for an encoder-decoder."""
+    if config.is_encoder_decoder:
+        from lmforge.model.seq2seq import Seq2Seq
+
+        return Seq2Seq
+    return GPT
+
+
 def model_state_dict(model: GPT, quantized: dict | None = None) -> dict[str, torch.Tensor]:
     """The weights to save: detached, contiguous, a tied lm_head left out (safetensors refuses
     two names for one storage, and the config says to re-tie it on load); a quantized layer's
@@ -64,7 +76,7 @@ def _quantized_weights(model: GPT) -> dict:
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every tensor a checkpoint for `config` holds."""
     with skip_init():  # uninitialised CPU memory: free until written (meta ops cost ~2 s once)
-        model = GPT(config)
+        model = model_class(config)(config)
     return {k: tuple(v.shape) for k, v in model_state_dict(model).items()}
 
 
@@ -113,13 +125,14 @@ def check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
 
 def model_from_state_dict(config: ModelConfig, sd: dict[str, torch.Tensor], *, source: str = "state dict",
                           device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> GPT:
-    """Check `sd` against `config` and load it into a new GPT (in eval mode).
+    """Check `sd` against `config` and load it into a new model (a GPT, or a Seq2Seq for an
+    encoder-decoder config; in eval mode).
 
     The model takes over `sd`'s tensors (converted to `device`/`dtype` where they differ) instead
     of copying them: a copy doubles peak memory, and tensors from `load_file` are memory maps of
     the file, so a model dir loads without reading all of it up front.
     """
-    model = build_empty(config, device=device, dtype=dtype)
+    model = build_empty(config, device=device, dtype=dtype, cls=model_class(config))
     check_state_dict(sd, config, source, {k: tuple(v.shape) for k, v in model_state_dict(model).items()})
     sd = {k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device) for k, v in sd.items()}
     with torch.no_grad():
@@ -195,14 +208,17 @@ def read_safetensors(file: Path, device: torch.device | str = "cpu") -> dict[str
 
 def load_model_dir(path: str | os.PathLike, device: torch.device | str = "cpu",
                    dtype: torch.dtype = torch.float32, dequantize: bool = False) -> tuple[GPT, ModelConfig]:
-    """Load a model dir's GPT (in eval mode) and its ModelConfig, after checking its files
-    against its manifest (when it has one). A quantized dir's layers compute on their blocks on
-    the CPU in fp32; with dequantize=True, or another device or dtype, on fp32 copies."""
+    """Load a model dir's model (a GPT, or a Seq2Seq for an encoder-decoder; in eval mode) and its
+    ModelConfig, after checking its files against its manifest (when it has one). A quantized
+    dir's layers compute on their blocks on the CPU in fp32; with dequantize=True, or another
+    device or dtype, on fp32 copies."""
     path = Path(path)
     config, raw = read_model_config(path)
     verify_model_files(path)
     file = path / WEIGHTS_FILE
     if "quantization" in raw:  # GGUF blocks (lmforge.quant.store)
+        if config.is_encoder_decoder:
+            raise LmforgeError(f"{path}: a quantized encoder-decoder model dir is not supported")
         sd = read_safetensors(file, "cpu")
         if dequantize or torch.device(device).type != "cpu" or dtype != torch.float32:
             # The kernels are CPU fp32 code: another device or dtype computes on fp32 weights.
