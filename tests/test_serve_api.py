@@ -439,13 +439,19 @@ def test_a_client_gone_cancels_its_request_within_a_step(live):
 
 
 def test_ctrl_c_drains_in_flight_requests_and_exits_cleanly(model_dir, tmp_path):
-    """`lmforge serve` as a process: SIGINT while a stream runs stops new connections, lets the
-    stream finish whole, and exits 0."""
+    """`lmforge serve` as a process: the HTTP side in a child that never loads torch; SIGINT while
+    a stream runs stops new connections, lets the stream finish whole, and exits 0."""
     import signal
+
+    import psutil
 
     server = ServerProcess(model_dir, tmp_path / "serve.log", "--served-model-name", NAME, "--drain-seconds", "30")
     try:
         url = server.wait_ready().url
+        http = [p for p in psutil.Process(server.proc.pid).children() if "spawn_main" in " ".join(p.cmdline())
+                and "resource_tracker" not in " ".join(p.cmdline())]
+        assert len(http) == 1
+        assert not [m.path for m in http[0].memory_maps() if "libtorch" in m.path]
         body = {"model": NAME, "prompt": "x", "max_tokens": 400, "ignore_eos": True, "stream": True}
         lines = []
         with httpx.stream("POST", url + "v1/completions", json=body, timeout=60) as r:

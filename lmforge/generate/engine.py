@@ -76,6 +76,9 @@ class Engine:
         """int8_activations: decode a quantized model with its products' inputs rounded to int8
         per block (as llama.cpp does; lmforge.quant.kernels): faster batched steps, text that
         leaves the exact model's after some tokens. Refused for models it cannot apply to."""
+        if model.config.is_encoder_decoder:
+            raise LmforgeError(f"{model.config.name}: an encoder-decoder model; generate, chat, eval and serve "
+                               "run decoder-only models for now")
         self.model = model.eval()
         self.int8_activations = int8_activations
         if int8_activations:
