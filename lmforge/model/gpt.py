@@ -166,6 +166,19 @@ class KVCache:
     def reset(self) -> None:
         self.pos = 0
 
+    def reorder_rows(self, index: torch.Tensor) -> None:
+        """Row r takes what row index[r] held, in place (beam search: each beam continues a
+        parent). Only the filled positions [0, pos) move, one layer at a time, so the copy in
+        flight is one layer's; the tensors stay the same, and so do views of them."""
+        if index.shape != (self.batch_size,):
+            raise LmforgeError(f"KVCache.reorder_rows: {tuple(index.shape)} indices for {self.batch_size} rows")
+        if self.pos == 0:
+            return
+        for layers in (self._k_layers, self._v_layers):
+            for layer in layers:
+                filled = layer.narrow(2, 0, self.pos)
+                filled.copy_(filled.index_select(0, index))
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig):
