@@ -414,21 +414,35 @@ def quickstart(
 ModelArg = Annotated[str, typer.Argument(help="A model dir, a run dir (its best model) or a known model name.", show_default=False)]
 
 
+@dataclasses.dataclass
+class SamplingOptions(SamplingParams):
+    """SamplingParams as the command line gives them, checked only once `_sampling_from` has
+    applied generation.json and the beam-search rule: `--num-beams 4` alone must not be refused
+    for the default temperature."""
+
+    def __post_init__(self) -> None:
+        pass
+
+
 def _sampling_from(ctx: typer.Context, params: SamplingParams, generation: dict) -> SamplingParams:
     """A model dir's generation.json fills the sampling options the user did not give. Its
     stop_token_ids go to the Engine, not here: they are the model's end tokens, which
-    --ignore-eos passes, not stop tokens the user asked for."""
+    --ignore-eos passes, not stop tokens the user asked for. --num-beams N (N > 1) is a
+    deterministic search: the default temperature (0.8, or generation.json's) is not applied;
+    a temperature given on the command line is, and SamplingParams refuses it."""
     from lmforge.generate.params import SamplingParams
 
     values = dataclasses.asdict(params)
     for key, value in generation.items():
         if key in values and key != "stop_token_ids" and not given_on_command_line(ctx, key):
             values[key] = value
+    if values["num_beams"] > 1 and not given_on_command_line(ctx, "temperature"):
+        values["temperature"] = 0.0
     return SamplingParams(**values)
 
 
 @app.command()
-@with_config(params=SamplingParams)
+@with_config(params=SamplingOptions)
 def generate(
     ctx: typer.Context,
     model: ModelArg,
@@ -452,19 +466,27 @@ def generate(
     kept = engine.check_length(ids, params, truncate)
     if len(kept) < len(ids):
         print(f"lmforge: warning: prompt cut from {len(ids)} to its last {len(kept)} tokens to fit the context", file=sys.stderr)
+    several = params.num_beams > 1 or params.num_return_sequences > 1
     if stream is None:
-        stream = sys.stdout.isatty()
+        stream = sys.stdout.isatty() and not several  # beam search cannot stream: it prints at the end
     if stream:
-        for piece in engine.stream_ids(kept, params):
+        for piece in engine.stream_ids(kept, params):  # refuses beams and several sequences, one line
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
-    else:
-        typer.echo(engine.generate_ids([kept], params)[0].text)
+        return
+    completions = engine.generate_ids([kept], params)
+    if len(completions) == 1:
+        typer.echo(completions[0].text)
+        return
+    for i, c in enumerate(completions, 1):  # a header line before each sequence
+        score = "" if c.score is None else f", score {c.score:.4f}"
+        typer.echo(f"=== sequence {i} of {len(completions)}{score} ===")
+        typer.echo(c.text)
 
 
 @app.command()
-@with_config(params=SamplingParams)
+@with_config(params=SamplingOptions)
 def chat(
     ctx: typer.Context,
     model: ModelArg,

@@ -38,8 +38,8 @@ def test_pipeline_shapes_like_transformers(tiny_model_dir):
     assert again == many
     with pytest.raises(LmforgeError, match="num_return_sequences > 1"):
         gen("a", num_return_sequences=2)
-    with pytest.raises(LmforgeError, match="unknown generation arguments: num_beams"):
-        gen("a", num_beams=4)
+    with pytest.raises(LmforgeError, match="unknown generation arguments: num_beam"):
+        gen("a", num_beam=4)
 
 
 def test_pipeline_chat_messages(tiny_model_dir):

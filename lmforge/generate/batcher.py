@@ -89,6 +89,9 @@ class ContinuousBatcher:
                                f"the context of {self.max_len} tokens")
         if logprobs is not None and not 0 <= logprobs <= self.engine.config.vocab_size:
             raise LmforgeError(f"logprobs must be in [0, vocab size], got {logprobs}")
+        if params.beam or params.num_return_sequences > 1:
+            raise LmforgeError("the batcher decodes one sequence per request: submit n requests for n sequences; "
+                               "beam search runs in Engine.generate_ids")
         seq = _Sequence(next(self._ids), list(prompt_ids), params, logprobs)
         self.waiting.append(seq)
         return seq.request_id
@@ -213,8 +216,11 @@ class ContinuousBatcher:
     def _advance(self, seq: _Sequence, logits: torch.Tensor) -> Event:
         """Sample seq's next token from its logits [vocab]; emit text; finish or keep the slot."""
         p, engine = seq.params, self.engine
+        history = None
+        if p.no_repeat_ngram_size:
+            history = torch.tensor([seq.prompt_ids + seq.generated], dtype=torch.long, device=logits.device)
         tok = int(engine._pick(logits[None], p, len(seq.generated), seq.generator, seq.seen, seq.banned,
-                               seq.counts)[0])
+                               seq.counts, history)[0])
         logprob = top = None
         if seq.logprobs is not None:
             lp = torch.log_softmax(logits.float(), -1)

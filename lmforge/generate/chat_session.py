@@ -26,6 +26,10 @@ class ChatSession:
     history: list[dict] = field(default_factory=list)  # user/assistant turns, oldest first
     notify: Callable[[str], None] = print
 
+    def __post_init__(self) -> None:
+        if self.params.num_return_sequences > 1:
+            raise LmforgeError("a chat has one reply per turn: num_return_sequences must be 1")
+
     def messages(self) -> list[dict]:
         head = [{"role": "system", "content": self.system}] if self.system else []
         return head + self.history
@@ -68,7 +72,10 @@ class ChatSession:
         self.history.append({"role": "user", "content": text})
         ids = self._prompt_ids()
         pieces = []
-        for piece in self.engine.stream_ids(ids, self.params):
+        # Beam search cannot stream (the winner is known only at the end): its reply comes whole.
+        replies = ([self.engine.generate_ids([ids], self.params)[0].text] if self.params.beam
+                   else self.engine.stream_ids(ids, self.params))
+        for piece in replies:
             pieces.append(piece)
             yield piece
         self.history.append({"role": "assistant", "content": "".join(pieces).strip()})

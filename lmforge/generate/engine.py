@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 import torch
 
 from lmforge.errors import LmforgeError
+from lmforge.generate.beam import BeamSettings, beam_search, ngram_ban_mask
 from lmforge.generate.sampling import SamplingParams, apply_presence_frequency, apply_repetition_penalty, next_tokens
 from lmforge.model.gpt import GPT, KVCache
 from lmforge.generate.backend import choose_inference_backend
@@ -44,6 +45,8 @@ class _Batch:
     next_pos: torch.Tensor | None = None  # [B] position of each row's next token
     seen: torch.Tensor | None = None  # [B, V] tokens seen so far (repetition penalty)
     counts: torch.Tensor | None = None  # [B, V] float: tokens generated so far (presence/frequency penalty)
+    history: torch.Tensor | None = None  # [B, total] prompt + generated tokens, left-padded (no-repeat n-grams)
+    start: torch.Tensor | None = None  # [B] where each row's own tokens start in `history`
 
 
 @dataclass
@@ -52,6 +55,7 @@ class Completion:
     ids: list[int]  # generated tokens, the stop token excluded
     text: str  # decoded generated text, cut before a stop string
     finish_reason: str  # "stop" (eos / stop token / stop string) or "length"
+    score: float | None = None  # beam search: the hypothesis' score, sum of log-probs / length ** length_penalty
 
 
 @dataclass
@@ -164,23 +168,28 @@ class Engine:
             return None
         return len(self.tokenizer.decode(ids[: n - 1])) if n > 1 else 0
 
+    def _banned_ids(self, params: SamplingParams) -> list[int]:
+        """min_new_tokens keeps every stop token out of the first picks, even one ignore_eos lets
+        through (as vLLM)."""
+        return sorted(i for i in set(self.stop_token_ids) | set(params.stop_token_ids) if 0 <= i < self.config.vocab_size)
+
     def _banned(self, params: SamplingParams) -> torch.Tensor | None:
-        """min_new_tokens: a [vocab] mask of every stop token, even one ignore_eos lets through
-        (as vLLM), to keep out of the first min_new_tokens picks; None without it."""
+        """min_new_tokens: a [vocab] mask of `_banned_ids`; None without it."""
         if not params.min_new_tokens:
             return None
         banned = torch.zeros(self.config.vocab_size, dtype=torch.bool, device=self.device)
-        ids = [i for i in set(self.stop_token_ids) | set(params.stop_token_ids) if 0 <= i < self.config.vocab_size]
-        banned[torch.tensor(ids, dtype=torch.long, device=self.device)] = True
+        banned[torch.tensor(self._banned_ids(params), dtype=torch.long, device=self.device)] = True
         return banned
 
     @staticmethod
     def _pick(last: torch.Tensor, params: SamplingParams, step: int, generator: torch.Generator | None,
               seen: torch.Tensor | None, banned: torch.Tensor | None,
-              counts: torch.Tensor | None = None) -> torch.Tensor:
+              counts: torch.Tensor | None = None, history: torch.Tensor | None = None,
+              start: torch.Tensor | None = None) -> torch.Tensor:
         """The next token of each row from its logits [B, vocab], all rows at generated token
         `step` + 1: the one place logits are turned into tokens, for every caller (the Engine's
-        batches, the serving batcher's rows)."""
+        batches, the serving batcher's rows). history [B, L] (each row's tokens so far, its own
+        from start[b] on) is needed with no_repeat_ngram_size."""
         require_finite_logits(last, f"at generated token {step + 1}")
         if seen is not None:
             last = apply_repetition_penalty(last.float(), seen, params.repetition_penalty)
@@ -188,6 +197,12 @@ class Engine:
             last = apply_presence_frequency(last.float(), counts, params)
         if banned is not None and step < params.min_new_tokens:
             last = last.masked_fill(banned, float("-inf"))
+        if params.no_repeat_ngram_size:
+            if history is None:
+                raise LmforgeError("no_repeat_ngram_size needs each row's tokens so far")
+            ban = ngram_ban_mask(history, params.no_repeat_ngram_size, last.shape[-1], start)
+            if ban is not None:
+                last = last.masked_fill(ban, float("-inf"))
         return next_tokens(last, params, generator)
 
     # -- the core loop -------------------------------------------------------------------
@@ -215,12 +230,16 @@ class Engine:
                 batch.key_mask[row, longest - n : longest] = True
             batch.positions = (batch.key_mask[:, :longest].long().cumsum(-1) - 1).clamp(min=0)
             batch.next_pos = torch.tensor(lengths, dtype=torch.long, device=device)
-        if params.repetition_penalty != 1.0:
+        if params.repetition_penalty != 1.0 and not params.beam:  # beam search keeps its own
             batch.seen = torch.zeros((B, self.config.vocab_size), dtype=torch.bool, device=device)
             for row, p in enumerate(prompts):
                 batch.seen[row, torch.tensor(p, device=device)] = True
         if params.counts_tokens:
             batch.counts = torch.zeros((B, self.config.vocab_size), dtype=torch.float32, device=device)
+        if params.no_repeat_ngram_size and not params.beam:  # beam search keeps its own (lmforge.generate.beam)
+            batch.history = torch.zeros((B, total), dtype=torch.long, device=device)
+            batch.history[:, :longest] = ids
+            batch.start = torch.tensor([longest - n for n in lengths], dtype=torch.long, device=device)
         return batch
 
     def _run(self, prompts: list[list[int]], params: SamplingParams) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -268,9 +287,12 @@ class Engine:
         logits, _ = self.model(b.ids, positions=b.positions, cache=cache, logits_to_keep=1,
                                attn_mask=None if b.key_mask is None else b.key_mask[:, :longest])
         for step in range(params.max_new_tokens):
-            nxt = self._pick(logits[:, -1, :], params, step, generator, b.seen, banned, b.counts)
+            history = None if b.history is None else b.history[:, : longest + step]
+            nxt = self._pick(logits[:, -1, :], params, step, generator, b.seen, banned, b.counts, history, b.start)
             nxt = torch.where(alive, nxt, torch.full_like(nxt, b.pad))
             yield nxt, alive
+            if b.history is not None:
+                b.history[:, longest + step] = nxt
             alive = alive & ~torch.isin(nxt, stop_ids)
             if b.seen is not None:
                 b.seen[torch.arange(B, device=device), nxt] = True
@@ -291,7 +313,14 @@ class Engine:
 
     # -- public API ----------------------------------------------------------------------
     def generate_ids(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
-        """Generate for a batch of token-id prompts; one Completion per prompt."""
+        """Generate for a batch of token-id prompts: params.num_return_sequences Completions per
+        prompt (one by default), each prompt's next to each other. With num_beams > 1 they are
+        the best hypotheses of a beam search, best first (`beam_search`, flattened); else
+        independent samples (each prompt's rows repeated in the batch)."""
+        if params.beam:
+            return [c for group in self.beam_search(prompts, params) for c in group]
+        if params.num_return_sequences > 1:
+            prompts = [p for p in prompts for _ in range(params.num_return_sequences)]
         B = len(prompts)
         out: list[list[int]] = [[] for _ in range(B)]
         reasons = ["length"] * B
@@ -324,12 +353,99 @@ class Engine:
         ids = [self.check_length(self.encode(p), params, truncate) for p in prompts]
         return self.generate_ids(ids, params)
 
+    def beam_search(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+        """Beam search for a batch of token-id prompts: for each prompt its best
+        params.num_return_sequences hypotheses, best first, each a Completion with its `score`
+        (transformers' `sequences_scores`). The algorithm is lmforge.generate.beam's, the same as
+        transformers' generate(num_beams=..., do_sample=False); this supplies the decoder-only
+        step: the prompts are prefilled once (left-padded, as in generate_ids), their cache rows
+        copied to B x num_beams rows that decode as one batch, and before each step the rows are
+        reordered in place to follow the beams that continue. Decode steps run where
+        generate_ids' do (the numpy decoder where it measured faster). With num_beams 1: the
+        generate_ids result, grouped per prompt.
+
+        Refused with beams: stop strings (use stop_token_ids), presence/frequency penalties
+        (OpenAI's, for sampling). The repetition penalty applies to the log-probabilities, as in
+        transformers' beam search."""
+        if not params.beam:
+            flat = self.generate_ids(prompts, params)
+            n = params.num_return_sequences
+            return [flat[i : i + n] for i in range(0, len(flat), n)]
+        if params.stop:
+            raise LmforgeError("stop strings are not supported with beam search (a hypothesis ends on a token); "
+                               "use stop_token_ids")
+        if params.counts_tokens:
+            raise LmforgeError("presence_penalty / frequency_penalty apply to sampling, not to beam search")
+        if not prompts:
+            return []
+        settings = BeamSettings(
+            num_beams=params.num_beams, max_new_tokens=params.max_new_tokens, length_penalty=params.length_penalty,
+            early_stopping=params.early_stopping_value, num_return_sequences=params.num_return_sequences,
+            end_ids=tuple(self._ending_ids(params)), min_new_tokens=params.min_new_tokens,
+            min_banned=tuple(self._banned_ids(params)), no_repeat_ngram_size=params.no_repeat_ngram_size,
+            repetition_penalty=params.repetition_penalty)
+        batch = self._prepare(prompts, params)
+        decoder = self._decoder()
+        model, device = self.model, self.device
+        B, longest = batch.ids.shape
+        R = B * params.num_beams
+        rows = torch.arange(B, device=device).repeat_interleave(params.num_beams)  # row -> its prompt
+        identity = torch.arange(R, device=device)
+        with torch.inference_mode():
+            # The prefill runs once per prompt, in torch on all threads, as in generate_ids.
+            first = model.new_cache(B, longest)
+            logits, _ = model(batch.ids, positions=batch.positions, cache=first, logits_to_keep=1,
+                              attn_mask=None if batch.key_mask is None else batch.key_mask[:, :longest])
+            require_finite_logits(logits, "at generated token 1")
+            cache = self._cache_for(R, batch.total)
+            cache.k[:, :, :, :longest] = first.k.index_select(1, rows)
+            cache.v[:, :, :, :longest] = first.v.index_select(1, rows)
+            cache.pos = longest
+            del first
+            key_mask = None if batch.key_mask is None else batch.key_mask.index_select(0, rows)
+            next_pos = None if batch.next_pos is None else batch.next_pos.index_select(0, rows)
+            made = [1]  # tokens generated so far, for the error message
+
+            def step(tokens: torch.Tensor, parents: torch.Tensor) -> torch.Tensor:
+                if not torch.equal(parents, identity):
+                    cache.reorder(parents)
+                positions = mask = None
+                if key_mask is not None:  # the rows of a prompt share its padding and positions
+                    key_mask[:, cache.pos] = True
+                    positions, mask = next_pos[:, None], key_mask[:, : cache.pos + 1]
+                with inference_backend(model, self.backend, switch_layers=decoder is None):
+                    if decoder is not None:
+                        out = decoder.step(tokens[:, None], cache, positions=positions, attn_mask=mask)
+                    else:
+                        out, _ = model(tokens[:, None], positions=positions, cache=cache, logits_to_keep=1, attn_mask=mask)
+                if next_pos is not None:
+                    next_pos.add_(1)
+                made[0] += 1
+                require_finite_logits(out, f"at generated token {made[0]}")
+                return out[:, -1]
+
+            found = beam_search(logits[:, -1], step, settings, prefixes=prompts)
+        out = []
+        for prompt, hyps in zip(prompts, found):
+            group = []
+            for h in hyps:
+                ids = h.ids[:-1] if h.ended else h.ids
+                group.append(Completion(list(prompt), ids, self.tokenizer.decode(ids), "stop" if h.ended else "length",
+                                        score=h.score))
+            out.append(group)
+        return out
+
     def stream_ids(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[str]:
         """Yield the generated text in pieces as it is produced (batch of one).
 
         Text is held back while it ends in an incomplete UTF-8 character (byte-level tokens can
         split one) or could be the start of a stop string, so what is yielded is never taken back.
         """
+        if params.beam:
+            raise LmforgeError("beam search cannot stream: which hypothesis wins is known only at the end "
+                               "(generate without streaming)")
+        if params.num_return_sequences > 1:
+            raise LmforgeError("streaming gives one sequence: num_return_sequences must be 1")
         stop_set = set(self._ending_ids(params))
         generated: list[int] = []
         emitted = 0

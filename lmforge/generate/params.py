@@ -22,6 +22,11 @@ class SamplingParams:
     seed: int | None = None  # same seed, same text
     min_new_tokens: int = 0  # no stop token or stop string ends the text before this many tokens
     ignore_eos: bool = False  # go on past the model's eos / end-of-turn tokens (kept in the text) to max_new_tokens
+    no_repeat_ngram_size: int = 0  # never repeat an n-gram of this size (prompt included), with or without beams (0 = off)
+    num_beams: int = 1  # beam search with this many beams (1 = off): deterministic, so no temperature (the default is not applied)
+    length_penalty: float = 1.0  # beam search: a hypothesis scores sum(log-probs) / length ** length_penalty (> 0 favours longer ones)
+    early_stopping: str = "false"  # beam search, transformers' rule: true (stop once num_beams hypotheses are finished), false (also stop when a better one is unlikely) or never (only when none can be better)
+    num_return_sequences: int = 1  # sequences per prompt: the best of the beams (<= num_beams), or independent samples
 
     def __post_init__(self) -> None:
         if self.max_new_tokens <= 0:
@@ -45,6 +50,30 @@ class SamplingParams:
                 raise LmforgeError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
         if self.repetition_penalty <= 0:
             raise LmforgeError(f"repetition_penalty must be positive, got {self.repetition_penalty}")
+        for name in ("no_repeat_ngram_size", "num_beams", "num_return_sequences"):
+            value = getattr(self, name)
+            low = 0 if name == "no_repeat_ngram_size" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise LmforgeError(f"{name} must be an integer >= {low}, got {value!r}")
+        # transformers' early_stopping is True, False or "never": a string here, so that one
+        # option takes all three on the command line; the booleans are accepted and normalised.
+        stopping = self.early_stopping
+        if isinstance(stopping, bool):
+            stopping = "true" if stopping else "false"
+        if not isinstance(stopping, str) or stopping.lower() not in ("true", "false", "never"):
+            raise LmforgeError(f"early_stopping must be true, false or never, got {self.early_stopping!r}")
+        self.early_stopping = stopping.lower()
+        if self.num_beams > 1:
+            if self.temperature > 0:
+                raise LmforgeError(f"beam search is deterministic: num_beams {self.num_beams} with temperature "
+                                   f"{self.temperature} (sampling) is refused; drop the temperature / do_sample, "
+                                   "or use num_beams 1 to sample")
+            if self.num_return_sequences > self.num_beams:
+                raise LmforgeError(f"num_return_sequences ({self.num_return_sequences}) must be <= num_beams "
+                                   f"({self.num_beams}): beam search returns its best finished beams")
+        elif self.num_return_sequences > 1 and self.greedy:
+            raise LmforgeError("greedy decoding returns one sequence: sample (temperature > 0) or use num_beams "
+                               f">= {self.num_return_sequences} for num_return_sequences > 1")
 
     @property
     def counts_tokens(self) -> bool:
@@ -54,3 +83,13 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def beam(self) -> bool:
+        """Whether this is a beam search (num_beams > 1)."""
+        return self.num_beams > 1
+
+    @property
+    def early_stopping_value(self) -> bool | str:
+        """early_stopping as transformers takes it: True, False or "never"."""
+        return {"true": True, "false": False}.get(self.early_stopping, self.early_stopping)

@@ -6,6 +6,7 @@ lmforge models, generating through the Engine.
     gen(["a", "b"], do_sample=True, seed=0)                 # [[{...}], [{...}]]
     gen("x", max_new_tokens=64, min_new_tokens=64)          # exactly 64 tokens (or ignore_eos=True)
     gen([{"role": "user", "content": "Hi"}])                # [{"generated_text": [..., {"role": "assistant", ...}]}]
+    gen("x", num_beams=4, num_return_sequences=2)           # beam search: the best 2 of 4 beams, best first
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from lmforge.interop.registry import LoadedModel, load_model
 TASKS = ("text-generation",)
 _SAMPLING_KEYS = {"max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
                   "frequency_penalty", "stop",
-                  "stop_token_ids", "seed", "do_sample", "min_new_tokens", "ignore_eos"}
+                  "stop_token_ids", "seed", "do_sample", "min_new_tokens", "ignore_eos",
+                  "num_beams", "length_penalty", "early_stopping", "no_repeat_ngram_size"}
 
 
 class TextGenerationPipeline:
@@ -33,7 +35,8 @@ class TextGenerationPipeline:
                              int8_activations=int8_activations)
 
     def sampling_params(self, **kwargs) -> SamplingParams:
-        """transformers' conventions: greedy unless do_sample; sampling defaults to top_k=50.
+        """transformers' conventions: greedy unless do_sample; sampling defaults to top_k=50;
+        num_beams > 1 is beam search (do_sample=True with it is refused: no beam sampling).
         The model dir's generation.json supplies defaults; call arguments override them."""
         unknown = set(kwargs) - _SAMPLING_KEYS - {"num_return_sequences", "return_full_text", "truncate"}
         if unknown:
@@ -51,17 +54,17 @@ class TextGenerationPipeline:
             if merged["temperature"] == 0:
                 raise LmforgeError("do_sample=True needs a temperature > 0")
         merged.setdefault("max_new_tokens", 128)
+        n = merged["num_return_sequences"] = kwargs.get("num_return_sequences", 1)
+        if isinstance(n, int) and n > 1 and merged["temperature"] == 0 and merged.get("num_beams", 1) == 1:
+            raise LmforgeError("greedy decoding returns one sequence: pass do_sample=True (or num_beams >= "
+                               f"{n}) for num_return_sequences > 1")
         if isinstance(merged.get("stop"), str):
             merged["stop"] = [merged["stop"]]
         return SamplingParams(**merged)
 
     def __call__(self, inputs: Any, *, num_return_sequences: int = 1, return_full_text: bool = True,
                  truncate: str | None = None, **kwargs) -> list:
-        params = self.sampling_params(**kwargs)
-        if num_return_sequences < 1:
-            raise LmforgeError(f"num_return_sequences must be >= 1, got {num_return_sequences}")
-        if num_return_sequences > 1 and params.greedy:
-            raise LmforgeError("greedy decoding returns one sequence: pass do_sample=True for num_return_sequences > 1")
+        params = self.sampling_params(num_return_sequences=num_return_sequences, **kwargs)
         single = isinstance(inputs, str) or _is_chat(inputs)
         batch = [inputs] if single else list(inputs)
         if not batch:
@@ -75,8 +78,7 @@ class TextGenerationPipeline:
             else:
                 raise LmforgeError(f"a prompt must be a string or a list of {{role, content}} messages, got {type(item).__name__}")
             prompt_ids.append(self.engine.check_length(ids, params, truncate))
-        expanded = [ids for ids in prompt_ids for _ in range(num_return_sequences)]
-        completions = self.engine.generate_ids(expanded, params)
+        completions = self.engine.generate_ids(prompt_ids, params)  # num_return_sequences per prompt, in order
         results = []
         for i, item in enumerate(batch):
             outs = []

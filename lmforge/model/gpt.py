@@ -166,20 +166,25 @@ class KVCache:
     def reset(self) -> None:
         self.pos = 0
 
-    def reorder(self, beam_indices: torch.Tensor) -> None:
-        """Make row i hold what row beam_indices[i] held (beam search keeps the best
-        continuations). Same batch size: in place, the filled positions only; another size:
-        new tensors of that many rows."""
-        idx = torch.as_tensor(beam_indices, dtype=torch.long, device=self.k.device)
-        if idx.dim() != 1 or (idx.numel() and not 0 <= int(idx.min()) <= int(idx.max()) < self.batch_size):
+    def reorder(self, index: torch.Tensor) -> None:
+        """Row r takes what row index[r] held (beam search: each beam continues a parent). With
+        as many indices as rows, in place: only the filled positions [0, pos) move, one layer at
+        a time, and the tensors (and views of them) stay the same. With another count (a source
+        expanded to its beams), new tensors of that many rows."""
+        index = torch.as_tensor(index, dtype=torch.long, device=self.k.device)
+        if index.dim() != 1 or (index.numel() and not 0 <= int(index.min()) <= int(index.max()) < self.batch_size):
             raise LmforgeError(f"KVCache.reorder: expected a 1-D tensor of row indices below {self.batch_size}")
-        if idx.numel() == self.batch_size:
-            for t in (self.k, self.v):
-                filled = t.narrow(3, 0, self.pos)
-                filled.copy_(filled.index_select(1, idx))
+        if index.numel() != self.batch_size:
+            self.k, self.v = self.k.index_select(1, index), self.v.index_select(1, index)
+            self._k_layers, self._v_layers = self.k.unbind(0), self.v.unbind(0)
             return
-        self.k, self.v = self.k.index_select(1, idx), self.v.index_select(1, idx)
-        self._k_layers, self._v_layers = self.k.unbind(0), self.v.unbind(0)
+        if self.pos == 0:
+            return
+        for layers in (self._k_layers, self._v_layers):
+            for layer in layers:
+                filled = layer.narrow(2, 0, self.pos)
+                filled.copy_(filled.index_select(0, index))
+
 
 
 class Attention(nn.Module):
