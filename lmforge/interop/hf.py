@@ -230,6 +230,13 @@ def state_dict_from_hf(sd: dict[str, torch.Tensor], config: ModelConfig) -> dict
         # Tied: HF may list the shared matrix under both names; ours keeps tok_emb only.
     elif not config.tie_embeddings:
         raise LmforgeError("HF state dict: missing tensor 'lm_head.weight' (the config does not tie embeddings)")
+    return checked_import(out, sd, used, config)
+
+
+def checked_import(out: dict[str, torch.Tensor], sd: dict[str, torch.Tensor], used: set[str],
+                   config: ModelConfig) -> dict[str, torch.Tensor]:
+    """The end of every HF -> lmforge mapping: no HF tensor left unmapped, and the result holds
+    exactly the tensors the config's model has, in their shapes."""
     extra = [k for k in sd if k not in used]
     if extra:
         raise LmforgeError(f"HF state dict: tensors with no lmforge counterpart: {', '.join(extra[:5])}")

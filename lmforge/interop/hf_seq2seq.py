@@ -49,6 +49,7 @@ import torch
 from lmforge.errors import LmforgeError
 from lmforge.fsutil import atomic_dir, atomic_file
 from lmforge.interop.bundle import ModelBundle, save_bundle, stop_token_ids
+from lmforge.interop.hf import checked_import
 from lmforge.model.config import ModelConfig
 from lmforge.model.io import check_state_dict, first_non_finite, model_from_state_dict, model_state_dict, read_json, read_safetensors
 
@@ -218,11 +219,7 @@ def state_dict_from_hf(sd: dict[str, torch.Tensor], config: ModelConfig) -> dict
         used.add("final_logits_bias")
         if bool(bias.ne(0).any()):
             raise LmforgeError("HF state dict: final_logits_bias is not zero (lmforge's output head has no bias)")
-    extra = [k for k in sd if k not in used]
-    if extra:
-        raise LmforgeError(f"HF state dict: tensors with no lmforge counterpart: {', '.join(extra[:5])}")
-    check_state_dict(out, config, "HF state dict (converted)")
-    return out
+    return checked_import(out, sd, used, config)
 
 
 def state_dict_to_hf(sd: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
