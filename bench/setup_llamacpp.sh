@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Build the llama.cpp peer for the generation benchmarks: llama-cpp-python compiled from its
-# sdist (the llama.cpp it vendors), CPU only, tuned for this machine, in a venv of its own that
-# lmforge's never sees.
+# Build the llama.cpp peer for the generation and serving benchmarks: llama-cpp-python compiled
+# from its sdist (the llama.cpp it vendors), CPU only, tuned for this machine, with its `[server]`
+# extra (the OpenAI-compatible `python -m llama_cpp.server` that bench_serve.py runs), in a venv
+# of its own that lmforge's never sees.
 #
 #   bash bench/setup_llamacpp.sh [VENV]        # VENV defaults to /work/peer/llama-venv
 #
@@ -26,15 +27,16 @@ export FORCE_CMAKE=1
 if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
 fi
-if "$VENV/bin/python" -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$VERSION')" 2>/dev/null; then
-    echo "llama-cpp-python $VERSION already in $VENV"
+if "$VENV/bin/python" -c "import llama_cpp, llama_cpp.server.app, sys; sys.exit(llama_cpp.__version__ != '$VERSION')" 2>/dev/null; then
+    echo "llama-cpp-python[server] $VERSION already in $VENV"
     exit 0
 fi
 
 "$VENV/bin/pip" install --upgrade pip >/dev/null
 # --no-binary: compile the sdist here even where a wheel would be found; --no-cache-dir: never
-# reuse a wheel built earlier with other flags.
-"$VENV/bin/pip" install -v --no-cache-dir --no-binary llama-cpp-python "llama-cpp-python==$VERSION"
+# reuse a wheel built earlier with other flags. The [server] extra's own dependencies (uvicorn,
+# fastapi, ...) come as ordinary wheels; only llama-cpp-python itself is compiled.
+"$VENV/bin/pip" install -v --no-cache-dir --no-binary llama-cpp-python "llama-cpp-python[server]==$VERSION"
 
 "$VENV/bin/python" - <<'EOF'
 import llama_cpp
