@@ -14,21 +14,22 @@ wait without a first token enters the TTFT percentiles as a lower bound). Figure
   - time to first token (request sent to the first chunk with text), p50 / p99
   - inter-token latency (gap between successive text chunks of a response), p50 / p99
   - requests done, cut, errors (must be 0; each is printed); CPU seconds of the server's process
-    tree, of the client, and of everything else on the machine meanwhile (`other_cpu_s`: more
-    than a few seconds means a neighbour disturbed the level)
+    tree, of the client, and of every other process meanwhile (`other_cpu_s`: more than a few
+    seconds means a neighbour disturbed the level)
 Generation length is fixed on both sides: lmforge gets `ignore_eos: true`; llama-cpp-python has no
 such field, so the peer gets `logit_bias: -100` on every end-of-generation token of the vocabulary
 (read from the GGUF) and `repeat_penalty: 1.0` (its default 1.1 would change the text and the
 work). Completion tokens come from the final chunk's `usage` (`stream_options.include_usage`)
-where the server sends it; otherwise a response that finished with "length" counts max_tokens and
-any other the text chunks it had. The JSON says which (`token_count`) and how many responses were
-shorter than max_tokens. Peak RSS of each server's process tree is sampled every 100 ms with
-psutil. The peer runs with `--interrupt_requests False`: its default cuts a streaming response
-short as soon as another request arrives.
+where the server sends it (lmforge does, llama-cpp-python ignores the option); otherwise a response
+that finished with "length" counts max_tokens and any other the text chunks it had. The JSON says
+which (`token_count`) and how many responses were shorter than max_tokens. Peak RSS of each server's process tree is sampled every 100 ms with
+psutil. The peer runs with `--interrupt_requests False` (its default cuts a streaming response
+short as soon as another request arrives) and --peer-threads threads (2, as lmforge's).
 
 Plus the reference for the single-client target: `lmforge generate`'s own single-stream speed on the
 same chat prompts and max tokens, in-process (`Engine.generate_ids`, as the CLI runs it without a
-terminal), in a fresh process: tokens / (prefill + decode) time.
+terminal), in a fresh process: tokens / (prefill + decode) time. `--lmforge-arg=--int8-activations`
+serves with int8 activations, and the reference then uses them too.
 
 Each figure is the median of --runs runs; each run starts each server afresh (interleaved: lmforge,
 then the peer, then the `generate` reference). Targets (lmforge): at 8 clients ≥ 3× its own
