@@ -568,6 +568,7 @@ def serve(
     served_model_name: Annotated[Optional[str], typer.Option(help="The model id clients send and /v1/models lists (default: MODEL).", show_default=False)] = None,
     drain_seconds: Annotated[float, typer.Option(help="On Ctrl-C: how long in-flight requests may take to finish.")] = 30.0,
     int8_activations: Annotated[bool, typer.Option("--int8-activations", help="Quantized models: round the products' inputs to int8 per block, as llama.cpp does (faster batched decoding; the text leaves the exact model's after some tokens).")] = False,
+    stream_interval: Annotated[float, typer.Option(help="Milliseconds between a stream's chunks: text decoded meanwhile goes in one chunk (the first token and the end go at once; 0: a chunk per token). Each chunk costs the decode loop CPU time on small machines.")] = 40.0,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ):
     """Serve a model over an OpenAI-compatible API (/v1/chat/completions, /v1/completions) with a chat page at /."""
@@ -589,7 +590,8 @@ def serve(
                            max_tokens_limit=max_tokens_limit, max_n=max_n, max_messages=max_messages,
                            max_prompt_chars=max_prompt_chars, max_body_bytes=max_body_bytes, prefill_chunk=prefill_chunk,
                            cors_origins=list(cors_origin or []), drain_seconds=drain_seconds,
-                           int8_activations=int8_activations, log_level=log_level))
+                           int8_activations=int8_activations, stream_interval_ms=stream_interval,
+                           log_level=log_level))
 
 
 class _Interrupted(Exception):

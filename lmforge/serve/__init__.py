@@ -52,7 +52,7 @@ def run_server(config: ServeConfig, notify=lambda text: print(text, file=sys.std
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        worker.run(PipeInbox(here), PipeOutbox(here), until=lambda: not http.is_alive())
+        worker.run(PipeInbox(here), PipeOutbox(here, config.stream_interval_ms / 1000), until=lambda: not http.is_alive())
         http.join()
     finally:
         for sig, handler in previous.items():

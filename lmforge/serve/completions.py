@@ -260,25 +260,40 @@ async def stream(plan: Plan, ticket: Ticket, shape: Shape, include_usage: bool) 
                                      with_usage=include_usage))
     left = len(plan.sequences)
     pending: list[list[Event]] = [[] for _ in plan.sequences]  # log-probs waiting for text to go with
+    texts = [""] * len(plan.sequences)  # text of events taken together, not yet sent
+
+    def text_chunk(index: int) -> str:
+        lp = shape.logprobs(pending[index], offsets[index])
+        offsets[index] += len(texts[index])
+        chunk = sse(shape.envelope([shape.choice(index, texts[index], None, lp, delta=True)], chunk=True,
+                                   with_usage=include_usage))
+        pending[index], texts[index] = [], ""
+        return chunk
+
     while left:
-        index, item = await ticket.events.get()
-        if index < 0:
-            yield sse(ApiError(item.status, item.message, type=item.type).body() if isinstance(item, ApiError)
-                      else {"error": {"message": str(item), "type": "server_error", "param": None, "code": None}})
-            return
-        tokens += item.sampled
-        if item.logprob is not None:
-            pending[index].append(item)
-        if item.text or (item.finish_reason and pending[index]):
-            lp = shape.logprobs(pending[index], offsets[index])
-            offsets[index] += len(item.text)
-            pending[index] = []
-            yield sse(shape.envelope([shape.choice(index, item.text, None, lp, delta=True)], chunk=True,
-                                     with_usage=include_usage))
-        if item.finish_reason:
-            left -= 1
-            yield sse(shape.envelope([shape.choice(index, "", _reason(item), None, delta=True)], chunk=True,
-                                     with_usage=include_usage))
+        # Events that arrived together (the engine sends a few steps at once, see
+        # link.PipeOutbox) go out as one chunk per choice: each chunk wakes the client too.
+        batch = [await ticket.events.get()]
+        while not ticket.events.empty():
+            batch.append(ticket.events.get_nowait())
+        for index, item in batch:
+            if index < 0:
+                yield sse(ApiError(item.status, item.message, type=item.type).body() if isinstance(item, ApiError)
+                          else {"error": {"message": str(item), "type": "server_error", "param": None, "code": None}})
+                return
+            tokens += item.sampled
+            if item.logprob is not None:
+                pending[index].append(item)
+            texts[index] += item.text
+            if item.finish_reason:
+                if texts[index] or pending[index]:
+                    yield text_chunk(index)
+                left -= 1
+                yield sse(shape.envelope([shape.choice(index, "", _reason(item), None, delta=True)], chunk=True,
+                                         with_usage=include_usage))
+        for index in range(len(texts)):
+            if texts[index]:
+                yield text_chunk(index)
     if include_usage:
         yield sse(shape.envelope([], chunk=True, usage=usage(plan.prompt_tokens, tokens)))
     yield sse("[DONE]")

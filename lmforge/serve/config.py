@@ -28,6 +28,7 @@ class ServeConfig:
     cors_origins: list[str] = field(default_factory=list)  # browser origins allowed to call the API
     drain_seconds: float = 30.0  # on Ctrl-C: how long in-flight requests may take to finish
     int8_activations: bool = False  # quantized models: llama.cpp's int8 products (faster batches)
+    stream_interval_ms: float = 40.0  # text of a stream is sent at most this often (first token and end at once)
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -43,6 +44,8 @@ class ServeConfig:
                 raise LmforgeError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
         if self.api_key is not None and not self.api_key.strip():
             raise LmforgeError("the API key is empty")
+        if self.stream_interval_ms < 0:
+            raise LmforgeError(f"--stream-interval must be >= 0 ms, got {self.stream_interval_ms}")
         if self.drain_seconds < 0:
             raise LmforgeError(f"--drain-seconds must be >= 0, got {self.drain_seconds}")
 

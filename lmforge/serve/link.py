@@ -17,6 +17,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 
 from lmforge.serve.metrics import ServeMetrics
 from lmforge.serve.tickets import Admission, Failure, Ticket, deliver
@@ -53,11 +54,11 @@ class _Link:
         if ticket.left <= 0:
             del self.tickets[key]
 
-    def _gauges(self, batch_size: int, waiting: int, step_seconds: float | None) -> None:
+    def _gauges(self, batch_size: int, waiting: int, step_seconds: list[float]) -> None:
         self.metrics.batch_size.set(batch_size)
         self.metrics.queue_depth.set(waiting)
-        if step_seconds is not None:
-            self.metrics.step_seconds.observe(step_seconds)
+        for seconds in step_seconds:
+            self.metrics.step_seconds.observe(seconds)
 
     def _post(self, message: tuple) -> None:
         raise NotImplementedError
@@ -81,7 +82,8 @@ class ThreadLink(_Link):
             pass
 
     def flush(self, batch_size: int, waiting: int, step_seconds: float | None) -> None:
-        self._gauges(batch_size, waiting, step_seconds)  # prometheus_client's metrics are thread-safe
+        # prometheus_client's metrics are thread-safe
+        self._gauges(batch_size, waiting, [] if step_seconds is None else [step_seconds])
 
 
 class PipeLink(_Link):
@@ -122,10 +124,10 @@ class PipeLink(_Link):
     def _readable(self) -> None:
         try:
             while self.conn.poll():
-                _, items, batch_size, waiting, seconds = self.conn.recv()
+                _, items, batch_size, waiting, steps = self.conn.recv()
                 for key, index, item in items:
                     self._deliver(key, index, item)
-                self._gauges(batch_size, waiting, seconds)
+                self._gauges(batch_size, waiting, steps)
         except (EOFError, OSError):
             self.loop.remove_reader(self.conn.fileno())
             log.error("the generation process stopped")
@@ -136,22 +138,46 @@ class PipeLink(_Link):
 
 
 class PipeOutbox:
-    """The generation loop's end of the pipe: a step's events in one message."""
+    """The generation loop's end of the pipe: events go in one message per step, or fewer.
 
-    def __init__(self, conn):
+    Every message wakes the HTTP process, and on 2 cores that process runs on a core the decode
+    kernels' threads are spinning on: each wake-up stalls a whole decode step's thread team
+    (measured: 0.8 ms of HTTP-side CPU per streamed token cost 4 ms of decode time per token).
+    So a step's text goes at once only when it matters to the client: a sequence's first token,
+    its end, a failure. Other text waits until `interval` seconds have passed since the last
+    message (a stream then carries a few tokens per chunk; 0 sends every step)."""
+
+    def __init__(self, conn, interval: float = 0.0):
         self.conn = conn
+        self.interval = interval
         self._items: list = []
+        self._steps: list[float] = []
+        self._urgent = False
+        self._started: set[tuple[int, int]] = set()  # (request key, choice) that have sent a token
         self._last = None
+        self._sent_at = 0.0
 
     def send(self, key: int, index: int, item) -> None:
         self._items.append((key, index, item))
+        if isinstance(item, Failure) or item.finish_reason:
+            self._urgent = True
+            self._started.discard((key, index))
+        elif (key, index) not in self._started:
+            self._started.add((key, index))
+            self._urgent = True
 
     def flush(self, batch_size: int, waiting: int, step_seconds: float | None) -> None:
-        if not self._items and (batch_size, waiting) == self._last and step_seconds is None:
+        if step_seconds is not None:
+            self._steps.append(step_seconds)
+        changed = (batch_size, waiting) != self._last
+        if not (self._items or changed):
             return
-        self.conn.send(("step", self._items, batch_size, waiting, step_seconds))
-        self._items = []
-        self._last = (batch_size, waiting)
+        now = time.perf_counter()
+        if not (self._urgent or changed or now - self._sent_at >= self.interval):
+            return
+        self.conn.send(("step", self._items, batch_size, waiting, self._steps))
+        self._items, self._steps, self._urgent = [], [], False
+        self._last, self._sent_at = (batch_size, waiting), now
 
 
 class PipeInbox:
