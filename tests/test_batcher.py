@@ -3,6 +3,8 @@ exactly what `Engine.generate_ids` gives each one alone."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from lmforge.generate.batcher import ContinuousBatcher
@@ -142,3 +144,26 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_the_batch_decodes(quantized)
     got = run(ContinuousBatcher(engine, max_batch=2, prefill_chunk=8), {0: [(long, params), (short, params)]})
     for rid, prompt in enumerate((long, short)):
         assert got[rid][1] == engine.generate_ids([prompt], params)[0].ids
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads Linux's /proc")
+def test_a_server_sized_cache_takes_memory_only_for_the_tokens_it_holds():
+    """32 slots x 2048 tokens of SmolLM2-135M's shape is 2.9 GB of cache: resident only where written."""
+    from lmforge.model.config import get_preset
+    from lmforge.model.gpt import KVCache
+
+    config = get_preset("smollm2-135m")
+    before = _rss_bytes()
+    cache = KVCache(config, 32, 2048)
+    cache_bytes = cache.k.numel() * cache.k.element_size() * 2
+    assert cache_bytes > 2 << 30
+    assert _rss_bytes() - before < 64 << 20
+    cache.k[:, :, :, :100] = 1.0  # 100 tokens in every slot
+    cache.v[:, :, :, :100] = 1.0
+    assert float(cache.k[0, 31, 0, 99, 0]) == 1.0 and float(cache.k[0, 31, 0, 100, 0]) == 0.0
+    assert _rss_bytes() - before < cache_bytes / 8

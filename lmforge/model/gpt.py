@@ -16,6 +16,7 @@ State-dict names:
 from __future__ import annotations
 
 import math
+import mmap
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -116,6 +117,20 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
+def zeros_on_demand(shape: tuple[int, ...], device, dtype: torch.dtype) -> torch.Tensor:
+    """A zero tensor whose memory, on CPU, becomes resident only where it is written: a fresh
+    anonymous mapping (the kernel's zero pages, 4 KB at a time), not torch.zeros' memset of the
+    whole cache. A server sized for 32 slots of 2048 tokens holds 2.9 GB of cache for
+    SmolLM2-135M, and its RSS then grows with the tokens actually held instead."""
+    if torch.device(device or "cpu").type != "cpu":
+        return torch.zeros(shape, device=device, dtype=dtype)
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if nbytes < 1 << 20:
+        return torch.zeros(shape, dtype=dtype)
+    memory = mmap.mmap(-1, nbytes)  # the tensor keeps the mapping alive through the buffer
+    return torch.frombuffer(memory, dtype=torch.uint8).view(dtype).view(shape)
+
+
 class KVCache:
     """Keys and values of every layer for incremental decoding, allocated once.
 
@@ -129,8 +144,8 @@ class KVCache:
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
         max_len = config.block_size if max_len is None else max_len
         shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.k = zeros_on_demand(shape, device, dtype)
+        self.v = zeros_on_demand(shape, device, dtype)
         self._k_layers = self.k.unbind(0)  # per-layer views, made once instead of per call
         self._v_layers = self.v.unbind(0)
         self.pos = 0
