@@ -460,8 +460,7 @@ def generate(
         raise LmforgeError(f"--truncate must be 'left', got {truncate!r}")
     loaded = load_model(model)
     params = _sampling_from(ctx, params, loaded.generation)
-    engine = Engine(loaded.model, loaded.tokenizer, stop_token_ids=loaded.generation.get("stop_token_ids", ()),
-                    int8_activations=int8_activations)
+    engine = Engine.for_loaded(loaded, int8_activations=int8_activations)
     ids = engine.encode(prompt)
     kept = engine.check_length(ids, params, truncate)
     if len(kept) < len(ids):
