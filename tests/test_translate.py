@@ -69,9 +69,6 @@ def setup(tmp_path_factory) -> Setup:
 
 
 # -- the Engine against transformers ---------------------------------------------------------------
-transformers = pytest.importorskip("transformers")
-
-
 @pytest.fixture(scope="module")
 def pair(setup):
     """(Engine, HF model, end tokens): the end tokens are eos plus the token the model emits third
@@ -81,6 +78,7 @@ def pair(setup):
     greedy = plain.generate_ids(setup.sources, SamplingParams(max_new_tokens=MAX_NEW, temperature=0))
     frequent = Counter(t for c in greedy for t in c.ids).most_common(3)[2][0]
     engine = Engine(setup.model, setup.tok, stop_token_ids=[frequent])
+    transformers = pytest.importorskip("transformers")
     hf = transformers.AutoModelForSeq2SeqLM.from_pretrained(setup.hf_dir, attn_implementation="eager").eval()
     return engine, hf, engine.stop_token_ids
 
@@ -229,3 +227,113 @@ def test_refusals(setup, pair):
         Engine(setup.model, setup.tok, decoder_start_id=999)
     with pytest.raises(LmforgeError, match="stop strings are not supported with beam search"):
         engine.generate_ids([src], SamplingParams(temperature=0, max_new_tokens=4, num_beams=2, stop=["x"]))
+
+
+# -- pipeline("translation"), `lmforge translate`, `lmforge eval bleu --model` ------------------------
+def _greedy(setup, texts, **kw):
+    engine = Engine(setup.model, setup.tok)
+    params = SamplingParams(temperature=0.0, max_new_tokens=kw.pop("max_new_tokens", MAX_NEW), **kw)
+    return [[c.text.strip() for c in engine.generate_ids([engine.encode(t)], params)] for t in texts]
+
+
+def test_pipeline_translation_in_transformers_call_shape(setup):
+    import lmforge
+
+    tr = lmforge.pipeline("translation", model=str(setup.dir))
+    (want,) = _greedy(setup, SOURCES[:1], max_new_tokens=8)
+    assert tr(SOURCES[0], max_new_tokens=8) == [{"translation_text": want[0]}]
+    batch = tr(SOURCES, max_new_tokens=8, batch_size=3)  # one dict per source, in order
+    assert batch == [{"translation_text": t[0]} for t in _greedy(setup, SOURCES, max_new_tokens=8)]
+    beams = tr(SOURCES[:2], max_new_tokens=8, num_beams=4, num_return_sequences=2, length_penalty=0.5)
+    want = _greedy(setup, SOURCES[:2], max_new_tokens=8, num_beams=4, num_return_sequences=2, length_penalty=0.5)
+    assert beams == [[{"translation_text": t} for t in group] for group in want]
+    sampled = tr(SOURCES[:2], max_new_tokens=8, do_sample=True, seed=3)
+    assert sampled == tr(SOURCES[:2], max_new_tokens=8, do_sample=True, seed=3)
+    with pytest.raises(LmforgeError, match="unknown generation arguments: src_lang"):
+        tr("x", src_lang="en")
+    with pytest.raises(LmforgeError, match="source 2 is empty"):
+        tr(["the cat", " "])
+    with pytest.raises(LmforgeError, match="use pipeline\\('translation'"):
+        lmforge.pipeline("text-generation", model=str(setup.dir))
+
+
+def test_pipeline_translation_refuses_a_decoder_only_model(tiny_model_dir):
+    import lmforge
+
+    with pytest.raises(LmforgeError, match="translation needs an encoder-decoder model"):
+        lmforge.pipeline("translation", model=str(tiny_model_dir))
+
+
+def test_cli_translate_text_and_file(setup, cli, tmp_path):
+    (want,) = _greedy(setup, SOURCES[:1], max_new_tokens=8)
+    r = cli("translate", setup.dir, SOURCES[0], "--max-new-tokens", 8)
+    assert r.code == 0, r.err
+    assert r.out == want[0] + "\n"
+    r = cli("translate", setup.dir, SOURCES[0], "--max-new-tokens", 8, "--num-beams", 3, "--num-return-sequences", 2)
+    beams = _greedy(setup, SOURCES[:1], max_new_tokens=8, num_beams=3, num_return_sequences=2)[0]
+    assert r.code == 0 and r.out == f"=== translation 1 of 2 ===\n{beams[0]}\n=== translation 2 of 2 ===\n{beams[1]}\n"
+    # A file: one source per line, a blank line kept blank, batched in any batch size alike.
+    lines = [SOURCES[2], SOURCES[0], "", SOURCES[1], SOURCES[3]]
+    (tmp_path / "in.txt").write_text("\n".join(lines) + "\n")
+    want = ["" if not line else t[0] for line, t in zip(lines, _greedy(setup, [x or "x" for x in lines], max_new_tokens=8))]
+    r = cli("translate", setup.dir, "--input", tmp_path / "in.txt", "--output", tmp_path / "out.txt",
+            "--max-new-tokens", 8, "--batch-size", 2)
+    assert r.code == 0, r.err
+    assert (tmp_path / "out.txt").read_text() == "".join(w + "\n" for w in want)
+    assert "wrote 5 translations" in r.err
+    r = cli("translate", setup.dir, "-i", tmp_path / "in.txt", "--max-new-tokens", 8)
+    assert r.code == 0 and r.out == "".join(w + "\n" for w in want)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "out.txt"]  # no temp file left
+
+
+def test_cli_translate_errors_are_one_line(setup, cli, tmp_path, tiny_model_dir):
+    (tmp_path / "in.txt").write_text("the cat\n")
+    cases = [
+        (("translate", setup.dir), "give the TEXT to translate or --input FILE"),
+        (("translate", setup.dir, "x", "--input", tmp_path / "in.txt"), "not both"),
+        (("translate", setup.dir, "x", "--output", tmp_path / "o.txt"), "--output goes with --input FILE"),
+        (("translate", setup.dir, "x", "--max-new-tokens", 100), "max_new_tokens 100 exceeds the decoder's block_size 48"),
+        (("translate", setup.dir, "x", "--num-beams", 2, "--temperature", 0.5), "beam search is deterministic"),
+        (("translate", setup.dir, "-i", tmp_path / "in.txt", "--num-beams", 2, "--num-return-sequences", 2),
+         "one translation per line"),
+        (("translate", tiny_model_dir, "x"), "translate needs an encoder-decoder model"),
+        (("translate", setup.dir, "-i", tmp_path / "missing.txt"), "missing.txt"),
+    ]
+    for args, message in cases:
+        r = cli(*args)
+        assert r.code != 0 and message in r.err, (args, r.err)
+        assert len(r.err.strip().splitlines()) == 1, r.err
+    assert not (tmp_path / "o.txt").exists()
+
+
+def test_eval_bleu_with_an_encoder_decoder(setup, cli, tmp_path):
+    from sacrebleu.metrics import BLEU, CHRF
+
+    from lmforge.eval.bleu import BleuGenerateConfig, generate_and_score
+
+    refs = ["the cat sat on a mat", "a bird sang", "the dog ran to the old park", "every morning the sun came up"]
+    with open(tmp_path / "pairs.jsonl", "w") as f:
+        for s, r in zip(SOURCES, refs):
+            f.write(json.dumps({"translation": {"en": s, "xx": r}}) + "\n")
+    cfg = dict(max_new_tokens=8, source_field="translation.en", target_field="translation.xx", num_beams=3)
+    a = generate_and_score(str(setup.dir), tmp_path / "pairs.jsonl", BleuGenerateConfig(batch_size=1, **cfg))
+    b = generate_and_score(str(setup.dir), tmp_path / "pairs.jsonl", BleuGenerateConfig(batch_size=3, **cfg))
+    hyps = [t[0].split("\n")[0].strip() for t in _greedy(setup, SOURCES, max_new_tokens=8, num_beams=3)]
+    assert a["details"]["hypotheses"] == b["details"]["hypotheses"] == hyps
+    # The scores are sacrebleu's on the same hypotheses.
+    assert a["bleu"] == pytest.approx(BLEU().corpus_score(hyps, [refs]).score, abs=1e-9)
+    assert a["chrf"] == pytest.approx(CHRF().corpus_score(hyps, [refs]).score, abs=1e-9)
+    s = a["settings"]
+    assert s["architecture"] == "encoder-decoder" and s["num_beams"] == 3 and s["decoding"] == "beam search (3 beams)"
+    # The command: --limit, the fields, --num-beams; the result JSON written like the other evals.
+    r = cli("eval", "bleu", "--model", setup.dir, "--data", tmp_path / "pairs.jsonl", "--source-field", "translation.en",
+            "--target-field", "translation.xx", "--num-beams", 3, "--max-new-tokens", 8, "--limit", 2,
+            "--out", tmp_path / "r.json")
+    assert r.code == 0, r.err
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["segments"] == 2 and result["details"]["hypotheses"] == hyps[:2]
+    assert f"BLEU {result['bleu']:.2f}" in r.out
+    r = cli("eval", "bleu", "--model", setup.dir, "--data", tmp_path / "pairs.jsonl", "--source-field", "src")
+    assert r.code != 0 and "expected an object with a string 'src'" in r.err
+    r = cli("eval", "bleu", "--model", setup.dir, "--data", tmp_path / "pairs.jsonl", "--source-field", "translation.en")
+    assert r.code != 0 and "no 'reference'" in r.err

@@ -69,13 +69,17 @@ class Seq2SeqDecoding:
         if truncate is not None:
             raise LmforgeError(f"truncate={truncate!r}: an encoder-decoder's source is never cut (it would translate "
                                f"part of a sentence); split sources longer than {block} tokens")
+        self.check_target(params)
         if not source:
             raise LmforgeError("empty source: give some text to translate")
         if len(source) > block:
             raise LmforgeError(f"source of {len(source)} tokens exceeds the model's block_size {block}; split it")
+        return source
+
+    def check_target(self, params: "SamplingParams") -> None:
+        block = self.model.config.block_size
         if params.max_new_tokens > block:
             raise LmforgeError(f"max_new_tokens {params.max_new_tokens} exceeds the decoder's block_size {block}")
-        return source
 
     # -- the encoder pass and the cache ---------------------------------------------------------
     def _encode(self, sources: Sequence[Sequence[int]], max_len: int) -> "Seq2SeqCache":
