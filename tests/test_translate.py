@@ -284,6 +284,9 @@ def test_cli_translate_text_and_file(setup, cli, tmp_path):
     r = cli("translate", setup.dir, "-i", tmp_path / "in.txt", "--max-new-tokens", 8)
     assert r.code == 0 and r.out == "".join(w + "\n" for w in want)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "out.txt"]  # no temp file left
+    # `lmforge generate` runs an encoder-decoder through the same Engine (text-to-text).
+    r = cli("generate", setup.dir, SOURCES[0], "--temperature", 0, "--max-new-tokens", 8, "--no-stream")
+    assert r.code == 0 and r.out == _greedy(setup, SOURCES[:1], max_new_tokens=8)[0][0] + "\n"
 
 
 def test_cli_translate_errors_are_one_line(setup, cli, tmp_path, tiny_model_dir):
