@@ -262,6 +262,27 @@ def test_pipeline_translation_refuses_a_decoder_only_model(tiny_model_dir):
 
     with pytest.raises(LmforgeError, match="translation needs an encoder-decoder model"):
         lmforge.pipeline("translation", model=str(tiny_model_dir))
+    from lmforge.generate.translate import translate_texts
+    from lmforge.interop.registry import load_model
+
+    engine = Engine.for_loaded(load_model(tiny_model_dir))
+    with pytest.raises(LmforgeError, match="translation needs an encoder-decoder model"):
+        translate_texts(engine, ["x"], SamplingParams(temperature=0))
+
+
+def test_eval_bleu_with_beams_on_a_decoder_only_model(tiny_model_dir, tmp_path):
+    """--num-beams on a decoder-only model: the best beam, cut at the first stop string after the search."""
+    from lmforge.eval.bleu import BleuGenerateConfig, generate_and_score
+    from lmforge.interop.registry import load_model
+
+    pairs = [{"source": "def f(x):", "reference": "return x"}, {"source": "class A:", "reference": "pass"}]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    r = generate_and_score(str(tiny_model_dir), tmp_path / "p.jsonl", BleuGenerateConfig(max_new_tokens=6, num_beams=3))
+    engine = Engine.for_loaded(load_model(tiny_model_dir))
+    want = [engine.beam_search([engine.encode(p["source"])], SamplingParams(temperature=0, max_new_tokens=6,
+                                                                            num_beams=3))[0][0].text for p in pairs]
+    assert r["details"]["hypotheses"] == [w.split("\n")[0].strip() for w in want]
+    assert r["settings"]["decoding"] == "beam search (3 beams)" and r["settings"]["architecture"] == "decoder"
 
 
 def test_cli_translate_text_and_file(setup, cli, tmp_path):

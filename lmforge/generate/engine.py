@@ -4,6 +4,10 @@ and the server all generate through it, so sampling and stopping behave the same
 Batches of prompts of different lengths are left-padded: a key-padding mask hides the pads and
 each row's positions start at 0 at its first real token, so a batched result equals the same
 prompt run alone.
+
+An encoder-decoder model runs through the same Engine: its prompts are sources, and the part
+that differs (the encoder pass, the cross-attention cache, the decoder start token) is
+lmforge.generate.seq2seq_decode's.
 """
 
 from __future__ import annotations
@@ -293,8 +297,8 @@ class Engine:
         if not prompts:
             return
         if self._s2s is not None:
-            steps = self._s2s.steps(prompts, params, self._pick, torch.tensor(self._ending_ids(params), device=self.device),
-                                    self._banned(params))
+            stop_ids = torch.tensor(self._ending_ids(params), dtype=torch.long, device=self.device)
+            steps = self._s2s.steps(prompts, params, self._pick, stop_ids, self._banned(params))
             while True:  # inference mode only while a step runs, as below
                 with torch.inference_mode():
                     try:

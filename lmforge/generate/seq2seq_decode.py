@@ -120,24 +120,25 @@ class Seq2SeqDecoding:
         logits = self._first_logits(cache, B)
         require_finite_logits(logits, "at generated token 1")
         rows = torch.arange(B, device=device)
-        # The decoder's input so far: the start token, then each row's picks (what transformers'
-        # penalties and n-gram ban read for an encoder-decoder).
-        history = torch.full((B, T + 1), self.start_id, dtype=torch.long, device=device)
-        seen = counts = start = None
+        # The decoder's input so far (no-repeat n-grams): the start token, then each row's picks,
+        # what transformers' penalties and n-gram ban read for an encoder-decoder.
+        history = seen = counts = start = None
         if params.repetition_penalty != 1.0:
             seen = torch.zeros((B, V), dtype=torch.bool, device=device)
             seen[:, self.start_id] = True
         if params.counts_tokens:
             counts = torch.zeros((B, V), dtype=torch.float32, device=device)
         if params.no_repeat_ngram_size:
+            history = torch.full((B, T + 1), self.start_id, dtype=torch.long, device=device)
             start = torch.zeros(B, dtype=torch.long, device=device)
         alive = torch.ones(B, dtype=torch.bool, device=device)
         for step in range(T):
-            hist = history[:, : step + 1] if start is not None else None
+            hist = None if history is None else history[:, : step + 1]
             nxt = pick(logits, params, step, generator, seen, banned, counts, hist, start)
             nxt = torch.where(alive, nxt, torch.full_like(nxt, self.pad_id))
             yield nxt, alive
-            history[:, step + 1] = nxt
+            if history is not None:
+                history[:, step + 1] = nxt
             alive = alive & ~torch.isin(nxt, stop_ids)
             if seen is not None:
                 seen[rows, nxt] = True

@@ -19,12 +19,16 @@ if TYPE_CHECKING:
 PROGRESS_FROM = 64  # sources: fewer finish before a bar is worth drawing
 
 
-def translate_ids(engine: "Engine", sources: Sequence[list[int]], params: "SamplingParams", *, batch_size: int = 16,
-                  progress: bool = False) -> list[list["Completion"]]:
-    """params.num_return_sequences Completions per source (beam search: best first), in input order."""
+def _require_encoder_decoder(engine: "Engine") -> None:
     if not engine.is_encoder_decoder:
         raise LmforgeError(f"{engine.config.name}: translation needs an encoder-decoder model (arch encoder-decoder); "
                            "a decoder-only model continues a prompt: use generate or pipeline('text-generation')")
+
+
+def translate_ids(engine: "Engine", sources: Sequence[list[int]], params: "SamplingParams", *, batch_size: int = 16,
+                  progress: bool = False) -> list[list["Completion"]]:
+    """params.num_return_sequences Completions per source (beam search: best first), in input order."""
+    _require_encoder_decoder(engine)
     if batch_size < 1:
         raise LmforgeError(f"batch_size must be >= 1, got {batch_size}")
     order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
@@ -52,8 +56,7 @@ def translate_ids(engine: "Engine", sources: Sequence[list[int]], params: "Sampl
 def translate_texts(engine: "Engine", texts: Sequence[str], params: "SamplingParams", *, batch_size: int = 16,
                     progress: bool = False) -> list[list[str]]:
     """Each text's translations (num_return_sequences of them), stripped of surrounding spaces."""
-    if not engine.is_encoder_decoder:
-        translate_ids(engine, [], params)  # refuses a decoder-only model, in one place
+    _require_encoder_decoder(engine)
     engine._s2s.check_target(params)  # before any source: the error is not one source's
     sources = []
     for i, text in enumerate(texts):
