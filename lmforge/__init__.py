@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 
 
 def pipeline(task: str, model: str, device: str = "cpu"):
-    """`lmforge.pipeline("text-generation", model=DIR_OR_NAME)`: see lmforge.generate.pipeline."""
+    """`lmforge.pipeline("text-generation" | "translation", model=DIR_OR_NAME)`: see lmforge.generate.pipeline."""
     from lmforge.generate.pipeline import pipeline as _pipeline
 
     return _pipeline(task, model=model, device=device)

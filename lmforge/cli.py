@@ -460,8 +460,7 @@ def generate(
         raise LmforgeError(f"--truncate must be 'left', got {truncate!r}")
     loaded = load_model(model)
     params = _sampling_from(ctx, params, loaded.generation)
-    engine = Engine(loaded.model, loaded.tokenizer, stop_token_ids=loaded.generation.get("stop_token_ids", ()),
-                    int8_activations=int8_activations)
+    engine = Engine.for_loaded(loaded, int8_activations=int8_activations)
     ids = engine.encode(prompt)
     kept = engine.check_length(ids, params, truncate)
     if len(kept) < len(ids):
@@ -483,6 +482,61 @@ def generate(
         score = "" if c.score is None else f", score {c.score:.4f}"
         typer.echo(f"=== sequence {i} of {len(completions)}{score} ===")
         typer.echo(c.text)
+
+
+@dataclasses.dataclass
+class TranslateOptions(SamplingOptions):
+    temperature: float = 0.0  # 0 = greedy (translation's default, as transformers' do_sample=False); higher = sample
+
+
+@app.command()
+@with_config(params=TranslateOptions)
+def translate(
+    ctx: typer.Context,
+    model: Annotated[str, typer.Argument(help="An encoder-decoder model dir, run dir or known model name.", show_default=False)],
+    text: Annotated[Optional[str], typer.Argument(help="The text to translate (or --input FILE).", show_default=False)] = None,
+    params: SamplingParams = None,
+    input: Annotated[Optional[Path], typer.Option("-i", "--input", help="Translate this file: one source per line (blank lines stay blank).", show_default=False)] = None,
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="With --input: write the translations here, one per line (atomically); default stdout.", show_default=False)] = None,
+    batch_size: Annotated[int, typer.Option(help="Sources translated together (sorted by length).")] = 16,
+    progress: Progress = True,
+):
+    """Translate with an encoder-decoder model: greedy unless --temperature or --num-beams says otherwise."""
+    from lmforge.fsutil import write_text_atomic
+    from lmforge.generate.engine import Engine
+    from lmforge.generate.translate import translate_lines, translate_texts
+    from lmforge.interop.registry import load_model
+
+    if (text is None) == (input is None):
+        raise LmforgeError("give the TEXT to translate or --input FILE (one source per line), not both")
+    if output is not None and input is None:
+        raise LmforgeError("--output goes with --input FILE; a TEXT's translation is printed")
+    loaded = load_model(model)
+    if not loaded.model.config.is_encoder_decoder:
+        raise LmforgeError(f"{loaded.path}: translate needs an encoder-decoder model; use `lmforge generate` for "
+                           "a decoder-only one")
+    # Translation is greedy unless a temperature is given here: generation.json's (a sampling
+    # default for chat-style models) does not turn it into sampling.
+    params = _sampling_from(ctx, params, {k: v for k, v in loaded.generation.items() if k != "temperature"})
+    engine = Engine.for_loaded(loaded)
+    if input is None:
+        done = translate_texts(engine, [text], params, batch_size=batch_size)[0]
+        if len(done) == 1:
+            typer.echo(done[0])
+            return
+        for i, t in enumerate(done, 1):
+            typer.echo(f"=== translation {i} of {len(done)} ===")
+            typer.echo(t)
+        return
+    from lmforge.eval.io import read_lines
+
+    lines = translate_lines(engine, read_lines(input), params, batch_size=batch_size, progress=progress)
+    result = "".join(line + "\n" for line in lines)
+    if output is None:
+        typer.echo(result, nl=False)
+        return
+    write_text_atomic(output, result)
+    print(f"wrote {len(lines):,} translations to {output}", file=sys.stderr)
 
 
 @app.command()

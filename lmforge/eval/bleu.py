@@ -162,26 +162,50 @@ class BleuGenerateConfig:
     template: str = DEFAULT_TEMPLATE  # prompt built from each pair ({source}); e.g. "English: {source}\nFrench:"
     max_new_tokens: int = 128  # tokens generated per example at most
     batch_size: int = 8  # prompts generated together
-    stop: list[str] = field(default_factory=lambda: ["\n"])  # generation ends at any of these (default: newline)
+    stop: list[str] = field(default_factory=lambda: ["\n"])  # generation ends at any of these (default: newline); with beams each hypothesis is cut at the first one after the search
     limit: int = 0  # score only the first N pairs (0 = all)
+    num_beams: int = 1  # beam search with this many beams (1 = greedy)
+    source_field: str = "source"  # the pairs' source field (a dotted path reaches into objects: translation.en)
+    target_field: str = "reference"  # the pairs' reference field: a string or a list of strings ("references" is read too by default)
 
     def __post_init__(self) -> None:
-        check_counts(self, at_least_0=("limit",), at_least_1=("max_new_tokens", "batch_size"))
+        check_counts(self, at_least_0=("limit",), at_least_1=("max_new_tokens", "batch_size", "num_beams"))
+        for name in ("source_field", "target_field"):
+            if not getattr(self, name) or any(not part for part in getattr(self, name).split(".")):
+                raise LmforgeError(f"--{name.replace('_', '-')} must name a field, got {getattr(self, name)!r}")
 
 
-def read_pairs(path: str | os.PathLike, limit: int = 0) -> tuple[list[str], list[list[str]]]:
-    """pairs.jsonl: {"source": str, "reference": str | [str, ...]} (or "references") per line."""
+def _field(obj, path: str):
+    """obj's value at a dotted path ("translation.en"), or a KeyError naming the missing part."""
+    for part in path.split("."):
+        if not isinstance(obj, dict) or part not in obj:
+            raise KeyError(part)
+        obj = obj[part]
+    return obj
+
+
+def read_pairs(path: str | os.PathLike, limit: int = 0, source_field: str = "source",
+               target_field: str = "reference") -> tuple[list[str], list[list[str]]]:
+    """pairs.jsonl: {"source": str, "reference": str | [str, ...]} (or "references") per line;
+    other field names (dotted paths into nested objects) with source_field / target_field."""
     from lmforge.jsonio import read_jsonl
 
     sources, refs = [], []
     for lineno, obj in read_jsonl(path):
         where = f"{path}:{lineno}"
-        if not isinstance(obj, dict) or not isinstance(obj.get("source"), str):
-            raise LmforgeError(f"{where}: expected an object with a string 'source' and a 'reference'")
-        if "reference" not in obj and "references" not in obj:
-            raise LmforgeError(f"{where}: no 'reference' (a string or a list of strings)")
-        ref = obj.get("references", obj.get("reference"))
-        sources.append(obj["source"])
+        try:
+            source = _field(obj, source_field)
+        except KeyError:
+            source = None
+        if not isinstance(source, str):
+            raise LmforgeError(f"{where}: expected an object with a string {source_field!r} and a {target_field!r}")
+        try:
+            ref = _field(obj, target_field)
+        except KeyError:
+            ref = obj.get("references") if target_field == "reference" and isinstance(obj, dict) else None
+            if ref is None:
+                raise LmforgeError(f"{where}: no {target_field!r} (a string or a list of strings)") from None
+        sources.append(source)
         refs.append(_refs_of(ref, where))
         if limit and len(sources) >= limit:
             break
@@ -208,28 +232,56 @@ def generate_and_score(model_spec: str, pairs: str | os.PathLike, config: BleuGe
     config = config or BleuGenerateConfig()
     if config.batch_size < 1:
         raise LmforgeError(f"--batch-size must be positive, got {config.batch_size}")
-    sources, refs = read_pairs(pairs, config.limit)
+    sources, refs = read_pairs(pairs, config.limit, config.source_field, config.target_field)
     engine, loaded = load_engine(model_spec, device)
-    params = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=0.0, stop=list(config.stop))
+    beams = config.num_beams > 1
+    # Beam search ends hypotheses on tokens only: the stop strings cut its outputs afterwards.
+    params = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=0.0, num_beams=config.num_beams,
+                            stop=[] if beams else list(config.stop))
     prompts, cut = [], 0
     for i, s in enumerate(sources):
-        ids = engine.encode(render_prompt(config.template, s, f"{pairs}:{i + 1}"))
-        kept = engine.check_length(ids, params, "left")  # keep the end: it holds the source's last words
+        where = f"{pairs}:{i + 1}"
+        ids = engine.encode(render_prompt(config.template, s, where))
+        if engine.is_encoder_decoder:  # a source is never cut: a translation of part of it scores nothing true
+            try:
+                kept = engine.check_length(ids, params)
+            except LmforgeError as e:
+                raise LmforgeError(f"{where}: {e}") from None
+        else:
+            kept = engine.check_length(ids, params, "left")  # keep the end: it holds the source's last words
         cut += len(kept) < len(ids)
         prompts.append(kept)
-    hyps = generate_batched(engine, prompts, params, config.batch_size, progress=progress)
+    if engine.is_encoder_decoder:
+        from lmforge.generate.translate import translate_ids
+
+        done = translate_ids(engine, prompts, params, batch_size=config.batch_size, progress=progress)
+        hyps = [_cut_at_stop(group[0].text, config.stop if beams else []) for group in done]
+    else:
+        hyps = generate_batched(engine, prompts, params, config.batch_size, progress=progress,
+                                cut_at=config.stop if beams else ())
     scores = score(hyps, refs, hyp_source=f"{model_spec} outputs", ref_source=str(pairs))
     settings = {"template": config.template, "max_new_tokens": config.max_new_tokens, "batch_size": config.batch_size,
-                "stop": list(config.stop), "decoding": "greedy", "limit": config.limit, "device": str(engine.device),
+                "stop": list(config.stop), "decoding": f"beam search ({config.num_beams} beams)" if beams else "greedy",
+                "num_beams": config.num_beams, "limit": config.limit, "source_field": config.source_field,
+                "target_field": config.target_field, "device": str(engine.device),
+                "architecture": "encoder-decoder" if engine.is_encoder_decoder else "decoder",
                 "decode_backend": engine.decode_backend_used}  # measured fastest here: recorded
     return _result(scores, hyps, refs, model=model_info(model_spec, loaded), data=fingerprint(pairs), settings=settings,
                    notes=[f"{cut} prompts longer than the context minus max_new_tokens were cut from the left"] if cut else [],
                    extra_details={"hypotheses": hyps})
 
 
-def generate_batched(engine, prompts: list[list[int]], params, batch_size: int, progress: bool = False) -> list[str]:
-    """Greedy completions, in batches of prompts of similar length (less padding), in input order;
-    each cut at the first stop string and stripped of surrounding whitespace."""
+def _cut_at_stop(text: str, stops: Sequence[str]) -> str:
+    """The text before its first stop string, stripped of surrounding whitespace."""
+    hits = [i for i in (text.find(s) for s in stops if s) if i != -1]
+    return (text[: min(hits)] if hits else text).strip()
+
+
+def generate_batched(engine, prompts: list[list[int]], params, batch_size: int, progress: bool = False,
+                     cut_at: Sequence[str] = ()) -> list[str]:
+    """Completions (greedy, or each prompt's best beam), in batches of prompts of similar length
+    (less padding), in input order; each cut at the first stop string (the Engine's, or `cut_at`
+    after a beam search) and stripped of surrounding whitespace."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[str] = [""] * len(prompts)
     bar = None
@@ -240,7 +292,7 @@ def generate_batched(engine, prompts: list[list[int]], params, batch_size: int, 
     for k in range(0, len(order), batch_size):
         group = order[k : k + batch_size]
         for i, c in zip(group, engine.generate_ids([prompts[i] for i in group], params)):
-            out[i] = c.text.strip()
+            out[i] = _cut_at_stop(c.text, cut_at)
         if bar is not None:
             bar.update(len(group))
     if bar is not None:

@@ -251,8 +251,7 @@ def load_engine(model_spec: str, device: str = "cpu"):
     from lmforge.runtime import resolve_device
 
     loaded = load_model(model_spec, device=resolve_device(device))
-    engine = Engine(loaded.model, loaded.tokenizer, stop_token_ids=loaded.generation.get("stop_token_ids", ()))
-    return engine, loaded
+    return Engine.for_loaded(loaded), loaded
 
 
 class _Bar:

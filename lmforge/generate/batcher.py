@@ -59,6 +59,7 @@ class ContinuousBatcher:
     """
 
     def __init__(self, engine: Engine, max_batch: int = 8, max_len: int | None = None, prefill_chunk: int = 512):
+        engine._decoder_only("continuous batching (serve)")
         if max_batch < 1:
             raise LmforgeError(f"max_batch must be >= 1, got {max_batch}")
         if prefill_chunk < 1:

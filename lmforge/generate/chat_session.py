@@ -27,6 +27,7 @@ class ChatSession:
     notify: Callable[[str], None] = print
 
     def __post_init__(self) -> None:
+        self.engine._decoder_only("chat")  # a chat is a growing prompt continued; a translator has none
         if self.params.num_return_sequences > 1:
             raise LmforgeError("a chat has one reply per turn: num_return_sequences must be 1")
 

@@ -4,6 +4,10 @@ and the server all generate through it, so sampling and stopping behave the same
 Batches of prompts of different lengths are left-padded: a key-padding mask hides the pads and
 each row's positions start at 0 at its first real token, so a batched result equals the same
 prompt run alone.
+
+An encoder-decoder model runs through the same Engine: its prompts are sources, and the part
+that differs (the encoder pass, the cross-attention cache, the decoder start token) is
+lmforge.generate.seq2seq_decode's.
 """
 
 from __future__ import annotations
@@ -76,13 +80,26 @@ class TokenScores:
 
 class Engine:
     def __init__(self, model: GPT, tokenizer: Tokenizer, *, stop_token_ids: Sequence[int] = (),
-                 int8_activations: bool = False):
+                 int8_activations: bool = False, decoder_start_id: int | None = None):
         """int8_activations: decode a quantized model with its products' inputs rounded to int8
         per block (as llama.cpp does; lmforge.quant.kernels): faster batched steps, text that
-        leaves the exact model's after some tokens. Refused for models it cannot apply to."""
+        leaves the exact model's after some tokens. Refused for models it cannot apply to.
+
+        An encoder-decoder (Seq2Seq) generates through the same methods: its prompts are sources,
+        encoded once each; the model-specific part is lmforge.generate.seq2seq_decode's.
+        decoder_start_id: the token its decoder starts from (default: the tokenizer's bos, else
+        its eos; a model dir's generation.json may name it: `seq2seq_decode.default_start_id`)."""
+        self._s2s = None
         if model.config.is_encoder_decoder:
-            raise LmforgeError(f"{model.config.name}: an encoder-decoder model; generate, chat, eval and serve "
-                               "run decoder-only models for now")
+            from lmforge.generate.seq2seq_decode import Seq2SeqDecoding, default_start_id
+
+            if int8_activations:
+                raise LmforgeError("int8_activations is for quantized decoder-only models, not an encoder-decoder")
+            start = default_start_id(tokenizer) if decoder_start_id is None else decoder_start_id
+            pad = next((i for i in (tokenizer.pad_id, tokenizer.eos_id) if i is not None), 0)
+            self._s2s = Seq2SeqDecoding(model, start, pad)
+        elif decoder_start_id is not None:
+            raise LmforgeError("decoder_start_id is for encoder-decoder models; this one is decoder-only")
         self.model = model.eval()
         self.int8_activations = int8_activations
         if int8_activations:
@@ -101,7 +118,18 @@ class Engine:
             stops.add(end_of_turn)
         self.stop_token_ids = sorted(stops)
         self._cache: KVCache | None = None
-        self._backend: str | None = None
+        # The numpy decoder and its timing are GPT's: an encoder-decoder decodes in torch.
+        self._backend: str | None = "torch" if self._s2s is not None else None
+
+    @classmethod
+    def for_loaded(cls, loaded, **kwargs) -> "Engine":
+        """An Engine for a registry LoadedModel: its generation.json's stop tokens and, for an
+        encoder-decoder, its decoder start token (decoder_start_token_id, else bos, else eos)."""
+        if loaded.model.config.is_encoder_decoder and "decoder_start_id" not in kwargs:
+            from lmforge.generate.seq2seq_decode import default_start_id
+
+            kwargs["decoder_start_id"] = default_start_id(loaded.tokenizer, loaded.generation)
+        return cls(loaded.model, loaded.tokenizer, stop_token_ids=loaded.generation.get("stop_token_ids", ()), **kwargs)
 
     @property
     def backend(self) -> str:
@@ -125,6 +153,20 @@ class Engine:
     def device(self) -> torch.device:
         return self.model.device
 
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return self._s2s is not None
+
+    @property
+    def decoder_start_id(self) -> int | None:
+        """The encoder-decoder's decoder start token (None for a decoder-only model)."""
+        return None if self._s2s is None else self._s2s.start_id
+
+    def _decoder_only(self, what: str) -> None:
+        if self._s2s is not None:
+            raise LmforgeError(f"{self.config.name}: {what} is for decoder-only models; an encoder-decoder "
+                               "generates from a source (generate_ids, beam_search, translate)")
+
     def _cache_for(self, batch_size: int, max_len: int) -> KVCache:
         """Reuse the preallocated cache when it is large enough; grow it otherwise."""
         c = self._cache
@@ -135,12 +177,20 @@ class Engine:
         return self._cache
 
     def encode(self, prompt: str) -> list[int]:
+        """A prompt's token ids; an encoder-decoder's source as transformers' tokenizer(text)
+        encodes it, with whatever its tokenizer.json's post-processor adds (e.g. an eos)."""
         if not prompt:
-            raise LmforgeError("empty prompt: give some text to continue")
+            raise LmforgeError("empty source: give some text to translate" if self._s2s is not None
+                               else "empty prompt: give some text to continue")
+        if self._s2s is not None:
+            return self.tokenizer.hf.encode(prompt, add_special_tokens=True).ids
         return self.tokenizer.encode(prompt)
 
     def check_length(self, prompt_ids: list[int], params: SamplingParams, truncate: str | None = None) -> list[int]:
-        """Refuse (or cut from the left, with truncate='left') a prompt that leaves no room."""
+        """Refuse (or cut from the left, with truncate='left') a prompt that leaves no room. An
+        encoder-decoder's source and target have their own room: see Seq2SeqDecoding.check_length."""
+        if self._s2s is not None:
+            return self._s2s.check_length(prompt_ids, params, truncate)
         room = self.config.block_size - params.max_new_tokens
         if len(prompt_ids) > room:
             if truncate == "left" and room > 0:
@@ -246,6 +296,16 @@ class Engine:
         """Yield (next_ids [B], alive [B] before this step) once per decode step."""
         if not prompts:
             return
+        if self._s2s is not None:
+            stop_ids = torch.tensor(self._ending_ids(params), dtype=torch.long, device=self.device)
+            steps = self._s2s.steps(prompts, params, self._pick, stop_ids, self._banned(params))
+            while True:  # inference mode only while a step runs, as below
+                with torch.inference_mode():
+                    try:
+                        item = next(steps)
+                    except StopIteration:
+                        return
+                yield item
         batch = self._prepare(prompts, params)
         decoder = self._decoder()
         steps = self._steps(batch, params, decoder)
@@ -384,6 +444,9 @@ class Engine:
             end_ids=tuple(self._ending_ids(params)), min_new_tokens=params.min_new_tokens,
             min_banned=tuple(self._banned_ids(params)), no_repeat_ngram_size=params.no_repeat_ngram_size,
             repetition_penalty=params.repetition_penalty)
+        if self._s2s is not None:
+            with torch.inference_mode():
+                return self._completions(prompts, self._s2s.beam_search(prompts, settings))
         batch = self._prepare(prompts, params)
         decoder = self._decoder()
         model, device = self.model, self.device
@@ -425,6 +488,10 @@ class Engine:
                 return out[:, -1]
 
             found = beam_search(logits[:, -1], step, settings, prefixes=prompts)
+        return self._completions(prompts, found)
+
+    def _completions(self, prompts: list[list[int]], found) -> list[list[Completion]]:
+        """Beam search's hypotheses as Completions, the end token dropped."""
         out = []
         for prompt, hyps in zip(prompts, found):
             group = []
@@ -486,6 +553,7 @@ class Engine:
         only from the first scored position on, and at most `logit_bytes` of them at a time
         (a [tokens, vocab] fp32 block is the largest tensor of a forward).
         """
+        self._decoder_only("score")
         n = len(sequences)
         starts = [1] * n if starts is None else list(starts)
         if len(starts) != n:
@@ -553,6 +621,7 @@ class Engine:
         chunk on top. A context + continuation longer than the model's context is refused: cut
         it first, or use `score`.
         """
+        self._decoder_only("score_continuations")
         block = self.config.block_size
         for i, (ctx, conts) in enumerate(requests):
             if not ctx or not conts or any(len(c) == 0 for c in conts):

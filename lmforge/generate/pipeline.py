@@ -7,6 +7,14 @@ lmforge models, generating through the Engine.
     gen("x", max_new_tokens=64, min_new_tokens=64)          # exactly 64 tokens (or ignore_eos=True)
     gen([{"role": "user", "content": "Hi"}])                # [{"generated_text": [..., {"role": "assistant", ...}]}]
     gen("x", num_beams=4, num_return_sequences=2)           # beam search: the best 2 of 4 beams, best first
+
+`lmforge.pipeline("translation", model=...)` runs an encoder-decoder model in transformers'
+translation-pipeline call shape (sources batched through the Engine, lmforge.generate.translate):
+
+    tr = lmforge.pipeline("translation", model="runs/en-de/run")
+    tr("the cat sat")                                       # [{"translation_text": "..."}]
+    tr(["a", "b"], num_beams=4, max_new_tokens=64)          # [{"translation_text": ...}, {...}]
+    tr(["a", "b"], num_beams=4, num_return_sequences=2)     # [[{...}, {...}], [{...}, {...}]]
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ from lmforge.generate.engine import Engine
 from lmforge.generate.sampling import SamplingParams
 from lmforge.interop.registry import LoadedModel, load_model
 
-TASKS = ("text-generation",)
+TASKS = ("text-generation", "translation")
 _SAMPLING_KEYS = {"max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
                   "frequency_penalty", "stop",
                   "stop_token_ids", "seed", "do_sample", "min_new_tokens", "ignore_eos",
@@ -28,11 +36,12 @@ _SAMPLING_KEYS = {"max_new_tokens", "temperature", "top_k", "top_p", "min_p", "r
 
 class TextGenerationPipeline:
     def __init__(self, loaded: LoadedModel, *, int8_activations: bool = False):
+        if loaded.model.config.is_encoder_decoder:
+            raise LmforgeError(f"{loaded.path}: an encoder-decoder model; use pipeline('translation', model=...)")
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
-        self.engine = Engine(loaded.model, loaded.tokenizer, stop_token_ids=loaded.generation.get("stop_token_ids", ()),
-                             int8_activations=int8_activations)
+        self.engine = Engine.for_loaded(loaded, int8_activations=int8_activations)
 
     def sampling_params(self, **kwargs) -> SamplingParams:
         """transformers' conventions: greedy unless do_sample; sampling defaults to top_k=50;
@@ -64,6 +73,9 @@ class TextGenerationPipeline:
 
     def __call__(self, inputs: Any, *, num_return_sequences: int = 1, return_full_text: bool = True,
                  truncate: str | None = None, **kwargs) -> list:
+        if kwargs.get("max_new_tokens") is None and "max_new_tokens" not in self.loaded.generation:
+            # The text-generation default (128), within the decoder's positions.
+            kwargs["max_new_tokens"] = min(128, self.model.config.block_size)
         params = self.sampling_params(num_return_sequences=num_return_sequences, **kwargs)
         single = isinstance(inputs, str) or _is_chat(inputs)
         batch = [inputs] if single else list(inputs)
@@ -92,13 +104,52 @@ class TextGenerationPipeline:
         return results[0] if single else results
 
 
+class TranslationPipeline(TextGenerationPipeline):
+    """transformers' translation pipeline's call shape on an encoder-decoder: greedy unless
+    do_sample, num_beams > 1 for beam search, generation.json's defaults under the arguments."""
+
+    def __init__(self, loaded: LoadedModel):
+        if not loaded.model.config.is_encoder_decoder:
+            raise LmforgeError(f"{loaded.path}: translation needs an encoder-decoder model (arch encoder-decoder); "
+                               "use pipeline('text-generation') with a prompt for a decoder-only one")
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.engine = Engine.for_loaded(loaded)
+
+    def __call__(self, inputs: Any, *, num_return_sequences: int = 1, batch_size: int = 16, **kwargs) -> list:
+        from lmforge.generate.translate import translate_texts
+
+        if "truncate" in kwargs or "return_full_text" in kwargs:
+            bad = "truncate" if "truncate" in kwargs else "return_full_text"
+            raise LmforgeError(f"{bad} is a text-generation argument; translation takes none")
+        if kwargs.get("max_new_tokens") is None and "max_new_tokens" not in self.loaded.generation:
+            # The text-generation default (128), within the decoder's positions.
+            kwargs["max_new_tokens"] = min(128, self.model.config.block_size)
+        params = self.sampling_params(num_return_sequences=num_return_sequences, **kwargs)
+        single = isinstance(inputs, str)
+        batch = [inputs] if single else list(inputs)
+        if not batch:
+            raise LmforgeError("no sources given")
+        done = translate_texts(self.engine, batch, params, batch_size=batch_size)
+        results = [[{"translation_text": t} for t in group] for group in done]
+        if single:
+            return results[0]
+        # transformers' shape: one dict per source when each has one translation, else a list each.
+        return [r[0] for r in results] if num_return_sequences == 1 else results
+
+
 def _is_chat(x: Any) -> bool:
     return isinstance(x, list) and bool(x) and all(isinstance(m, dict) for m in x)
 
 
 def pipeline(task: str, model: str, device: str = "cpu", *, int8_activations: bool = False) -> TextGenerationPipeline:
     """Build a pipeline; `model` is a model dir, a run dir (its best model) or a known name.
-    int8_activations: see Engine (quantized models only)."""
+    int8_activations: see Engine (quantized decoder-only models only)."""
     if task not in TASKS:
         raise LmforgeError(f"unsupported task {task!r}; lmforge pipelines: {', '.join(TASKS)}")
+    if task == "translation":
+        if int8_activations:
+            raise LmforgeError("int8_activations is for quantized decoder-only models, not translation")
+        return TranslationPipeline(load_model(model, device=device))
     return TextGenerationPipeline(load_model(model, device=device), int8_activations=int8_activations)
