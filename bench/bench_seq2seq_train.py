@@ -27,6 +27,8 @@ is >95% of the FLOPs) is the same; the parameter counts are in the JSON.
     .venv/bin/python bench/bench_seq2seq_train.py --runs 3 > bench/results/seq2seq_train.json
     .venv/bin/python bench/bench_seq2seq_train.py --quick          # smoke run, seq2seq-tiny, seconds
     .venv/bin/python bench/bench_seq2seq_train.py --profile        # + where each side's step time goes
+    .venv/bin/python bench/bench_seq2seq_train.py --interleave     # + both in one process, step for step
+                                                                   #   (the robust ratio on a busy machine)
 """
 
 from __future__ import annotations
@@ -153,16 +155,71 @@ def run_side(side: str, preset: str, threads: int, steps: int, warmup: int, n_ba
             **notes}
 
 
+def run_interleaved(preset: str, threads: int, steps: int, warmup: int, n_batches: int, batch_size: int,
+                    src_len: tuple[int, int], tgt_len: tuple[int, int], seed: int = 0, attn: str = "sdpa") -> dict:
+    """Both sides in this one process, step for step (A B, B A, A B, ...: the order alternates so
+    that neither always runs right after the other's memory traffic), on the same batch each
+    round. On a shared machine a neighbour's burst then hits both sides of a round alike: the
+    median of the per-round time ratios is the robust figure (the per-side RSS is not: see the
+    fresh-process runs)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    batches = make_batches(shape(preset)["vocab_size"], n_batches, batch_size, src_len, tgt_len, seed)
+    sides = {}
+    for side in SIDES:
+        torch.manual_seed(seed)
+        model, step, _, _ = build(side, preset, attn)
+        sides[side] = (step, torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01))
+    times: dict[str, list[float]] = {side: [] for side in SIDES}
+    tokens = 0
+    for i in range(warmup + steps):
+        b = batches[i % len(batches)]
+        for side in (SIDES if i % 2 == 0 else SIDES[::-1]):
+            step, opt = sides[side]
+            t = time.perf_counter()
+            step(b).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if i >= warmup:
+                times[side].append(time.perf_counter() - t)
+        tokens += b["target_tokens"] if i >= warmup else 0
+    ratios = [p / o for o, p in zip(times["lmforge"], times["transformers_marian"])]
+    return {"speedup_median_of_rounds": statistics.median(ratios), "round_speedups": [round(r, 3) for r in ratios],
+            **{f"{side}_tokens_per_s": tokens / sum(ts) for side, ts in times.items()}}
+
+
+def _category(op: str, shapes, vocab: int) -> str:
+    """Where a profiled op's time goes, in words (`shapes`: its input shapes)."""
+    with_vocab = any(vocab in (sh or []) for sh in shapes if isinstance(sh, (list, tuple)))
+    if op in ("aten::mm", "aten::addmm") and with_vocab:
+        return "lm_head matmuls (vocabulary x width, forward and backward)"
+    if "log_softmax" in op or "nll_loss" in op:
+        return "loss (log_softmax + nll, forward and backward)"
+    if op in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"):
+        return "other matmuls (projections, MLP, short attention)"
+    if "scaled_dot_product" in op or "softmax" in op:
+        return "attention kernels (SDPA, softmax)"
+    if "layer_norm" in op:
+        return "layer norms"
+    if "gelu" in op:
+        return "GELU"
+    if with_vocab:
+        return "other vocabulary-sized work (embedding gradient, optimizer on the embedding, logits bias)"
+    return "other (elementwise, copies, optimizer, autograd)"
+
+
 def profile_side(side: str, preset: str, threads: int, steps: int, n_batches: int, batch_size: int,
                  src_len: tuple[int, int], tgt_len: tuple[int, int], top: int = 15, attn: str = "sdpa") -> dict:
-    """torch.profiler over `steps` training steps (after 2 warm-up steps): the ops with the most
-    self CPU time, and the time in named parts of the step."""
+    """torch.profiler over `steps` training steps (after one warm-up step): the time in each part
+    of the step, in categories of ops (`_category`) and in the ops with the most self CPU time."""
     import torch
     from torch.profiler import ProfilerActivity, profile, record_function
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    batches = make_batches(shape(preset)["vocab_size"], n_batches, batch_size, src_len, tgt_len, 0)
+    vocab = shape(preset)["vocab_size"]
+    batches = make_batches(vocab, n_batches, batch_size, src_len, tgt_len, 0)
     model, step, _, _ = build(side, preset, attn)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
 
@@ -175,19 +232,25 @@ def profile_side(side: str, preset: str, threads: int, steps: int, n_batches: in
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-    for i in range(2):
-        one(batches[i % len(batches)])
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    one(batches[0])
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         for i in range(steps):
             one(batches[i % len(batches)])
-    events = prof.key_averages()
-    total = sum(e.self_cpu_time_total for e in events)
-    ops = sorted((e for e in events if not e.key.startswith("step.")), key=lambda e: -e.self_cpu_time_total)[:top]
-    parts = {e.key: round(e.cpu_time_total / 1000 / steps, 1) for e in events if e.key.startswith("step.")}
-    return {"ms_per_step_by_part": parts,
-            "top_ops_self_cpu": [{"op": e.key, "ms_per_step": round(e.self_cpu_time_total / 1000 / steps, 1),
-                                  "share": round(e.self_cpu_time_total / total, 3), "calls_per_step": e.count // steps}
-                                 for e in ops]}
+    ms = 1000.0 * steps
+    parts = {e.key: round(e.cpu_time_total / ms, 1) for e in prof.key_averages() if e.key.startswith("step.")}
+    categories: dict[str, float] = {}
+    for e in prof.key_averages(group_by_input_shape=True):
+        if not e.key.startswith("step."):
+            cat = _category(e.key, e.input_shapes or [], vocab)
+            categories[cat] = categories.get(cat, 0.0) + e.self_cpu_time_total / ms
+    total = sum(categories.values())
+    ops = sorted((e for e in prof.key_averages() if not e.key.startswith("step.")), key=lambda e: -e.self_cpu_time_total)
+    return {"ms_per_step_by_part": parts, "ms_per_step_profiled": round(total, 1),
+            "by_category": {k: {"ms_per_step": round(v, 1), "share": round(v / total, 3)}
+                            for k, v in sorted(categories.items(), key=lambda kv: -kv[1])},
+            "top_ops_self_cpu": [{"op": e.key, "ms_per_step": round(e.self_cpu_time_total / ms, 1),
+                                  "share": round(e.self_cpu_time_total / ms / total, 3), "calls_per_step": e.count // steps}
+                                 for e in ops[:top]]}
 
 
 def main() -> None:
@@ -202,6 +265,8 @@ def main() -> None:
     ap.add_argument("--tgt-len", type=int, nargs=2, default=(8, 40), metavar=("MIN", "MAX"), help="target lengths (tokens, with eos)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--attn", default="sdpa", help="transformers' attention implementation (sdpa or eager)")
+    ap.add_argument("--interleave", action="store_true",
+                    help="also run both sides in one process, step for step (robust on a busy machine; no per-side RSS)")
     ap.add_argument("--profile", action="store_true", help="also profile each side (torch.profiler, its own process)")
     ap.add_argument("--quick", action="store_true", help="smoke run: seq2seq-tiny, 1 run, 3 steps")
     args = ap.parse_args()
@@ -252,6 +317,16 @@ def main() -> None:
         "note": "the difference is lmforge's learned position tables (Marian's sinusoidal tables are frozen parameters) "
                 "and its 4 extra LayerNorms: 1.7% more for AdamW to update, on lmforge's side; the matmul work is equal",
     }
+    if args.interleave:
+        inter_call = ("import json, bench_seq2seq_train as b; "
+                      "print(json.dumps(b.run_interleaved({!r}, {}, *{!r}, attn={!r})))")
+        r = run_measured(inter_call.format(args.preset, args.threads, geometry, args.attn), env=env)
+        result["interleaved"] = {"note": "both sides in one process, alternating steps on the same batches; "
+                                         "speedup = median over rounds of (transformers step time / lmforge step time)",
+                                 "speedup_median_of_rounds": round(r["speedup_median_of_rounds"], 3),
+                                 "round_speedups": r["round_speedups"],
+                                 **{k: round(v, 1) for k, v in r.items() if k.endswith("_tokens_per_s")},
+                                 "peak_rss_mb_both": r["peak_rss_mb"]}
     if args.profile:
         prof_call = ("import json, bench_seq2seq_train as b; "
                      "print(json.dumps(b.profile_side({!r}, {!r}, {}, {}, *{!r}, attn={!r})))")
