@@ -5,7 +5,11 @@ Both models are built with random weights from one lmforge preset's shape (trans
 layers, d_model 512, 8 heads, FFN 2048, vocabulary 37000; or seq2seq-tiny), dropout 0 on both
 sides (their dropout sites differ; switched off, both do the same arithmetic work), fp32 on the
 CPU. Each step is forward (teacher forcing, mean cross-entropy over the non-pad target tokens),
-backward, torch.optim.AdamW step and zero_grad, identical on both sides. The batches are made from
+backward, AdamW step (torch's fused kernel: the default of both lmforge's and transformers'
+Trainer) and zero_grad, identical on both sides. lmforge's side runs with its training runtime
+settings, as `lmforge pretrain` would (huge pages for large tensors, freed heap pages kept;
+--plain-runtime turns them off); --interleave adds the models alone, both in one process, step for
+step: the robust ratio on a busy machine. The batches are made from
 one seed in each process: the same sources and targets (random token ids), of random lengths
 within --src-len / --tgt-len, right-padded to the longest row, the source padding masked; the
 decoder needs no target mask (causal, right padding). Throughput counts *target tokens that are not
@@ -127,16 +131,16 @@ def build(side: str, preset: str, attn: str = "sdpa"):
                                          "transformers": __import__("transformers").__version__}
 
 
-def run_side(side: str, preset: str, threads: int, steps: int, warmup: int, n_batches: int, batch_size: int,
-             src_len: tuple[int, int], tgt_len: tuple[int, int], seed: int = 0, attn: str = "sdpa") -> dict:
-    """One side's timed training steps in this process (run it in a fresh one)."""
+def adamw(model):
+    """The optimizer of both sides: AdamW's fused CPU kernel, which lmforge's Trainer and
+    transformers' Trainer (its default optim "adamw_torch_fused" with torch >= 2.8) both use."""
     import torch
 
-    torch.set_num_threads(threads)
-    torch.manual_seed(seed)
-    batches = make_batches(shape(preset)["vocab_size"], n_batches, batch_size, src_len, tgt_len, seed)
-    model, step, params, notes = build(side, preset, attn)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+    return torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, fused=True)
+
+
+def _timed_steps(step, opt, batches: list[dict], warmup: int, steps: int) -> tuple[int, list[float], list[float]]:
+    """(target tokens, seconds per timed step, every step's loss)."""
     times, tokens, losses = [], 0, []
     for i in range(warmup + steps):
         b = batches[i % len(batches)]
@@ -149,10 +153,34 @@ def run_side(side: str, preset: str, threads: int, steps: int, warmup: int, n_ba
         if i >= warmup:
             times.append(time.perf_counter() - t)
             tokens += b["target_tokens"]
+    return tokens, times, losses
+
+
+def run_side(side: str, preset: str, threads: int, steps: int, warmup: int, n_batches: int, batch_size: int,
+             src_len: tuple[int, int], tgt_len: tuple[int, int], seed: int = 0, attn: str = "sdpa",
+             runtime: bool = False) -> dict:
+    """One side's timed training steps in this process (run it in a fresh one). `runtime`: the
+    heap setting lmforge's Trainer uses (`--heap keep`: freed activations stay mapped), beside the
+    huge pages the `lmforge` command turns on (THP_MEM_ALLOC_ENABLE=1, which the caller puts in the
+    environment: torch reads it at import)."""
+    import contextlib
+
+    import torch
+
+    from lmforge.allocator import keep_freed_heap_pages
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    batches = make_batches(shape(preset)["vocab_size"], n_batches, batch_size, src_len, tgt_len, seed)
+    model, step, params, notes = build(side, preset, attn)
+    opt = adamw(model)
+    with keep_freed_heap_pages() if runtime else contextlib.nullcontext():
+        tokens, times, losses = _timed_steps(step, opt, batches, warmup, steps)
     return {"tokens_per_s": tokens / sum(times), "ms_per_step_median": 1000 * statistics.median(times),
             "first_loss": losses[0], "params": params,
-            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            **notes}
+            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "threads": torch.get_num_threads(), "huge_pages": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1",
+            "heap_kept": runtime, **notes}
 
 
 def run_interleaved(preset: str, threads: int, steps: int, warmup: int, n_batches: int, batch_size: int,
@@ -170,7 +198,7 @@ def run_interleaved(preset: str, threads: int, steps: int, warmup: int, n_batche
     for side in SIDES:
         torch.manual_seed(seed)
         model, step, _, _ = build(side, preset, attn)
-        sides[side] = (step, torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01))
+        sides[side] = (step, adamw(model))
     times: dict[str, list[float]] = {side: [] for side in SIDES}
     tokens = 0
     for i in range(warmup + steps):
@@ -221,7 +249,7 @@ def profile_side(side: str, preset: str, threads: int, steps: int, n_batches: in
     vocab = shape(preset)["vocab_size"]
     batches = make_batches(vocab, n_batches, batch_size, src_len, tgt_len, 0)
     model, step, _, _ = build(side, preset, attn)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+    opt = adamw(model)
 
     def one(b):
         with record_function("step.forward+loss"):
@@ -265,6 +293,8 @@ def main() -> None:
     ap.add_argument("--tgt-len", type=int, nargs=2, default=(8, 40), metavar=("MIN", "MAX"), help="target lengths (tokens, with eos)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--attn", default="sdpa", help="transformers' attention implementation (sdpa or eager)")
+    ap.add_argument("--plain-runtime", action="store_true",
+                    help="lmforge without its training runtime settings (huge pages, heap kept): the models alone")
     ap.add_argument("--interleave", action="store_true",
                     help="also run both sides in one process, step for step (robust on a busy machine; no per-side RSS)")
     ap.add_argument("--profile", action="store_true", help="also profile each side (torch.profiler, its own process)")
@@ -274,11 +304,19 @@ def main() -> None:
         args.preset, args.runs, args.steps, args.warmup, args.batches = "seq2seq-tiny", 1, 3, 1, 2
     geometry = (args.steps, args.warmup, args.batches, args.batch_size, tuple(args.src_len), tuple(args.tgt_len))
     env = {"OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
-    call = "import json, bench_seq2seq_train as b; print(json.dumps(b.run_side({!r}, {!r}, {}, *{!r}, attn={!r})))"
+    call = ("import json, bench_seq2seq_train as b; "
+            "print(json.dumps(b.run_side({!r}, {!r}, {}, *{!r}, attn={!r}, runtime={!r})))")
+    runtime = not args.plain_runtime
+    # lmforge's side runs as `lmforge pretrain` would: huge pages for large tensors (set by the
+    # `lmforge` command) and freed heap pages kept (the Trainer's default). The peer runs as its
+    # Trainer would: neither (the --interleave figure compares the models alone, one process).
+    side_env = {"lmforge": {**env, "THP_MEM_ALLOC_ENABLE": "1" if runtime else "0"},
+                "transformers_marian": {**env, "THP_MEM_ALLOC_ENABLE": "0"}}
     raw: dict[str, list[dict]] = {side: [] for side in SIDES}
     for _ in range(args.runs):
         for side in SIDES:
-            raw[side].append(run_measured(call.format(side, args.preset, args.threads, geometry, args.attn), env=env))
+            code = call.format(side, args.preset, args.threads, geometry, args.attn, runtime and side == "lmforge")
+            raw[side].append(run_measured(code, env=side_env[side]))
 
     import torch
 
@@ -295,6 +333,7 @@ def main() -> None:
                     "target_padding_share": round(1 - sum(b["target_tokens"] for b in batches)
                                                   / sum(b["padded_target"] for b in batches), 3)},
         "dropout": 0.0,
+        "optimizer": "torch.optim.AdamW(lr=1e-4, weight_decay=0.01, fused=True) on both sides (both Trainers' default)",
     }
     for side, runs in raw.items():
         r0 = runs[0]
@@ -303,7 +342,7 @@ def main() -> None:
                         "ms_per_step_median": round(statistics.median(r["ms_per_step_median"] for r in runs), 1),
                         "peak_rss_mb": max(r["peak_rss_mb"] for r in runs), "params": r0["params"],
                         "trainable_params": r0["trainable_params"], "first_loss": round(r0["first_loss"], 4), "threads": r0["threads"],
-                        **{k: r0[k] for k in ("attn_implementation", "transformers") if k in r0}}
+                        **{k: r0[k] for k in ("huge_pages", "heap_kept", "attn_implementation", "transformers") if k in r0}}
     speedup = result["lmforge"]["tokens_per_s"] / result["transformers_marian"]["tokens_per_s"]
     result["speedup_lmforge_vs_transformers"] = round(speedup, 3)
     result["target_speedup"] = TARGET_SPEEDUP
