@@ -93,8 +93,6 @@ def build(side: str, preset: str, attn: str = "sdpa"):
     """(model in train mode, step function batch -> loss tensor, parameter count, notes)."""
     import dataclasses
 
-    import torch
-
     from lmforge.model.config import get_preset
 
     cfg = dataclasses.replace(get_preset(preset), dropout=0.0)
