@@ -35,6 +35,9 @@ app.add_typer(tokenizer_app, name="tokenizer")
 from lmforge.cli_eval import eval_app  # noqa: E402  (its module imports no torch)
 
 app.add_typer(eval_app, name="eval")
+from lmforge.cli_data import data_app  # noqa: E402  (imports no torch)
+
+app.add_typer(data_app, name="data")
 
 Inputs = Annotated[list[str], typer.Argument(help="Files, folders (walked recursively) or globs.", show_default=False)]
 Out = Annotated[Path, typer.Option("-o", "--out", help="Output folder (written atomically).", show_default=False)]
