@@ -200,3 +200,58 @@ def test_a_full_cache_is_refused():
             NumpyDecoder(model).step(torch.tensor([[5]]), cache)
         with pytest.raises(LmforgeError, match=r"one token per row: idx of shape \(1, 2\)"):
             NumpyDecoder(model).step(torch.tensor([[5, 6]]), cache)
+
+
+def test_the_kernels_thread_count_changes_the_speed_only_never_the_logits(tiny_model_dir, tmp_path):
+    """The governor may switch counts between steps, so a step must give the same bits on any."""
+    import numba
+
+    from lmforge.interop.convert import quantize_model
+    from lmforge.interop.registry import load_model
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs 2 threads")
+    quantize_model(tiny_model_dir, tmp_path / "q", "q4_1")
+    for m in (random_model(CONFIGS["llama-gqa"]), load_model(tmp_path / "q").model):
+        outs = []
+        for threads in (1, 2):
+            decoder = NumpyDecoder(m, threads=threads)
+            cache = m.new_cache(3, 20)
+            with torch.inference_mode():
+                m(torch.randint(0, 200, (3, 5), generator=torch.Generator().manual_seed(0)), cache=cache)
+                outs.append(decoder.step(torch.tensor([[7], [8], [9]]), cache))
+        assert torch.equal(outs[0], outs[1])
+
+
+def _governed(times_for, steps: int, full: int = 2, rows: int = 1) -> list[int]:
+    from lmforge.generate.threads import ThreadGovernor
+
+    gov, used = ThreadGovernor(full), []
+    for _ in range(steps):
+        n = gov.threads()
+        used.append(n)
+        gov.record(rows, times_for(n, len(used)))
+    return used
+
+
+def test_the_governor_keeps_every_thread_on_a_quiet_machine():
+    jitter = [0.0115, 0.0118, 0.0121, 0.0116, 0.0125]  # quiet steps: 2 threads beat 1 (0.019)
+    used = _governed(lambda n, i: jitter[i % 5] if n == 2 else 0.019, 500)
+    assert set(used) == {2}
+
+
+def test_the_governor_moves_to_one_thread_when_a_neighbour_takes_a_core_and_back_when_it_leaves():
+    def times(n, i):
+        busy = 100 <= i < 400  # another process wants a core for these steps
+        if n == 2:
+            return 0.07 if busy else 0.0115
+        return 0.023 if busy else 0.019
+
+    used = _governed(times, 600)
+    assert set(used[:100]) == {2}
+    assert used[110:400].count(1) > 0.9 * 290  # one thread within a few steps, trials of two now and then
+    assert used[480:].count(2) == len(used[480:])  # back on every thread after the neighbour left
+
+
+def test_the_governor_leaves_single_thread_decoders_alone():
+    assert set(_governed(lambda n, i: 1.0, 50, full=1)) == {1}

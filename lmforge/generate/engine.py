@@ -330,10 +330,16 @@ class Engine:
         from lmforge.generate import numpy_decode  # imported on use: it loads numba
 
         if self.int8_activations:  # the numpy decoder's arithmetic, whatever the timing said
-            return numpy_decode.decoder_for(self.model, int8_activations=True)
-        if self.backend != "numpy":
+            decoder = numpy_decode.decoder_for(self.model, int8_activations=True)
+        elif self.backend != "numpy":
             return None
-        return numpy_decode.decoder_for(self.model)
+        else:
+            decoder = numpy_decode.decoder_for(self.model)
+        if decoder is not None:
+            if getattr(self, "_governor", None) is None or self._governor.full != decoder.threads:
+                self._governor = decoder.governor
+            decoder.governor = self._governor
+        return decoder
 
     def _steps(self, b: "_Batch", params: SamplingParams,
                decoder: "NumpyDecoder | None") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

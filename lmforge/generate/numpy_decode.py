@@ -16,12 +16,15 @@ Prefill stays in torch: it is compute-bound, and there the dispatch cost is spre
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from lmforge.errors import LmforgeError
 from lmforge.generate.kernels import ROWS, decode_attention, few_row_linear, kernel_threads, norm, silu_mul
+from lmforge.generate.threads import ThreadGovernor
 from lmforge.model.gpt import GPT, KVCache, Linear
 from lmforge.quant import kernels as quant_kernels
 from lmforge.quant.modules import QuantEmbedding, QuantLinear, matmul as quant_matmul
@@ -100,6 +103,9 @@ class NumpyDecoder:
             check_int8_activations(model)
         self.int8 = int8_activations
         self.threads = threads or torch.get_num_threads()
+        # Threads per step, fewer while other processes hold a core (the Engine shares one
+        # governor between its decoders, so what a generation learned carries to the next).
+        self.governor = ThreadGovernor(self.threads)
         c = model.config
         self.rms = c.norm == "rmsnorm"
         self.eps = c.norm_eps
@@ -146,8 +152,11 @@ class NumpyDecoder:
         caller advances lengths, cache.pos is not used. A row's logits are then the same bits as
         that sequence decoded alone.
         The kernels run on the decoder's threads; the caller's numba count comes back after."""
-        with kernel_threads(self.threads):
-            return self._step(idx, cache, positions=positions, attn_mask=attn_mask, lengths=lengths)
+        start = time.perf_counter()
+        with kernel_threads(self.governor.threads()):
+            out = self._step(idx, cache, positions=positions, attn_mask=attn_mask, lengths=lengths)
+        self.governor.record(idx.shape[0], time.perf_counter() - start)
+        return out
 
     def _step(self, idx: torch.Tensor, cache: KVCache, *, positions: torch.Tensor | None,
               attn_mask: torch.Tensor | None, lengths: np.ndarray | None) -> torch.Tensor:
