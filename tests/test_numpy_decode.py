@@ -255,3 +255,13 @@ def test_the_governor_moves_to_one_thread_when_a_neighbour_takes_a_core_and_back
 
 def test_the_governor_leaves_single_thread_decoders_alone():
     assert set(_governed(lambda n, i: 1.0, 50, full=1)) == {1}
+
+
+def test_the_governor_survives_batch_sizes_changing_under_a_trial():
+    from lmforge.generate.threads import ThreadGovernor
+
+    gov = ThreadGovernor(2)
+    for i in range(400):  # slow steps, rows changing every few steps as requests come and go
+        n = gov.threads()
+        gov.record(1 + (i // 6) % 4, 0.07 if n == 2 and i % 5 else 0.01)
+    assert gov.threads() in (1, 2)

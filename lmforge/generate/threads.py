@@ -57,6 +57,8 @@ class ThreadGovernor:
             self._full_times.clear()
             for times in self._recent.values():
                 times.clear()
+            if self._trial:  # a trial across batch sizes measures nothing: drop it
+                self.current, self._trial = self.settled, []
         self._since_trial += 1
         if self.current == self.full:
             self._full_times.append(seconds)
@@ -83,7 +85,7 @@ class ThreadGovernor:
     def _end_trial(self) -> None:
         tried = statistics.median(self._trial[2:] if len(self._trial) > 2 else self._trial[1:])
         settled = 1 if self.current == self.full else self.full
-        if tried < statistics.median(self._recent[settled]):
+        if self._recent[settled] and tried < statistics.median(self._recent[settled]):
             self._recent[self.current].clear()
         else:
             self.current = settled
