@@ -77,8 +77,9 @@ def test_a_cipher_is_learned_to_a_high_bleu(pairs_file, tmp_path):
     assert summary["samples"][0]["translation"] == summary["samples"][0]["reference"]
 
 
-def test_resume_continues_exactly_with_bleu_rows(pairs_file, tmp_path):
-    path, vocab = pairs_file
+def test_resume_continues_exactly_with_bleu_rows(tmp_path):
+    records = cipher_pairs(600, seed=2)
+    path, vocab = write_jsonl(tmp_path / "pairs.jsonl", records), word_vocab(records)
     tcfg = TranslationConfig(tokenizer_kind="word", vocab_size=vocab, bleu_samples=16, max_tokens=300)
     run = lambda out, **kw: train_translation(path, "seq2seq-tiny", out, cfg(), tcfg, model_overrides=SMALL,  # noqa: E731
                                               progress=False, **kw)
