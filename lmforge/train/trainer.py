@@ -50,7 +50,9 @@ class BatchSource(Protocol):
 
     def train_batch(self, step: int, micro: int) -> tuple:
         """(inputs, targets) int64 [B, T], targets -100 where no loss is taken; optionally a third
-        item {"positions": [B, T], "attn_mask": [B, 1, T, T]} for packed rows."""
+        item, tensors the model takes as keyword arguments: {"positions": [B, T], "attn_mask":
+        [B, 1, T, T]} for packed rows, {"tgt_ids": [B, T], "src_mask": [B, S]} for an
+        encoder-decoder (inputs are then the source ids, lmforge.train.seq2seq_data)."""
 
     def val_batches(self) -> Iterable[tuple]:
         """The same fixed batches at every evaluation, so evaluations compare."""
