@@ -262,7 +262,7 @@ def _train(run: RunDir, data: Path, model: str, cfg: TrainConfig, tcfg: Translat
         "translation": dataclasses.asdict(tcfg),
     }
     write_text_atomic(run_dir / RUN_CONFIG, yaml.safe_dump(run_config, sort_keys=False))
-    generation = {"decoder_start_token_id": start, "stop_token_ids": [eos], "max_new_tokens": block}
+    generation = {"decoder_start_token_id": start, "stop_token_ids": [eos]}  # hf_seq2seq.load_hf_dir's keys
 
     def write_model(folder: Path) -> None:
         write_model_files(net, folder, None, {"run": {"data": run_config["data"], "task": "translation"}})
