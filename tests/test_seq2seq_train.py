@@ -166,3 +166,27 @@ def test_cli_trains_on_a_tsv_resumes_and_refuses_mismatches(cli, shards, tmp_pat
     assert r.code != 0 and "--label-smoothing is for training on translation pairs" in r.err
     r = cli("pretrain", "--data", data, "--model", "seq2seq-tiny", "-o", tmp_path / "z", "--max-steps", 1)
     assert r.code != 0 and "encoder-decoder" in r.err and len(r.err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_an_hf_export_of_a_run_translates_the_same(pairs_file, tmp_path):
+    pytest.importorskip("transformers")
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from lmforge.interop.convert import convert
+
+    path, vocab = pairs_file
+    train_translation(path, "seq2seq-tiny", tmp_path / "run", cfg(max_steps=300, batch_size=32, eval_every=300,
+                                                                  checkpoint_every=300, log_every=100, warmup_steps=10),
+                      TranslationConfig(tokenizer_kind="word", vocab_size=vocab, bleu_samples=0), model_overrides=SMALL,
+                      progress=False)
+    convert(str(tmp_path / "run"), tmp_path / "hf", "hf")
+    sources = [json.loads(line)["source"] for line in path.read_text().splitlines()[:16]]
+    tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    hf = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "hf")
+    out = hf.generate(**tok(sources, return_tensors="pt", padding=True), max_new_tokens=24, num_beams=1, do_sample=False)
+    theirs = [tok.decode(o, skip_special_tokens=True).strip() for o in out]
+    net, _ = load_model_dir(tmp_path / "run" / "best")
+    tokenizers = PairTokenizers.load(tmp_path / "run" / "best")
+    ours = greedy_translate(net, tokenizers, [tokenizers.source.encode(s) for s in sources], max_new_tokens=24)
+    assert ours == theirs
