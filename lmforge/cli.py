@@ -19,6 +19,7 @@ from lmforge.generate.params import SamplingParams
 from lmforge.model.config import ModelConfig
 from lmforge.tokenizer import TokenizerTrainConfig
 from lmforge.train.config import TrainConfig
+from lmforge.train.translation_config import TranslationConfig
 
 app = typer.Typer(
     name="lmforge",
@@ -255,21 +256,24 @@ def shards(
 
 
 @app.command()
-@with_config(cfg=Spec(TrainConfig, "train.", alias=True), model_overrides=Spec(ModelConfig, "model.", overrides=True))
+@with_config(cfg=Spec(TrainConfig, "train.", alias=True), model_overrides=Spec(ModelConfig, "model.", overrides=True),
+             translation=Spec(TranslationConfig, "translation.", alias=True))
 def pretrain(
     ctx: typer.Context,
-    data: Annotated[Optional[Path], typer.Option(help="A shards dir made by `lmforge pack` (its tokenizer is the model's).", show_default=False)] = None,
-    model: Annotated[str, typer.Option(help="A preset (see `lmforge models --presets`) or a YAML/JSON file of model settings.")] = "tiny",
+    data: Annotated[Optional[Path], typer.Option(help="A shards dir made by `lmforge pack` (its tokenizer is the model's), or for an encoder-decoder a pairs file: .jsonl ({\"source\": ..., \"target\": ...} a line) or .tsv (source<TAB>target a line).", show_default=False)] = None,
+    model: Annotated[str, typer.Option(help="A preset (see `lmforge models --presets`) or a YAML/JSON file of model settings. Default: tiny; seq2seq-tiny for a pairs file.")] = "tiny",
     out: Annotated[Optional[Path], typer.Option("-o", "--out", help="Run dir: checkpoints, metrics.csv, report.", show_default=False)] = None,
     cfg: TrainConfig = None,
     model_overrides: dict = None,
-    config_file: Annotated[Optional[Path], typer.Option("--config", help="YAML run config ({data, model, out, train: {...}}); flags override it.", is_eager=True, callback=load_yaml_defaults)] = None,
+    translation: TranslationConfig = None,
+    config_file: Annotated[Optional[Path], typer.Option("--config", help="YAML run config ({data, model, out, train: {...}, translation: {...}}); flags override it.", is_eager=True, callback=load_yaml_defaults)] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its latest checkpoint (its saved config is the default).")] = False,
     resume_from: Annotated[Optional[str], typer.Option(help="Continue from this checkpoint folder instead.")] = None,
     overwrite: Overwrite = False,
     progress: Progress = True,
 ):
-    """Pretrain a model from scratch on token shards (AdamW/SGD, checkpoints, exact resume)."""
+    """Pretrain a model from scratch on token shards, or an encoder-decoder on translation pairs (checkpoints, exact resume)."""
+    from lmforge.data.parallel import is_pair_file
     from lmforge.train.pretrain import RUN_CONFIG, describe, pretrain as run_pretrain
     from lmforge.train.trainer import exit_if_signalled
 
@@ -278,10 +282,26 @@ def pretrain(
     saved = saved_run_config(out, RUN_CONFIG) if resume or resume_from else None
     if saved is not None:
         cfg = keep_given(ctx, cfg, saved.get("train"), "train__")
+        if saved.get("translation"):
+            translation = keep_given(ctx, translation, saved["translation"], "translation__")
         if data is None and saved.get("data"):
             data = Path(saved["data"])
     if data is None:
-        raise LmforgeError("--data is required: a shards dir made by `lmforge pack`")
+        raise LmforgeError("--data is required: a shards dir made by `lmforge pack`, or a pairs file (.jsonl/.tsv) for an encoder-decoder")
+    if is_pair_file(data):
+        from lmforge.train.translation import describe as describe_translation, train_translation
+
+        # Pairs train an encoder-decoder: without --model, the small one rather than the decoder-only default.
+        spec = model if given_on_command_line(ctx, "model") else "seq2seq-tiny"
+        summary = train_translation(data, spec, out, cfg, translation, model_overrides=model_overrides, resume=resume,
+                                    resume_from=resume_from, overwrite=overwrite, progress=progress)
+        typer.echo(describe_translation(summary))
+        exit_if_signalled(summary)
+        return
+    given = [f.name for f in dataclasses.fields(TranslationConfig) if given_on_command_line(ctx, f"translation__{f.name}")]
+    if given:
+        raise LmforgeError(f"--{given[0].replace('_', '-')} is for training on translation pairs; --data {data} is not a "
+                           "pairs file (.jsonl or .tsv)")
     summary = run_pretrain(data, model, out, cfg, model_overrides=model_overrides, resume=resume,
                            resume_from=resume_from, overwrite=overwrite, progress=progress)
     typer.echo(describe(summary))

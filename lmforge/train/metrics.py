@@ -24,7 +24,9 @@ def _fmt(v) -> str:
 
 
 class MetricsLog:
-    def __init__(self, run_dir: Path, resume_step: int | None = None):
+    def __init__(self, run_dir: Path, resume_step: int | None = None, extra_columns: tuple[str, ...] = ()):
+        # extra_columns: a caller's own metrics (trainer.ExtraEval), after the standard ones.
+        self.columns = COLUMNS + [c for c in extra_columns if c not in COLUMNS]
         self.path = run_dir / METRICS_FILE
         if resume_step is not None and self.path.exists():
             # Rows past the checkpoint we resume from describe steps that will be re-run.
@@ -33,19 +35,19 @@ class MetricsLog:
         else:
             self._rewrite([])
         self._file = open(self.path, "a", newline="")
-        self._csv = csv.DictWriter(self._file, fieldnames=COLUMNS)
+        self._csv = csv.DictWriter(self._file, fieldnames=self.columns)
         self._tb = ScalarWriter(run_dir / "tensorboard")
 
     def _rewrite(self, rows: list[dict]) -> None:
         # Atomic: a kill here must not lose the rows of the steps before the checkpoint.
         with atomic_file(self.path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=COLUMNS)
+            w = csv.DictWriter(f, fieldnames=self.columns)
             w.writeheader()
             for r in rows:
-                w.writerow({k: r.get(k, "") for k in COLUMNS})
+                w.writerow({k: r.get(k, "") for k in self.columns})
 
     def log(self, step: int, **values) -> None:
-        unknown = set(values) - set(COLUMNS)
+        unknown = set(values) - set(self.columns)
         if unknown:
             raise ValueError(f"unknown metric columns {sorted(unknown)}")
         self._csv.writerow({"step": step, **{k: _fmt(v) for k, v in values.items()}})

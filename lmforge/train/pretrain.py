@@ -99,6 +99,11 @@ def pretrain(
 def _pretrain(run: RunDir, data, model, cfg, model_overrides, resume, resume_from, progress,
               sample_prompts, sample_tokens, pause_at) -> dict:
     run_dir = run.path
+    from lmforge.data.parallel import is_pair_file
+
+    if is_pair_file(data):
+        raise LmforgeError(f"{data}: a file of translation pairs; those train an encoder-decoder "
+                           "(`lmforge pretrain --model seq2seq-tiny --data PAIRS`, lmforge.train.translation.train_translation)")
     shards = TokenShards(data)
     tokenizer = Tokenizer.load(data)
     if tokenizer.sha256 != shards.tokenizer_sha256:
@@ -115,6 +120,9 @@ def _pretrain(run: RunDir, data, model, cfg, model_overrides, resume, resume_fro
             )
     else:
         model_config = resolve_model_config(model, model_overrides or {}, tokenizer.vocab_size)
+        if model_config.is_encoder_decoder:
+            raise LmforgeError(f"--model {model} is an encoder-decoder ({model_config.name}): it trains on translation pairs "
+                               f"(--data pairs.jsonl or pairs.tsv), not on token shards ({data})")
         net = GPT(model_config)
     if shards.vocab_size > model_config.vocab_size:
         raise LmforgeError(f"{data}: vocab of {shards.vocab_size} tokens exceeds the model's {model_config.vocab_size}")

@@ -50,7 +50,9 @@ class BatchSource(Protocol):
 
     def train_batch(self, step: int, micro: int) -> tuple:
         """(inputs, targets) int64 [B, T], targets -100 where no loss is taken; optionally a third
-        item {"positions": [B, T], "attn_mask": [B, 1, T, T]} for packed rows."""
+        item, tensors the model takes as keyword arguments: {"positions": [B, T], "attn_mask":
+        [B, 1, T, T]} for packed rows, {"tgt_ids": [B, T], "src_mask": [B, S]} for an
+        encoder-decoder (inputs are then the source ids, lmforge.train.seq2seq_data)."""
 
     def val_batches(self) -> Iterable[tuple]:
         """The same fixed batches at every evaluation, so evaluations compare."""
@@ -73,6 +75,18 @@ class TrainResult:
     retention_start: float | None = None
     signal: int | None = None  # the signal that stopped the run (stopped_because "interrupted")
     retention_warned_at: int | None = None  # the first step whose retention loss passed the tolerance
+
+
+@dataclass
+class ExtraEval:
+    """More metrics at every evaluation, beside val loss: `measure()` returns {column: value} for
+    the metrics row (e.g. {"val_bleu": 31.2}); `columns` names them up front, for metrics.csv's
+    header. It runs under the run's autocast, sets the model's mode itself (the Trainer puts it back
+    in training mode after), and must consume no random
+    numbers the training run draws (or a resumed run would differ)."""
+
+    columns: tuple[str, ...]
+    measure: Callable[[], dict]
 
 
 @dataclass
@@ -142,8 +156,10 @@ class Trainer:
         retention: RetentionCheck | None = None,
         keep_best: bool = True,
         on_checkpoint: Callable[[Path], None] | None = None,
+        extra_eval: ExtraEval | None = None,
     ):
         self.model = model
+        self.extra_eval = extra_eval
         self.retention = retention
         # False when the caller hands over the final step: best/ would then be a second,
         # unasked-for model that loading the run dir picks up first.
@@ -215,7 +231,8 @@ class Trainer:
         if self.retention is not None and state["retention_start"] is None:
             state["retention_start"] = self.evaluate(self.retention.data)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        log = MetricsLog(self.run_dir, resume_step=step if resume_from is not None else None)
+        log = MetricsLog(self.run_dir, resume_step=step if resume_from is not None else None,
+                         extra_columns=self.extra_eval.columns if self.extra_eval is not None else ())
         peak = measured_peak_flops(str(self.device), self.precision)
         history: list[dict] = []
         last_ckpt = resume_from
@@ -292,6 +309,10 @@ class Trainer:
                     if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps or over_budget:
                         val_loss = self.evaluate()
                         row.update(val_loss=val_loss, val_ppl=perplexity_from_nll(val_loss))
+                        if self.extra_eval is not None:
+                            with autocast(self.device, self.precision):
+                                row.update(self.extra_eval.measure())
+                            self.model.train()
                         vetoed = False
                         if self.retention is not None:
                             retention = self.evaluate(self.retention.data)
