@@ -167,13 +167,12 @@ class Seq2SeqDecoding:
         # Each source -> its beams' self-attention rows; its cross-attention keys/values stay one
         # copy, which the decoder reads with the source's beams as query positions.
         cache.share_beams(k)
-        identity = torch.arange(R, device=device)
         made = [1]
 
         def step(tokens: torch.Tensor, parents: torch.Tensor) -> torch.Tensor:
-            if not torch.equal(parents, identity):
-                # Parents stay within their source's beams: the cross-attention rows are already right.
-                cache.self_attn.reorder(parents)
+            # Parents stay within their source's beams: the cross-attention rows are already right;
+            # only the self-attention rows of beams that switched parents move.
+            cache.self_attn.follow(parents)
             out = self.model.decode(tokens[:, None], cache=cache)[:, -1]
             made[0] += 1
             require_finite_logits(out, f"at generated token {made[0]}")
