@@ -190,6 +190,36 @@ def test_cache_reorder_moves_and_expands_rows_as_beam_search_needs():
         cache.reorder(torch.tensor([0, 6]))
 
 
+@pytest.mark.parametrize("kind", ["mbart-like", "llama-like"])
+def test_shared_beams_cache_reads_one_cross_copy_per_source(kind):
+    """share_beams: the beams of a source are its cross-attention's query positions (one copy of
+    its keys/values): the same logits as per-row copies, through reorders within a source and a
+    general reorder (which goes back to a copy per row)."""
+    cfg = CONFIGS[kind]
+    model = random_seq2seq(cfg)
+    src, mask, tgt = batch(cfg)
+    beams = tgt.repeat_interleave(2, 0)
+    with torch.no_grad():
+        memory = model.encode(src, mask)
+        shared, copied = model.new_cache(memory, mask, max_len=10), model.new_cache(memory, mask, max_len=10)
+        shared.share_beams(2)
+        copied.reorder(torch.arange(3).repeat_interleave(2))
+        assert shared.beams == 2 and shared.cross[0][0].shape[0] == 3 and shared.batch_size == 6
+        outs = []
+        for cache in (shared, copied):
+            a = model.decode(beams[:, :3], cache=cache)
+            if cache is shared:
+                cache.self_attn.follow(torch.tensor([1, 1, 3, 2, 4, 5]))  # within each source
+            else:
+                cache.self_attn.reorder(torch.tensor([1, 1, 3, 2, 4, 5]))
+            b = model.decode(beams[:, 3:4], cache=cache)
+            cache.reorder(torch.tensor([5, 4, 0, 0, 2, 3]))  # across sources
+            c = model.decode(beams[:, 4:5], cache=cache)
+            outs.append(torch.cat([a, b, c], 1))
+    assert shared.beams == 1
+    assert max_diff(outs[0], outs[1]) <= 1e-5
+
+
 def test_greedy_decode_uses_the_cache_and_stops_at_eos():
     model = random_seq2seq(UNTIED)
     src, mask, _ = batch(UNTIED)

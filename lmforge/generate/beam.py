@@ -176,9 +176,12 @@ def beam_search(first_logits: torch.Tensor, step: Step, settings: BeamSettings,
             ban = ngram_ban_mask(history[:, : history.shape[1] - T + gen], s.no_repeat_ngram_size, V, start)
             if ban is not None:
                 logp = logp.masked_fill(ban, float("-inf"))
-        total = (logp.view(B, k, V) + run_scores[:, :, None]).view(B, k * V)
+        # The best K continuations over all of a prompt's beams are among each beam's best K: a
+        # top-K per row of logp (adding the beam's score keeps its order), then over the k * K.
+        row_logp, row_tok = torch.topk(logp, K, dim=-1)  # [R, K]
+        total = (row_logp.view(B, k, K) + run_scores[:, :, None]).view(B, k * K)
         cand_scores, flat = torch.topk(total, K, dim=-1)  # [B, K], best first
-        cand_beam, cand_tok = flat // V, flat % V
+        cand_beam, cand_tok = flat // K, row_tok.view(B, k * K).gather(1, flat)
         ends = torch.isin(cand_tok, end_ids) if end_ids.numel() else torch.zeros_like(cand_tok, dtype=torch.bool)
         if gen + 1 >= T:
             ends = torch.ones_like(ends)

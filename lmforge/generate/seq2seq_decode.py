@@ -15,9 +15,11 @@ What differs:
 * what the penalties and the no-repeat-n-gram ban read as a row's tokens is its decoder input,
   the start token followed by the generated tokens, as in transformers' generate for
   encoder-decoders (the source is not part of it);
-* beam search expands each source's cache rows to its beams once; after that only the decoder's
-  self-attention rows follow the beams: a beam's parent is always a beam of the same source, so
-  the cross-attention rows (the same for all beams of a source) never need to move.
+* beam search expands each source's self-attention cache rows to its beams once; after that only
+  they follow the beams: a beam's parent is always a beam of the same source. The
+  cross-attention keys/values (the same for all beams of a source) are kept once per source and
+  the decoder's cross-attention takes a source's beams as its query positions (one call for
+  all of them, the same math per beam).
 """
 
 from __future__ import annotations
@@ -152,8 +154,9 @@ class Seq2SeqDecoding:
     # -- beam search ------------------------------------------------------------------------------
     def beam_search(self, sources: list[list[int]], settings: BeamSettings) -> list[list[Hypothesis]]:
         """lmforge.generate.beam's search over B sources x num_beams rows: the encoder runs once
-        per source, the start token's logits once per source, then each source's cache rows are
-        copied to its beams (cross-attention keys/values included, once) and decode as one batch."""
+        per source, the start token's logits once per source, then each source's self-attention cache rows are
+        copied to its beams and decode as one batch; the cross-attention keys/values stay one
+        copy per source (Seq2SeqCache.share_beams)."""
         from lmforge.generate.engine import require_finite_logits
 
         device, B, k = self.device, len(sources), settings.num_beams
@@ -161,14 +164,15 @@ class Seq2SeqDecoding:
         cache = self._encode(sources, settings.max_new_tokens)
         first = self._first_logits(cache, B)
         require_finite_logits(first, "at generated token 1")
-        cache.reorder(torch.arange(B, device=device).repeat_interleave(k))  # each source -> its beams
-        identity = torch.arange(R, device=device)
+        # Each source -> its beams' self-attention rows; its cross-attention keys/values stay one
+        # copy, which the decoder reads with the source's beams as query positions.
+        cache.share_beams(k)
         made = [1]
 
         def step(tokens: torch.Tensor, parents: torch.Tensor) -> torch.Tensor:
-            if not torch.equal(parents, identity):
-                # Parents stay within their source's beams: the cross-attention rows are already right.
-                cache.self_attn.reorder(parents)
+            # Parents stay within their source's beams: the cross-attention rows are already right;
+            # only the self-attention rows of beams that switched parents move.
+            cache.self_attn.follow(parents)
             out = self.model.decode(tokens[:, None], cache=cache)[:, -1]
             made[0] += 1
             require_finite_logits(out, f"at generated token {made[0]}")

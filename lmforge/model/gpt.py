@@ -200,6 +200,23 @@ class KVCache:
                 filled = layer.narrow(2, 0, self.pos)
                 filled.copy_(filled.index_select(0, index))
 
+    def follow(self, parents: torch.Tensor) -> None:
+        """reorder(parents) for as many indices as rows, moving only the rows whose parent is
+        another row (in beam search most beams continue themselves): the parents' filled
+        positions are gathered, then written over the moved rows, for all layers at once."""
+        rows = torch.arange(parents.numel(), device=parents.device)
+        if parents.numel() != self.batch_size:
+            raise LmforgeError(f"KVCache.follow: expected {self.batch_size} row indices, got {parents.numel()}")
+        moved = (parents != rows).nonzero().squeeze(1)
+        if moved.numel() == 0 or self.pos == 0:
+            return
+        source = parents.index_select(0, moved)
+        if not 0 <= int(source.min()) <= int(source.max()) < self.batch_size:
+            raise LmforgeError(f"KVCache.follow: expected row indices below {self.batch_size}")
+        for t in (self.k, self.v):
+            filled = t.narrow(3, 0, self.pos)
+            filled.index_copy_(1, moved, filled.index_select(1, source))
+
 
 
 class Attention(nn.Module):

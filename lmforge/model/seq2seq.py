@@ -64,10 +64,17 @@ class CrossAttention(Attention):
         kv = self.kv(memory).view(B, S, 2 * self.n_kv_head, self.head_dim).transpose(1, 2)
         return kv[:, : self.n_kv_head], kv[:, self.n_kv_head :]
 
-    def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
-        B, T, _ = x.shape
-        q = self.q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        return self.attend(q, k, v, mask)  # mask: the source padding mask, or False
+    def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, beams: int = 1) -> torch.Tensor:
+        """beams > 1: x holds B * beams rows (beam j of source b at row b * beams + j) and k, v,
+        mask hold B, one per source: the beams of a source become its query positions, one
+        attention call (never causal) serving them all, the same math row by row."""
+        R, T, _ = x.shape
+        q = self.q(x)
+        if beams == 1:
+            return self.attend(q.view(R, T, self.n_head, self.head_dim).transpose(1, 2), k, v, mask)
+        B = R // beams
+        q = q.view(B, beams * T, self.n_head, self.head_dim).transpose(1, 2)  # [B, heads, beams * T, hd]
+        return self.attend(q, k, v, mask).view(R, T, -1)  # mask: the source padding mask, or False
 
 
 class DecoderBlock(Block):
@@ -79,21 +86,26 @@ class DecoderBlock(Block):
         self.cross_attn = CrossAttention(config)
 
     def forward(self, x, cross_k, cross_v, cross_mask, rope=None, mask=None, cache: KVCache | None = None,
-                layer: int = 0) -> torch.Tensor:
+                layer: int = 0, beams: int = 1) -> torch.Tensor:
         x = x + self.attn(self.norm_1(x), rope, mask, cache, layer)
-        x = x + self.cross_attn(self.norm_cross(x), cross_k, cross_v, cross_mask)
+        x = x + self.cross_attn(self.norm_cross(x), cross_k, cross_v, cross_mask, beams)
         return x + self.mlp(self.norm_2(x))
 
 
 class Seq2SeqCache:
     """The decoder's state while generating: its self-attention keys/values (a KVCache: each
     step's are appended), every layer's cross-attention keys/values over the source (computed
-    once, by Seq2Seq.new_cache) and the source key mask."""
+    once, by Seq2Seq.new_cache) and the source key mask.
+
+    After `share_beams(k)` the self-attention rows are B * k (beam j of source b at row
+    b * k + j) while the cross-attention keys/values and the mask stay one per source: the
+    decoder's cross-attention then serves a source's beams as its query positions."""
 
     def __init__(self, self_attn: KVCache, cross: list[tuple[torch.Tensor, torch.Tensor]], src_mask):
         self.self_attn = self_attn
         self.cross = cross  # per decoder layer: (k, v), each [B, n_kv_head, S, head_dim]
         self.src_mask = src_mask  # [B, 1, 1, S] bool, or False (no padding)
+        self.beams = 1  # self-attention rows per cross-attention row
 
     @property
     def pos(self) -> int:
@@ -113,7 +125,26 @@ class Seq2SeqCache:
         search does after each step. More indices than rows make new rows (e.g. each source
         repeated for its beams: torch.arange(B).repeat_interleave(num_beams))."""
         idx = torch.as_tensor(beam_indices, dtype=torch.long, device=self.self_attn.k.device)
+        if self.beams > 1:  # back to one cross-attention row per row, then as below
+            per_row = torch.arange(self.self_attn.batch_size, device=idx.device) // self.beams
+            self._take_cross(per_row)
+            self.beams = 1
         self.self_attn.reorder(idx)  # checks the indices
+        self._take_cross(idx)
+
+    def share_beams(self, beams: int) -> None:
+        """Expand each of the B rows to `beams` self-attention rows (row b -> rows b * beams ..
+        b * beams + beams - 1) and keep one copy of the cross-attention keys/values per source.
+        Beam search then moves only self-attention rows, within a source (`self_attn.reorder`)."""
+        if beams == 1 or self.beams != 1:
+            if self.beams != 1:
+                raise LmforgeError("Seq2SeqCache.share_beams: the cache already shares its cross-attention rows")
+            return
+        rows = torch.arange(self.self_attn.batch_size, device=self.self_attn.k.device).repeat_interleave(beams)
+        self.self_attn.reorder(rows)
+        self.beams = beams
+
+    def _take_cross(self, idx: torch.Tensor) -> None:
         self.cross = [(k.index_select(0, idx), v.index_select(0, idx)) for k, v in self.cross]
         if self.src_mask is not False:
             self.src_mask = self.src_mask.index_select(0, idx)
@@ -228,6 +259,7 @@ class Seq2Seq(nn.Module):
             cross_mask = self.source_mask(src_mask, memory)
         else:
             cross, cross_mask = cache.cross, cache.src_mask
+        beams = 1 if cache is None else cache.beams
         x, rope = self._embed(self.decoder, self.tok_emb, tgt_ids, start)
         mask = GPT._attention_mask(None, T, start, tgt_ids.device)  # causal (over the cache, too)
         self_cache = None if cache is None else cache.self_attn
@@ -236,7 +268,7 @@ class Seq2Seq(nn.Module):
             if self.activation_checkpointing and self.training and cache is None:
                 x = checkpoint(block, x, k, v, cross_mask, rope, mask, use_reentrant=False)
             else:
-                x = block(x, k, v, cross_mask, rope, mask, self_cache, i)
+                x = block(x, k, v, cross_mask, rope, mask, self_cache, i, beams)
         if cache is not None:
             cache.self_attn.pos = start + T
         if logits_to_keep > 0:
