@@ -180,19 +180,7 @@ def finish_run(run_dir: Path, result: TrainResult, net: GPT, tokenizer: Tokenize
                                 temperature=0.8, top_k=50, seed=0)
         samples.append((prompt, prompt + engine.generate([prompt], params)[0].text))
     summary = {
-        "steps": result.step,
-        "stopped_because": result.stopped_because,
-        "signal": result.signal,
-        "params": n_params,
-        "tokens_seen": result.tokens_seen,
-        "train_seconds": round(result.train_seconds, 2),
-        "tokens_per_s": round(result.tokens_per_s, 1),
-        "mfu": result.mfu,
-        "train_loss": result.train_loss,
-        "val_loss": result.val_loss,
-        "best_val_loss": result.best_val_loss,
-        "best_val_ppl": perplexity(result.best_val_loss),
-        "best_step": result.best_step,
+        **training_summary(result, n_params),
         "unigram_val_loss": unigram,
         "unigram_val_ppl": perplexity(unigram),
         "uniform_loss": uniform,
@@ -217,6 +205,25 @@ def finish_run(run_dir: Path, result: TrainResult, net: GPT, tokenizer: Tokenize
                                    baselines={"unigram": unigram}, samples=samples)
     summary["report"] = str(report)
     return summary
+
+
+def training_summary(result: TrainResult, n_params: int) -> dict:
+    """The fields every training run's summary.json starts with (pretraining, translation)."""
+    return {
+        "steps": result.step,
+        "stopped_because": result.stopped_because,
+        "signal": result.signal,
+        "params": n_params,
+        "tokens_seen": result.tokens_seen,
+        "train_seconds": round(result.train_seconds, 2),
+        "tokens_per_s": round(result.tokens_per_s, 1),
+        "mfu": result.mfu,
+        "train_loss": result.train_loss,
+        "val_loss": result.val_loss,
+        "best_val_loss": result.best_val_loss,
+        "best_val_ppl": perplexity(result.best_val_loss),
+        "best_step": result.best_step,
+    }
 
 
 def describe(summary: dict) -> str:

@@ -43,6 +43,7 @@ from lmforge.runtime import resolve_device
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.config import TrainConfig
 from lmforge.train.metrics import METRICS_FILE, read_metrics
+from lmforge.train.pretrain import training_summary
 from lmforge.train.runlock import RunDir, own_run_dir
 from lmforge.train.seq2seq_data import PairTokenizers, Seq2SeqBatches, encode_pairs, train_pair_tokenizers
 from lmforge.train.trainer import ExtraEval, Trainer, TrainResult, resume_checkpoint
@@ -310,19 +311,7 @@ def _finish(run_dir: Path, result: TrainResult, net: Seq2Seq, tokenizers: PairTo
     last_bleu = next((r for r in reversed(result.history) if "val_bleu" in r), {})
     summary = {
         "task": "translation",
-        "steps": result.step,
-        "stopped_because": result.stopped_because,
-        "signal": result.signal,
-        "params": n_params,
-        "tokens_seen": result.tokens_seen,
-        "train_seconds": round(result.train_seconds, 2),
-        "tokens_per_s": round(result.tokens_per_s, 1),
-        "mfu": result.mfu,
-        "train_loss": result.train_loss,
-        "val_loss": result.val_loss,
-        "best_val_loss": result.best_val_loss,
-        "best_val_ppl": perplexity(result.best_val_loss),
-        "best_step": result.best_step,
+        **training_summary(result, n_params),
         "val_bleu": last_bleu.get("val_bleu"),
         "val_chrf": last_bleu.get("val_chrf"),
         "pad_share": round(pad_share, 4),
