@@ -50,6 +50,7 @@ def test_recipe_on_synthetic_ding(tmp_path):
     for decoding in ("greedy", "beam4"):
         assert 0 <= saved["test"][decoding]["bleu"] <= 100 and saved["test"][decoding]["segments"] > 0
     assert [r["step"] for r in saved["bleu_curve"]] == [2, 4]
+    assert all(isinstance(r["val_bleu"], float) for r in saved["bleu_curve"])
     assert saved["decoder_only"]["status"] == "not run"
     assert (out / "bleu.png").read_bytes()[:4] == b"\x89PNG"
     assert any("kept 400 de-en sentence pairs" in line for line in lines)

@@ -155,7 +155,8 @@ def run_recipe(cfg: RecipeConfig, echo: Callable[[str], None] = print, runner=No
 
     # 4. plot
     rows = read_metrics(run_dir / METRICS_FILE)
-    curve = [{"step": int(r["step"]), "val_bleu": r["val_bleu"], "val_chrf": r.get("val_chrf")}
+    num = lambda v: float(v) if v not in (None, "") else None  # noqa: E731  (metrics.csv holds strings)
+    curve = [{"step": int(r["step"]), "val_bleu": num(r["val_bleu"]), "val_chrf": num(r.get("val_chrf"))}
              for r in rows if r.get("val_bleu") not in (None, "")]
     plot = plot_bleu(rows, out / "bleu.png", title=f"{stats.direction}: val BLEU over training")
 
