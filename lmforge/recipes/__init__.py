@@ -1,0 +1,1 @@
+"""End-to-end recipes: data, training, evaluation and a report in one command."""

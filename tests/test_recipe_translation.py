@@ -1,0 +1,93 @@
+"""`lmforge recipe translation`: the recipe's core on a tiny synthetic Ding file (fast), the real
+dictionary with a reduced budget (slow)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from lmforge.errors import LmforgeError
+from lmforge.recipes.translation import RecipeConfig, ensure_dictionary, run_recipe
+
+DE = ["der Hund", "die Katze", "das Kind", "der Mann", "die Frau", "das Haus", "der Vogel", "die Stadt"]
+EN = ["the dog", "the cat", "the child", "the man", "the woman", "the house", "the bird", "the city"]
+VERB_DE = ["schläft", "läuft", "isst", "singt", "wartet"]
+VERB_EN = ["sleeps", "runs", "eats", "sings", "waits"]
+ADV_DE = ["heute", "gern", "oft", "nie", "hier", "dort", "jetzt", "bald", "immer", "leise"]
+ADV_EN = ["today", "gladly", "often", "never", "here", "there", "now", "soon", "always", "quietly"]
+
+
+def _ding(path: Path) -> Path:
+    lines = ["# synthetic Ding-format dictionary for tests"]
+    for i, (d, e) in enumerate(zip(DE, EN)):
+        for j, (vd, ve) in enumerate(zip(VERB_DE, VERB_EN)):
+            for k, (ad, ae) in enumerate(zip(ADV_DE, ADV_EN)):
+                lines.append(f"{d.capitalize()} {vd} {ad}. :: {e.capitalize()} {ve} {ae}.")
+    random.Random(0).shuffle(lines[1:])
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _tiny(tmp_path: Path, **kw) -> RecipeConfig:
+    return RecipeConfig(out=tmp_path / "out", ding_path=_ding(tmp_path / "de-en"), install=False, max_steps=4,
+                        eval_every=2, batch_size=16, vocab_size=300, bleu_samples=4, test_limit=6, max_new_tokens=12, progress=False,
+                        model_overrides={"n_embd": 32, "intermediate_size": 64, "n_encoder_layer": 1, "n_layer": 1,
+                                         "n_head": 2, "n_kv_head": 2, "block_size": 32}, **kw)
+
+
+def test_recipe_on_synthetic_ding(tmp_path):
+    lines = []
+    results = run_recipe(_tiny(tmp_path), echo=lines.append)
+    out = tmp_path / "out"
+    saved = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert saved == json.loads(json.dumps(results))
+    assert saved["direction"] == "de-en" and saved["data"]["pairs"] == 400
+    assert set(saved["data"]["splits"]) == {"train", "val", "test"} and saved["data"]["filter"]["min_words"] == 3
+    assert saved["training"]["steps"] == 4 and saved["model"]["params"] > 0
+    for decoding in ("greedy", "beam4"):
+        assert 0 <= saved["test"][decoding]["bleu"] <= 100 and saved["test"][decoding]["segments"] > 0
+    assert [r["step"] for r in saved["bleu_curve"]] == [2, 4]
+    assert all(isinstance(r["val_bleu"], float) for r in saved["bleu_curve"])
+    assert saved["decoder_only"]["status"] == "not run"
+    assert (out / "bleu.png").read_bytes()[:4] == b"\x89PNG"
+    assert any("kept 400 de-en sentence pairs" in line for line in lines)
+    assert any("BLEU greedy" in line for line in lines)  # the summary table
+
+
+def test_missing_dictionary_without_install(tmp_path):
+    with pytest.raises(LmforgeError, match=r"missing; install it with: (sudo )?apt-get install -y trans-de-en") as e:
+        ensure_dictionary(tmp_path / "nope", install=False)
+    assert "\n" not in str(e.value)
+    cfg = _tiny(tmp_path)
+    cfg.ding_path = tmp_path / "nope"
+    with pytest.raises(LmforgeError, match="apt-get install -y trans-de-en"):
+        run_recipe(cfg, echo=lambda s: None)
+
+
+def test_failed_install_is_one_line(tmp_path):
+    said = []
+    with pytest.raises(LmforgeError, match=r"could not install trans-de-en \(exit 100\); run: .*apt-get install") as e:
+        ensure_dictionary(tmp_path / "nope", install=True, echo=said.append, runner=lambda cmd: 100)
+    assert "\n" not in str(e.value) and "running" in said[0]
+
+
+def test_cli_registers_recipe_group():
+    from typer.testing import CliRunner
+
+    from lmforge.cli import app
+
+    r = CliRunner().invoke(app, ["recipe", "translation", "--help"])
+    assert r.exit_code == 0 and "--minutes" in r.output and "--no-install" in r.output
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/usr/share/trans/de-en").exists(), reason="trans-de-en is not installed")
+def test_real_recipe_reduced(tmp_path):
+    results = run_recipe(RecipeConfig(out=tmp_path / "out", minutes=1.0, install=False, test_limit=100,
+                                      bleu_samples=50, progress=False), echo=lambda s: None)
+    assert results["data"]["pairs"] > 10000
+    assert results["test"]["greedy"]["segments"] == 100
+    assert results["bleu_curve"] and (tmp_path / "out" / "bleu.png").exists()
