@@ -228,6 +228,7 @@ def shards_dir(tmp_path, stdlib_texts, tok):
     (lambda m: m["tokenizer"].pop("sha256"), "'tokenizer' must be an object"),
     (lambda m: m["splits"]["train"]["shards"][0].update(file="../../etc/passwd"), "splits.train.shards[0]"),
     (lambda m: m["splits"]["train"]["shards"][0].pop("tokens"), "splits.train.shards[0]"),
+    (lambda m: m["splits"].update({"\n": None}), "splits['\\n'] must be an object"),  # found by the fuzz: two lines
 ])
 def test_damaged_meta_json(cli, shards_dir, damage, fragment):
     meta_file = shards_dir / "meta.json"

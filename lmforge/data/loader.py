@@ -48,7 +48,8 @@ def check_meta(meta: dict, meta_file: Path) -> None:
     splits = meta.get("splits")
     need(isinstance(splits, dict) and "train" in splits, "'splits'", "an object with a 'train' split")
     for name, info in splits.items():
-        entry = f"splits.{name}"
+        # a key may hold any character, a newline too: quoted unless a plain name
+        entry = f"splits.{name}" if name.isidentifier() else f"splits[{name!r}]"
         need(isinstance(info, dict) and count(info.get("documents")) and isinstance(info.get("shards"), list),
              entry, "an object with 'documents' (an integer >= 0) and 'shards' (a list)")
         for i, shard in enumerate(info["shards"]):
