@@ -64,18 +64,23 @@ def parse_json(text: str | bytes, where: str) -> Any:
         raise LmforgeError(f"{where}: invalid JSON ({e})") from None
 
 
-def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
-    """A whole JSON file; a missing file, bad UTF-8 or bad JSON is a one-line LmforgeError."""
+def read_bytes(path: str | os.PathLike, what: str, *, if_missing: str = "") -> bytes:
+    """A whole file; missing, a folder or unreadable is a one-line LmforgeError naming it.
+    what: what the file should be ("a JSON file"); if_missing: said after "no such file"."""
     path = Path(path)
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except FileNotFoundError:
-        raise LmforgeError(f"{path}: no such file") from None
+        raise LmforgeError(f"{path}: no such file{if_missing}") from None
     except IsADirectoryError:
-        raise LmforgeError(f"{path}: a folder, not a {what}") from None
+        raise LmforgeError(f"{path}: a folder, not {what}") from None
     except OSError as e:
         raise LmforgeError(f"{path}: cannot read ({e.strerror or e})") from None
-    return parse_json(data, str(path))
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
+    """A whole JSON file; a missing file, bad UTF-8 or bad JSON is a one-line LmforgeError."""
+    return parse_json(read_bytes(path, f"a {what}"), str(path))
 
 
 def read_json_object(path: str | os.PathLike, what: str = "JSON file") -> dict:

@@ -31,6 +31,22 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def random_seq2seq(config, seed: int = 0, head_scale: float = 1.0):
+    """A Seq2Seq for `config` in eval mode, every weight perturbed (as random_model); head_scale
+    multiplies the output head so that greedy and beam choices are not all near-ties."""
+    import torch
+
+    from lmforge.model.seq2seq import Seq2Seq
+
+    torch.manual_seed(seed)
+    model = Seq2Seq(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+        model.lm_head.weight.mul_(head_scale)
+    return model.eval()
+
+
 def random_model(config, seed: int = 0):
     """A GPT for `config` in eval mode, every weight perturbed (norms start at 1, biases at 0:
     untouched, they would hide a mapping error in a conversion)."""

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from conftest import random_seq2seq
+
 from lmforge.errors import LmforgeError
 from lmforge.interop import hf_seq2seq
 from lmforge.model import GPT, ModelConfig, get_preset, load_model_dir, save_model_dir
@@ -37,16 +39,6 @@ LLAMA_LIKE = dataclasses.replace(
     n_embd=48, intermediate_size=72, src_vocab_size=53, tie_embeddings=False,
 )
 CONFIGS = {"mbart-like": MBART_LIKE, "untied": UNTIED, "llama-like": LLAMA_LIKE}
-
-
-def random_seq2seq(cfg: ModelConfig, seed: int = 0) -> Seq2Seq:
-    """Every weight perturbed (unit norms and zero biases would hide a mapping error)."""
-    torch.manual_seed(seed)
-    model = Seq2Seq(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return model.eval()
 
 
 def batch(cfg: ModelConfig, src_len: int = 11, tgt_len: int = 9, seed: int = 3):

@@ -13,6 +13,8 @@ from collections import Counter
 import pytest
 import torch
 
+from conftest import random_seq2seq
+
 from lmforge.errors import LmforgeError
 from lmforge.generate.engine import Engine
 from lmforge.generate.params import SamplingParams
@@ -27,17 +29,6 @@ WORDS = ("the cat sat on the mat and the dog ran to the park while a bird sang i
 SOURCES = ["the cat sat on the mat", "a bird sang", "the dog ran to the park while a bird sang in the old tree",
            "every morning before the sun came up"]
 MAX_NEW = 20
-
-
-def random_seq2seq(cfg: ModelConfig, seed: int = 0) -> Seq2Seq:
-    """Every weight perturbed, the head scaled up so that choices are not all near-ties."""
-    torch.manual_seed(seed)
-    model = Seq2Seq(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-        model.lm_head.weight.mul_(3.0)
-    return model.eval()
 
 
 @dataclasses.dataclass
@@ -61,7 +52,7 @@ def setup(tmp_path_factory) -> Setup:
     cfg = ModelConfig(name="s2s-translate", arch="encoder-decoder", vocab_size=tok.vocab_size, block_size=48,
                       n_encoder_layer=2, n_layer=2, n_head=4, n_kv_head=4, n_embd=32, intermediate_size=64,
                       norm="layernorm", mlp="gelu_exact", position="learned", bias=True, tie_embeddings=False)
-    model = random_seq2seq(cfg, seed=2)
+    model = random_seq2seq(cfg, seed=2, head_scale=3.0)  # choices not all near-ties
     root = tmp_path_factory.mktemp("translate")
     out = save_model_dir(model, root / "model", tokenizer=tok)
     hf_dir = hf_seq2seq.save_hf_dir(model, cfg, root / "hf", tokenizer=tok)

@@ -49,7 +49,7 @@ from pathlib import Path
 
 from lmforge.errors import LmforgeError, check_counts
 from lmforge.fsutil import atomic_dir, atomic_file
-from lmforge.jsonio import strict_decode
+from lmforge.jsonio import read_bytes, strict_decode
 
 DEFAULT_DING = Path("/usr/share/trans/de-en")
 INSTALL_HINT = "sudo apt-get install trans-de-en"
@@ -176,14 +176,8 @@ def read_ding(path: str | Path = DEFAULT_DING, config: DingConfig | None = None)
     config = config or DingConfig()
     path = Path(path)
     stats = DingStats(input=str(path), direction="en-de" if config.reverse else "de-en")
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise LmforgeError(f"{path}: no such file (the Ding German-English dictionary; install it with: {INSTALL_HINT})") from None
-    except IsADirectoryError:
-        raise LmforgeError(f"{path}: a folder, not the Ding dictionary file (Debian's is {DEFAULT_DING})") from None
-    except OSError as e:
-        raise LmforgeError(f"{path}: cannot read ({e.strerror or e})") from None
+    raw = read_bytes(path, f"the Ding dictionary file (Debian's is {DEFAULT_DING})",
+                     if_missing=f" (the Ding German-English dictionary; install it with: {INSTALL_HINT})")
     seen: set[tuple[str, str]] = set()
     kept: list[tuple[str, str]] = []
     for lineno, line_bytes in enumerate(raw.splitlines(), 1):
