@@ -51,10 +51,11 @@ def test_outbox_with_zero_interval_sends_every_step_and_failures_at_once():
     held.send(2, 0, Event(8, "x", 1, sampled=1))
     held.flush(1, 0, None)
     _messages(there)
-    held.send(2, 0, Failure(500, "boom"))
+    held.send(2, -1, Failure(500, "boom"))  # a failure ends the whole request
     held.flush(1, 0, None)
     (message,) = _messages(there)
     assert isinstance(message[1][0][2], Failure)
+    assert held._started == set()  # nothing kept for a request that is over
 
 
 class _Tok:

@@ -159,7 +159,10 @@ class PipeOutbox:
 
     def send(self, key: int, index: int, item) -> None:
         self._items.append((key, index, item))
-        if isinstance(item, Failure) or item.finish_reason:
+        if isinstance(item, Failure):  # the whole request ends (index -1): forget all its choices
+            self._urgent = True
+            self._started = {started for started in self._started if started[0] != key}
+        elif item.finish_reason:
             self._urgent = True
             self._started.discard((key, index))
         elif (key, index) not in self._started:
