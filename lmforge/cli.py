@@ -527,7 +527,7 @@ def translate(
     batch_size: Annotated[int, typer.Option(help="Sources translated together (sorted by length).")] = 16,
     progress: Progress = True,
 ):
-    """Translate with an encoder-decoder model: greedy unless --temperature or --num-beams says otherwise."""
+    """Translate with an encoder-decoder model (or a decoder-only one trained on pairs): greedy unless --temperature or --num-beams says otherwise."""
     from lmforge.fsutil import write_text_atomic
     from lmforge.generate.engine import Engine
     from lmforge.generate.translate import translate_lines, translate_texts
@@ -538,15 +538,18 @@ def translate(
     if output is not None and input is None:
         raise LmforgeError("--output goes with --input FILE; a TEXT's translation is printed")
     loaded = load_model(model)
-    if not loaded.model.config.is_encoder_decoder:
-        raise LmforgeError(f"{loaded.path}: translate needs an encoder-decoder model; use `lmforge generate` for "
-                           "a decoder-only one")
+    engine = Engine.for_loaded(loaded)
+    try:
+        engine.require_translator()
+    except LmforgeError as e:
+        raise LmforgeError(f"{loaded.path}: {e}") from None
     # Translation is greedy unless a temperature is given here: generation.json's (a sampling
     # default for chat-style models) does not turn it into sampling.
     params = _sampling_from(ctx, params, {k: v for k, v in loaded.generation.items() if k != "temperature"})
-    engine = Engine.for_loaded(loaded)
+    # A default max_new_tokens yields to a decoder-only translator's context; one given does not.
+    cap = not given_on_command_line(ctx, "max_new_tokens") and "max_new_tokens" not in loaded.generation
     if input is None:
-        done = translate_texts(engine, [text], params, batch_size=batch_size)[0]
+        done = translate_texts(engine, [text], params, batch_size=batch_size, cap_to_context=cap)[0]
         if len(done) == 1:
             typer.echo(done[0])
             return
@@ -556,7 +559,8 @@ def translate(
         return
     from lmforge.eval.io import read_lines
 
-    lines = translate_lines(engine, read_lines(input), params, batch_size=batch_size, progress=progress)
+    lines = translate_lines(engine, read_lines(input), params, batch_size=batch_size, progress=progress,
+                            cap_to_context=cap)
     result = "".join(line + "\n" for line in lines)
     if output is None:
         typer.echo(result, nl=False)

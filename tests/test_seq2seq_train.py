@@ -1,6 +1,7 @@
-"""Training an encoder-decoder on pairs (lmforge.train.translation, `lmforge pretrain --data PAIRS`):
-a synthetic cipher learned to a high BLEU, exact resume, the run dir as a loadable Seq2Seq model
-dir, BLEU rows in metrics.csv, and the one-line refusals."""
+"""Training a translator on pairs (lmforge.train.translation, `lmforge pretrain --data PAIRS`):
+a synthetic cipher learned to a high BLEU by an encoder-decoder and by a decoder-only model on
+`source <sep> target`, exact resume, the run dir as a loadable model dir, BLEU rows in
+metrics.csv, and the one-line refusals."""
 
 import json
 import random
@@ -16,8 +17,9 @@ from lmforge.model.io import load_model_dir
 from lmforge.model.seq2seq import Seq2Seq
 from lmforge.train.config import TrainConfig
 from lmforge.train.metrics import read_metrics
-from lmforge.train.seq2seq_data import SOURCE_TOKENIZER_DIR, PairTokenizers, encode_pairs
-from lmforge.train.translation import TranslationConfig, greedy_translate, train_translation
+from lmforge.model.gpt import GPT
+from lmforge.train.seq2seq_data import SEPARATOR_TOKEN, SOURCE_TOKENIZER_DIR, ConcatenatedPairBatches, PairTokenizers, encode_pairs
+from lmforge.train.translation import TranslationConfig, count_params, decoder_only_twin, greedy_translate, train_translation
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -77,6 +79,66 @@ def test_a_cipher_is_learned_to_a_high_bleu(pairs_file, tmp_path):
     assert summary["samples"][0]["translation"] == summary["samples"][0]["reference"]
 
 
+def test_concatenated_batches_put_the_loss_on_the_target_only():
+    pair = lambda s, t: (np.array(s, dtype=np.int32), np.array(t, dtype=np.int32))  # noqa: E731
+    train = [pair([5, 6], [7]), pair([8], [9, 10, 11])]
+    batches = ConcatenatedPairBatches(train, train, sep_id=3, batch_size=2, grad_accum=1, seed=0, eval_batches=1,
+                                      start_id=0, eos_id=1, pad_id=2, src_pad_id=2, bucket=False)
+    x, labels, extra = batches.collate(train)
+    assert extra == {}
+    assert x.tolist() == [[5, 6, 3, 7, 2], [8, 3, 9, 10, 11]]
+    assert labels.tolist() == [[-100, -100, 7, 1, -100], [-100, 9, 10, 11, 1]]
+    assert batches.longest() == 5 and batches.pad_share() == pytest.approx(1 / 10)
+
+
+def test_the_decoder_only_twin_has_the_nearest_parameter_count():
+    from lmforge.model.config import get_preset
+
+    enc_dec = get_preset("seq2seq-tiny").replace(n_embd=192, intermediate_size=768, n_encoder_layer=3, n_layer=3,
+                                                 vocab_size=4000)
+    twin = decoder_only_twin(enc_dec)
+    assert not twin.is_encoder_decoder and twin.n_embd == 192 and twin.block_size == 2 * enc_dec.block_size
+    target = count_params(enc_dec)
+    gaps = {n: abs(count_params(twin.replace(n_layer=n)) - target) for n in (twin.n_layer - 1, twin.n_layer, twin.n_layer + 1)}
+    assert min(gaps, key=gaps.get) == twin.n_layer and gaps[twin.n_layer] < 0.05 * target
+
+
+def test_a_decoder_only_model_learns_the_cipher_from_source_sep_target(pairs_file, cli, tmp_path):
+    path, vocab = pairs_file
+    tcfg = TranslationConfig(tokenizer_kind="word", vocab_size=vocab + 1, bleu_samples=64)  # + the separator
+    small = {"n_embd": 64, "n_head": 2, "n_kv_head": 2, "intermediate_size": 128, "block_size": 64, "n_layer": 4}
+    summary = train_translation(path, "tiny", tmp_path / "run", cfg(max_steps=600, batch_size=32, eval_every=300,
+                                                                     checkpoint_every=600, log_every=100, warmup_steps=10,
+                                                                     seed=1),
+                                tcfg, model_overrides=small, progress=False)
+    best = tmp_path / "run" / "best"
+    net, config = load_model_dir(best)
+    assert isinstance(net, GPT) and not config.is_encoder_decoder
+    tokenizers = PairTokenizers.load(best)
+    generation = json.loads((best / "generation.json").read_text())
+    assert generation == {"stop_token_ids": [tokenizers.target.eos_id],
+                          "source_separator_token_id": tokenizers.target.hf.token_to_id(SEPARATOR_TOKEN)}
+    records = [json.loads(line) for line in path.read_text().splitlines()][-100:]
+    sources = [s for s, _ in encode_pairs(tokenizers, [r["source"] for r in records], [r["target"] for r in records])]
+    refs = [[r["target"]] for r in records]
+    torch.manual_seed(0)
+    baseline = score(greedy_translate(GPT(config), tokenizers, sources), refs).bleu
+    hyps = greedy_translate(net, tokenizers, sources)
+    assert baseline < 5 and score(hyps, refs).bleu > 60 and summary["val_bleu"] > 60, (baseline, summary["val_bleu"])
+    # The model dir translates through pipeline("translation") as it did in training.
+    import lmforge
+
+    translator = lmforge.pipeline("translation", model=str(best))
+    texts = [r["source"] for r in records[:8]]
+    assert [d["translation_text"] for d in translator(texts)] == hyps[:8]
+    beams = translator(texts[:2], num_beams=3, num_return_sequences=2)
+    assert [group[0]["translation_text"] for group in beams] == hyps[:2]
+    r = cli("translate", best, texts[0])
+    assert r.code == 0 and r.out.strip().splitlines()[-1] == hyps[0], r.err
+    r = cli("translate", best, texts[0], "--max-new-tokens", 100)  # asked for: refused, not lowered
+    assert r.code != 0 and "ask for at most" in r.err and len(r.err.strip().splitlines()) == 1
+
+
 def test_resume_continues_exactly_with_bleu_rows(tmp_path):
     records = cipher_pairs(600, seed=2)
     path, vocab = write_jsonl(tmp_path / "pairs.jsonl", records), word_vocab(records)
@@ -128,8 +190,9 @@ def test_separate_vocabularies_and_the_run_dir_is_a_seq2seq_model_dir(tmp_path):
 def test_refusals_are_one_line(pairs_file, shards, tmp_path):
     path, vocab = pairs_file
     tcfg = TranslationConfig(tokenizer_kind="word", vocab_size=vocab)
-    with pytest.raises(LmforgeError, match=r"--model tiny is a decoder-only model .*parallel pairs train an encoder-decoder"):
-        train_translation(path, "tiny", tmp_path / "a", cfg(), tcfg, progress=False)
+    separate = TranslationConfig(tokenizer="separate", tokenizer_kind="word", vocab_size=vocab)
+    with pytest.raises(LmforgeError, match=r"--tokenizer separate: a decoder-only model reads source and target with one vocabulary"):
+        train_translation(path, "tiny", tmp_path / "a", cfg(), separate, progress=False)
     from lmforge.train.pretrain import pretrain
 
     data, _ = shards
@@ -159,7 +222,7 @@ def test_cli_trains_on_a_tsv_resumes_and_refuses_mismatches(cli, shards, tmp_pat
     assert "label_smoothing: 0.2" in saved and "tokenizer_kind: word" in saved
     assert [row["step"] for row in read_metrics(tmp_path / "run" / "metrics.csv") if row["val_bleu"]] == ["2", "4"]
 
-    r = cli("pretrain", "--data", tsv, "--model", "tiny", "-o", tmp_path / "x", *common)
+    r = cli("pretrain", "--data", tsv, "--model", "tiny", "--tokenizer", "separate", "-o", tmp_path / "x", *common)
     assert r.code != 0 and "decoder-only" in r.err and len(r.err.strip().splitlines()) == 1
     data, _ = shards
     r = cli("pretrain", "--data", data, "-o", tmp_path / "y", "--label-smoothing", 0.2, "--max-steps", 1)

@@ -311,7 +311,7 @@ def test_cli_translate_errors_are_one_line(setup, cli, tmp_path, tiny_model_dir)
         (("translate", setup.dir, "x", "--num-beams", 2, "--temperature", 0.5), "beam search is deterministic"),
         (("translate", setup.dir, "-i", tmp_path / "in.txt", "--num-beams", 2, "--num-return-sequences", 2),
          "one translation per line"),
-        (("translate", tiny_model_dir, "x"), "translate needs an encoder-decoder model"),
+        (("translate", tiny_model_dir, "x"), "translation needs an encoder-decoder model, or a decoder-only one trained on"),
         (("translate", setup.dir, "-i", tmp_path / "missing.txt"), "missing.txt"),
     ]
     for args, message in cases:

@@ -238,23 +238,28 @@ def generate_and_score(model_spec: str, pairs: str | os.PathLike, config: BleuGe
     # Beam search ends hypotheses on tokens only: the stop strings cut its outputs afterwards.
     params = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=0.0, num_beams=config.num_beams,
                             stop=[] if beams else list(config.stop))
-    prompts, cut = [], 0
+    from lmforge.generate.translate import fits_context, translate_ids
+
+    prompts, cut, capped = [], 0, 0
     for i, s in enumerate(sources):
         where = f"{pairs}:{i + 1}"
         ids = engine.encode(render_prompt(config.template, s, where))
-        if engine.is_encoder_decoder:  # a source is never cut: a translation of part of it scores nothing true
+        if engine.translates:
+            ids = engine.translation_prompt(ids)
+        if engine.translates:  # a source is never cut: a translation of part of it scores nothing true
+            # A decoder-only translator's translation shares the context with its source: at most the room left.
+            fitted = fits_context(engine, params, len(ids), True) if not engine.is_encoder_decoder else params
+            capped += fitted.max_new_tokens < params.max_new_tokens
             try:
-                kept = engine.check_length(ids, params)
+                kept = engine.check_length(ids, fitted)
             except LmforgeError as e:
                 raise LmforgeError(f"{where}: {e}") from None
         else:
             kept = engine.check_length(ids, params, "left")  # keep the end: it holds the source's last words
         cut += len(kept) < len(ids)
         prompts.append(kept)
-    if engine.is_encoder_decoder:
-        from lmforge.generate.translate import translate_ids
-
-        done = translate_ids(engine, prompts, params, batch_size=config.batch_size, progress=progress)
+    if engine.translates:
+        done = translate_ids(engine, prompts, params, batch_size=config.batch_size, progress=progress, cap_to_context=True)
         hyps = [_cut_at_stop(group[0].text, config.stop if beams else []) for group in done]
     else:
         hyps = generate_batched(engine, prompts, params, config.batch_size, progress=progress,
@@ -264,10 +269,13 @@ def generate_and_score(model_spec: str, pairs: str | os.PathLike, config: BleuGe
                 "stop": list(config.stop), "decoding": f"beam search ({config.num_beams} beams)" if beams else "greedy",
                 "num_beams": config.num_beams, "limit": config.limit, "source_field": config.source_field,
                 "target_field": config.target_field, "device": str(engine.device),
-                "architecture": "encoder-decoder" if engine.is_encoder_decoder else "decoder",
+                "architecture": "encoder-decoder" if engine.is_encoder_decoder else
+                "decoder (source <sep> target)" if engine.translates else "decoder",
                 "decode_backend": engine.decode_backend_used}  # measured fastest here: recorded
     return _result(scores, hyps, refs, model=model_info(model_spec, loaded), data=fingerprint(pairs), settings=settings,
-                   notes=[f"{cut} prompts longer than the context minus max_new_tokens were cut from the left"] if cut else [],
+                   notes=([f"{cut} prompts longer than the context minus max_new_tokens were cut from the left"] if cut else [])
+                   + ([f"{capped} translations were allowed only the room their source left in the context, under "
+                       f"max_new_tokens"] if capped else []),
                    extra_details={"hypotheses": hyps})
 
 

@@ -80,7 +80,8 @@ class TokenScores:
 
 class Engine:
     def __init__(self, model: GPT, tokenizer: Tokenizer, *, stop_token_ids: Sequence[int] = (),
-                 int8_activations: bool = False, decoder_start_id: int | None = None):
+                 int8_activations: bool = False, decoder_start_id: int | None = None,
+                 source_separator_id: int | None = None):
         """int8_activations: decode a quantized model with its products' inputs rounded to int8
         per block (as llama.cpp does; lmforge.quant.kernels): faster batched steps, text that
         leaves the exact model's after some tokens. Refused for models it cannot apply to.
@@ -88,7 +89,10 @@ class Engine:
         An encoder-decoder (Seq2Seq) generates through the same methods: its prompts are sources,
         encoded once each; the model-specific part is lmforge.generate.seq2seq_decode's.
         decoder_start_id: the token its decoder starts from (default: the tokenizer's bos, else
-        its eos; a model dir's generation.json may name it: `seq2seq_decode.default_start_id`)."""
+        its eos; a model dir's generation.json may name it: `seq2seq_decode.default_start_id`).
+        source_separator_id: makes a decoder-only model a translator (lmforge.generate.translate):
+        it was trained on `source <sep> target <eos>`, so a source is prompted as `source <sep>`
+        (generation.json's source_separator_token_id)."""
         self._s2s = None
         if model.config.is_encoder_decoder:
             from lmforge.generate.seq2seq_decode import Seq2SeqDecoding, default_start_id
@@ -100,6 +104,12 @@ class Engine:
             self._s2s = Seq2SeqDecoding(model, start, pad)
         elif decoder_start_id is not None:
             raise LmforgeError("decoder_start_id is for encoder-decoder models; this one is decoder-only")
+        if source_separator_id is not None:
+            if model.config.is_encoder_decoder:
+                raise LmforgeError("source_separator_id is for decoder-only translators; an encoder-decoder reads its source apart")
+            if not 0 <= source_separator_id < model.config.vocab_size:
+                raise LmforgeError(f"source_separator_id {source_separator_id} is outside the vocabulary of {model.config.vocab_size}")
+        self.source_separator_id = source_separator_id
         self.model = model.eval()
         self.int8_activations = int8_activations
         if int8_activations:
@@ -124,11 +134,17 @@ class Engine:
     @classmethod
     def for_loaded(cls, loaded, **kwargs) -> "Engine":
         """An Engine for a registry LoadedModel: its generation.json's stop tokens and, for an
-        encoder-decoder, its decoder start token (decoder_start_token_id, else bos, else eos)."""
+        encoder-decoder, its decoder start token (decoder_start_token_id, else bos, else eos);
+        for a decoder-only translator, its source_separator_token_id."""
         if loaded.model.config.is_encoder_decoder and "decoder_start_id" not in kwargs:
             from lmforge.generate.seq2seq_decode import default_start_id
 
             kwargs["decoder_start_id"] = default_start_id(loaded.tokenizer, loaded.generation)
+        sep = loaded.generation.get("source_separator_token_id")
+        if sep is not None and "source_separator_id" not in kwargs and not loaded.model.config.is_encoder_decoder:
+            if not isinstance(sep, int) or isinstance(sep, bool):
+                raise LmforgeError(f"{loaded.path}: generation.json's source_separator_token_id must be a token id, got {sep!r}")
+            kwargs["source_separator_id"] = sep
         return cls(loaded.model, loaded.tokenizer, stop_token_ids=loaded.generation.get("stop_token_ids", ()), **kwargs)
 
     @property
@@ -156,6 +172,24 @@ class Engine:
     @property
     def is_encoder_decoder(self) -> bool:
         return self._s2s is not None
+
+    @property
+    def translates(self) -> bool:
+        """An encoder-decoder, or a decoder-only model trained on `source <sep> target`."""
+        return self._s2s is not None or self.source_separator_id is not None
+
+    def require_translator(self) -> None:
+        if not self.translates:
+            raise LmforgeError(f"{self.config.name}: translation needs an encoder-decoder model, or a decoder-only one trained "
+                               "on `source <sep> target` pairs (generation.json's source_separator_token_id); this one "
+                               "continues a prompt: use generate or pipeline('text-generation')")
+
+    def translation_prompt(self, source_ids: Sequence[int]) -> list[int]:
+        """What a translator is given for a tokenized source: the source itself (an encoder-decoder
+        encodes it), or `source <sep>` (a decoder-only translator continues it with the target)."""
+        self.require_translator()
+        ids = list(source_ids)
+        return ids if self._s2s is not None else ids + [self.source_separator_id]
 
     @property
     def decoder_start_id(self) -> int | None:

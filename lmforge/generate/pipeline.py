@@ -73,8 +73,8 @@ class TextGenerationPipeline:
 
     def __call__(self, inputs: Any, *, num_return_sequences: int = 1, return_full_text: bool = True,
                  truncate: str | None = None, **kwargs) -> list:
-        if kwargs.get("max_new_tokens") is None and "max_new_tokens" not in self.loaded.generation:
-            # The text-generation default (128), within the decoder's positions.
+        cap = kwargs.get("max_new_tokens") is None and "max_new_tokens" not in self.loaded.generation
+        if cap:  # the text-generation default (128), within the decoder's positions
             kwargs["max_new_tokens"] = min(128, self.model.config.block_size)
         params = self.sampling_params(num_return_sequences=num_return_sequences, **kwargs)
         single = isinstance(inputs, str) or _is_chat(inputs)
@@ -105,17 +105,19 @@ class TextGenerationPipeline:
 
 
 class TranslationPipeline(TextGenerationPipeline):
-    """transformers' translation pipeline's call shape on an encoder-decoder: greedy unless
+    """transformers' translation pipeline's call shape on a translator (an encoder-decoder, or a
+    decoder-only model trained on `source <sep> target`): greedy unless
     do_sample, num_beams > 1 for beam search, generation.json's defaults under the arguments."""
 
     def __init__(self, loaded: LoadedModel):
-        if not loaded.model.config.is_encoder_decoder:
-            raise LmforgeError(f"{loaded.path}: translation needs an encoder-decoder model (arch encoder-decoder); "
-                               "use pipeline('text-generation') with a prompt for a decoder-only one")
+        self.engine = Engine.for_loaded(loaded)
+        try:
+            self.engine.require_translator()
+        except LmforgeError as e:
+            raise LmforgeError(f"{loaded.path}: {e}") from None
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
-        self.engine = Engine.for_loaded(loaded)
 
     def __call__(self, inputs: Any, *, num_return_sequences: int = 1, batch_size: int = 16, **kwargs) -> list:
         from lmforge.generate.translate import translate_texts
@@ -123,15 +125,15 @@ class TranslationPipeline(TextGenerationPipeline):
         if "truncate" in kwargs or "return_full_text" in kwargs:
             bad = "truncate" if "truncate" in kwargs else "return_full_text"
             raise LmforgeError(f"{bad} is a text-generation argument; translation takes none")
-        if kwargs.get("max_new_tokens") is None and "max_new_tokens" not in self.loaded.generation:
-            # The text-generation default (128), within the decoder's positions.
+        cap = kwargs.get("max_new_tokens") is None and "max_new_tokens" not in self.loaded.generation
+        if cap:  # the text-generation default (128), within the decoder's positions
             kwargs["max_new_tokens"] = min(128, self.model.config.block_size)
         params = self.sampling_params(num_return_sequences=num_return_sequences, **kwargs)
         single = isinstance(inputs, str)
         batch = [inputs] if single else list(inputs)
         if not batch:
             raise LmforgeError("no sources given")
-        done = translate_texts(self.engine, batch, params, batch_size=batch_size)
+        done = translate_texts(self.engine, batch, params, batch_size=batch_size, cap_to_context=cap)
         results = [[{"translation_text": t} for t in group] for group in done]
         if single:
             return results[0]

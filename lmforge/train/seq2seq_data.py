@@ -1,6 +1,6 @@
 """Tokenizers and batches for training an encoder-decoder (lmforge.model.seq2seq) on pairs.
 
-Token layout, the one the mBART export and transformers' generate use too:
+Token layout for an encoder-decoder, the one the mBART export and transformers' generate use too:
 
     source ids   tokenizer.encode(source)                  (no special tokens, as AutoTokenizer
                                                              encodes with the exported tokenizer.json)
@@ -10,6 +10,11 @@ Token layout, the one the mBART export and transformers' generate use too:
 One joint tokenizer (both sides; the model's one vocabulary) or two: the target's is the model
 dir's tokenizer.json (the decoder's vocabulary, what generation decodes), the source's is kept in
 `source_tokenizer/` beside it and sizes the model's separate source table (src_vocab_size).
+
+A decoder-only model learns translation as a continuation (ConcatenatedPairBatches):
+
+    input        encode(source) + [sep] + encode(target)
+    labels       -100 on the source ... encode(target) + [eos]     (the loss on the target only)
 
 Batches are a pure function of (step, micro), as ShardBatches' are, so a resumed run sees the
 batches the uninterrupted run would have: epoch e's order is a permutation seeded by (seed, e);
@@ -30,6 +35,7 @@ from lmforge.errors import LmforgeError
 from lmforge.tokenizer import TOKENIZER_FILE, Tokenizer, TokenizerTrainConfig, train_tokenizer
 
 SOURCE_TOKENIZER_DIR = "source_tokenizer"
+SEPARATOR_TOKEN = "<|sep|>"  # between source and target, for a decoder-only translator
 # Chunk of the shuffled order sorted by length, in batches: big enough that neighbours have
 # similar lengths, small enough that an epoch still mixes lengths batch to batch (fairseq and
 # tensor2tensor bucket over the whole data set; a chunk keeps the plan cheap to recompute).
@@ -83,15 +89,21 @@ def load_source_tokenizer(model_dir: str | Path) -> Tokenizer:
     return PairTokenizers.load(model_dir).source
 
 
-def translation_tokenizer_config(kind: str, vocab_size: int) -> TokenizerTrainConfig:
-    # No chat tokens or template: a translation model has no turns.
-    return TokenizerTrainConfig(kind=kind, vocab_size=vocab_size, chat_tokens=False)
+def translation_tokenizer_config(kind: str, vocab_size: int, separator: bool = False) -> TokenizerTrainConfig:
+    # No chat tokens or template: a translation model has no turns. A decoder-only translator
+    # reads `source <sep> target`: its tokenizer holds the separator as a special token.
+    return TokenizerTrainConfig(kind=kind, vocab_size=vocab_size, chat_tokens=False,
+                                extra_special_tokens=[SEPARATOR_TOKEN] if separator else [])
 
 
 def train_pair_tokenizers(sources: Sequence[str], targets: Sequence[str], *, mode: str, kind: str, vocab_size: int,
-                          show_progress: bool = False, notify=None) -> PairTokenizers:
-    """One tokenizer on both sides ("joint") or one per side ("separate"), trained on these texts."""
-    cfg = translation_tokenizer_config(kind, vocab_size)
+                          show_progress: bool = False, notify=None, separator: bool = False) -> PairTokenizers:
+    """One tokenizer on both sides ("joint") or one per side ("separate"), trained on these texts;
+    `separator`: with SEPARATOR_TOKEN (joint only: a decoder-only model has one vocabulary)."""
+    cfg = translation_tokenizer_config(kind, vocab_size, separator)
+    if separator and mode != "joint":
+        raise LmforgeError(f"--tokenizer {mode}: a decoder-only model reads source and target with one vocabulary; "
+                           "use --tokenizer joint (or a tokenizer file)")
     if mode == "joint":
         tok = train_tokenizer([*sources, *targets], cfg, source="the pairs (both sides)", show_progress=show_progress,
                               notify=notify)
@@ -225,3 +237,36 @@ class Seq2SeqBatches:
         pairs = sorted(pairs, key=lambda p: (len(p[0]), len(p[1])))
         for i in range(0, len(pairs), self.batch_size):
             yield self.collate(pairs[i : i + self.batch_size])
+
+
+class ConcatenatedPairBatches(Seq2SeqBatches):
+    """Seq2SeqBatches for a decoder-only model: each pair one right-padded row `source <sep>
+    target`, labels the next token on the target's positions only (source and padding -100),
+    so the model is trained on what it generates. (input, labels, {}) as pretraining's batches."""
+
+    def __init__(self, train, val, *, sep_id: int, **kwargs):
+        super().__init__(train, val, **kwargs)
+        self.sep_id = sep_id
+
+    def pad_share(self, epoch: int = 0) -> float:
+        total = real = 0
+        for idx in self.epoch_plan(epoch):
+            rows = self.src_len[idx] + self.tgt_len[idx]  # source, sep and target (the eos is only a label)
+            total += len(idx) * int(rows.max())
+            real += int(rows.sum())
+        return 1.0 - real / total
+
+    def longest(self) -> int:
+        return int((self.src_len + self.tgt_len).max())
+
+    def collate(self, pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple:
+        B = len(pairs)
+        L = max(len(s) + len(t) + 1 for s, t in pairs)
+        x = torch.full((B, L), self.pad_id, dtype=torch.long)
+        labels = torch.full((B, L), -100, dtype=torch.long)
+        for b, (s, t) in enumerate(pairs):
+            n, m = len(s), len(t)
+            seq = torch.from_numpy(np.concatenate([s, [self.sep_id], t, [self.eos_id]]).astype(np.int64))
+            x[b, : n + m + 1] = seq[:-1]
+            labels[b, n : n + m + 1] = seq[n + 1 :]
+        return x, labels, {}

@@ -1,4 +1,6 @@
-"""Training an encoder-decoder on parallel pairs (`lmforge pretrain --data pairs.jsonl|.tsv`), with the one Trainer.
+"""Training a translator on parallel pairs (`lmforge pretrain --data pairs.jsonl|.tsv`), with the one Trainer:
+an encoder-decoder (the default), or a decoder-only model (`--model` with arch decoder) trained
+on `source <|sep|> target` with the loss on the target, the comparison the chapter invites.
 
     pairs file ─read/clean/dedup (lmforge.data.parallel)─▶ train / val pairs
         ─tokenizer(s) (joint or separate, lmforge.train.seq2seq_data)─▶ token pairs ─length filters─▶
@@ -11,13 +13,14 @@ with its tokenizer(s) (seq2seq_data.PairTokenizers) and generation.json naming t
 and stop tokens.
 
 BLEU at every evaluation: a fixed sample of the val pairs (the first `bleu_samples`) translated
-greedily (Seq2Seq.greedy_decode, batched by length) and scored with sacrebleu's defaults
-(lmforge.eval.bleu). The best model is still chosen by val loss: BLEU on a few hundred greedy
+greedily through the Engine (lmforge.generate.translate.greedy_translations, batched by length)
+and scored with sacrebleu's defaults (lmforge.eval.bleu). The best model is still chosen by val loss: BLEU on a few hundred greedy
 sentences is noisier than the loss on the same data.
 
 The Trainer calls `model(x, y, **extra)`; `TeacherForcing` maps that onto Seq2Seq.forward
-(source, labels, decoder inputs, source mask) and applies label smoothing in training mode only,
-so val loss stays the plain cross-entropy whose exp is a perplexity.
+(source, labels, decoder inputs, source mask) or GPT.forward (`source <sep> target`, labels) and
+applies label smoothing in training mode only, so val loss stays the plain cross-entropy of the
+target tokens, whose exp is a perplexity, for both kinds.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+import torch.nn.functional as F
 import yaml
 from torch import nn
 
@@ -36,6 +40,8 @@ from lmforge.data.parallel import PairStats, filter_lengths, read_pairs, split_p
 from lmforge.errors import LmforgeError
 from lmforge.eval.perplexity import perplexity_from_nll as perplexity
 from lmforge.fsutil import write_text_atomic
+from lmforge.model.config import ModelConfig
+from lmforge.model.gpt import GPT
 from lmforge.model.io import load_model_dir, write_model_files
 from lmforge.model.seq2seq import Seq2Seq
 from lmforge.report import write_training_report
@@ -45,7 +51,8 @@ from lmforge.train.config import TrainConfig
 from lmforge.train.metrics import METRICS_FILE, read_metrics
 from lmforge.train.pretrain import training_summary
 from lmforge.train.runlock import RunDir, own_run_dir
-from lmforge.train.seq2seq_data import PairTokenizers, Seq2SeqBatches, encode_pairs, train_pair_tokenizers
+from lmforge.train.seq2seq_data import (SEPARATOR_TOKEN, ConcatenatedPairBatches, PairTokenizers, Seq2SeqBatches,
+                                        encode_pairs, train_pair_tokenizers)
 from lmforge.train.trainer import ExtraEval, Trainer, TrainResult, resume_checkpoint
 from lmforge.train.translation_config import TranslationConfig
 
@@ -58,10 +65,11 @@ REPORT_SAMPLES = 5
 
 
 class TeacherForcing(nn.Module):
-    """A Seq2Seq as the Trainer calls a model: `(source ids, labels, tgt_ids=..., src_mask=...)`
-    -> (logits, loss), label-smoothed in training mode only. Holds no weights of its own."""
+    """A translator as the Trainer calls a model -> (logits, loss), label-smoothed in training mode
+    only: a Seq2Seq's `(source ids, labels, tgt_ids=..., src_mask=...)`, or a decoder-only GPT's
+    `(source <sep> target, labels)`. Holds no weights of its own."""
 
-    def __init__(self, net: Seq2Seq, label_smoothing: float):
+    def __init__(self, net: Seq2Seq | GPT, label_smoothing: float):
         super().__init__()
         self.net = net
         self.label_smoothing = label_smoothing
@@ -74,47 +82,59 @@ class TeacherForcing(nn.Module):
     def activation_checkpointing(self, on: bool) -> None:
         self.net.activation_checkpointing = on
 
-    def forward(self, src_ids, labels, tgt_ids, src_mask=None):
-        return self.net(src_ids, tgt_ids, src_mask, targets=labels,
-                        label_smoothing=self.label_smoothing if self.training else 0.0)
+    def forward(self, x, labels, tgt_ids=None, src_mask=None):
+        smoothing = self.label_smoothing if self.training else 0.0
+        if tgt_ids is not None:
+            return self.net(x, tgt_ids, src_mask, targets=labels, label_smoothing=smoothing)
+        if not smoothing:
+            return self.net(x, labels)
+        logits, _ = self.net(x)  # GPT's loss has no smoothing: the same cross-entropy as Seq2Seq's, here
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100,
+                               label_smoothing=smoothing)
+        return logits, loss
 
 
-@torch.no_grad()
-def greedy_translate(net: Seq2Seq, tokenizers: PairTokenizers, sources: Sequence[Sequence[int]], *,
-                     batch_size: int = 32, max_new_tokens: int | None = None) -> list[str]:
-    """Greedy translations of tokenized sources (in input order), batched by source length; each
-    cut at its first eos and decoded without special tokens. max_new_tokens: per batch, at most
-    twice its longest source plus 10 (and the model's context)."""
+def separator_id(tokenizers: PairTokenizers, where: str = "the tokenizer") -> int:
+    """The id of SEPARATOR_TOKEN, which a decoder-only translator's tokenizer must hold."""
+    sep = tokenizers.target.hf.token_to_id(SEPARATOR_TOKEN)
+    if sep is None or not tokenizers.joint:
+        raise LmforgeError(f"{where}: a decoder-only translator needs one tokenizer holding the special token "
+                           f"{SEPARATOR_TOKEN} (the one lmforge trains with --tokenizer joint)")
+    return sep
+
+
+def translation_engine(net: Seq2Seq | GPT, tokenizers: PairTokenizers):
+    """An Engine translating with `net` as it is now (decoding in torch: the numpy decoder would
+    pack a copy of weights that training goes on changing)."""
+    from lmforge.generate.engine import Engine
+
     start, eos, _ = tokenizers.special_ids()
-    src_pad = tokenizers.source_pad_id()
+    if net.config.is_encoder_decoder:
+        engine = Engine(net, tokenizers.target, stop_token_ids=[eos], decoder_start_id=start)
+    else:
+        engine = Engine(net, tokenizers.target, stop_token_ids=[eos], source_separator_id=separator_id(tokenizers))
+    engine.backend = "torch"
+    return engine
+
+
+def greedy_translate(net: Seq2Seq | GPT, tokenizers: PairTokenizers, sources: Sequence[Sequence[int]], *,
+                     batch_size: int = 32, max_new_tokens: int | None = None) -> list[str]:
+    """Greedy translations of tokenized sources (in input order) by a model in training: the
+    Engine's (generate.translate.greedy_translations); the model's train/eval mode is kept."""
+    from lmforge.generate.translate import greedy_translations
+
     was_training = net.training
-    net.eval()
-    device = net.device
-    order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
-    out = [""] * len(sources)
-    for k in range(0, len(order), batch_size):
-        group = order[k : k + batch_size]
-        S = max(len(sources[i]) for i in group)
-        src = torch.full((len(group), S), src_pad, dtype=torch.long)
-        mask = torch.zeros((len(group), S), dtype=torch.bool)
-        for b, i in enumerate(group):
-            src[b, : len(sources[i])] = torch.as_tensor(list(sources[i]), dtype=torch.long)
-            mask[b, : len(sources[i])] = True
-        limit = max_new_tokens or min(net.config.block_size, 2 * S + 10)
-        ids = net.greedy_decode(src.to(device), mask.to(device), start_id=start, max_new_tokens=limit, eos_id=eos)
-        for b, i in enumerate(group):
-            row = ids[b, 1:].tolist()
-            if eos in row:
-                row = row[: row.index(eos)]
-            out[i] = tokenizers.target.decode(row, skip_special_tokens=True).strip()
-    net.train(was_training)
-    return out
+    try:
+        return greedy_translations(translation_engine(net, tokenizers), sources, batch_size=batch_size,
+                                   max_new_tokens=max_new_tokens)
+    finally:
+        net.train(was_training)
 
 
 class BleuProbe:
     """ExtraEval for the Trainer: BLEU and chrF of greedy translations of a fixed val sample."""
 
-    def __init__(self, net: Seq2Seq, tokenizers: PairTokenizers, sources: list[Sequence[int]], references: list[str],
+    def __init__(self, net: Seq2Seq | GPT, tokenizers: PairTokenizers, sources: list[Sequence[int]], references: list[str],
                  batch_size: int):
         self.net, self.tokenizers, self.sources, self.references = net, tokenizers, sources, references
         self.batch_size = batch_size
@@ -135,10 +155,11 @@ def _load_pairs(path, tcfg: TranslationConfig, stats: PairStats):
     return pairs
 
 
-def _tokenizers(tcfg: TranslationConfig, train_pairs, notify) -> PairTokenizers:
+def _tokenizers(tcfg: TranslationConfig, train_pairs, notify, separator: bool) -> PairTokenizers:
     if tcfg.tokenizer in ("joint", "separate"):
         return train_pair_tokenizers([p.source for p in train_pairs], [p.target for p in train_pairs], mode=tcfg.tokenizer,
-                                     kind=tcfg.tokenizer_kind, vocab_size=tcfg.vocab_size, notify=notify)
+                                     kind=tcfg.tokenizer_kind, vocab_size=tcfg.vocab_size, notify=notify,
+                                     separator=separator)
     path = Path(tcfg.tokenizer)
     if not path.exists():
         raise LmforgeError(f"--tokenizer {tcfg.tokenizer}: not joint or separate, and no such file or folder")
@@ -146,15 +167,17 @@ def _tokenizers(tcfg: TranslationConfig, train_pairs, notify) -> PairTokenizers:
     return PairTokenizers(tok, tok)
 
 
-def _token_filter(encoded, stats: PairStats, tcfg: TranslationConfig, block_size: int) -> list[int]:
+def _token_filter(encoded, stats: PairStats, tcfg: TranslationConfig, block_size: int, concatenated: bool) -> list[int]:
     """Indices of the pairs that pass the configured length filters in tokens (when that is the
     unit) and fit the model's context: a source of at most block_size tokens, a target of at most
-    block_size - 1 (the decoder also reads the start token / predicts eos). The rest counted."""
+    block_size - 1 (the decoder also reads the start token / predicts eos); `concatenated`
+    (decoder-only): source, separator and target in block_size. The rest counted."""
     rule = tcfg.length_filter() if tcfg.length_unit == "tokens" else None
     kept = []
     for i, (s, t) in enumerate(encoded):
         reason = rule.reason(len(s), len(t)) if rule is not None else None
-        if reason is None and (len(s) > block_size or len(t) + 1 > block_size):
+        long = len(s) + len(t) + 1 > block_size if concatenated else len(s) > block_size or len(t) + 1 > block_size
+        if reason is None and long:
             reason = "too_long"
         if reason is None:
             kept.append(i)
@@ -163,17 +186,36 @@ def _token_filter(encoded, stats: PairStats, tcfg: TranslationConfig, block_size
     return kept
 
 
-def model_config_for(model: str, overrides: dict[str, Any], tokenizers: PairTokenizers):
-    """The encoder-decoder to train: a preset/file + overrides, vocabularies from the tokenizers."""
-    from lmforge.train.pretrain import resolve_model_config
-
-    config = resolve_model_config(model, overrides)
+def sized_for(config: ModelConfig, tokenizers: PairTokenizers) -> ModelConfig:
+    """The model to train: vocabularies from the tokenizers (a decoder-only model has one)."""
     if not config.is_encoder_decoder:
-        raise LmforgeError(f"--model {model} is a decoder-only model ({config.name}); parallel pairs train an encoder-decoder "
-                           "(e.g. --model seq2seq-tiny or transformer-base, or --model.arch encoder-decoder)")
-    sizes = {"vocab_size": tokenizers.target.vocab_size,
-             "src_vocab_size": 0 if tokenizers.joint else tokenizers.source.vocab_size}
-    return config.replace(**sizes)
+        return config.replace(vocab_size=tokenizers.target.vocab_size)
+    return config.replace(vocab_size=tokenizers.target.vocab_size,
+                          src_vocab_size=0 if tokenizers.joint else tokenizers.source.vocab_size)
+
+
+def count_params(config: ModelConfig) -> int:
+    from lmforge.model.io import model_class
+
+    with torch.device("meta"):  # exact, allocating nothing
+        return model_class(config)(config).param_count()
+
+
+def decoder_only_twin(config: ModelConfig) -> ModelConfig:
+    """The decoder-only model of an encoder-decoder's size, for the comparison: the same width,
+    heads, MLP, norms, positions and vocabulary; the number of layers that brings its parameter
+    count nearest; a context twice as long (it reads source, separator and target as one)."""
+    if not config.is_encoder_decoder:
+        raise LmforgeError(f"{config.name} is already decoder-only")
+    target = count_params(config)
+    best = None
+    for n in range(1, 2 * (config.n_layer + config.n_encoder_layer) + 1):
+        cand = config.replace(name=f"{config.name}-decoder-only", arch="decoder", n_encoder_layer=0, src_vocab_size=0,
+                              n_layer=n, block_size=2 * config.block_size)
+        gap = abs(count_params(cand) - target)
+        if best is None or gap < best[0]:
+            best = (gap, cand)
+    return best[1]
 
 
 def train_translation(
@@ -191,7 +233,8 @@ def train_translation(
     pause_at: int | None = None,
 ) -> dict:
     """Train an encoder-decoder (a preset like seq2seq-tiny / transformer-base, or a model file
-    with arch encoder-decoder) on a pairs file; returns the summary (also RUN/summary.json).
+    with arch encoder-decoder), or a decoder-only model on `source <sep> target` (a decoder
+    preset or file), on a pairs file; returns the summary (also RUN/summary.json).
     cfg.time_budget bounds the training time (seconds; the run is then evaluated and saved)."""
     tcfg = tcfg or TranslationConfig()
     cfg.check_schedule()
@@ -217,21 +260,25 @@ def _train(run: RunDir, data: Path, model: str, cfg: TrainConfig, tcfg: Translat
     if ckpt is not None:
         tokenizers = PairTokenizers.load(ckpt)
         net, model_config = load_model_dir(ckpt)
-        if not model_config.is_encoder_decoder:
-            raise LmforgeError(f"{ckpt}: a decoder-only checkpoint; this run trains an encoder-decoder on pairs")
     else:
         if not train_pairs:
             raise LmforgeError(f"{data}: no training pairs left after cleaning and filtering ({stats.describe()})")
-        tokenizers = _tokenizers(tcfg, train_pairs, notify=lambda m: print(f"lmforge: warning: {m}", flush=True))
-        model_config = model_config_for(model, overrides, tokenizers)
-        net = Seq2Seq(model_config)
+        from lmforge.train.pretrain import resolve_model_config
+
+        base = resolve_model_config(model, overrides)  # its arch decides whether the tokenizer needs a separator
+        tokenizers = _tokenizers(tcfg, train_pairs, notify=lambda m: print(f"lmforge: warning: {m}", flush=True),
+                                 separator=not base.is_encoder_decoder)
+        model_config = sized_for(base, tokenizers)
+        net = Seq2Seq(model_config) if model_config.is_encoder_decoder else GPT(model_config)
+    concatenated = not model_config.is_encoder_decoder
+    sep = separator_id(tokenizers, str(ckpt or tcfg.tokenizer)) if concatenated else None
     block = cfg.block_size or model_config.block_size  # --block-size caps each side below the model's context
     if block > model_config.block_size:
         raise LmforgeError(f"--block-size {block} exceeds the model's context (block_size {model_config.block_size})")
     encoded = encode_pairs(tokenizers, [p.source for p in train_pairs], [p.target for p in train_pairs])
-    train = [encoded[i] for i in _token_filter(encoded, stats, tcfg, block)]
+    train = [encoded[i] for i in _token_filter(encoded, stats, tcfg, block, concatenated)]
     val_encoded = encode_pairs(tokenizers, [p.source for p in val_pairs], [p.target for p in val_pairs])
-    val_keep = _token_filter(val_encoded, val_stats or stats, tcfg, block)
+    val_keep = _token_filter(val_encoded, val_stats or stats, tcfg, block, concatenated)
     val = [val_encoded[i] for i in val_keep]
     val_refs = [val_pairs[i].target for i in val_keep]
     if not train:
@@ -239,9 +286,10 @@ def _train(run: RunDir, data: Path, model: str, cfg: TrainConfig, tcfg: Translat
     if not val:
         raise LmforgeError(f"{tcfg.val_data or data}: no validation pairs left after filtering")
     start, eos, pad = tokenizers.special_ids()
-    batches = Seq2SeqBatches(train, val, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, seed=cfg.seed,
-                             eval_batches=cfg.eval_batches, start_id=start, eos_id=eos, pad_id=pad,
-                             src_pad_id=tokenizers.source_pad_id(), max_tokens=tcfg.max_tokens, bucket=tcfg.bucket)
+    plan = dict(batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, seed=cfg.seed, eval_batches=cfg.eval_batches,
+                start_id=start, eos_id=eos, pad_id=pad, src_pad_id=tokenizers.source_pad_id(), max_tokens=tcfg.max_tokens,
+                bucket=tcfg.bucket)
+    batches = ConcatenatedPairBatches(train, val, sep_id=sep, **plan) if concatenated else Seq2SeqBatches(train, val, **plan)
     device = resolve_device(cfg.device)
     if not tcfg.max_tokens:
         from lmforge.train.pretrain import check_memory
@@ -263,7 +311,9 @@ def _train(run: RunDir, data: Path, model: str, cfg: TrainConfig, tcfg: Translat
         "translation": dataclasses.asdict(tcfg),
     }
     write_text_atomic(run_dir / RUN_CONFIG, yaml.safe_dump(run_config, sort_keys=False))
-    generation = {"decoder_start_token_id": start, "stop_token_ids": [eos]}  # hf_seq2seq.load_hf_dir's keys
+    # hf_seq2seq.load_hf_dir's keys; Engine.for_loaded's for a decoder-only translator
+    generation = ({"stop_token_ids": [eos], "source_separator_token_id": sep} if concatenated
+                  else {"decoder_start_token_id": start, "stop_token_ids": [eos]})
 
     def write_model(folder: Path) -> None:
         write_model_files(net, folder, None, {"run": {"data": run_config["data"], "task": "translation"}})
@@ -289,7 +339,8 @@ def _train(run: RunDir, data: Path, model: str, cfg: TrainConfig, tcfg: Translat
     n_params = net.param_count()
     vocab = (f"joint vocabulary {tokenizers.target.vocab_size}" if tokenizers.joint else
              f"vocabularies {tokenizers.source.vocab_size} (source) / {tokenizers.target.vocab_size} (target)")
-    print(f"[pretrain] {model_config.name} (encoder-decoder): {n_params / 1e6:.2f}M parameters, {vocab}; "
+    kind = "decoder-only, on source <|sep|> target" if concatenated else "encoder-decoder"
+    print(f"[pretrain] {model_config.name} ({kind}): {n_params / 1e6:.2f}M parameters, {vocab}; "
           f"{len(train)} train / {len(val)} val pairs ({stats.describe()}); "
           f"{'bucketed ' if tcfg.bucket else ''}batches of "
           f"{f'<= {tcfg.max_tokens} tokens' if tcfg.max_tokens else f'{cfg.batch_size} pairs'}, pad share "
@@ -299,7 +350,7 @@ def _train(run: RunDir, data: Path, model: str, cfg: TrainConfig, tcfg: Translat
     return _finish(run_dir, result, net, tokenizers, val, val_refs, n_params, data_stats, batches.pad_share())
 
 
-def _finish(run_dir: Path, result: TrainResult, net: Seq2Seq, tokenizers: PairTokenizers, val, val_refs,
+def _finish(run_dir: Path, result: TrainResult, net: Seq2Seq | GPT, tokenizers: PairTokenizers, val, val_refs,
             n_params: int, data_stats: dict, pad_share: float) -> dict:
     """summary.json, report.md (+ loss.png) with sample translations from the best model."""
     best = load_model_dir(run_dir / "best")[0] if (run_dir / "best").exists() else net
@@ -322,7 +373,9 @@ def _finish(run_dir: Path, result: TrainResult, net: Seq2Seq, tokenizers: PairTo
     write_text_atomic(run_dir / SUMMARY, json.dumps(summary, indent=2, ensure_ascii=False))
     rows = read_metrics(run_dir / METRICS_FILE)
     facts = [
-        ("model", f"{net.config.name} ({n_params / 1e6:.2f}M parameters, {net.config.n_encoder_layer}+{net.config.n_layer} layers)"),
+        ("model", f"{net.config.name} ({n_params / 1e6:.2f}M parameters, "
+                  + (f"{net.config.n_encoder_layer}+{net.config.n_layer} layers)" if net.config.is_encoder_decoder else
+                     f"{net.config.n_layer} decoder-only layers, on source <|sep|> target)")),
         ("pairs", f"{data_stats['train_pairs']} train / {data_stats['val_pairs']} val "
                   f"(read {data_stats['data']['read']}, dropped {data_stats['data']['dropped'] or 'none'})"),
         ("steps", f"{result.step} ({result.stopped_because})"),
