@@ -16,9 +16,9 @@ recipe_app = typer.Typer(help="End-to-end recipes: data, training, evaluation an
 @recipe_app.command("translation")
 def translation(
     out: Annotated[Path, typer.Option(help="Output folder (data/, run/, results.json, bleu.png).")] = Path("runs/recipe-translation"),
-    minutes: Annotated[float, typer.Option(help="Training time budget in minutes.")] = 15.0,
+    minutes: Annotated[float, typer.Option(help="Training time budget per model, in minutes.")] = 15.0,
     preset: Annotated[str, typer.Option(help="Encoder-decoder preset (the recipe's size overrides apply to seq2seq-tiny only).")] = "seq2seq-tiny",
-    decoder_only: Annotated[bool, typer.Option("--decoder-only/--no-decoder-only", help="Decoder-only comparison (not implemented yet: recorded as not run).")] = True,
+    decoder_only: Annotated[bool, typer.Option("--decoder-only/--no-decoder-only", help="Also train and score a decoder-only model of the same size on source <|sep|> target.")] = True,
     reverse: Annotated[bool, typer.Option(help="English -> German instead of German -> English.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
     install: Annotated[bool, typer.Option("--install/--no-install", help="apt-get install trans-de-en when missing.")] = True,
@@ -27,7 +27,8 @@ def translation(
     max_steps: Annotated[int, typer.Option(help="Stop after N steps instead of the time budget (0 = time budget).")] = 0,
 ):
     """German-English translation from the Ding dictionary: extract pairs, train a small
-    encoder-decoder for a time budget, score BLEU/chrF on the test split (greedy, beam-4), plot."""
+    encoder-decoder and a decoder-only model of its size for a time budget each, score BLEU/chrF
+    on the test split (greedy, beam-4), plot val BLEU over training."""
     from lmforge.recipes.translation import DEFAULT_OVERRIDES, RecipeConfig, run_recipe
 
     cfg = RecipeConfig(out=out, minutes=minutes, preset=preset, reverse=reverse, overwrite=overwrite, install=install,

@@ -51,10 +51,50 @@ def test_recipe_on_synthetic_ding(tmp_path):
         assert 0 <= saved["test"][decoding]["bleu"] <= 100 and saved["test"][decoding]["segments"] > 0
     assert [r["step"] for r in saved["bleu_curve"]] == [2, 4]
     assert all(isinstance(r["val_bleu"], float) for r in saved["bleu_curve"])
-    assert saved["decoder_only"]["status"] == "not run"
+    # The decoder-only model of the same size, trained and scored the same way.
+    twin = saved["decoder_only"]
+    assert twin["status"] == "run" and twin["model"]["arch"] == "decoder" and twin["training"]["steps"] == 4
+    assert abs(twin["model"]["params"] - saved["model"]["params"]) < 0.25 * saved["model"]["params"]
+    assert twin["model"]["block_size"] == 2 * saved["model"]["block_size"]
+    for decoding in ("greedy", "beam4"):
+        assert 0 <= twin["test"][decoding]["bleu"] <= 100 and twin["test"][decoding]["segments"] > 0
+    assert [r["step"] for r in twin["bleu_curve"]] == [2, 4]
+    assert (out / "run-decoder-only" / "best" / "generation.json").is_file()
     assert (out / "bleu.png").read_bytes()[:4] == b"\x89PNG"
     assert any("kept 400 de-en sentence pairs" in line for line in lines)
-    assert any("BLEU greedy" in line for line in lines)  # the summary table
+    table = next(line for line in lines if "BLEU greedy" in line)  # the summary table: one row per model
+    assert "| encoder-decoder |" in table and "| decoder-only |" in table
+
+
+def test_phrase_pairs_join_training_but_never_touch_val_or_test(tmp_path):
+    from lmforge.data.ding import DingConfig, extract_ding
+    from lmforge.recipes.translation import add_phrase_pairs
+
+    ding = _ding(tmp_path / "de-en")
+    extract_ding(tmp_path / "data", ding, DingConfig())
+    test_de = json.loads((tmp_path / "data" / "test.jsonl").read_text(encoding="utf-8").splitlines()[0])["source"]
+    phrases = ["der große rote Hund :: the big red dog", "die kleine alte Katze :: the small old cat",
+               f"{test_de} :: a phrase sharing its German side with a test sentence"]
+    with ding.open("a", encoding="utf-8") as f:
+        f.write("\n".join(phrases) + "\n")
+    extract_ding(tmp_path / "data", ding, DingConfig(), overwrite=True)  # the sentence splits: unchanged by phrases
+    assert json.loads((tmp_path / "data" / "test.jsonl").read_text(encoding="utf-8").splitlines()[0])["source"] == test_de
+    path, mix = add_phrase_pairs(tmp_path / "data", ding, RecipeConfig(reverse=False))
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    train = (tmp_path / "data" / "train.jsonl").read_text(encoding="utf-8").splitlines()
+    assert mix == {"sentence_pairs": len(train), "phrase_pairs": 2, "dropped_sharing_a_side_with_val_or_test": 1}
+    assert rows[-2:] == [{"source": "der große rote Hund", "target": "the big red dog"},
+                         {"source": "die kleine alte Katze", "target": "the small old cat"}]
+    held = {r[side] for name in ("val.jsonl", "test.jsonl")
+            for r in map(json.loads, (tmp_path / "data" / name).read_text(encoding="utf-8").splitlines())
+            for side in ("source", "target")}
+    assert not any(r["source"] in held or r["target"] in held for r in rows)
+
+
+def test_recipe_without_the_decoder_only_model(tmp_path):
+    saved = run_recipe(_tiny(tmp_path, decoder_only=False), echo=lambda s: None)
+    assert saved["decoder_only"] == {"status": "not run", "reason": "disabled with --no-decoder-only"}
+    assert not (tmp_path / "out" / "run-decoder-only").exists()
 
 
 def test_missing_dictionary_without_install(tmp_path):
@@ -86,8 +126,10 @@ def test_cli_registers_recipe_group():
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/usr/share/trans/de-en").exists(), reason="trans-de-en is not installed")
 def test_real_recipe_reduced(tmp_path):
+    said = []
     results = run_recipe(RecipeConfig(out=tmp_path / "out", minutes=1.0, install=False, test_limit=100,
-                                      bleu_samples=50, progress=False), echo=lambda s: None)
-    assert results["data"]["pairs"] > 10000
-    assert results["test"]["greedy"]["segments"] == 100
-    assert results["bleu_curve"] and (tmp_path / "out" / "bleu.png").exists()
+                                      bleu_samples=50, progress=False), echo=said.append)
+    assert results["data"]["pairs"] > 10000 and results["data"]["train_mix"]["phrase_pairs"] > 10000
+    assert results["test"]["greedy"]["segments"] == results["decoder_only"]["test"]["greedy"]["segments"] == 100
+    assert results["bleu_curve"] and results["decoder_only"]["bleu_curve"] and (tmp_path / "out" / "bleu.png").exists()
+    assert sum(line.startswith("calibration:") for line in said) == 2  # the minutes became a step count per model

@@ -248,6 +248,12 @@ class Seq2Seq(nn.Module):
         ones (positions cache.pos..), memory and mask are the cache's; their keys/values are
         appended. logits_to_keep > 0: logits for the last N positions only.
         """
+        return self.lm_head(self.decode_states(tgt_ids, memory, src_mask, cache=cache, logits_to_keep=logits_to_keep))
+
+    def decode_states(self, tgt_ids: torch.Tensor, memory: torch.Tensor | None = None,
+                      src_mask: torch.Tensor | None = None, *, cache: Seq2SeqCache | None = None,
+                      logits_to_keep: int = 0) -> torch.Tensor:
+        """`decode` before the head: the decoder's final-norm states [B, T, n_embd]."""
         T = tgt_ids.shape[1]
         start = 0 if cache is None else cache.pos
         if cache is not None and start + T > cache.max_len:
@@ -273,7 +279,7 @@ class Seq2Seq(nn.Module):
             cache.self_attn.pos = start + T
         if logits_to_keep > 0:
             x = x[:, -logits_to_keep:]
-        return self.lm_head(self.decoder.norm_f(x))
+        return self.decoder.norm_f(x)
 
     def forward(self, src_ids: torch.Tensor, tgt_ids: torch.Tensor, src_mask: torch.Tensor | None = None,
                 targets: torch.Tensor | None = None,
@@ -282,14 +288,21 @@ class Seq2Seq(nn.Module):
         (src_mask [B, S] bool, True = real token) and decoder inputs tgt_ids [B, T].
 
         targets [B, T] int64, -100 = ignore (padding): loss is the mean cross-entropy in fp32
-        over the other positions, with `label_smoothing` as torch's cross_entropy takes it.
+        over the other positions, with `label_smoothing` as torch's cross_entropy takes it. When
+        some are -100 the head runs on the other positions alone and logits is None (as GPT's
+        chunked loss): padding's logits are never needed, and the vocabulary-wide matmuls,
+        forward and backward, are the costliest of a step (the same loss and gradients).
         """
-        logits = self.decode(tgt_ids, self.encode(src_ids, src_mask), src_mask)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100,
-                                   label_smoothing=label_smoothing)
-        return logits, loss
+        h = self.decode_states(tgt_ids, self.encode(src_ids, src_mask), src_mask)
+        if targets is None:
+            return self.lm_head(h), None
+        keep = targets != -100
+        if bool(keep.all()):
+            logits = self.lm_head(h)
+            return logits, F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                                           label_smoothing=label_smoothing)
+        kept = self.lm_head(h[keep])
+        return None, F.cross_entropy(kept.float(), targets[keep], label_smoothing=label_smoothing)
 
     # -- generation ---------------------------------------------------------------------------
     def new_cache(self, memory: torch.Tensor, src_mask: torch.Tensor | None = None,

@@ -240,7 +240,9 @@ class Trainer:
         train_loss = val_loss = None
         window_tokens, window_seconds = 0, 0.0  # training time only: evals and checkpoints excluded
         tokens_per_s = mfu = None
-        bar = progress_bar(total=cfg.max_steps, initial=step, unit="step", desc="train", disable=not self.progress)
+        # Under a time budget the step count is not known: no step ETA, the budget left instead.
+        bar = progress_bar(total=None if cfg.time_budget else cfg.max_steps, initial=step, unit="step", desc="train",
+                           disable=not self.progress)
         run_start = time.perf_counter() - state["train_seconds"]
         self.model.train()
 
@@ -335,8 +337,10 @@ class Trainer:
                         row.update(tokens_seen=state["tokens_seen"], elapsed_s=round(time.perf_counter() - run_start, 3))
                         log.log(step, **row)
                         history.append({"step": step, **row})
+                        left = cfg.time_budget - (time.perf_counter() - run_start) if cfg.time_budget else None
                         bar.set_postfix(loss=f"{train_loss:.4f}", **({"val": f"{val_loss:.4f}"} if val_loss is not None else {}),
-                                        tok_s=f"{tokens_per_s or 0:,.0f}", mfu=f"{(mfu or 0) * 100:.1f}%")
+                                        tok_s=f"{tokens_per_s or 0:,.0f}", mfu=f"{(mfu or 0) * 100:.1f}%",
+                                        **({"budget_left": f"{max(0.0, left):.0f}s"} if left is not None else {}))
                     if over_budget and step < cfg.max_steps:
                         stopped, stop_now = "time_budget", True
                     if stop.requested:
