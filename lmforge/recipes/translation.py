@@ -151,15 +151,18 @@ def _steps_for_budget(model: str, overrides: dict, train_file: Path, tcfg, cfg: 
     """The step count that fills the time budget: CALIBRATION_STEPS timed on this machine (a
     throwaway run), less 15% for the evaluations. A cosine schedule needs its end up front, and
     a step count, unlike a clock, makes the run itself repeatable (`--resume` is exact)."""
+    from lmforge.train.metrics import METRICS_FILE, read_metrics
     from lmforge.train.translation import train_translation
 
     probe = _train_config(cfg, CALIBRATION_STEPS)
     probe.eval_every, probe.warmup_steps = 0, 1
     quiet = dataclasses.replace(tcfg, bleu_samples=0)
-    summary = train_translation(train_file, model, scratch, probe, quiet, model_overrides=overrides,
-                                overwrite=True, progress=False)
+    train_translation(train_file, model, scratch, probe, quiet, model_overrides=overrides, overwrite=True, progress=False)
+    elapsed = {int(r["step"]): float(r["elapsed_s"]) for r in read_metrics(scratch / METRICS_FILE) if r.get("elapsed_s")}
     shutil.rmtree(scratch, ignore_errors=True)
-    rate = summary["steps"] / max(summary["train_seconds"], 1e-6)
+    # Steps 10 to 30: the first ones pay for allocations and warm-up that a run pays once, the last
+    # row's time includes the closing val-loss evaluation.
+    rate = 20 / max(elapsed[30] - elapsed[10], 1e-6)
     steps = max(CALIBRATION_STEPS, int(rate * cfg.minutes * 60 * 0.85))
     echo(f"calibration: {rate:.2f} steps/s here -> {steps} steps in {cfg.minutes:g} minutes")
     return steps
