@@ -21,8 +21,8 @@ from lmforge.errors import LmforgeError
 
 APT_PACKAGE = "trans-de-en"
 DEFAULT_PRESET = "seq2seq-tiny"
-# ~5M parameters with a 4,000-token joint BPE vocabulary: learns word-level translation of the
-# dictionary's short example sentences in minutes on 2 CPU cores.
+# 3.93M parameters with a 4,000-token joint BPE vocabulary, dropout 0.1: ~7.5 steps/s of 32 pairs
+# on 2 CPU cores. Measured at 15 minutes: val loss 3.91, test BLEU 0.54 / chrF 12.3 (README).
 DEFAULT_OVERRIDES = {"n_embd": 192, "intermediate_size": 768, "n_encoder_layer": 3, "n_layer": 3, "n_head": 4,
                      "n_kv_head": 4, "block_size": 128, "dropout": 0.1}
 
