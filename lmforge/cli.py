@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -307,6 +309,9 @@ def pretrain(
                            "pairs file (.jsonl or .tsv)")
     summary = run_pretrain(data, model, out, cfg, model_overrides=model_overrides, resume=resume,
                            resume_from=resume_from, overwrite=overwrite, progress=progress)
+    if summary.get("rank"):  # under torchrun, rank 0 reports
+        exit_if_signalled(summary)
+        return
     typer.echo(describe(summary))
     exit_if_signalled(summary)
 
@@ -682,6 +687,19 @@ class _Interrupted(Exception):
     """Ctrl-C, carried past click (which would print "Aborted!" and exit 1) to `main`."""
 
 
+def _rank_prefix() -> str:
+    """"rank R of N: " in a process torchrun started with several ranks, so every line says whose it is."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    return f"rank {os.environ.get('RANK', '0')} of {world}: " if world.isdigit() and int(world) > 1 else ""
+
+
+def _lost_other_ranks(e: BaseException) -> bool:
+    """A collective failed because a peer is gone or too slow (gloo/nccl errors, the timeout)."""
+    text = f"{type(e).__name__} {e}".lower()
+    return type(e).__name__.startswith("Dist") or any(
+        s in text for s in ("gloo", "nccl", "connection closed", "connection reset", "timed out", "broken pipe"))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: usage errors and help are typer's; lmforge errors print one line and exit 1;
     Ctrl-C prints one line and exits 130 (128 + SIGINT, as a shell reports it)."""
@@ -699,7 +717,15 @@ def main(argv: list[str] | None = None) -> int:
         command.main(args=argv, prog_name="lmforge", standalone_mode=True)
     except LmforgeError as e:
         # One line whatever a message quotes (a JSON key, a file name may hold a newline).
-        print(f"lmforge: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
+        print(f"lmforge: error: {_rank_prefix()}{' '.join(str(e).splitlines())}", file=sys.stderr)
+        return 1
+    except Exception as e:
+        if not (_rank_prefix() and _lost_other_ranks(e)):
+            raise
+        # A rank died or stalled: torchrun names it; this one says why it stops, in one line.
+        cause = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        cause = re.sub(r"^\[[^\]]*\]\s*", "", cause)  # gloo's "[.../pair.cc:537] " source location
+        print(f"lmforge: error: {_rank_prefix()}lost contact with the other ranks, stopping ({cause[:300]})", file=sys.stderr)
         return 1
     except OSError as e:  # a full disk under a writer outside the atomic helpers (metrics.csv, ...)
         from lmforge.fsutil import disk_full_error, is_disk_full

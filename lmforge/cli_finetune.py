@@ -53,6 +53,9 @@ def finetune(
         raise LmforgeError("--data is required: a JSONL of chats/instructions/text or a .txt file")
     summary = run_finetune(model, data, out, ft, cfg, lora, val_data=val_data, resume=resume,
                            resume_from=resume_from, overwrite=overwrite, progress=progress)
+    if summary.get("rank"):  # under torchrun, rank 0 reports
+        exit_if_signalled(summary)
+        return
     typer.echo(describe(summary))
     exit_if_signalled(summary)
 

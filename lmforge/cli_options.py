@@ -207,12 +207,17 @@ def saved_run_config(run_dir, name: str) -> dict | None:
     return saved
 
 
+LAUNCH_SETTINGS = frozenset({"strategy", "dist_timeout"})
+
+
 def keep_given(ctx: typer.Context, current: Any, saved: dict | None, prefix: str) -> Any:
     """A config rebuilt from a saved run's values, except the options given on this command line
     (`prefix`: the options' parameter prefix, e.g. "train__")."""
     values = dict(saved or {})
     now = dataclasses.asdict(current)
     for name in now:
-        if given_on_command_line(ctx, f"{prefix}{name}") or name not in values:
+        # How a run is launched (processes, strategy) belongs to this launch, not to the run: a run
+        # saved on 2 processes resumes on 1 without being told to forget its strategy.
+        if given_on_command_line(ctx, f"{prefix}{name}") or name not in values or name in LAUNCH_SETTINGS:
             values[name] = now[name]
     return type(current)(**{k: v for k, v in values.items() if k in now})

@@ -312,3 +312,37 @@ def test_a_run_stopped_by_its_time_budget_is_evaluated(shards, tmp_path):
     assert s["stopped_because"] == "time_budget" and s["steps"] == 1
     assert math.isfinite(s["best_val_loss"]) and s["best_step"] == 1 and (tmp_path / "r" / "best").is_dir()
     assert [r["val_loss"] != "" for r in read_metrics(tmp_path / "r" / "metrics.csv")] == [True]
+
+
+def test_a_checkpoint_of_the_earlier_single_file_format_still_resumes(shards, tmp_path):
+    """Checkpoints written before the optimizer state went through torch.distributed.checkpoint
+    (one optimizer.safetensors keyed by parameter index, its scalars in trainer_state.json) resume
+    exactly: the step-6 checkpoint is rewritten into that format here, then resumed."""
+    from safetensors.torch import save_file
+
+    from lmforge.manifest import write_manifest
+    from lmforge.train.checkpoint import OPTIMIZER_DIR, OPTIMIZER_FILE, OPTIMIZER_META, STATE_FILE, load_optimizer
+    from lmforge.train.distributed import SINGLE
+
+    data, model_file = shards
+    pretrain(data, str(model_file), tmp_path / "full", small_cfg(), progress=False, sample_tokens=4)
+    pretrain(data, str(model_file), tmp_path / "old", small_cfg(), progress=False, sample_tokens=4, pause_at=6)
+    ckpt = latest_checkpoint(tmp_path / "old")
+    net = load_model_dir(ckpt)[0]
+    opt = build_optimizer(net.configure_optimizer_groups(0.1), small_cfg(), torch.device("cpu"))
+    load_optimizer(ckpt, net, opt, SINGLE)
+    sd = opt.state_dict()  # the old writer: tensors by "state.<index>.<key>", the rest beside the trainer state
+    tensors = {f"state.{i}.{k}": v.contiguous() for i, st in sd["state"].items() for k, v in st.items() if torch.is_tensor(v)}
+    scalars = {f"{i}.{k}": v for i, st in sd["state"].items() for k, v in st.items() if not torch.is_tensor(v)}
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    save_file(tensors, str(ckpt / OPTIMIZER_FILE))
+    state = json.loads((ckpt / STATE_FILE).read_text())
+    (ckpt / STATE_FILE).write_text(json.dumps({**state, "optimizer": {"param_groups": groups, "scalars": scalars}}))
+    import shutil
+
+    shutil.rmtree(ckpt / OPTIMIZER_DIR)
+    (ckpt / OPTIMIZER_META).unlink()
+    (ckpt / "manifest.json").unlink()
+    write_manifest(ckpt)
+    pretrain(data, str(model_file), tmp_path / "old", small_cfg(), progress=False, sample_tokens=4, resume=True)
+    np.testing.assert_allclose(losses(tmp_path / "old"), losses(tmp_path / "full"), rtol=0, atol=1e-6)

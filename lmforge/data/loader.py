@@ -111,13 +111,18 @@ class TokenShards:
 
 
 def random_batch(
-    split: Split, batch_size: int, block_size: int, *, seed: int, step: int, rank: int = 0
+    split: Split, batch_size: int, block_size: int, *, seed: int, step: int, rank: int = 0, world_size: int = 1
 ) -> np.ndarray:
-    """`batch_size` windows of `block_size + 1` tokens at random offsets, as int64 [B, T+1].
+    """`batch_size` windows of `block_size + 1` tokens at random offsets, as int64 [B, T+1]: rank
+    `rank`'s slice of the `batch_size * world_size` windows of the global batch of `step`, which
+    depends on (seed, step) only, so one process with batch 8 and two with batch 4 see the same
+    windows.
 
     A window never crosses a shard boundary; shards are chosen in proportion to how many
     windows they hold, so every start offset is equally likely.
     """
+    if not 0 <= rank < world_size:
+        raise LmforgeError(f"rank {rank} is outside a world of {world_size} processes")
     need = block_size + 1
     usable = [s for s in split.shards if len(s) >= need]
     if not usable:
@@ -126,8 +131,9 @@ def random_batch(
             f"{need} (block size {block_size} + 1)"
         )
     starts = np.array([len(s) - need + 1 for s in usable], dtype=np.int64)
-    rng = np.random.default_rng([seed, step, rank])
-    picks = rng.integers(0, starts.sum(), size=batch_size)
+    # The key's trailing 0 keeps the stream of runs made before the global batch was drawn here.
+    rng = np.random.default_rng([seed, step, 0])
+    picks = rng.integers(0, starts.sum(), size=batch_size * world_size)[rank * batch_size : (rank + 1) * batch_size]
     bounds = np.cumsum(starts)
     shard_ids = np.searchsorted(bounds, picks, side="right")
     offsets = picks - (bounds[shard_ids] - starts[shard_ids])
@@ -142,14 +148,19 @@ def sequential_windows(
 ) -> Iterator[np.ndarray]:
     """Non-overlapping windows of `block_size + 1` tokens (stride `block_size`) in corpus order.
 
-    Window k goes to rank k % world_size, so ranks cover the split once between them.
-    `limit` caps the number of windows overall (before sharding across ranks).
+    Window k goes to rank k % world_size, so ranks cover the split once between them; every rank
+    gets the same number (the last windows that do not make a full round are left out), because
+    under FSDP each forward pass is a collective. `limit` caps the number of windows overall
+    (before sharding across ranks).
     """
     need = block_size + 1
+    available = sum(max(0, (len(s) - need) // block_size + 1) for s in split.shards)
+    total = available if limit is None else min(limit, available)
+    total -= total % world_size
     k = 0
     for shard in split.shards:
         for start in range(0, len(shard) - need + 1, block_size):
-            if limit is not None and k >= limit:
+            if k >= total:
                 return
             if k % world_size == rank:
                 yield np.asarray(shard[start : start + need], dtype=np.int64)

@@ -4,45 +4,47 @@ A checkpoint is `RUN/checkpoints/step-NNNNNN/`, written into a temp folder, fsyn
 `manifest.json` (the size and SHA-256 of every file) is written last inside it, and `RUN/latest`
 (a one-line text file naming the folder) is updated only after the rename. Optimizer tensors go
 to safetensors and everything else to JSON: nothing is ever pickled.
+
+The model files are a whole model dir (rank 0 writes them: a checkpoint loads like any model).
+The optimizer state is written through torch.distributed.checkpoint in `optimizer/`, keyed by
+parameter name: each rank writes its own part (its shard under FSDP; under DDP the replicated
+tensors are split between ranks), as safetensors files whose headers carry each part's offsets,
+so a checkpoint saved on N processes resumes on any number. Checkpoints from before (one
+`optimizer.safetensors` keyed by parameter index) still resume, except under FSDP.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
 from lmforge.errors import LmforgeError
 from lmforge.fsutil import atomic_dir, write_text_atomic
 from lmforge.manifest import previous_good_hint, verify_manifest, write_manifest
+from lmforge.train.distributed import SINGLE, Distributed
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
-OPTIMIZER_FILE = "optimizer.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"  # the single-process format of lmforge <= 0.2
+OPTIMIZER_DIR = "optimizer"
+OPTIMIZER_META = "optimizer.json"
 RNG_FILE = "rng.safetensors"
 
 
 def checkpoint_name(step: int) -> str:
     return f"step-{step:06d}"
-
-
-def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    sd = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for idx, state in sd["state"].items():
-        for key, value in state.items():
-            if torch.is_tensor(value):
-                tensors[f"state.{idx}.{key}"] = value.detach().contiguous()
-            else:
-                scalars[f"{idx}.{key}"] = value
-    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
-    return tensors, {"param_groups": groups, "scalars": scalars}
 
 
 def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
@@ -80,25 +82,71 @@ def verify_checkpoint(folder: Path) -> None:
     verify_manifest(folder, required=True)
 
 
-def save_checkpoint(
-    run_dir: Path,
-    step: int,
-    write_model: Callable[[Path], None],
-    optimizer: torch.optim.Optimizer,
-    state: dict,
-    keep_last: int,
-) -> Path:
-    """Write checkpoint `step`, point `latest` at it, and delete all but the newest `keep_last`."""
-    root = run_dir / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    folder = root / checkpoint_name(step)
-    with atomic_dir(folder, overwrite=True) as tmp:
-        write_model(tmp)
-        tensors, meta = optimizer_to_tensors(optimizer)
-        save_file(tensors, str(tmp / OPTIMIZER_FILE))
-        save_file(rng_state(), str(tmp / RNG_FILE))
-        write_text_atomic(tmp / STATE_FILE, json.dumps({**state, "step": step, "optimizer": meta}, indent=1))
-        write_manifest(tmp)
+@contextlib.contextmanager
+def _one_process_is_meant(job: Distributed):
+    """torch.distributed.checkpoint warns on every call without a process group that it assumes one
+    process; for a single-process run that is exactly what is meant."""
+    with warnings.catch_warnings():
+        if not job.active:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def save_optimizer(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, job: Distributed) -> None:
+    """The optimizer state by parameter name: tensors through torch.distributed.checkpoint into
+    folder/optimizer/ (every rank writes its part; a collective), the rest to optimizer.json (rank 0)."""
+    osd = get_optimizer_state_dict(model, optimizer)
+    tensors, scalars, shapes = {}, {}, {}
+    for fqn, per_param in osd["state"].items():
+        for key, value in per_param.items():
+            if torch.is_tensor(value):
+                tensors[f"{fqn}/{key}"] = value
+                shapes[f"{fqn}/{key}"] = {"shape": list(value.shape), "dtype": str(value.dtype).removeprefix("torch.")}
+            else:
+                scalars[f"{fqn}/{key}"] = value
+    with _one_process_is_meant(job):
+        dcp.save(tensors, storage_writer=dcp.HuggingFaceStorageWriter(str(folder / OPTIMIZER_DIR), save_distributed=True),
+                 no_dist=not job.active)
+    if job.is_main:
+        groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in osd["param_groups"]]
+        write_text_atomic(folder / OPTIMIZER_META, json.dumps({"param_groups": groups, "scalars": scalars,
+                                                               "tensors": shapes}, indent=1))
+
+
+def load_optimizer(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, job: Distributed) -> None:
+    """Restore what `save_optimizer` wrote, on any number of ranks: each rank reads the parts of
+    every tensor that its own shard covers (a collective)."""
+    meta = json.loads((folder / OPTIMIZER_META).read_text())
+    params = dict(model.named_parameters())
+    templates = {}
+    for name, info in meta["tensors"].items():
+        fqn, _ = name.rsplit("/", 1)
+        if fqn not in params:
+            raise LmforgeError(f"{folder / OPTIMIZER_META}: optimizer state for {fqn}, which the model does not have")
+        param, dtype = params[fqn], getattr(torch, info["dtype"])
+        # A per-parameter tensor takes the parameter's layout (its DTensor shard under FSDP).
+        templates[name] = (torch.zeros_like(param, dtype=dtype) if info["shape"] == list(param.shape)
+                           else torch.zeros(info["shape"], dtype=dtype, device=param.device))
+    with _one_process_is_meant(job):
+        dcp.load(templates, storage_reader=dcp.HuggingFaceStorageReader(str(folder / OPTIMIZER_DIR)), no_dist=not job.active)
+    state: dict[str, dict[str, Any]] = {}
+    for name, value in [*templates.items(), *meta["scalars"].items()]:
+        fqn, key = name.rsplit("/", 1)
+        state.setdefault(fqn, {})[key] = value
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
+    set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": groups})
+
+
+def write_checkpoint_files(tmp: Path, step: int, write_model: Callable[[Path], None], state: dict) -> None:
+    """Rank 0's part of a checkpoint, once the optimizer's parts are in `tmp`: model files, RNG, state, manifest."""
+    write_model(tmp)
+    save_file(rng_state(), str(tmp / RNG_FILE))
+    write_text_atomic(tmp / STATE_FILE, json.dumps({**state, "step": step}, indent=1))
+    write_manifest(tmp)
+
+
+def publish_checkpoint(run_dir: Path, folder: Path, keep_last: int) -> None:
+    """Point `latest` at the complete `folder` and delete all but the newest `keep_last`."""
     write_text_atomic(run_dir / LATEST, folder.name + "\n")
     for old in list_checkpoints(run_dir)[:-keep_last]:
         # Renamed first: a kill mid-delete leaves a `.del-` leftover (removed on the next start), never
@@ -106,6 +154,35 @@ def save_checkpoint(
         doomed = old.with_name(f".{old.name}.del-{os.getpid()}")
         os.replace(old, doomed)
         shutil.rmtree(doomed)
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    write_model: Callable[[Path], None],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict,
+    keep_last: int,
+    job: Distributed = SINGLE,
+    gather: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> Path:
+    """Write checkpoint `step` (called on every rank), point `latest` at it, and delete all but the
+    newest `keep_last`. Rank 0 owns the temp folder and names it to the others; the folder is
+    renamed into place only after every rank's part is in (a barrier), so a rank that dies
+    mid-save leaves a temp folder, never a checkpoint that looks whole. `gather`: the context in
+    which the model's parameters are whole (FSDP), entered on every rank around the model files."""
+    folder = run_dir / CHECKPOINTS / checkpoint_name(step)
+    with (atomic_dir(folder, overwrite=True) if job.is_main else contextlib.nullcontext()) as tmp:
+        tmp = Path(job.broadcast(str(tmp) if job.is_main else None))
+        save_optimizer(tmp, model, optimizer, job)
+        with gather():
+            job.barrier()  # every part is written
+            if job.is_main:
+                write_checkpoint_files(tmp, step, write_model, state)
+    if job.is_main:
+        publish_checkpoint(run_dir, folder, keep_last)
+    job.barrier()  # no rank runs ahead of a checkpoint that is not yet published
     return folder
 
 
@@ -129,10 +206,17 @@ def latest_checkpoint(run_dir: Path) -> Path:
     return folder
 
 
-def load_checkpoint_state(folder: Path, optimizer: torch.optim.Optimizer) -> dict:
-    """Restore optimizer and RNG state from a verified checkpoint; return the trainer state."""
+def load_checkpoint_state(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                          job: Distributed = SINGLE) -> dict:
+    """Restore optimizer and RNG state from a verified checkpoint (on every rank); return the trainer state."""
     verify_checkpoint(folder)
     state = json.loads((folder / STATE_FILE).read_text())
-    optimizer_from_tensors(optimizer, load_file(str(folder / OPTIMIZER_FILE)), state.pop("optimizer"))
+    if (folder / OPTIMIZER_FILE).exists():  # the single-process format, keyed by parameter index
+        if job.strategy == "fsdp":
+            raise LmforgeError(f"{folder}: a checkpoint of the single-process format (optimizer.safetensors) does not "
+                               "resume under --strategy fsdp; resume it with --strategy ddp or on one process first")
+        optimizer_from_tensors(optimizer, load_file(str(folder / OPTIMIZER_FILE)), state.pop("optimizer"))
+    else:
+        load_optimizer(folder, model, optimizer, job)
     set_rng_state(load_file(str(folder / RNG_FILE)))
     return state

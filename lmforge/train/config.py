@@ -12,6 +12,7 @@ OptimizerName = Literal["adamw", "sgd"]
 Schedule = Literal["cosine", "linear", "constant"]
 Precision = Literal["auto", "fp32", "bf16"]
 Heap = Literal["keep", "release", "pool"]
+Strategy = Literal["auto", "none", "ddp", "fsdp"]
 
 
 @dataclass
@@ -47,7 +48,9 @@ class TrainConfig:
     # release: resident = live memory, for the page faults of re-mapping big buffers every step;
     # pool: lmforge.train.saved_pool
     heap: Heap = "keep"  # keep: freed memory stays mapped for the next step (fastest); release: buffers >= 1 MB are returned when freed; pool: saved activations in one reused buffer, the heap trimmed after each step (CPU)
-    device: str = "auto"  # auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...
+    device: str = "auto"  # auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...; under torchrun, cuda is each rank's own GPU
+    strategy: Strategy = "auto"  # under torchrun: auto (several processes: ddp), ddp (each rank a whole replica), fsdp (FSDP2: parameters, gradients and optimizer state split across ranks); one process: auto/none
+    dist_timeout: float = 600.0  # seconds a collective waits for the other ranks before the run fails (torchrun)
 
     def __post_init__(self) -> None:
         if self.warmup_steps is None and isinstance(self.max_steps, int) and not isinstance(self.max_steps, bool):
@@ -66,7 +69,8 @@ class TrainConfig:
         if self.min_lr > self.lr:
             raise LmforgeError(f"{train_flag('min_lr')} ({self.min_lr}) must not exceed {train_flag('lr')} ({self.lr})")
         for name, allowed in (("optimizer", ("adamw", "sgd")), ("schedule", ("cosine", "linear", "constant")),
-                              ("precision", ("auto", "fp32", "bf16")), ("heap", ("keep", "release", "pool"))):
+                              ("precision", ("auto", "fp32", "bf16")), ("heap", ("keep", "release", "pool")),
+                              ("strategy", ("auto", "none", "ddp", "fsdp"))):
             if getattr(self, name) not in allowed:
                 raise LmforgeError(f"{train_flag(name)} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
 
@@ -103,6 +107,7 @@ _RULES: dict[str, tuple[type, Callable[[float], bool], str]] = {
     "lr": (float, lambda v: v > 0, "a positive number"),
     "eps": (float, lambda v: v > 0, "a positive number"),
     **{name: (float, _at_least(0), "a number >= 0") for name in ("min_lr", "weight_decay", "grad_clip", "time_budget")},
+    "dist_timeout": (float, lambda v: v > 0, "a positive number of seconds"),
     **{name: (float, _unit, "in [0, 1)") for name in ("beta1", "beta2", "momentum")},
 }
 

@@ -12,7 +12,8 @@ from lmforge.data.loader import Split, random_batch, sequential_windows
 
 class ShardBatches:
     """Random `block_size` windows for training; the first `eval_batches` sequential windows of
-    the val split (always the same ones) for evaluation."""
+    the val split (always the same ones) for evaluation. With several ranks, `batch_size` is per
+    rank: each takes its slice of the global batch, and its share of the val windows."""
 
     def __init__(self, train: Split, val: Split, *, batch_size: int, block_size: int, grad_accum: int,
                  seed: int, eval_batches: int, rank: int = 0, world_size: int = 1):
@@ -22,7 +23,7 @@ class ShardBatches:
 
     def train_batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
         arr = random_batch(self.train, self.batch_size, self.block_size, seed=self.seed,
-                           step=step * self.grad_accum + micro, rank=self.rank)
+                           step=step * self.grad_accum + micro, rank=self.rank, world_size=self.world_size)
         # Contiguous copies: sliced views make the embedding and loss kernels ~15% slower.
         return torch.from_numpy(arr[:, :-1].copy()), torch.from_numpy(arr[:, 1:].copy())
 

@@ -31,10 +31,11 @@ from lmforge.model.io import is_quantized_dir, load_model_dir, write_model_files
 from lmforge.model.lora import LoRAConfig, apply_lora, count_parameters, load_adapter, save_adapter
 from lmforge.eval.perplexity import perplexity_from_nll as perplexity
 from lmforge.report import write_training_report
-from lmforge.runtime import available_memory_bytes, resolve_device
+from lmforge.runtime import available_memory_bytes
 from lmforge.train.config import FinetuneConfig, TrainConfig
 from lmforge.train.metrics import METRICS_FILE, read_metrics
 from lmforge.train.pretrain import RUN_CONFIG, SUMMARY
+from lmforge.train.distributed import Distributed, describe_batch, follower_run_dir, setup, teardown
 from lmforge.train.runlock import RunDir, own_run_dir
 from lmforge.train.sft import SFTBatches, load_examples, split_examples
 from lmforge.train.trainer import BEST_DIR, RetentionCheck, Trainer, TrainResult, resume_checkpoint
@@ -136,14 +137,22 @@ def finetune(
     sample_count: int = 3,
     pause_at: int | None = None,
 ) -> dict:
+    """Under torchrun, every rank calls this; rank 0 returns the summary, the others
+    {"rank": r, "steps": ..., "signal": ...}."""
     cfg.check_schedule()
-    with own_run_dir(out, "finetune", new=not (resume or resume_from), overwrite=overwrite) as run:
-        return _finetune(run, model, data, ft, cfg, lora, val_data=val_data, resume=resume, resume_from=resume_from,
-                         progress=progress, sample_count=sample_count, pause_at=pause_at)
+    job, device = setup(cfg.strategy, cfg.device, cfg.dist_timeout)
+    try:
+        owner = (own_run_dir(out, "finetune", new=not (resume or resume_from), overwrite=overwrite) if job.is_main
+                 else follower_run_dir(out))
+        with owner as run:
+            return _finetune(run, model, data, ft, cfg, lora, val_data=val_data, resume=resume, resume_from=resume_from,
+                             progress=progress, sample_count=sample_count, pause_at=pause_at, job=job, device=device)
+    finally:
+        teardown()
 
 
 def _finetune(run: RunDir, model: str, data: str | Path, ft: FinetuneConfig, cfg: TrainConfig, lora: LoRAConfig, *,
-              val_data, resume, resume_from, progress, sample_count, pause_at) -> dict:
+              val_data, resume, resume_from, progress, sample_count, pause_at, job: Distributed, device: torch.device) -> dict:
     run_dir = run.path
     ckpt = resume_checkpoint(run_dir, resume, resume_from) if (resume or resume_from) else None
     # Training runs on fp32 weights: a quantized base is dequantized (the values it stores, exactly).
@@ -166,7 +175,12 @@ def _finetune(run: RunDir, model: str, data: str | Path, ft: FinetuneConfig, cfg
 
     if ckpt is None:
         run.start_new()  # model and data are validated: only now may an old run be moved aside
-    replay, retention = _rehearsal(run_dir, ft, stats.format, len(train), loaded, block_size, reuse=ckpt is not None)
+    # Rank 0 writes the base model's rehearsal chats; the other ranks read them once written.
+    if job.is_main:
+        replay, retention = _rehearsal(run_dir, ft, stats.format, len(train), loaded, block_size, reuse=ckpt is not None)
+    job.barrier()
+    if not job.is_main:
+        replay, retention = _rehearsal(run_dir, ft, stats.format, len(train), loaded, block_size, reuse=True)
     train = train + replay
 
     torch.manual_seed(cfg.seed)
@@ -178,7 +192,6 @@ def _finetune(run: RunDir, model: str, data: str | Path, ft: FinetuneConfig, cfg
     elif ckpt is not None:
         net, _ = load_model_dir(ckpt)
     trainable, total = count_parameters(net)
-    device = resolve_device(cfg.device)
     cfg = _auto_activation_checkpointing(net, cfg, max(len(e.ids) for e in train), block_size, ft.pack, device)
     _check_memory(net, cfg, block_size, trainable, total, device)
     print(f"[finetune] {ft.method}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)", flush=True)
@@ -189,7 +202,8 @@ def _finetune(run: RunDir, model: str, data: str | Path, ft: FinetuneConfig, cfg
         "lora": dataclasses.asdict(lora) if ft.method == "lora" else None,
         "train": {**dataclasses.asdict(cfg), "block_size": block_size},
     }
-    write_text_atomic(run_dir / RUN_CONFIG, yaml.safe_dump(run_config, sort_keys=False))
+    if job.is_main:
+        write_text_atomic(run_dir / RUN_CONFIG, yaml.safe_dump(run_config, sort_keys=False))
 
     def write_model(folder: Path) -> None:
         if ft.method == "lora":
@@ -201,12 +215,12 @@ def _finetune(run: RunDir, model: str, data: str | Path, ft: FinetuneConfig, cfg
 
     batches = SFTBatches(train, val, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
                          pad_id=tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0), seed=cfg.seed,
-                         pack=ft.pack, block_size=block_size)
+                         pack=ft.pack, block_size=block_size, rank=job.rank, world_size=job.world_size)
     check = None
     if retention:
         check = RetentionCheck(SFTBatches(retention, retention, batch_size=cfg.batch_size, grad_accum=1,
                                           pad_id=batches.pad_id, seed=cfg.seed), ft.retention_tolerance, ft.retention_guard)
-    if ft.select == "final" and (run_dir / BEST_DIR).exists():
+    if ft.select == "final" and (run_dir / BEST_DIR).exists() and job.is_main:
         # Left by an earlier --select best leg of this run: loading the run dir would pick it first.
         print(f"[finetune] --select final: removing {run_dir / BEST_DIR} so that the run dir loads its final step", flush=True)
         shutil.rmtree(run_dir / BEST_DIR)
@@ -216,11 +230,15 @@ def _finetune(run: RunDir, model: str, data: str | Path, ft: FinetuneConfig, cfg
         param_groups=net.configure_optimizer_groups(cfg.weight_decay),
         # LoRA computes no weight gradients for the frozen base: ~4N of the 6N FLOPs per token.
         flops_per_token=net.flops_per_token(block_size) * (4 / 6 if ft.method == "lora" else 1.0),
-        tokens_per_step=int(cfg.batch_size * cfg.grad_accum * mean_len), progress=progress, retention=check,
-        keep_best=ft.select == "best", on_checkpoint=run.checkpointed,
+        tokens_per_step=int(cfg.batch_size * cfg.grad_accum * job.world_size * mean_len), progress=progress, retention=check,
+        keep_best=ft.select == "best", on_checkpoint=run.checkpointed, job=job, device=device,
     )
+    if job.is_main and job.active:
+        print(f"[finetune] {describe_batch(cfg, block_size, job)}", flush=True)
     start_val = trainer.evaluate() if ckpt is None else None
     result = trainer.fit(resume_from=ckpt, pause_at=pause_at)
+    if not job.is_main:
+        return {"rank": job.rank, "steps": result.step, "signal": result.signal, "checkpoint": str(result.checkpoint)}
     summary = {
         "method": ft.method, "base_model": base_name, "trainable_params": trainable, "total_params": total,
         "examples": {"train": len(train) - len(replay), "replay": len(replay), "val": len(val), "truncated": stats.truncated, "dropped": stats.dropped},

@@ -27,10 +27,11 @@ from lmforge.model.gpt import GPT
 from lmforge.model.io import load_model_dir, write_model_files
 from lmforge.eval.perplexity import perplexity_from_nll as perplexity
 from lmforge.report import write_training_report
-from lmforge.runtime import available_memory_bytes, resolve_device
+from lmforge.runtime import available_memory_bytes
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.config import TrainConfig
 from lmforge.train.data import ShardBatches
+from lmforge.train.distributed import Distributed, choose_strategy, describe_batch, follower_run_dir, setup, teardown
 from lmforge.train.metrics import METRICS_FILE, read_metrics
 from lmforge.train.runlock import RunDir, own_run_dir
 from lmforge.train.trainer import Trainer, TrainResult, resume_checkpoint
@@ -60,9 +61,15 @@ def resolve_model_config(spec: str, overrides: dict[str, Any], vocab_size: int |
     return ModelConfig.from_dict({**config.to_dict(), **changes}, source="--model options")
 
 
-def check_memory(config: ModelConfig, cfg: TrainConfig, block_size: int, device: torch.device) -> dict:
+def check_memory(config: ModelConfig, cfg: TrainConfig, block_size: int, device: torch.device, shards: int = 1) -> dict:
+    """The memory estimate of one process (`shards`: ranks the weights, gradients and optimizer
+    state are split over, under FSDP), refused in one line when it does not fit the device."""
     est = estimate_memory(config, cfg.batch_size, block_size, optimizer=cfg.optimizer,
                           activation_checkpointing=cfg.activation_checkpointing)
+    if shards > 1:
+        for part in ("weights", "grads", "optimizer"):
+            est["total"] -= est[part] - est[part] // shards
+            est[part] //= shards
     free = available_memory_bytes(device)
     if est["total"] > 0.9 * free:
         gb = lambda b: f"{b / 2**30:.1f} GB"  # noqa: E731
@@ -90,14 +97,22 @@ def pretrain(
     sample_tokens: int = 120,
     pause_at: int | None = None,
 ) -> dict:
+    """Under torchrun, every rank calls this; rank 0 returns the summary, the others
+    {"rank": r, "steps": ..., "signal": ...}."""
     cfg.check_schedule()
-    with own_run_dir(out, "pretrain", new=not (resume or resume_from), overwrite=overwrite) as run:
-        return _pretrain(run, data, model, cfg, model_overrides, resume, resume_from, progress,
-                         sample_prompts, sample_tokens, pause_at)
+    job, device = setup(cfg.strategy, cfg.device, cfg.dist_timeout)
+    try:
+        owner = (own_run_dir(out, "pretrain", new=not (resume or resume_from), overwrite=overwrite) if job.is_main
+                 else follower_run_dir(out))
+        with owner as run:
+            return _pretrain(run, data, model, cfg, model_overrides, resume, resume_from, progress,
+                             sample_prompts, sample_tokens, pause_at, job, device)
+    finally:
+        teardown()
 
 
 def _pretrain(run: RunDir, data, model, cfg, model_overrides, resume, resume_from, progress,
-              sample_prompts, sample_tokens, pause_at) -> dict:
+              sample_prompts, sample_tokens, pause_at, job: Distributed, device: torch.device) -> dict:
     run_dir = run.path
     from lmforge.data.parallel import is_pair_file
 
@@ -129,13 +144,14 @@ def _pretrain(run: RunDir, data, model, cfg, model_overrides, resume, resume_fro
     block_size = cfg.block_size or model_config.block_size
     if block_size > model_config.block_size:
         raise LmforgeError(f"--block-size {block_size} exceeds the model's context (block_size {model_config.block_size})")
-    device = resolve_device(cfg.device)
-    estimate = check_memory(model_config, cfg, block_size, device)
+    job = choose_strategy(job, cfg, lambda shards: check_memory(model_config, cfg, block_size, device, shards))
+    estimate = check_memory(model_config, cfg, block_size, device, job.world_size if job.strategy == "fsdp" else 1)
     train_split, val_split = shards.split("train"), shards.split("val")
     if val_split.tokens < block_size + 1:
         raise LmforgeError(f"{data}: the val split has {val_split.tokens} tokens, fewer than one window of {block_size + 1}")
     if ckpt is None:
         run.start_new()  # everything is validated: only now may an old run be moved aside
+    job.barrier()  # the other ranks wait for rank 0 to have set the run dir up
 
     run_config = {
         "lmforge_version": lmforge.__version__,
@@ -143,24 +159,30 @@ def _pretrain(run: RunDir, data, model, cfg, model_overrides, resume, resume_fro
         "model": model_config.to_dict(),
         "train": {**dataclasses.asdict(cfg), "block_size": block_size},
     }
-    write_text_atomic(run_dir / RUN_CONFIG, yaml.safe_dump(run_config, sort_keys=False))
+    if job.is_main:
+        write_text_atomic(run_dir / RUN_CONFIG, yaml.safe_dump(run_config, sort_keys=False))
 
+    n_params = net.param_count()  # before the Trainer wraps (under FSDP: shards) the model
     batches = ShardBatches(train_split, val_split, batch_size=cfg.batch_size, block_size=block_size,
-                           grad_accum=cfg.grad_accum, seed=cfg.seed, eval_batches=cfg.eval_batches)
+                           grad_accum=cfg.grad_accum, seed=cfg.seed, eval_batches=cfg.eval_batches,
+                           rank=job.rank, world_size=job.world_size)
     trainer = Trainer(
         net, cfg, batches, run_dir,
         write_model=lambda folder: write_model_files(net, folder, tokenizer, {"run": {"data": run_config["data"]}}),
         param_groups=net.configure_optimizer_groups(cfg.weight_decay),
         flops_per_token=net.flops_per_token(block_size),
-        tokens_per_step=cfg.batch_size * block_size * cfg.grad_accum,
+        tokens_per_step=cfg.batch_size * block_size * cfg.grad_accum * job.world_size,
         progress=progress,
         on_checkpoint=run.checkpointed,
+        job=job, device=device,
     )
-    n_params = net.param_count()
-    print(f"[pretrain] {model_config.name}: {n_params / 1e6:.2f}M parameters, {net.flops_per_token(block_size) / 1e6:.1f} "
-          f"MFLOP/token; {cfg.batch_size} x {block_size} tokens x {cfg.grad_accum} accum per step on {trainer.device} "
-          f"({trainer.precision}); est. memory {estimate['total'] / 2**30:.2f} GB", flush=True)
+    if job.is_main:
+        print(f"[pretrain] {model_config.name}: {n_params / 1e6:.2f}M parameters, {net.flops_per_token(block_size) / 1e6:.1f} "
+              f"MFLOP/token; {describe_batch(cfg, block_size, job)} on {trainer.device} "
+              f"({trainer.precision}); est. memory {estimate['total'] / 2**30:.2f} GB{' per rank' if job.active else ''}", flush=True)
     result = trainer.fit(resume_from=ckpt, pause_at=pause_at)
+    if not job.is_main:
+        return {"rank": job.rank, "steps": result.step, "signal": result.signal, "checkpoint": str(result.checkpoint)}
     return finish_run(run_dir, result, net, tokenizer, shards, n_params, sample_prompts, sample_tokens)
 
 

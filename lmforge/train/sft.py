@@ -186,6 +186,8 @@ class SFTBatches:
     seed: int
     pack: bool = False
     block_size: int = 0
+    rank: int = 0  # with several ranks, batch_size is per rank: each takes its slice of the step's rows
+    world_size: int = 1
     _rows: list[list[Example]] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
@@ -204,7 +206,7 @@ class SFTBatches:
     def rows_at(self, step: int, micro: int) -> list[list[Example]]:
         """The rows (each one example, or several packed) of micro-batch `micro` of `step`."""
         n = len(self._rows)
-        start = (step * self.grad_accum + micro) * self.batch_size
+        start = ((step * self.grad_accum + micro) * self.world_size + self.rank) * self.batch_size
         rows = []
         for k in range(start, start + self.batch_size):
             epoch, i = divmod(k, n)

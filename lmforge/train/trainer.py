@@ -38,6 +38,8 @@ from lmforge.progress import progress_bar
 from lmforge.runtime import autocast, measured_peak_flops, resolve_device, resolve_precision
 from lmforge.train.checkpoint import checkpoint_name, latest_checkpoint, list_checkpoints, load_checkpoint_state, save_checkpoint
 from lmforge.train.config import TrainConfig
+from lmforge.train.distributed import (SINGLE, Distributed, full_tensor, gathered, gradient_sync, rebind_param_groups, reshard,
+                                       wrap_model)
 from lmforge.train.metrics import MetricsLog
 from lmforge.train.optim import build_optimizer, lr_at, set_lr
 
@@ -157,8 +159,11 @@ class Trainer:
         keep_best: bool = True,
         on_checkpoint: Callable[[Path], None] | None = None,
         extra_eval: ExtraEval | None = None,
+        job: Distributed = SINGLE,
+        device: torch.device | None = None,
     ):
         self.model = model
+        self.job = job  # several ranks: each runs this loop on its slice of every batch (lmforge.train.distributed)
         self.extra_eval = extra_eval
         self.retention = retention
         # False when the caller hands over the final step: best/ would then be a second,
@@ -168,7 +173,7 @@ class Trainer:
         self.data = data
         self.run_dir = Path(run_dir)
         self.write_model = write_model
-        self.device = resolve_device(cfg.device)
+        self.device = device if device is not None else resolve_device(cfg.device)
         self.precision = resolve_precision(cfg.precision, self.device)
         self.flops_per_token = flops_per_token
         self.tokens_per_step = tokens_per_step
@@ -179,9 +184,14 @@ class Trainer:
             model.activation_checkpointing = cfg.activation_checkpointing
         if hasattr(model, "loss_chunk"):
             model.loss_chunk = cfg.loss_chunk
+        names = {id(p): n for n, p in model.named_parameters()}
+        # The module the step calls (DDP's wrapper; under FSDP the model itself, sharded in place).
+        self.wrapped = wrap_model(model, job, self.device)
+        if job.strategy == "fsdp":
+            param_groups = rebind_param_groups(param_groups, model, names)
         self.params = [p for g in param_groups for p in g["params"]]
         self.optimizer = build_optimizer(param_groups, cfg, self.device)
-        self.forward_model = torch.compile(model) if cfg.compile else model
+        self.forward_model = torch.compile(self.wrapped) if cfg.compile else self.wrapped
 
     # -- evaluation ----------------------------------------------------------------------
     @torch.no_grad()
@@ -197,6 +207,9 @@ class Trainer:
             total += float(loss) * n
             count += n
         self.model.train()
+        reshard(self.model, self.job)
+        if self.job.active:  # every rank scored its share: the same mean on all of them
+            total, count = self.job.all_reduce(torch.tensor([total, count], dtype=torch.float64)).tolist()
         if count == 0:
             raise LmforgeError("the val split yields no batches to evaluate on")
         return total / count
@@ -215,9 +228,11 @@ class Trainer:
                 f"from the base model's; {then}")
 
     def _save_best(self) -> None:
-        with atomic_dir(self.run_dir / BEST_DIR, overwrite=True) as tmp:
-            self.write_model(tmp)
-            write_manifest(tmp)
+        with gathered(self.model, self.job):  # on every rank; rank 0 writes
+            if self.job.is_main:
+                with atomic_dir(self.run_dir / BEST_DIR, overwrite=True) as tmp:
+                    self.write_model(tmp)
+                    write_manifest(tmp)
 
     # -- the loop ------------------------------------------------------------------------
     def fit(self, resume_from: Path | None = None, pause_at: int | None = None) -> TrainResult:
@@ -226,13 +241,15 @@ class Trainer:
                  "retention_start": None, "retention_warned_at": None}
         step = 0
         if resume_from is not None:
-            state.update(load_checkpoint_state(resume_from, self.optimizer))
+            state.update(load_checkpoint_state(resume_from, self.model, self.optimizer, self.job))
             step = state.pop("step")
         if self.retention is not None and state["retention_start"] is None:
             state["retention_start"] = self.evaluate(self.retention.data)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        log = MetricsLog(self.run_dir, resume_step=step if resume_from is not None else None,
-                         extra_columns=self.extra_eval.columns if self.extra_eval is not None else ())
+        # Rank 0 alone writes metrics and shows progress.
+        log = (MetricsLog(self.run_dir, resume_step=step if resume_from is not None else None,
+                          extra_columns=self.extra_eval.columns if self.extra_eval is not None else ())
+               if self.job.is_main else _NoLog())
         peak = measured_peak_flops(str(self.device), self.precision)
         history: list[dict] = []
         last_ckpt = resume_from
@@ -242,14 +259,16 @@ class Trainer:
         tokens_per_s = mfu = None
         # Under a time budget the step count is not known: no step ETA, the budget left instead.
         bar = progress_bar(total=None if cfg.time_budget else cfg.max_steps, initial=step, unit="step", desc="train",
-                           disable=not self.progress)
+                           disable=not (self.progress and self.job.is_main))
         run_start = time.perf_counter() - state["train_seconds"]
         self.model.train()
 
         def checkpoint() -> Path:
             state["train_seconds"] = time.perf_counter() - run_start
-            folder = save_checkpoint(self.run_dir, step, self.write_model, self.optimizer, state, cfg.keep_last)
-            if self.on_checkpoint is not None:
+            reshard(self.model, self.job)
+            folder = save_checkpoint(self.run_dir, step, self.write_model, self.model, self.optimizer, state, cfg.keep_last,
+                                     self.job, gather=lambda: gathered(self.model, self.job))
+            if self.on_checkpoint is not None and self.job.is_main:
                 self.on_checkpoint(folder)
             return folder
 
@@ -266,11 +285,18 @@ class Trainer:
                     set_lr(self.optimizer, lr)
                     loss_sum = torch.zeros((), device=self.device)
                     micro_batches = [self.data.train_batch(step, micro) for micro in range(cfg.grad_accum)]
-                    for batch, weight in zip(micro_batches, _token_weights(micro_batches)):
-                        if weight == 0.0:
+                    weights = _token_weights(micro_batches, self.job)
+                    for micro, (batch, weight) in enumerate(zip(micro_batches, weights)):
+                        if weight == 0.0 and not self.job.active:
                             continue  # no token under the loss: its mean would be 0/0
                         x, y, extra = self._to_device(batch)
-                        with pooled(), autocast(self.device, self.precision):
+                        if weight == 0.0:
+                            # Several ranks run every micro-batch, so that their collectives pair up; one
+                            # with no token under the loss scores a stand-in target, times 0.
+                            y = y.clone()
+                            y.view(-1)[0] = 0
+                        sync = gradient_sync(self.wrapped, self.job, sync=micro == len(weights) - 1)
+                        with sync, pooled(), autocast(self.device, self.precision):
                             _, loss = self.forward_model(x, y, **extra)
                         # weight is exactly 1.0 when micro-batches hold equal token counts
                         # (pretraining), which keeps those losses and gradients bit-identical.
@@ -278,8 +304,10 @@ class Trainer:
                         loss_sum += loss.detach() * weight
                     grad_norm = None
                     if cfg.grad_clip > 0:
-                        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip, foreach=True)
-                    train_loss = float(loss_sum) / cfg.grad_accum
+                        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip, foreach=True))
+                    # Several ranks: the mean over all of them, so that every rank sees the same
+                    # number and a non-finite loss stops them all at the same step.
+                    train_loss = float(self.job.all_reduce(loss_sum)) / (cfg.grad_accum * self.job.world_size)
                     if not math.isfinite(train_loss):
                         good = list_checkpoints(self.run_dir)
                         raise LmforgeError(
@@ -297,17 +325,22 @@ class Trainer:
                     window_seconds += time.perf_counter() - step_start
                     bar.update(1)
 
+                    # A stop (signal, time budget) on any rank stops every rank after this same step.
+                    over_budget = bool(cfg.time_budget) and time.perf_counter() - run_start >= cfg.time_budget
+                    stop_requested = stop.requested
+                    if self.job.active:
+                        agreed = self.job.all_reduce(torch.tensor([float(stop_requested), float(over_budget)]), op="max")
+                        stop_requested, over_budget = bool(agreed[0]), bool(agreed[1])
                     row: dict = {}
-                    if step % cfg.log_every == 0 or step == cfg.max_steps or stop.requested:
+                    if step % cfg.log_every == 0 or step == cfg.max_steps or stop_requested:
                         tokens_per_s = window_tokens / max(window_seconds, 1e-9)
-                        mfu = self.flops_per_token * tokens_per_s / peak
+                        mfu = self.flops_per_token * tokens_per_s / (peak * self.job.world_size)
                         window_tokens, window_seconds = 0, 0.0
                         row.update(train_loss=train_loss, lr=lr, tokens_per_s=round(tokens_per_s, 1), mfu=round(mfu, 5),
                                    grad_norm=None if grad_norm is None else round(float(grad_norm), 5))
                     stop_now = False
                     # A run stopped by its time budget is evaluated like one that reached max_steps:
                     # else a budget shorter than eval_every leaves no val loss and no best model.
-                    over_budget = bool(cfg.time_budget) and time.perf_counter() - run_start >= cfg.time_budget
                     if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps or over_budget:
                         val_loss = self.evaluate()
                         row.update(val_loss=val_loss, val_ppl=perplexity_from_nll(val_loss))
@@ -323,7 +356,8 @@ class Trainer:
                             vetoed = drifted and self.retention.guard
                             if drifted and state["retention_warned_at"] is None:
                                 state["retention_warned_at"] = step
-                                tqdm.write(self._drift_warning(step, retention, state["retention_start"]))
+                                if self.job.is_main:
+                                    tqdm.write(self._drift_warning(step, retention, state["retention_start"]))
                         if not vetoed and (state["best_val_loss"] is None or val_loss < state["best_val_loss"]):
                             state.update(best_val_loss=val_loss, best_step=step, evals_since_best=0)
                             if self.keep_best:
@@ -343,7 +377,7 @@ class Trainer:
                                         **({"budget_left": f"{max(0.0, left):.0f}s"} if left is not None else {}))
                     if over_budget and step < cfg.max_steps:
                         stopped, stop_now = "time_budget", True
-                    if stop.requested:
+                    if stop_requested:
                         stopped, stop_now = "interrupted", True
                     if pause_at is not None and step >= pause_at and step < cfg.max_steps:
                         stopped, stop_now = "paused", True
@@ -366,16 +400,31 @@ class Trainer:
         )
 
 
-def _token_weights(micro_batches: list[tuple]) -> list[float]:
-    """Per micro-batch: its tokens under the loss x grad_accum / all of the step's such tokens.
-    A micro-batch's loss is a mean over its own tokens; scaled by this and divided by grad_accum,
-    the step's loss is sum(token losses) / all tokens, as one large batch would give (averaging
-    the micro-batch means instead over-weights the tokens of short examples)."""
+def _token_weights(micro_batches: list[tuple], job: Distributed = SINGLE) -> list[float]:
+    """Per micro-batch: its tokens under the loss x grad_accum x ranks / all of the step's such
+    tokens on all ranks. A micro-batch's loss is a mean over its own tokens; scaled by this and
+    divided by grad_accum (and averaged over ranks by DDP/FSDP), the step's loss is
+    sum(token losses) / all tokens, as one large batch would give (averaging the micro-batch means
+    instead over-weights the tokens of short examples)."""
     counts = [int((batch[1] != -100).sum()) for batch in micro_batches]
-    total = sum(counts)
-    if total == 0 or all(n == counts[0] for n in counts):
+    total, low, high = sum(counts), min(counts), max(counts)
+    if job.active:
+        total = int(job.all_reduce(torch.tensor([total], dtype=torch.float64))[0])
+        low, high = job.all_reduce(torch.tensor([-low, high], dtype=torch.float64), op="max").tolist()
+        low = -low
+    if total == 0 or low == high:
         return [1.0] * len(counts)
-    return [n * len(counts) / total for n in counts]
+    return [n * len(counts) * job.world_size / total for n in counts]
+
+
+class _NoLog:
+    """The metrics log of a rank other than 0: nothing is written."""
+
+    def log(self, step: int, **row) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def resume_checkpoint(run_dir: Path, resume: bool, resume_from: str | None) -> Path | None:

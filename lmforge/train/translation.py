@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -50,6 +51,7 @@ from lmforge.tokenizer import Tokenizer
 from lmforge.train.config import TrainConfig
 from lmforge.train.metrics import METRICS_FILE, read_metrics
 from lmforge.train.pretrain import training_summary
+from lmforge.train.distributed import launched_by_torchrun
 from lmforge.train.runlock import RunDir, own_run_dir
 from lmforge.train.seq2seq_data import (SEPARATOR_TOKEN, ConcatenatedPairBatches, PairTokenizers, Seq2SeqBatches,
                                         encode_pairs, train_pair_tokenizers)
@@ -238,6 +240,12 @@ def train_translation(
     cfg.time_budget bounds the training time (seconds; the run is then evaluated and saved)."""
     tcfg = tcfg or TranslationConfig()
     cfg.check_schedule()
+    if launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1:
+        # Its batches are length buckets with no per-rank slicing yet: N ranks would train N copies.
+        raise LmforgeError(f"--data {data}: training on translation pairs runs on one process; under torchrun, "
+                           "pretrain on token shards or finetune")
+    if cfg.strategy in ("ddp", "fsdp"):
+        raise LmforgeError(f"--strategy {cfg.strategy}: training on translation pairs runs on one process")
     with own_run_dir(out, "pretrain", new=not (resume or resume_from), overwrite=overwrite) as run:
         return _train(run, Path(data), model, cfg, tcfg, model_overrides or {}, resume, resume_from, progress, pause_at)
 
