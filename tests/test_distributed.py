@@ -130,9 +130,11 @@ def test_ddp_on_two_processes_is_the_single_process_run(nodrop, tmp_path, optimi
 
 
 def test_fsdp_parameters_equal_ddp(nodrop, tmp_path):
-    """FSDP2 (parameters, gradients and AdamW state split over 2 ranks) ends where DDP ends (fp32)."""
+    """FSDP2 (parameters, gradients and AdamW state split over 2 ranks) ends where DDP ends (fp32),
+    with activation checkpointing on (recomputation is exact)."""
     torchrun(tmp_path, spec_for(nodrop, tmp_path / "ddp", batch_size=4, max_steps=10, strategy="ddp"))
-    torchrun(tmp_path, spec_for(nodrop, tmp_path / "fsdp", batch_size=4, max_steps=10, strategy="fsdp"))
+    torchrun(tmp_path, spec_for(nodrop, tmp_path / "fsdp", batch_size=4, max_steps=10, strategy="fsdp",
+                                activation_checkpointing=True))
     np.testing.assert_allclose(losses(tmp_path / "fsdp"), losses(tmp_path / "ddp"), rtol=0, atol=1e-5)
     assert_weights_close(tmp_path / "ddp" / "checkpoints" / "step-000010", tmp_path / "fsdp" / "checkpoints" / "step-000010")
     # the final and best model dirs are the usual single-file format: whole tensors
@@ -212,9 +214,16 @@ def test_strategy_without_torchrun_is_refused(nodrop, tmp_path):
         single(nodrop, tmp_path / "x", strategy="ddp")
 
 
-def test_lora_finetune_under_ddp_is_the_single_process_run(tiny_model_dir, tmp_path):
+def test_heap_pool_under_fsdp_is_refused_in_one_line(nodrop, tmp_path):
+    r = torchrun(tmp_path, spec_for(nodrop, tmp_path / "x", batch_size=4, strategy="fsdp", heap="pool"), check=False)
+    assert r.returncode != 0 and "--heap pool does not work with --strategy fsdp" in r.stderr
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_lora_finetune_on_two_processes_is_the_single_process_run(tiny_model_dir, tmp_path, strategy):
     """LoRA on chats of different lengths (the loss is a mean over every trained token of the step,
-    on all ranks together), with the base model's replay chats written by rank 0 and read by rank 1."""
+    on all ranks together), with the base model's replay chats written by rank 0 and read by rank 1;
+    under FSDP the frozen base and the adapters share each block's shard."""
     from conftest import write_jsonl
     from lmforge.model.lora import LoRAConfig
     from lmforge.train.config import FinetuneConfig, FinetuneTrainConfig
@@ -230,7 +239,8 @@ def test_lora_finetune_under_ddp_is_the_single_process_run(tiny_model_dir, tmp_p
     finetune(str(tiny_model_dir), data, tmp_path / "one", FinetuneConfig(), FinetuneTrainConfig(**cfg), LoRAConfig(**lora),
              progress=False, sample_count=0)
     torchrun(tmp_path, {"kind": "finetune", "model": str(tiny_model_dir), "data": str(data), "out": str(tmp_path / "two"),
-                        "ft": {}, "cfg": {**cfg, "batch_size": 4}, "lora": lora})
+                        "ft": {}, "cfg": {**cfg, "batch_size": 4, "strategy": strategy,
+                                          **({"heap": "keep"} if strategy == "fsdp" else {})}, "lora": lora})
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(a) == len(b) == 6
     np.testing.assert_allclose(b, a, rtol=0, atol=1e-5)

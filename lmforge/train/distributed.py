@@ -53,11 +53,19 @@ class Distributed:
         """A process group exists: reductions and barriers must be called on every rank."""
         return self.world_size > 1 or self.strategy != "none"
 
-    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        """`tensor` reduced over all ranks, in place (and returned); a no-op on one process."""
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` summed over all ranks, in place (and returned); a no-op on one process."""
         if self.active:
-            dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+            dist.all_reduce(tensor)
         return tensor
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank's `tensor` (same shape on all), concatenated in rank order."""
+        if not self.active:
+            return tensor
+        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        dist.all_gather(parts, tensor)
+        return torch.cat(parts)
 
     def barrier(self) -> None:
         if self.active:

@@ -184,6 +184,10 @@ class Trainer:
             model.activation_checkpointing = cfg.activation_checkpointing
         if hasattr(model, "loss_chunk"):
             model.loss_chunk = cfg.loss_chunk
+        if job.strategy == "fsdp" and cfg.heap == "pool":
+            # The pool tells weights from activations by storage; FSDP gathers and frees the weights
+            # inside every pass, so they would be taken for activations.
+            raise LmforgeError("--heap pool does not work with --strategy fsdp; use --heap keep or --heap release")
         names = {id(p): n for n, p in model.named_parameters()}
         # The module the step calls (DDP's wrapper; under FSDP the model itself, sharded in place).
         self.wrapped = wrap_model(model, job, self.device)
@@ -305,9 +309,16 @@ class Trainer:
                     grad_norm = None
                     if cfg.grad_clip > 0:
                         grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip, foreach=True))
-                    # Several ranks: the mean over all of them, so that every rank sees the same
-                    # number and a non-finite loss stops them all at the same step.
-                    train_loss = float(self.job.all_reduce(loss_sum)) / (cfg.grad_accum * self.job.world_size)
+                    # Several ranks agree in one reduction on the loss (the mean over all of them, so a
+                    # non-finite one stops every rank at the same step) and on whether any rank was
+                    # signalled or ran out of time (then all stop after this same step).
+                    over_budget = bool(cfg.time_budget) and time.perf_counter() - run_start >= cfg.time_budget
+                    stop_requested = stop.requested
+                    loss_total = float(loss_sum)
+                    if self.job.active:
+                        agreed = self.job.all_reduce(torch.tensor([loss_total, stop_requested, over_budget], dtype=torch.float64))
+                        loss_total, stop_requested, over_budget = float(agreed[0]), bool(agreed[1]), bool(agreed[2])
+                    train_loss = loss_total / (cfg.grad_accum * self.job.world_size)
                     if not math.isfinite(train_loss):
                         good = list_checkpoints(self.run_dir)
                         raise LmforgeError(
@@ -325,12 +336,6 @@ class Trainer:
                     window_seconds += time.perf_counter() - step_start
                     bar.update(1)
 
-                    # A stop (signal, time budget) on any rank stops every rank after this same step.
-                    over_budget = bool(cfg.time_budget) and time.perf_counter() - run_start >= cfg.time_budget
-                    stop_requested = stop.requested
-                    if self.job.active:
-                        agreed = self.job.all_reduce(torch.tensor([float(stop_requested), float(over_budget)]), op="max")
-                        stop_requested, over_budget = bool(agreed[0]), bool(agreed[1])
                     row: dict = {}
                     if step % cfg.log_every == 0 or step == cfg.max_steps or stop_requested:
                         tokens_per_s = window_tokens / max(window_seconds, 1e-9)
@@ -407,11 +412,8 @@ def _token_weights(micro_batches: list[tuple], job: Distributed = SINGLE) -> lis
     sum(token losses) / all tokens, as one large batch would give (averaging the micro-batch means
     instead over-weights the tokens of short examples)."""
     counts = [int((batch[1] != -100).sum()) for batch in micro_batches]
-    total, low, high = sum(counts), min(counts), max(counts)
-    if job.active:
-        total = int(job.all_reduce(torch.tensor([total], dtype=torch.float64))[0])
-        low, high = job.all_reduce(torch.tensor([-low, high], dtype=torch.float64), op="max").tolist()
-        low = -low
+    everyone = job.all_gather(torch.tensor(counts, dtype=torch.float64)).tolist() if job.active else counts
+    total, low, high = int(sum(everyone)), min(everyone), max(everyone)
     if total == 0 or low == high:
         return [1.0] * len(counts)
     return [n * len(counts) * job.world_size / total for n in counts]
