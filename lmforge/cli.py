@@ -719,14 +719,6 @@ def main(argv: list[str] | None = None) -> int:
         # One line whatever a message quotes (a JSON key, a file name may hold a newline).
         print(f"lmforge: error: {_rank_prefix()}{' '.join(str(e).splitlines())}", file=sys.stderr)
         return 1
-    except Exception as e:
-        if not (_rank_prefix() and _lost_other_ranks(e)):
-            raise
-        # A rank died or stalled: torchrun names it; this one says why it stops, in one line.
-        cause = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
-        cause = re.sub(r"^\[[^\]]*\]\s*", "", cause)  # gloo's "[.../pair.cc:537] " source location
-        print(f"lmforge: error: {_rank_prefix()}lost contact with the other ranks, stopping ({cause[:300]})", file=sys.stderr)
-        return 1
     except OSError as e:  # a full disk under a writer outside the atomic helpers (metrics.csv, ...)
         from lmforge.fsutil import disk_full_error, is_disk_full
 
@@ -739,6 +731,14 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else int(e.code is not None)
+    except Exception as e:  # last: the clauses above take theirs first
+        if not (_rank_prefix() and _lost_other_ranks(e)):
+            raise
+        # A rank died or stalled: torchrun names it; this one says why it stops, in one line.
+        cause = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        cause = re.sub(r"^\[[^\]]*\]\s*", "", cause)  # gloo's "[.../pair.cc:537] " source location
+        print(f"lmforge: error: {_rank_prefix()}lost contact with the other ranks, stopping ({cause[:300]})", file=sys.stderr)
+        return 1
     return 0
 
 

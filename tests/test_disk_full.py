@@ -128,9 +128,9 @@ def test_checkpoint(cli, corpus, tmp_path, monkeypatch):
     from lmforge.train import checkpoint
 
     run = tmp_path / "run"
-    # The second checkpoint's optimizer file hits the full disk, as safetensors reports it.
+    # The second checkpoint's RNG file hits the full disk, as safetensors reports it.
     seen = fail_after(monkeypatch, checkpoint, "save_file", calls=1, error=safetensors_enospc,
-                      when=lambda tensors, file, *a, **k: file.endswith("optimizer.safetensors"))
+                      when=lambda tensors, file, *a, **k: file.endswith("rng.safetensors"))
     r = _pretrain(cli, corpus, run)
     assert seen["failed"] == 1
     assert_disk_full(r, run / "checkpoints" / "step-000004")
@@ -140,6 +140,21 @@ def test_checkpoint(cli, corpus, tmp_path, monkeypatch):
     assert first.name == "step-000002"
     verify_checkpoint(first)
     assert leftovers(run / "checkpoints") == []
+
+
+def test_checkpoint_optimizer_parts(cli, corpus, tmp_path, monkeypatch):
+    """ENOSPC inside torch.distributed.checkpoint (which wraps every failure in its own exception)
+    is still the one-line disk-full error, and the previous checkpoint stays what `latest` names."""
+    from lmforge.train import checkpoint
+
+    run = tmp_path / "run"
+    seen = fail_after(monkeypatch, checkpoint.dcp.HuggingFaceStorageWriter, "write_data", calls=1)
+    r = _pretrain(cli, corpus, run)
+    assert seen["failed"] == 1
+    assert_disk_full(r, run / "checkpoints" / "step-000004")
+    from lmforge.train.checkpoint import latest_checkpoint
+
+    assert latest_checkpoint(run).name == "step-000002" and leftovers(run / "checkpoints") == []
 
 
 def test_best_model(cli, corpus, tmp_path, monkeypatch):

@@ -83,13 +83,22 @@ def verify_checkpoint(folder: Path) -> None:
 
 
 @contextlib.contextmanager
-def _one_process_is_meant(job: Distributed):
-    """torch.distributed.checkpoint warns on every call without a process group that it assumes one
-    process; for a single-process run that is exactly what is meant."""
+def _through_dcp(job: Distributed):
+    """Around a torch.distributed.checkpoint call: it wraps any failure in a CheckpointException (a
+    BaseException), which would bypass the one-line errors (a full disk says so, ENOSPC inside it
+    is the cause): the first rank's own exception is raised instead. And it warns on every call
+    without a process group that it assumes one process, which is exactly what a single-process
+    run means."""
     with warnings.catch_warnings():
         if not job.active:
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
+        try:
+            yield
+        except dcp.CheckpointException as e:
+            cause = next(iter(e.failures.values()), (None, None))[0]
+            if isinstance(cause, Exception):
+                raise cause from None
+            raise
 
 
 def save_optimizer(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, job: Distributed) -> None:
@@ -104,7 +113,7 @@ def save_optimizer(folder: Path, model: nn.Module, optimizer: torch.optim.Optimi
                 shapes[f"{fqn}/{key}"] = {"shape": list(value.shape), "dtype": str(value.dtype).removeprefix("torch.")}
             else:
                 scalars[f"{fqn}/{key}"] = value
-    with _one_process_is_meant(job):
+    with _through_dcp(job):
         dcp.save(tensors, storage_writer=dcp.HuggingFaceStorageWriter(str(folder / OPTIMIZER_DIR), save_distributed=True),
                  no_dist=not job.active)
     if job.is_main:
@@ -127,7 +136,7 @@ def load_optimizer(folder: Path, model: nn.Module, optimizer: torch.optim.Optimi
         # A per-parameter tensor takes the parameter's layout (its DTensor shard under FSDP).
         templates[name] = (torch.zeros_like(param, dtype=dtype) if info["shape"] == list(param.shape)
                            else torch.zeros(info["shape"], dtype=dtype, device=param.device))
-    with _one_process_is_meant(job):
+    with _through_dcp(job):
         dcp.load(templates, storage_reader=dcp.HuggingFaceStorageReader(str(folder / OPTIMIZER_DIR)), no_dist=not job.active)
     state: dict[str, dict[str, Any]] = {}
     for name, value in [*templates.items(), *meta["scalars"].items()]:
