@@ -159,8 +159,7 @@ class Seq2SeqDecoding:
         copy per source (Seq2SeqCache.share_beams)."""
         from lmforge.generate.engine import require_finite_logits
 
-        device, B, k = self.device, len(sources), settings.num_beams
-        R = B * k
+        B, k = len(sources), settings.num_beams
         cache = self._encode(sources, settings.max_new_tokens)
         first = self._first_logits(cache, B)
         require_finite_logits(first, "at generated token 1")

@@ -79,9 +79,6 @@ class Distributed:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def describe(self) -> str:
-        return f"rank {self.rank} of {self.world_size}"
-
 
 @contextlib.contextmanager
 def follower_run_dir(path) -> Iterator:
