@@ -246,3 +246,28 @@ def test_lora_finetune_on_two_processes_is_the_single_process_run(tiny_model_dir
     np.testing.assert_allclose(b, a, rtol=0, atol=1e-5)
     np.testing.assert_allclose(val_losses(tmp_path / "two"), val_losses(tmp_path / "one"), rtol=0, atol=1e-5)
     assert (tmp_path / "two" / "replay.jsonl").read_text() == (tmp_path / "one" / "replay.jsonl").read_text()
+
+
+def test_auto_strategy_shards_only_a_model_that_does_not_fit_whole():
+    """--strategy auto: DDP while one rank holds the whole model; FSDP when only a split fits; the
+    unsplit error when neither fits; an explicit strategy is kept (and FSDP's estimate is split)."""
+    from lmforge.errors import LmforgeError
+    from lmforge.train.distributed import Distributed, choose_strategy
+
+    def fits_from(smallest_split):
+        def fits(shards):
+            if shards < smallest_split:
+                raise LmforgeError(f"does not fit on {shards}")
+            return {"shards": shards}
+        return fits
+
+    ddp = Distributed(rank=1, world_size=4, strategy="ddp")
+    assert choose_strategy(ddp, TrainConfig(), fits_from(1)) == (ddp, {"shards": 1})
+    job, estimate = choose_strategy(ddp, TrainConfig(), fits_from(4))
+    assert job.strategy == "fsdp" and estimate == {"shards": 4}
+    with pytest.raises(LmforgeError, match="does not fit on 4"):
+        choose_strategy(ddp, TrainConfig(), fits_from(8))
+    with pytest.raises(LmforgeError, match="does not fit on 1"):
+        choose_strategy(ddp, TrainConfig(strategy="ddp"), fits_from(4))
+    fsdp = Distributed(rank=0, world_size=4, strategy="fsdp")
+    assert choose_strategy(fsdp, TrainConfig(strategy="fsdp"), fits_from(4)) == (fsdp, {"shards": 4})

@@ -22,6 +22,7 @@ import os
 import sys
 from dataclasses import dataclass, replace
 from datetime import timedelta
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -80,17 +81,6 @@ class Distributed:
         return box[0]
 
 
-@contextlib.contextmanager
-def follower_run_dir(path) -> Iterator:
-    """A rank other than 0 in its run dir: rank 0 owns it (the lock, moving an old run aside, every
-    file but the other ranks' optimizer parts), so this one only knows its path; the caller meets
-    rank 0 at a barrier once rank 0 has set the dir up."""
-    from types import SimpleNamespace
-    from pathlib import Path
-
-    yield SimpleNamespace(path=Path(path), start_new=lambda: None, checkpointed=lambda folder=None: None)
-
-
 SINGLE = Distributed()
 
 
@@ -129,6 +119,32 @@ def setup(strategy: str, device_name: str, timeout_s: float) -> tuple[Distribute
     return Distributed(rank=rank, world_size=world, local_rank=local_rank, strategy=resolved), device
 
 
+@contextlib.contextmanager
+def launched_run(out, command: str, cfg, *, new: bool, overwrite: bool) -> Iterator[tuple[object, Distributed, torch.device]]:
+    """(run dir, job, device) for a training command, on every rank: the process group joined (and
+    left at the end), the run dir owned by rank 0 (lock, moving an old run aside, every file but the
+    other ranks' optimizer parts). The other ranks only know its path; the caller meets rank 0 at a
+    barrier once rank 0 has set the dir up."""
+    from types import SimpleNamespace
+
+    from lmforge.train.runlock import own_run_dir  # runlock imports checkpoint, which imports this module
+
+    job, device = setup(cfg.strategy, cfg.device, cfg.dist_timeout)
+    try:
+        if job.is_main:
+            with own_run_dir(out, command, new=new, overwrite=overwrite) as run:
+                yield run, job, device
+        else:
+            yield SimpleNamespace(path=Path(out), start_new=lambda: None, checkpointed=lambda folder=None: None), job, device
+    finally:
+        teardown()
+
+
+def follower_summary(job: Distributed, result) -> dict:
+    """What a rank other than 0 returns from a training command: rank 0 reports."""
+    return {"rank": job.rank, "steps": result.step, "signal": result.signal, "checkpoint": str(result.checkpoint)}
+
+
 def teardown() -> None:
     """Leave the process group (end of the command)."""
     global _muted_stdout
@@ -153,20 +169,23 @@ def _rank_device(name: str, local_rank: int) -> torch.device:
     return device
 
 
-def choose_strategy(job: Distributed, cfg, fits: Callable[[int], object]) -> Distributed:
-    """--strategy auto on several ranks is DDP unless the model does not fit one rank whole and
-    fits once split (`fits(shards)` raises an LmforgeError when it does not fit): then FSDP."""
+def choose_strategy(job: Distributed, cfg, fits: Callable[[int], dict]) -> tuple[Distributed, dict]:
+    """(the job's strategy, its memory estimate). `fits(shards)` is the memory check of one rank
+    when weights, gradients and optimizer state are split over `shards` ranks: it returns the
+    estimate, or raises an LmforgeError when it does not fit. --strategy auto on several ranks is
+    DDP unless the model does not fit one rank whole and fits once split: then FSDP."""
+    if job.strategy == "fsdp":
+        return job, fits(job.world_size)
     if cfg.strategy != "auto" or job.world_size == 1:
-        return job
+        return job, fits(1)
     try:
-        fits(1)
-        return job
+        return job, fits(1)
     except LmforgeError:
-        fits(job.world_size)  # does not fit split either: that error is the one to show
+        estimate = fits(job.world_size)  # does not fit split either: that error is the one to show
     if job.is_main:
         print(f"[lmforge] the model does not fit one rank whole: --strategy auto shards it with fsdp over "
               f"{job.world_size} ranks", flush=True)
-    return replace(job, strategy="fsdp")
+    return replace(job, strategy="fsdp"), estimate
 
 
 def describe_batch(cfg, block_size: int, job: Distributed) -> str:

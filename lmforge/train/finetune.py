@@ -35,8 +35,8 @@ from lmforge.runtime import available_memory_bytes
 from lmforge.train.config import FinetuneConfig, TrainConfig
 from lmforge.train.metrics import METRICS_FILE, read_metrics
 from lmforge.train.pretrain import RUN_CONFIG, SUMMARY
-from lmforge.train.distributed import Distributed, describe_batch, follower_run_dir, setup, teardown
-from lmforge.train.runlock import RunDir, own_run_dir
+from lmforge.train.distributed import Distributed, choose_strategy, describe_batch, follower_summary, launched_run
+from lmforge.train.runlock import RunDir
 from lmforge.train.sft import SFTBatches, load_examples, split_examples
 from lmforge.train.trainer import BEST_DIR, RetentionCheck, Trainer, TrainResult, resume_checkpoint
 
@@ -106,12 +106,14 @@ def _auto_activation_checkpointing(net, cfg: TrainConfig, longest: int, block_si
     return dataclasses.replace(cfg, activation_checkpointing=True)
 
 
-def _check_memory(model, cfg: TrainConfig, block_size: int, trainable: int, total: int, device) -> dict:
+def _check_memory(model, cfg: TrainConfig, block_size: int, trainable: int, total: int, device, shards: int = 1) -> dict:
+    """One rank's memory (`shards`: ranks the weights, gradients and optimizer state are split over,
+    under FSDP), refused in one line when it does not fit."""
     est = estimate_memory(model.config, cfg.batch_size, block_size, optimizer=cfg.optimizer,
                           activation_checkpointing=cfg.activation_checkpointing)
     share = trainable / max(total, 1)
     logits = est["logits"] if not cfg.loss_chunk else est["logits"] * min(1.0, cfg.loss_chunk / (cfg.batch_size * block_size))
-    need = est["weights"] + (est["grads"] + est["optimizer"]) * share + est["activations"] + logits
+    need = (est["weights"] + (est["grads"] + est["optimizer"]) * share) / shards + est["activations"] + logits
     free = available_memory_bytes(device)
     if need > 0.9 * free:
         raise LmforgeError(
@@ -140,15 +142,9 @@ def finetune(
     """Under torchrun, every rank calls this; rank 0 returns the summary, the others
     {"rank": r, "steps": ..., "signal": ...}."""
     cfg.check_schedule()
-    job, device = setup(cfg.strategy, cfg.device, cfg.dist_timeout)
-    try:
-        owner = (own_run_dir(out, "finetune", new=not (resume or resume_from), overwrite=overwrite) if job.is_main
-                 else follower_run_dir(out))
-        with owner as run:
-            return _finetune(run, model, data, ft, cfg, lora, val_data=val_data, resume=resume, resume_from=resume_from,
-                             progress=progress, sample_count=sample_count, pause_at=pause_at, job=job, device=device)
-    finally:
-        teardown()
+    with launched_run(out, "finetune", cfg, new=not (resume or resume_from), overwrite=overwrite) as (run, job, device):
+        return _finetune(run, model, data, ft, cfg, lora, val_data=val_data, resume=resume, resume_from=resume_from,
+                         progress=progress, sample_count=sample_count, pause_at=pause_at, job=job, device=device)
 
 
 def _finetune(run: RunDir, model: str, data: str | Path, ft: FinetuneConfig, cfg: TrainConfig, lora: LoRAConfig, *,
@@ -193,7 +189,7 @@ def _finetune(run: RunDir, model: str, data: str | Path, ft: FinetuneConfig, cfg
         net, _ = load_model_dir(ckpt)
     trainable, total = count_parameters(net)
     cfg = _auto_activation_checkpointing(net, cfg, max(len(e.ids) for e in train), block_size, ft.pack, device)
-    _check_memory(net, cfg, block_size, trainable, total, device)
+    job, _ = choose_strategy(job, cfg, lambda shards: _check_memory(net, cfg, block_size, trainable, total, device, shards))
     print(f"[finetune] {ft.method}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)", flush=True)
 
     run_config = {
@@ -238,7 +234,7 @@ def _finetune(run: RunDir, model: str, data: str | Path, ft: FinetuneConfig, cfg
     start_val = trainer.evaluate() if ckpt is None else None
     result = trainer.fit(resume_from=ckpt, pause_at=pause_at)
     if not job.is_main:
-        return {"rank": job.rank, "steps": result.step, "signal": result.signal, "checkpoint": str(result.checkpoint)}
+        return follower_summary(job, result)
     summary = {
         "method": ft.method, "base_model": base_name, "trainable_params": trainable, "total_params": total,
         "examples": {"train": len(train) - len(replay), "replay": len(replay), "val": len(val), "truncated": stats.truncated, "dropped": stats.dropped},

@@ -31,9 +31,9 @@ from lmforge.runtime import available_memory_bytes
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.config import TrainConfig
 from lmforge.train.data import ShardBatches
-from lmforge.train.distributed import Distributed, choose_strategy, describe_batch, follower_run_dir, setup, teardown
+from lmforge.train.distributed import Distributed, choose_strategy, describe_batch, follower_summary, launched_run
 from lmforge.train.metrics import METRICS_FILE, read_metrics
-from lmforge.train.runlock import RunDir, own_run_dir
+from lmforge.train.runlock import RunDir
 from lmforge.train.trainer import Trainer, TrainResult, resume_checkpoint
 from lmforge.yamlio import read_yaml
 
@@ -100,15 +100,9 @@ def pretrain(
     """Under torchrun, every rank calls this; rank 0 returns the summary, the others
     {"rank": r, "steps": ..., "signal": ...}."""
     cfg.check_schedule()
-    job, device = setup(cfg.strategy, cfg.device, cfg.dist_timeout)
-    try:
-        owner = (own_run_dir(out, "pretrain", new=not (resume or resume_from), overwrite=overwrite) if job.is_main
-                 else follower_run_dir(out))
-        with owner as run:
-            return _pretrain(run, data, model, cfg, model_overrides, resume, resume_from, progress,
-                             sample_prompts, sample_tokens, pause_at, job, device)
-    finally:
-        teardown()
+    with launched_run(out, "pretrain", cfg, new=not (resume or resume_from), overwrite=overwrite) as (run, job, device):
+        return _pretrain(run, data, model, cfg, model_overrides, resume, resume_from, progress,
+                         sample_prompts, sample_tokens, pause_at, job, device)
 
 
 def _pretrain(run: RunDir, data, model, cfg, model_overrides, resume, resume_from, progress,
@@ -144,8 +138,7 @@ def _pretrain(run: RunDir, data, model, cfg, model_overrides, resume, resume_fro
     block_size = cfg.block_size or model_config.block_size
     if block_size > model_config.block_size:
         raise LmforgeError(f"--block-size {block_size} exceeds the model's context (block_size {model_config.block_size})")
-    job = choose_strategy(job, cfg, lambda shards: check_memory(model_config, cfg, block_size, device, shards))
-    estimate = check_memory(model_config, cfg, block_size, device, job.world_size if job.strategy == "fsdp" else 1)
+    job, estimate = choose_strategy(job, cfg, lambda shards: check_memory(model_config, cfg, block_size, device, shards))
     train_split, val_split = shards.split("train"), shards.split("val")
     if val_split.tokens < block_size + 1:
         raise LmforgeError(f"{data}: the val split has {val_split.tokens} tokens, fewer than one window of {block_size + 1}")
@@ -182,7 +175,7 @@ def _pretrain(run: RunDir, data, model, cfg, model_overrides, resume, resume_fro
               f"({trainer.precision}); est. memory {estimate['total'] / 2**30:.2f} GB{' per rank' if job.active else ''}", flush=True)
     result = trainer.fit(resume_from=ckpt, pause_at=pause_at)
     if not job.is_main:
-        return {"rank": job.rank, "steps": result.step, "signal": result.signal, "checkpoint": str(result.checkpoint)}
+        return follower_summary(job, result)
     return finish_run(run_dir, result, net, tokenizer, shards, n_params, sample_prompts, sample_tokens)
 
 
