@@ -88,7 +88,12 @@ def val_losses(run: Path) -> list[float]:
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(folder / "model.safetensors"))
+    """A model dir's weights; an FSDP checkpoint's shards, assembled."""
+    from lmforge.model.io import read_weight_shards
+
+    if (folder / "model.safetensors").exists():
+        return load_file(str(folder / "model.safetensors"))
+    return read_weight_shards(folder / "model")
 
 
 def assert_weights_close(a: Path, b: Path, atol: float = 1e-5) -> None:
@@ -136,13 +141,23 @@ def test_fsdp_parameters_equal_ddp(nodrop, tmp_path):
     torchrun(tmp_path, spec_for(nodrop, tmp_path / "fsdp", batch_size=4, max_steps=10, strategy="fsdp",
                                 activation_checkpointing=True))
     np.testing.assert_allclose(losses(tmp_path / "fsdp"), losses(tmp_path / "ddp"), rtol=0, atol=1e-5)
-    assert_weights_close(tmp_path / "ddp" / "checkpoints" / "step-000010", tmp_path / "fsdp" / "checkpoints" / "step-000010")
+    fsdp_ckpt = tmp_path / "fsdp" / "checkpoints" / "step-000010"
+    # each rank wrote its shard of the weights and of the optimizer state (torch.distributed.checkpoint):
+    # one part per rank, no whole-model file; assembled, they are DDP's weights
+    assert not (fsdp_ckpt / "model.safetensors").exists()
+    for part in ("model", "optimizer"):
+        files = sorted(p.name for p in (fsdp_ckpt / part).iterdir())
+        assert len(files) == 2 and all(f.endswith(".safetensors") for f in files), (part, files)
+    assert_weights_close(tmp_path / "ddp" / "checkpoints" / "step-000010", fsdp_ckpt)
+    # and the checkpoint loads like any model dir (the resume tests load it on 1 and on 4 processes)
+    from lmforge.model.io import load_model_dir
+
+    loaded = load_model_dir(fsdp_ckpt)[0].state_dict()
+    torch.testing.assert_close(loaded["lm_head.weight"], weights(tmp_path / "ddp" / "checkpoints" / "step-000010")["tok_emb.weight"],
+                               rtol=0, atol=1e-5)
     # the final and best model dirs are the usual single-file format: whole tensors
     best = weights(tmp_path / "fsdp" / "best")
     assert best["tok_emb.weight"].shape[0] == 300
-    # the optimizer state went through torch.distributed.checkpoint: one part per rank
-    parts = sorted(p.name for p in (tmp_path / "fsdp" / "checkpoints" / "step-000010" / "optimizer").iterdir())
-    assert len(parts) == 2 and all(p.endswith(".safetensors") for p in parts)
 
 
 def test_resume_across_world_sizes(nodrop, tmp_path):
@@ -219,11 +234,12 @@ def test_heap_pool_under_fsdp_is_refused_in_one_line(nodrop, tmp_path):
     assert r.returncode != 0 and "--heap pool does not work with --strategy fsdp" in r.stderr
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_lora_finetune_on_two_processes_is_the_single_process_run(tiny_model_dir, tmp_path, strategy):
+@pytest.mark.parametrize("method,strategy", [("lora", "ddp"), ("lora", "fsdp"), ("full", "fsdp")])
+def test_finetune_on_two_processes_is_the_single_process_run(tiny_model_dir, tmp_path, method, strategy):
     """LoRA on chats of different lengths (the loss is a mean over every trained token of the step,
     on all ranks together), with the base model's replay chats written by rank 0 and read by rank 1;
-    under FSDP the frozen base and the adapters share each block's shard."""
+    under FSDP the frozen base and the adapters share each block's shard. A full fine-tune under FSDP
+    writes sharded checkpoints and a whole final model."""
     from conftest import write_jsonl
     from lmforge.model.lora import LoRAConfig
     from lmforge.train.config import FinetuneConfig, FinetuneTrainConfig
@@ -236,16 +252,22 @@ def test_lora_finetune_on_two_processes_is_the_single_process_run(tiny_model_dir
     cfg = dict(max_steps=6, batch_size=8, block_size=64, lr=1e-2, min_lr=1e-3, warmup_steps=1, eval_every=3,
                eval_batches=2, checkpoint_every=3, device="cpu", log_every=1)
     lora = dict(rank=4, dropout=0.0)
-    finetune(str(tiny_model_dir), data, tmp_path / "one", FinetuneConfig(), FinetuneTrainConfig(**cfg), LoRAConfig(**lora),
-             progress=False, sample_count=0)
+    if method == "full":
+        cfg["lr"], cfg["min_lr"] = 1e-3, 1e-4
+    finetune(str(tiny_model_dir), data, tmp_path / "one", FinetuneConfig(method=method), FinetuneTrainConfig(**cfg),
+             LoRAConfig(**lora), progress=False, sample_count=0)
     torchrun(tmp_path, {"kind": "finetune", "model": str(tiny_model_dir), "data": str(data), "out": str(tmp_path / "two"),
-                        "ft": {}, "cfg": {**cfg, "batch_size": 4, "strategy": strategy,
+                        "ft": {"method": method}, "cfg": {**cfg, "batch_size": 4, "strategy": strategy,
                                           **({"heap": "keep"} if strategy == "fsdp" else {})}, "lora": lora})
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(a) == len(b) == 6
     np.testing.assert_allclose(b, a, rtol=0, atol=1e-5)
     np.testing.assert_allclose(val_losses(tmp_path / "two"), val_losses(tmp_path / "one"), rtol=0, atol=1e-5)
     assert (tmp_path / "two" / "replay.jsonl").read_text() == (tmp_path / "one" / "replay.jsonl").read_text()
+    if method == "full":
+        ckpt = tmp_path / "two" / "checkpoints" / "step-000006"
+        assert (ckpt / "model").is_dir() and not (ckpt / "model.safetensors").exists()
+        assert_weights_close(tmp_path / "one" / "checkpoints" / "step-000006", ckpt)
 
 
 def test_auto_strategy_shards_only_a_model_that_does_not_fit_whole():
@@ -271,3 +293,26 @@ def test_auto_strategy_shards_only_a_model_that_does_not_fit_whole():
         choose_strategy(ddp, TrainConfig(strategy="ddp"), fits_from(4))
     fsdp = Distributed(rank=0, world_size=4, strategy="fsdp")
     assert choose_strategy(fsdp, TrainConfig(strategy="fsdp"), fits_from(4)) == (fsdp, {"shards": 4})
+
+
+def test_weight_shards_load_like_a_model_dir_and_torn_ones_are_refused(tiny_model_dir, tmp_path):
+    """An FSDP checkpoint's weights (model/, written through torch.distributed.checkpoint) load as a
+    model dir's do; a truncated part is a one-line error naming the folder, not a torch traceback."""
+    from lmforge.errors import LmforgeError
+    from lmforge.model.io import load_model_dir, write_model_files
+    from lmforge.train.checkpoint import save_model_shards
+    from lmforge.train.distributed import SINGLE
+
+    net, _ = load_model_dir(tiny_model_dir)
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    write_model_files(net, folder, with_weights=False)
+    save_model_shards(folder, net, SINGLE)
+    assert not (folder / "model.safetensors").exists()
+    again = load_model_dir(folder)[0].state_dict()
+    for name, value in net.state_dict().items():
+        assert torch.equal(again[name], value), name
+    part = next((folder / "model").glob("*.safetensors"))
+    part.write_bytes(part.read_bytes()[:-64])
+    with pytest.raises(LmforgeError, match=r"ckpt/model: the weight shards do not assemble"):
+        load_model_dir(folder)

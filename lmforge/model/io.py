@@ -6,6 +6,10 @@
     tokenizer.json     + tokenizer_config.json, when a tokenizer is given
     manifest.json      size + SHA-256 of every file, written last (see lmforge.manifest)
 
+A training checkpoint saved under FSDP holds `model/` instead of model.safetensors: every rank's
+shard of every weight, written through torch.distributed.checkpoint (safetensors files whose
+headers carry each part's offsets). It loads like any model dir: the parts are assembled here.
+
 The model class comes from the config: a GPT, or for "arch": "encoder-decoder" a Seq2Seq
 (lmforge.model.seq2seq); both save and load through the same functions.
 
@@ -38,6 +42,7 @@ from lmforge.model.gpt import GPT, build_empty, skip_init
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+WEIGHT_SHARDS_DIR = "model"  # an FSDP checkpoint's weights, one part per rank (lmforge.train.checkpoint)
 MODEL_KEY = "lmforge_model"
 FORMAT_VERSION = 1
 
@@ -143,11 +148,13 @@ def model_from_state_dict(config: ModelConfig, sd: dict[str, torch.Tensor], *, s
 
 
 def write_model_files(model: GPT, folder: str | os.PathLike, tokenizer=None,
-                      extra_config: dict[str, Any] | None = None, weights: dict[str, torch.Tensor] | None = None) -> None:
+                      extra_config: dict[str, Any] | None = None, weights: dict[str, torch.Tensor] | None = None,
+                      with_weights: bool = True) -> None:
     """Write config.json, model.safetensors and the tokenizer into an existing folder.
 
     weights: what model.safetensors holds instead of the model's own state dict (a quantized
-    model dir's blocks: lmforge.quant.store).
+    model dir's blocks: lmforge.quant.store). with_weights=False: no model.safetensors (an FSDP
+    checkpoint, whose ranks write the weights' shards themselves).
 
     Not atomic by itself: `save_model_dir` and the trainer's checkpoint writer call it inside a
     temporary folder that is renamed into place once complete.
@@ -156,7 +163,7 @@ def write_model_files(model: GPT, folder: str | os.PathLike, tokenizer=None,
     extra = dict(extra_config or {})
     if MODEL_KEY in extra:
         raise LmforgeError(f"extra_config must not contain {MODEL_KEY!r}: it is written from the model itself")
-    if weights is None:
+    if weights is None and with_weights:
         quantized = _quantized_weights(model)  # repacked once, for the entry and the file
         if quantized:  # a model loaded from a quantized dir saves its blocks as they are
             from lmforge.quant.store import QUANT_KEY, quant_entry
@@ -167,8 +174,8 @@ def write_model_files(model: GPT, folder: str | os.PathLike, tokenizer=None,
     with atomic_file(folder / CONFIG_FILE, "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
         f.write("\n")
-    sd = {k: v.cpu() for k, v in weights.items()}
-    save_file(sd, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    if with_weights:
+        save_file({k: v.cpu() for k, v in weights.items()}, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save(folder)
 
@@ -227,9 +234,34 @@ def load_model_dir(path: str | os.PathLike, device: torch.device | str = "cpu",
             sd = dequantize_state_dict(sd, raw["quantization"], str(file))
         else:
             return _model_from_quantized(config, sd, raw["quantization"], str(file)), config
+    elif not file.exists() and (path / WEIGHT_SHARDS_DIR).is_dir():
+        file = path / WEIGHT_SHARDS_DIR
+        sd = {k: v.to(device) for k, v in read_weight_shards(file).items()}
     else:
         sd = read_safetensors(file, device)
     return model_from_state_dict(config, sd, source=str(file), device=device, dtype=dtype), config
+
+
+def read_weight_shards(folder: Path) -> dict[str, torch.Tensor]:
+    """The whole weights of an FSDP checkpoint's `model/`, assembled in this process from every
+    rank's parts (torch.distributed.checkpoint reads the offsets from the files' headers)."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        reader = dcp.HuggingFaceStorageReader(str(folder))
+        shapes = reader.read_metadata().state_dict_metadata
+        weights = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in shapes.items()}
+        with warnings.catch_warnings():  # it warns that no process group means one process: here it does
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(weights, storage_reader=reader, no_dist=True)
+    except dcp.CheckpointException as e:
+        cause = next(iter(e.failures.values()), (None, None))[0]
+        raise LmforgeError(f"{folder}: the weight shards do not assemble: {cause or e}") from None
+    except Exception as e:  # a torn header, a missing part: safetensors and DCP raise their own kinds
+        raise LmforgeError(f"{folder}: the weight shards do not assemble: {type(e).__name__}: {e}") from None
+    return weights
 
 
 def _model_from_quantized(config: ModelConfig, sd: dict[str, torch.Tensor], entry: Any, source: str) -> GPT:

@@ -5,8 +5,10 @@ A checkpoint is `RUN/checkpoints/step-NNNNNN/`, written into a temp folder, fsyn
 (a one-line text file naming the folder) is updated only after the rename. Optimizer tensors go
 to safetensors and everything else to JSON: nothing is ever pickled.
 
-The model files are a whole model dir (rank 0 writes them: a checkpoint loads like any model).
-The optimizer state is written through torch.distributed.checkpoint in `optimizer/`, keyed by
+The model files are a whole model dir (rank 0 writes them: a checkpoint loads like any model);
+under FSDP the weights instead go through torch.distributed.checkpoint into `model/`, each rank
+writing its own shard, so that no rank ever holds the whole model to save it (lmforge.model.io
+assembles them on load). The optimizer state is written through torch.distributed.checkpoint in `optimizer/`, keyed by
 parameter name: each rank writes its own part (its shard under FSDP; under DDP the replicated
 tensors are split between ranks), as safetensors files whose headers carry each part's offsets,
 so a checkpoint saved on N processes resumes on any number. Checkpoints from before (one
@@ -27,11 +29,12 @@ import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict, set_optimizer_state_dict
 
 from lmforge.errors import LmforgeError
 from lmforge.fsutil import atomic_dir, write_text_atomic
 from lmforge.manifest import previous_good_hint, verify_manifest, write_manifest
+from lmforge.model.io import WEIGHT_SHARDS_DIR
 from lmforge.train.distributed import SINGLE, Distributed
 
 CHECKPOINTS = "checkpoints"
@@ -122,6 +125,17 @@ def save_optimizer(folder: Path, model: nn.Module, optimizer: torch.optim.Optimi
                                                                "tensors": shapes}, indent=1))
 
 
+def save_model_shards(folder: Path, model: nn.Module, job: Distributed) -> None:
+    """Every rank writes its shard of every weight into folder/model/ (a collective); a tied head
+    is stored once, as tok_emb.weight, as in a model dir."""
+    weights = get_model_state_dict(model)
+    if getattr(getattr(model, "config", None), "tie_embeddings", False):
+        weights.pop("lm_head.weight", None)
+    with _through_dcp(job):
+        dcp.save(weights, storage_writer=dcp.HuggingFaceStorageWriter(str(folder / WEIGHT_SHARDS_DIR), save_distributed=True),
+                 no_dist=not job.active)
+
+
 def load_optimizer(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, job: Distributed) -> None:
     """Restore what `save_optimizer` wrote, on any number of ranks: each rank reads the parts of
     every tensor that its own shard covers (a collective)."""
@@ -175,20 +189,26 @@ def save_checkpoint(
     keep_last: int,
     job: Distributed = SINGLE,
     gather: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    write_model_meta: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write checkpoint `step` (called on every rank), point `latest` at it, and delete all but the
     newest `keep_last`. Rank 0 owns the temp folder and names it to the others; the folder is
     renamed into place only after every rank's part is in (a barrier), so a rank that dies
     mid-save leaves a temp folder, never a checkpoint that looks whole. `gather`: the context in
-    which the model's parameters are whole (FSDP), entered on every rank around the model files."""
+    which the model's parameters are whole (FSDP), entered on every rank around the model files.
+    write_model_meta: writes the model dir without its weights; given, under FSDP every rank writes
+    its shard of the weights instead (`save_model_shards`) and nothing is gathered."""
     folder = run_dir / CHECKPOINTS / checkpoint_name(step)
+    sharded = job.strategy == "fsdp" and write_model_meta is not None
     with (atomic_dir(folder, overwrite=True) if job.is_main else contextlib.nullcontext()) as tmp:
         tmp = Path(job.broadcast(str(tmp) if job.is_main else None))
         save_optimizer(tmp, model, optimizer, job)
-        with gather():
+        if sharded:
+            save_model_shards(tmp, model, job)
+        with contextlib.nullcontext() if sharded else gather():
             job.barrier()  # every part is written
             if job.is_main:
-                write_checkpoint_files(tmp, step, write_model, state)
+                write_checkpoint_files(tmp, step, write_model_meta if sharded else write_model, state)
     if job.is_main:
         publish_checkpoint(run_dir, folder, keep_last)
     job.barrier()  # no rank runs ahead of a checkpoint that is not yet published

@@ -15,6 +15,7 @@ summary.json's `handed_over` says which checkpoint that is and why.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -201,12 +202,12 @@ def _finetune(run: RunDir, model: str, data: str | Path, ft: FinetuneConfig, cfg
     if job.is_main:
         write_text_atomic(run_dir / RUN_CONFIG, yaml.safe_dump(run_config, sort_keys=False))
 
-    def write_model(folder: Path) -> None:
-        if ft.method == "lora":
+    def write_model(folder: Path, with_weights: bool = True) -> None:
+        if ft.method == "lora":  # the adapter alone: small, written whole
             save_adapter(net, folder, lora, base=base_name)
             tok.save(folder)
         else:
-            write_model_files(net, folder, tok)
+            write_model_files(net, folder, tok, with_weights=with_weights)
         write_generation_defaults(loaded, folder)
 
     batches = SFTBatches(train, val, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
@@ -223,6 +224,7 @@ def _finetune(run: RunDir, model: str, data: str | Path, ft: FinetuneConfig, cfg
     mean_len = sum(len(e.ids) for e in train) / len(train)
     trainer = Trainer(
         net, cfg, batches, run_dir, write_model=write_model,
+        write_model_meta=None if ft.method == "lora" else functools.partial(write_model, with_weights=False),
         param_groups=net.configure_optimizer_groups(cfg.weight_decay),
         # LoRA computes no weight gradients for the frozen base: ~4N of the 6N FLOPs per token.
         flops_per_token=net.flops_per_token(block_size) * (4 / 6 if ft.method == "lora" else 1.0),

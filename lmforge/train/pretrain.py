@@ -162,6 +162,8 @@ def _pretrain(run: RunDir, data, model, cfg, model_overrides, resume, resume_fro
     trainer = Trainer(
         net, cfg, batches, run_dir,
         write_model=lambda folder: write_model_files(net, folder, tokenizer, {"run": {"data": run_config["data"]}}),
+        write_model_meta=lambda folder: write_model_files(net, folder, tokenizer, {"run": {"data": run_config["data"]}},
+                                                          with_weights=False),
         param_groups=net.configure_optimizer_groups(cfg.weight_decay),
         flops_per_token=net.flops_per_token(block_size),
         tokens_per_step=cfg.batch_size * block_size * cfg.grad_accum * job.world_size,

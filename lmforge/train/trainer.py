@@ -151,6 +151,7 @@ class Trainer:
         run_dir: str | Path,
         *,
         write_model: Callable[[Path], None],
+        write_model_meta: Callable[[Path], None] | None = None,
         param_groups: list[dict],
         flops_per_token: float,
         tokens_per_step: int,
@@ -173,6 +174,7 @@ class Trainer:
         self.data = data
         self.run_dir = Path(run_dir)
         self.write_model = write_model
+        self.write_model_meta = write_model_meta  # given: FSDP checkpoints write the weights' shards (no gather)
         self.device = device if device is not None else resolve_device(cfg.device)
         self.precision = resolve_precision(cfg.precision, self.device)
         self.flops_per_token = flops_per_token
@@ -271,7 +273,8 @@ class Trainer:
             state["train_seconds"] = time.perf_counter() - run_start
             reshard(self.model, self.job)
             folder = save_checkpoint(self.run_dir, step, self.write_model, self.model, self.optimizer, state, cfg.keep_last,
-                                     self.job, gather=lambda: gathered(self.model, self.job))
+                                     self.job, gather=lambda: gathered(self.model, self.job),
+                                     write_model_meta=self.write_model_meta)
             if self.on_checkpoint is not None and self.job.is_main:
                 self.on_checkpoint(folder)
             return folder
