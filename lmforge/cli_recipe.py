@@ -13,6 +13,54 @@ recipe_app = typer.Typer(help="End-to-end recipes: data, training, evaluation an
                          no_args_is_help=True)
 
 
+@recipe_app.command("list")
+def list_recipes():
+    """The recipes, their default budgets and what each does."""
+    from lmforge.recipes import RECIPES
+
+    for r in RECIPES.values():
+        typer.echo(f"{r.name:<12} {r.budget:>5g} min  {r.summary}")
+
+
+@recipe_app.command("run")
+def run(
+    name: Annotated[str, typer.Argument(help="The recipe (lmforge recipe list).", show_default=False)],
+    out: Annotated[Optional[Path], typer.Option("-o", "--out", help="Output folder (default runs/recipe-NAME); "
+                                                "running again on it continues an interrupted run.")] = None,
+    budget: Annotated[Optional[float], typer.Option(help="Minutes of training (default: the recipe's).")] = None,
+    model: Annotated[Optional[str], typer.Option(help="The base model, for recipes that start from one.")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="The recipe's data (style: a text file in the style).")] = None,
+    max_steps: Annotated[int, typer.Option(help="A fixed number of training steps instead of the budget (0 = budget).")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Start over in an existing --out.")] = False,
+):
+    """Run a recipe end to end (data, training, evaluation, report.md + plots in --out); the same
+    command continues it after an interruption."""
+    from lmforge.recipes import RECIPES
+
+    if name not in RECIPES:
+        typer.echo(f"lmforge: error: no recipe {name!r}; there are: {', '.join(RECIPES)}", err=True)
+        raise typer.Exit(2)
+    info = RECIPES[name]
+    out = out or Path(f"runs/recipe-{name}")
+    minutes = budget if budget is not None else info.budget
+    try:
+        if name == "style":
+            from lmforge.recipes.style import StyleConfig, run_style
+
+            cfg = StyleConfig(out=out, budget=minutes, text=data, max_steps=max_steps, overwrite=overwrite)
+            if model:
+                cfg.model = model
+            run_style(cfg, echo=typer.echo)
+        elif name == "translation":
+            if model or data:
+                raise LmforgeError("the translation recipe takes no --model/--data (see `lmforge recipe translation --help`)")
+            translation(out=out, minutes=minutes / 2, overwrite=overwrite, max_steps=max_steps)
+            return
+    except LmforgeError as e:
+        typer.echo(f"lmforge: error: {e}", err=True)
+        raise typer.Exit(1) from None
+
+
 @recipe_app.command("translation")
 def translation(
     out: Annotated[Path, typer.Option(help="Output folder (data/, run/, results.json, bleu.png).")] = Path("runs/recipe-translation"),

@@ -133,9 +133,6 @@ def plot_bleu(curves: dict[str, list[dict]], path: Path, title: str = "") -> Pat
     return save_png(fig, path)
 
 
-CALIBRATION_STEPS = 40  # timed to turn the minutes into a step count
-
-
 def _train_config(cfg: RecipeConfig, max_steps: int, time_budget: float = 0.0) -> "TrainConfig":
     from lmforge.train.config import TrainConfig
 
@@ -148,24 +145,18 @@ def _train_config(cfg: RecipeConfig, max_steps: int, time_budget: float = 0.0) -
 
 def _steps_for_budget(model: str, overrides: dict, train_file: Path, tcfg, cfg: RecipeConfig, scratch: Path,
                       echo: Callable[[str], None]) -> int:
-    """The step count that fills the time budget: CALIBRATION_STEPS timed on this machine (a
-    throwaway run), less 15% for the evaluations. A cosine schedule needs its end up front, and
-    a step count, unlike a clock, makes the run itself repeatable (`--resume` is exact)."""
-    from lmforge.train.metrics import METRICS_FILE, read_metrics
+    """The step count that fills the time budget (lmforge.recipes.stages.steps_for_budget), timed on
+    a throwaway run without evaluations."""
+    from lmforge.recipes.stages import steps_for_budget
     from lmforge.train.translation import train_translation
 
-    probe = _train_config(cfg, CALIBRATION_STEPS)
-    probe.eval_every, probe.warmup_steps = 0, 1
-    quiet = dataclasses.replace(tcfg, bleu_samples=0)
-    train_translation(train_file, model, scratch, probe, quiet, model_overrides=overrides, overwrite=True, progress=False)
-    elapsed = {int(r["step"]): float(r["elapsed_s"]) for r in read_metrics(scratch / METRICS_FILE) if r.get("elapsed_s")}
-    shutil.rmtree(scratch, ignore_errors=True)
-    # Steps 10 to 30: the first ones pay for allocations and warm-up that a run pays once, the last
-    # row's time includes the closing val-loss evaluation.
-    rate = 20 / max(elapsed[30] - elapsed[10], 1e-6)
-    steps = max(CALIBRATION_STEPS, int(rate * cfg.minutes * 60 * 0.85))
-    echo(f"calibration: {rate:.2f} steps/s here -> {steps} steps in {cfg.minutes:g} minutes")
-    return steps
+    def probe(folder: Path, steps: int) -> None:
+        p = _train_config(cfg, steps)
+        p.eval_every, p.warmup_steps = 0, 1
+        train_translation(train_file, model, folder, p, dataclasses.replace(tcfg, bleu_samples=0),
+                          model_overrides=overrides, overwrite=True, progress=False)
+
+    return steps_for_budget(probe, scratch, cfg.minutes, echo=echo)
 
 
 def _train_and_score(name: str, model: str, overrides: dict, run_dir: Path, data: Path, train_file: Path,

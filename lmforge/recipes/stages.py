@@ -1,0 +1,118 @@
+"""The folder of one recipe run, and what makes a recipe resumable.
+
+    OUT/recipe.json        the recipe's name and settings (a rerun with other settings is refused)
+    OUT/stages/NAME.json   one per finished stage: its result; a rerun skips the stage and reuses it
+    OUT/run-*/             training runs: a rerun continues them from their last checkpoint
+    OUT/report.md, OUT/results.json, OUT/*.png   written last
+
+`lmforge recipe run NAME -o OUT` both starts and continues: after an interruption the same
+command picks up at the first unfinished stage (and inside a training stage, at its last
+checkpoint). Every file is written to a temp name and renamed, so a stage's JSON is there only
+when the stage finished.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from lmforge.errors import LmforgeError
+from lmforge.fsutil import write_text_atomic
+
+RECIPE_FILE = "recipe.json"
+STAGES_DIR = "stages"
+CALIBRATION_STEPS = 40  # a throwaway run of this many steps turns minutes into a step count
+
+
+@dataclass
+class RecipeDir:
+    out: Path
+    recipe: str
+    settings: dict  # what decides the results (budget, model, data...): a rerun must match them
+    overwrite: bool = False
+    echo: Callable[[str], None] = print
+    started: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        marker = self.out / RECIPE_FILE
+        if self.out.exists() and self.overwrite:
+            shutil.rmtree(self.out)
+        if marker.exists():
+            saved = json.loads(marker.read_text(encoding="utf-8"))
+            if saved.get("recipe") != self.recipe or saved.get("settings") != _jsonable(self.settings):
+                raise LmforgeError(f"{marker}: this folder holds recipe {saved.get('recipe')!r} with settings "
+                                   f"{saved.get('settings')}; continuing it needs the same ones "
+                                   "(pass --overwrite to start over, or another -o)")
+            done = sorted(p.stem for p in (self.out / STAGES_DIR).glob("*.json"))
+            self.echo(f"[recipe] continuing {self.out} (stages done: {', '.join(done) or 'none'})")
+        elif self.out.exists() and any(self.out.iterdir()):
+            raise LmforgeError(f"{self.out} exists, is not empty and is not a {self.recipe} recipe folder; "
+                               "pass --overwrite or another -o")
+        else:
+            (self.out / STAGES_DIR).mkdir(parents=True, exist_ok=True)
+            write_text_atomic(marker, json.dumps({"recipe": self.recipe, "settings": _jsonable(self.settings)}, indent=1))
+
+    def stage(self, name: str, run: Callable[[], dict]) -> dict:
+        """The result of stage `name`: from its file when an earlier run finished it, else run now."""
+        file = self.out / STAGES_DIR / f"{name}.json"
+        if file.exists():
+            self.echo(f"[recipe] {name}: done before, reusing {file}")
+            return json.loads(file.read_text(encoding="utf-8"))
+        self.echo(f"[recipe] {name} ...")
+        t0 = time.time()
+        result = run()
+        result = {**result, "stage_seconds": round(time.time() - t0, 1)}
+        write_text_atomic(file, json.dumps(_jsonable(result), indent=1, ensure_ascii=False) + "\n")
+        return result
+
+    def finish(self, results: dict, report: str) -> None:
+        """results.json and report.md, written last."""
+        results = {"recipe": self.recipe, "settings": self.settings, **results,
+                   "wall_seconds_this_session": round(time.time() - self.started, 1)}
+        write_text_atomic(self.out / "results.json", json.dumps(_jsonable(results), indent=2, ensure_ascii=False) + "\n")
+        write_text_atomic(self.out / "report.md", report)
+        self.echo(f"[recipe] wrote {self.out / 'report.md'} and {self.out / 'results.json'}")
+
+
+def resuming(run_dir: Path) -> bool:
+    """A training run an interrupted recipe left behind, with a checkpoint to continue from."""
+    return (Path(run_dir) / "latest").exists()
+
+
+def steps_for_budget(train: Callable[[Path, int], Any], scratch: Path, minutes: float, fraction: float = 0.85, *,
+                     steps: int = CALIBRATION_STEPS, window: tuple[int, int] = (10, 30),
+                     echo: Callable[[str], None] = print) -> int:
+    """The step count that fills `minutes`: `train(scratch, steps)` timed here (a throwaway run,
+    from step window[0] to window[1]), of which `fraction` goes to steps and the rest to
+    evaluations. A cosine schedule needs its end up front, and a step count, unlike a clock, makes
+    the run itself repeatable (`--resume` is exact)."""
+    from lmforge.train.metrics import METRICS_FILE, read_metrics
+
+    first, last = window
+    shutil.rmtree(scratch, ignore_errors=True)
+    train(scratch, steps)
+    elapsed = {int(r["step"]): float(r["elapsed_s"]) for r in read_metrics(scratch / METRICS_FILE) if r.get("elapsed_s")}
+    shutil.rmtree(scratch, ignore_errors=True)
+    if first not in elapsed or last not in elapsed:
+        raise LmforgeError(f"{scratch}: the calibration run logged no step times for steps {first} and {last}")
+    # The first steps pay for allocations and warm-up that a run pays once, the last row's time
+    # includes the closing val-loss evaluation: neither is in the window.
+    rate = (last - first) / max(elapsed[last] - elapsed[first], 1e-6)
+    planned = max(steps, int(rate * minutes * 60 * fraction))
+    echo(f"[recipe] calibration: {rate:.3f} steps/s here -> {planned} steps in {minutes:g} minutes")
+    return planned
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
