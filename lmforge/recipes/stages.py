@@ -70,18 +70,28 @@ class RecipeDir:
         write_text_atomic(file, json.dumps(_jsonable(result), indent=1, ensure_ascii=False) + "\n")
         return result
 
-    def finish(self, results: dict, report: str) -> None:
-        """results.json and report.md, written last."""
-        results = {"recipe": self.recipe, "settings": self.settings, **results,
-                   "wall_seconds_this_session": round(time.time() - self.started, 1)}
-        write_text_atomic(self.out / "results.json", json.dumps(_jsonable(results), indent=2, ensure_ascii=False) + "\n")
+    def finish(self, results: dict, report: str) -> dict:
+        """results.json and report.md, written last; returns the results as written."""
+        results = _jsonable({"recipe": self.recipe, "settings": self.settings, **results,
+                             "wall_seconds_this_session": round(time.time() - self.started, 1)})
+        write_text_atomic(self.out / "results.json", json.dumps(results, indent=2, ensure_ascii=False) + "\n")
         write_text_atomic(self.out / "report.md", report)
         self.echo(f"[recipe] wrote {self.out / 'report.md'} and {self.out / 'results.json'}")
+        return results
 
 
 def resuming(run_dir: Path) -> bool:
     """A training run an interrupted recipe left behind, with a checkpoint to continue from."""
     return (Path(run_dir) / "latest").exists()
+
+
+def saved_max_steps(run_dir: Path) -> int:
+    """The step count an interrupted run was started with (its config.yaml), so that it resumes as planned."""
+    import yaml
+
+    from lmforge.train.pretrain import RUN_CONFIG
+
+    return int(yaml.safe_load((Path(run_dir) / RUN_CONFIG).read_text(encoding="utf-8"))["train"]["max_steps"])
 
 
 def steps_for_budget(train: Callable[[Path, int], Any], scratch: Path, minutes: float, fraction: float = 0.85, *,

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from lmforge.errors import LmforgeError
-from lmforge.recipes.stages import RecipeDir, resuming, steps_for_budget
+from lmforge.recipes.stages import RecipeDir, resuming, saved_max_steps, steps_for_budget
 
 DEMO_TEXT = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "tinyshakespeare.txt"
 
@@ -116,8 +116,7 @@ def run_style(cfg: StyleConfig, echo: Callable[[str], None] = print) -> dict:
     plot = plot_settings(scores["by_setting"], out / "style.png")
     results = {"data": data, "finetune": tuned, "val_perplexity": scores["val_perplexity"],
                "by_setting": scores["by_setting"], "samples": scores["samples"], "plot": str(plot)}
-    recipe.finish(results, style_report(cfg, results))
-    return results
+    return recipe.finish(results, style_report(cfg, results))
 
 
 def _data(cfg: StyleConfig, out: Path) -> dict:
@@ -158,7 +157,7 @@ def _finetune(cfg: StyleConfig, out: Path, data: dict, echo: Callable[[str], Non
     if cfg.max_steps:
         steps = cfg.max_steps
     elif resuming(run_dir):
-        steps = _saved_steps(run_dir)
+        steps = saved_max_steps(run_dir)
     else:
         steps = steps_for_budget(lambda folder, n: train(folder, n), out / "run.calibration", cfg.budget,
                                  steps=cfg.calibration_steps, window=(2, cfg.calibration_steps - 2), echo=echo)
@@ -166,15 +165,6 @@ def _finetune(cfg: StyleConfig, out: Path, data: dict, echo: Callable[[str], Non
     return {"model": str(run_dir), "base": cfg.model, "steps": summary["steps"], "lora_rank": cfg.lora_rank,
             "train_seconds": summary.get("train_seconds"), "best_val_loss": summary.get("best_val_loss"),
             "tokens_seen": summary.get("tokens_seen")}
-
-
-def _saved_steps(run_dir: Path) -> int:
-    """The step count an interrupted run was started with (its config), so that it resumes as planned."""
-    import yaml
-
-    from lmforge.train.pretrain import RUN_CONFIG
-
-    return int(yaml.safe_load((run_dir / RUN_CONFIG).read_text(encoding="utf-8"))["train"]["max_steps"])
 
 
 def _samples(cfg: StyleConfig, out: Path, prompts: list[str], tuned: str) -> dict:

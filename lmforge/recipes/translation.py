@@ -168,16 +168,21 @@ def _train_and_score(name: str, model: str, overrides: dict, run_dir: Path, data
     from lmforge.train.translation import train_translation
     from lmforge.train.translation_config import TranslationConfig
 
+    from lmforge.recipes.stages import resuming, saved_max_steps
+
     tcfg = TranslationConfig(val_data=str(data / "val.jsonl"), vocab_size=cfg.vocab_size, bleu_samples=cfg.bleu_samples)
+    resume = resuming(run_dir)  # an interrupted recipe: the run continues from its checkpoint, as planned
     if cfg.max_steps:
         tc = _train_config(cfg, cfg.max_steps)
     else:  # the budget's steps, cosine over them; the clock still stops a run the calibration misjudged
-        steps = _steps_for_budget(model, overrides, train_file, tcfg, cfg, run_dir.with_name(run_dir.name + ".calibration"),
-                                  echo)
+        steps = saved_max_steps(run_dir) if resume else _steps_for_budget(
+            model, overrides, train_file, tcfg, cfg, run_dir.with_name(run_dir.name + ".calibration"), echo)
         tc = _train_config(cfg, steps, time_budget=cfg.minutes * 60 * 1.1)
+    if resume:
+        echo(f"{name}: continuing {run_dir} from its last checkpoint")
     t0 = time.time()
     summary = train_translation(train_file, model, run_dir, tc, tcfg, model_overrides=overrides,
-                                overwrite=True, progress=cfg.progress)
+                                resume=resume, overwrite=not resume, progress=cfg.progress)
     train_wall = time.time() - t0
     test = data / "test.jsonl"
     scores, examples = {}, []
@@ -192,7 +197,7 @@ def _train_and_score(name: str, model: str, overrides: dict, run_dir: Path, data
             hyps = (r.get("details") or {}).get("hypotheses", [])[:5]
             pairs = [json.loads(line) for line in test.read_text(encoding="utf-8").splitlines()[:len(hyps)]]
             examples = [{"source": p["source"], "reference": p["target"], "hypothesis": h} for p, h in zip(pairs, hyps)]
-    rows = read_metrics(run_dir / METRICS_FILE)
+    rows = read_metrics(run_dir / METRICS_FILE)  # a resumed run's file holds every step, from the start
     num = lambda v: float(v) if v not in (None, "") else None  # noqa: E731  (metrics.csv holds strings)
     curve = [{"step": int(r["step"]), "val_bleu": num(r["val_bleu"]), "val_chrf": num(r.get("val_chrf"))}
              for r in rows if r.get("val_bleu") not in (None, "")]
@@ -209,61 +214,71 @@ def _train_and_score(name: str, model: str, overrides: dict, run_dir: Path, data
         "test": {"limit": cfg.test_limit, **scores},
         "bleu_curve": curve,
         "examples": examples,
-        "_rows": rows,
     }
 
 
 def run_recipe(cfg: RecipeConfig, echo: Callable[[str], None] = print, runner=None) -> dict:
     """Data -> train (encoder-decoder, then the decoder-only twin) -> test BLEU/chrF ->
-    OUT/results.json + OUT/bleu.png; returns the results."""
-    from lmforge.data.ding import describe, extract_ding
+    OUT/results.json + OUT/report.md + OUT/bleu.png; returns the results. Each stage is kept
+    when done (lmforge.recipes.stages), so the same call continues an interrupted recipe."""
     import yaml
 
+    from lmforge.data.ding import describe, extract_ding
     from lmforge.fsutil import write_text_atomic
     from lmforge.model.io import read_model_config
+    from lmforge.recipes.stages import RecipeDir
+    from lmforge.train.metrics import METRICS_FILE, read_metrics
     from lmforge.train.translation import decoder_only_twin
 
-    out = Path(cfg.out)
-    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
-        raise LmforgeError(f"{out} exists and is not empty; pass --overwrite or another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "overwrite", "progress", "install")}
+    recipe = RecipeDir(cfg.out, "translation", settings, overwrite=cfg.overwrite, echo=echo)
+    out = recipe.out
     ding = _ding_file(ensure_dictionary(Path(cfg.ding_path), cfg.install, echo, runner))
 
     # 1. data
-    data = out / "data"
-    stats = extract_ding(data, ding, DingConfig(reverse=cfg.reverse), overwrite=True)
-    echo(describe(stats, data))
-    ding_cfg = json.loads((data / "stats.json").read_text(encoding="utf-8"))["config"]
-    echo("filter: " + ", ".join(f"{k}={v}" for k, v in ding_cfg.items()))
+    def extract() -> dict:
+        data = out / "data"
+        stats = extract_ding(data, ding, DingConfig(reverse=cfg.reverse), overwrite=True)
+        echo(describe(stats, data))
+        ding_cfg = json.loads((data / "stats.json").read_text(encoding="utf-8"))["config"]
+        echo("filter: " + ", ".join(f"{k}={v}" for k, v in ding_cfg.items()))
+        train_file, mix = data / "train.jsonl", None
+        if cfg.phrases:
+            train_file, mix = add_phrase_pairs(data, ding, cfg)
+            echo(f"training on {mix['sentence_pairs']} sentence pairs + {mix['phrase_pairs']} phrase pairs (3+ words, "
+                 f"not sentences; {mix['dropped_sharing_a_side_with_val_or_test']} more left out for sharing a side with "
+                 "val/test): " + str(train_file))
+        return {"dictionary": str(ding), "direction": stats.direction, "pairs": stats.pairs, "splits": dict(stats.splits),
+                "filter": ding_cfg, "train_file": str(train_file), "train_mix": mix}
 
-    train_file, mix = data / "train.jsonl", None
-    if cfg.phrases:
-        train_file, mix = add_phrase_pairs(data, ding, cfg)
-        echo(f"training on {mix['sentence_pairs']} sentence pairs + {mix['phrase_pairs']} phrase pairs (3+ words, "
-             f"not sentences; {mix['dropped_sharing_a_side_with_val_or_test']} more left out for sharing a side with "
-             "val/test): " + str(train_file))
+    data_info = recipe.stage("data", extract)
+    data, train_file = out / "data", Path(data_info["train_file"])
 
     # 2. the encoder-decoder, 3. the decoder-only model of its size, on the same pairs and budget
-    models = {"encoder-decoder": _train_and_score("encoder-decoder", cfg.preset, cfg.model_overrides, out / "run", data,
-                                                  train_file, cfg, echo)}
+    models = {"encoder-decoder": recipe.stage("encoder-decoder", lambda: _train_and_score(
+        "encoder-decoder", cfg.preset, cfg.model_overrides, out / "run", data, train_file, cfg, echo))}
+    runs = {"encoder-decoder": out / "run"}
     if cfg.decoder_only:
-        twin = decoder_only_twin(read_model_config(out / "run" / "best")[0])
-        spec = out / "decoder_only_model.yaml"
-        write_text_atomic(spec, yaml.safe_dump(twin.to_dict(), sort_keys=False))
-        echo(f"decoder-only twin: {twin.n_layer} layers of width {twin.n_embd}, context {twin.block_size} "
-             "(the parameter count nearest the encoder-decoder's)")
-        models["decoder-only"] = _train_and_score("decoder-only", str(spec), {}, out / "run-decoder-only", data, train_file,
-                                                  cfg, echo)
+        def twin_stage() -> dict:
+            twin = decoder_only_twin(read_model_config(out / "run" / "best")[0])
+            spec = out / "decoder_only_model.yaml"
+            write_text_atomic(spec, yaml.safe_dump(twin.to_dict(), sort_keys=False))
+            echo(f"decoder-only twin: {twin.n_layer} layers of width {twin.n_embd}, context {twin.block_size} "
+                 "(the parameter count nearest the encoder-decoder's)")
+            return _train_and_score("decoder-only", str(spec), {}, out / "run-decoder-only", data, train_file, cfg, echo)
 
-    # 4. plot
-    plot = plot_bleu({name: m.pop("_rows") for name, m in models.items()}, out / "bleu.png",
-                     title=f"{stats.direction}: val BLEU over training")
+        models["decoder-only"] = recipe.stage("decoder-only", twin_stage)
+        runs["decoder-only"] = out / "run-decoder-only"
+    for m in models.values():
+        m.pop("stage_seconds", None)
+
+    # 4. plot, results, report
+    plot = plot_bleu({name: read_metrics(run / METRICS_FILE) for name, run in runs.items()}, out / "bleu.png",
+                     title=f"{data_info['direction']}: val BLEU over training")
     enc = models["encoder-decoder"]
     results = {
-        "recipe": "translation",
-        "direction": stats.direction,
-        "data": {"dictionary": str(ding), "pairs": stats.pairs, "splits": dict(stats.splits), "filter": ding_cfg,
-                 "train_file": str(train_file), "train_mix": mix},
+        "direction": data_info["direction"],
+        "data": {k: v for k, v in data_info.items() if k != "direction"},
         "tokenizer": {"kind": "joint bpe", "vocab_size": cfg.vocab_size},
         # The encoder-decoder's figures at the top level, as before the comparison existed.
         "model": {"preset": cfg.preset, "overrides": cfg.model_overrides, **enc["model"]},
@@ -274,8 +289,13 @@ def run_recipe(cfg: RecipeConfig, echo: Callable[[str], None] = print, runner=No
         "plot": str(plot),
         "decoder_only": models.get("decoder-only") or {"status": "not run", "reason": "disabled with --no-decoder-only"},
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    echo(summary_table(results))
+    table = summary_table(results)
+    report = "\n".join([f"# Recipe: translation ({data_info['direction']})", "", table, "",
+                         f"![val BLEU over training]({plot.name})", "", "## Examples (encoder-decoder, greedy)", "",
+                         *[f"- {e['source']}  \n  reference: {e['reference']}  \n  output: {e['hypothesis']}"
+                           for e in enc["examples"]], ""])
+    results = recipe.finish(results, report)
+    echo(table)
     return results
 
 
