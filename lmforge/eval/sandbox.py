@@ -64,7 +64,7 @@ ENV_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 @dataclass
 class SandboxConfig:
-    timeout: float = 10.0  # wall-clock seconds per sample; then its whole process group is killed
+    timeout: float = 5.0  # wall-clock seconds per sample; then its whole process group is killed
     memory_mb: int = 1024  # address space per process (RLIMIT_AS), MiB
     file_size_mb: int = 16  # largest file a sample may write (RLIMIT_FSIZE), MiB
     max_open_files: int = 64  # open files per process (RLIMIT_NOFILE)
@@ -208,6 +208,14 @@ class Sandbox:
             self.notes.append(message)
             (warn or (lambda m: print(f"lmforge: {m}", file=sys.stderr, flush=True)))(message)
         self.python, self.python_version = self._find_python()
+
+    @property
+    def isolation(self) -> str:
+        """How the samples are fenced in, in words (for the result's settings)."""
+        parts = ["user+network+pid namespaces" if self.isolated else "NO namespaces (--unsafe-no-netns)", "rlimits"]
+        if os.geteuid() == 0:
+            parts.append("uid 65534")
+        return ", ".join(parts)
 
     # -- set-up checks ---------------------------------------------------------------------------
     def _namespaces_problem(self) -> str | None:
