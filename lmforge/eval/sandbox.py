@@ -91,7 +91,7 @@ class SandboxConfig:
 @dataclass
 class ExecResult:
     status: str  # "passed" or "failed"
-    failure: str | None  # None when passed; else syntax_error, assertion, exception:<Type>, timeout, memory, output_limit, killed:<SIG>, exit:<code>
+    failure: str | None  # None when passed; else syntax_error, assertion, exception:<Type>, timeout, memory, output_limit, killed:<SIG>, exit:<code>, sandbox_error
     seconds: float  # wall clock
     stderr_tail: str  # the end of what it wrote to stderr (the traceback)
     returncode: int | None = None
@@ -291,9 +291,12 @@ class Sandbox:
             drop = _run_as()
             if drop:
                 os.chown(workdir, NOBODY, NOBODY)
-            proc = subprocess.Popen(self._command(python, token), cwd=workdir, env=_env(workdir),
-                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    start_new_session=True, close_fds=True, **drop)
+            try:
+                proc = subprocess.Popen(self._command(python, token), cwd=workdir, env=_env(workdir),
+                                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        start_new_session=True, close_fds=True, **drop)
+            except OSError as e:  # the interpreter (or unshare) cannot be started at all
+                return ExecResult("failed", "sandbox_error", 0.0, f"{type(e).__name__}: {e}"), ""
             try:
                 stdout, stderr, why = self._collect(proc, started + self.config.timeout)
             finally:
