@@ -179,15 +179,16 @@ def test_no_network_even_to_the_hosts_loopback(sandbox):
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(1)
-    server.settimeout(5)
+    server.settimeout(0.2)
     port = server.getsockname()[1]
-    got = []
+    got, finished = [], threading.Event()
 
-    def accept():
-        try:
-            got.append(server.accept())
-        except OSError:
-            pass
+    def accept():  # listens until the sample has ended
+        while not finished.is_set():
+            try:
+                got.append(server.accept())
+            except OSError:
+                pass
 
     t = threading.Thread(target=accept)
     t.start()
@@ -195,8 +196,9 @@ def test_no_network_even_to_the_hosts_loopback(sandbox):
         r = run(sandbox, f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=2)\n"
                          "s.sendall(b'leak')\n")
     finally:
-        server.close()
+        finished.set()
         t.join()
+        server.close()
     assert not got, "the host's listener received a connection"
     assert r.failure.startswith("exception:") and "unreachable" in r.stderr_tail.lower()
 

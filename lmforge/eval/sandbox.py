@@ -49,7 +49,6 @@ import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -258,6 +257,8 @@ class Sandbox:
     def run_many(self, programs: Sequence[str], on_done: Callable[[int, ExecResult], None] | None = None) -> list[ExecResult]:
         """Run programs in parallel (config.workers, default one per core), results in input order;
         `on_done(index, result)` is called as each finishes (from one thread at a time)."""
+        from concurrent.futures import ThreadPoolExecutor
+
         workers = self.config.workers or os.cpu_count() or 1
         results: list[ExecResult | None] = [None] * len(programs)
         lock = threading.Lock()
