@@ -28,7 +28,7 @@ def run(
     out: Annotated[Optional[Path], typer.Option("-o", "--out", help="Output folder (default runs/recipe-NAME); "
                                                 "running again on it continues an interrupted run.")] = None,
     budget: Annotated[Optional[float], typer.Option(help="Minutes of training (default: the recipe's).")] = None,
-    model: Annotated[Optional[str], typer.Option(help="The base model, for recipes that start from one.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="The base model (style), the model scored beside ours (code; '' = none).")] = None,
     data: Annotated[Optional[Path], typer.Option(help="The recipe's data (style: a text file in the style).")] = None,
     max_steps: Annotated[int, typer.Option(help="A fixed number of training steps instead of the budget (0 = budget).")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Start over in an existing --out.")] = False,
@@ -51,6 +51,15 @@ def run(
             if model:
                 cfg.model = model
             run_style(cfg, echo=typer.echo)
+        elif name == "code":
+            from lmforge.recipes.code import CodeRecipeConfig, run_code
+
+            if data:
+                raise LmforgeError("the code recipe trains on the standard library's source; it takes no --data")
+            cfg = CodeRecipeConfig(out=out, budget=minutes, max_steps=max_steps, overwrite=overwrite)
+            if model is not None:
+                cfg.compare = model
+            run_code(cfg, echo=typer.echo)
         elif name == "translation":
             if model or data:
                 raise LmforgeError("the translation recipe takes no --model/--data (see `lmforge recipe translation --help`)")

@@ -44,36 +44,9 @@ def run_quickstart(
     out = Path(out)
     check_output_free(out, overwrite)
     out.mkdir(parents=True, exist_ok=True)
-    if inputs:
-        sources = list(inputs)
-        _say(f"corpus: {', '.join(sources)}")
-    else:
-        sources = [str(p) for p in stdlib_files()]
-        _say(f"corpus: the Python standard library at {stdlib_dir()} ({len(sources)} .py files)")
-    timings = {}
-
-    t = time.perf_counter()
-    clean_dir = out / "clean"
-    stats = clean_corpus(sources, clean_dir, CleanConfig(), overwrite=True, progress=progress)
-    timings["clean_s"] = time.perf_counter() - t
-    _say(f"clean: kept {stats['output']['documents']} of {stats['input']['documents']} documents "
-         f"({stats['mb_per_s']:.2f} MB/s) -> {clean_dir}")
-
-    t = time.perf_counter()
-    tok_dir = out / "tokenizer"
-    reader = DocumentReader([clean_dir])
-    tok = train_tokenizer((d.text for d in reader), TokenizerTrainConfig(vocab_size=vocab_size),
-                          source=str(clean_dir), show_progress=progress)
-    save_tokenizer_dir(tok, tok_dir, overwrite=True)
-    timings["tokenizer_s"] = time.perf_counter() - t
-    _say(f"tokenizer: byte-level BPE, {tok.vocab_size} tokens -> {tok_dir}")
-
-    t = time.perf_counter()
-    shards_dir = out / "shards"
-    meta = pack_corpus([clean_dir], tok_dir, shards_dir, PackConfig(val_fraction=0.02), overwrite=True, progress=progress)
-    timings["pack_s"] = time.perf_counter() - t
-    s = meta["splits"]
-    _say(f"pack: train {s['train']['tokens']:,} tokens, val {s['val']['tokens']:,} tokens -> {shards_dir}")
+    shards_dir, data = build_corpus(out, inputs, vocab_size, progress, say=_say)
+    timings = data.pop("timings")
+    stats, meta = data["clean"], data["shards"]
 
     t = time.perf_counter()
     cfg = plan_training(shards_dir, model, minutes, batch_size, block_size)
@@ -89,6 +62,44 @@ def run_quickstart(
         _say(f"val loss {best:.4f} vs unigram baseline {unigram:.4f}: "
              + (f"{unigram - best:.3f} nats/token better" if best < unigram else "NOT below the baseline"))
     return {"clean": stats, "shards": meta, "pretrain": summary, "timings": timings}
+
+
+def build_corpus(out: Path, inputs: Sequence[str] | None, vocab_size: int, progress: bool,
+                 say=_say) -> tuple[Path, dict]:
+    """clean -> tokenizer -> shards under `out` (the standard library's source when no inputs):
+    the data half of the quickstart, which the code recipe shares. Returns the shards dir and
+    {"clean": stats, "shards": meta, "timings": {...}}."""
+    if inputs:
+        sources = list(inputs)
+        say(f"corpus: {', '.join(sources)}")
+    else:
+        sources = [str(p) for p in stdlib_files()]
+        say(f"corpus: the Python standard library at {stdlib_dir()} ({len(sources)} .py files)")
+    timings = {}
+
+    t = time.perf_counter()
+    clean_dir = out / "clean"
+    stats = clean_corpus(sources, clean_dir, CleanConfig(), overwrite=True, progress=progress)
+    timings["clean_s"] = time.perf_counter() - t
+    say(f"clean: kept {stats['output']['documents']} of {stats['input']['documents']} documents "
+        f"({stats['mb_per_s']:.2f} MB/s) -> {clean_dir}")
+
+    t = time.perf_counter()
+    tok_dir = out / "tokenizer"
+    reader = DocumentReader([clean_dir])
+    tok = train_tokenizer((d.text for d in reader), TokenizerTrainConfig(vocab_size=vocab_size),
+                          source=str(clean_dir), show_progress=progress)
+    save_tokenizer_dir(tok, tok_dir, overwrite=True)
+    timings["tokenizer_s"] = time.perf_counter() - t
+    say(f"tokenizer: byte-level BPE, {tok.vocab_size} tokens -> {tok_dir}")
+
+    t = time.perf_counter()
+    shards_dir = out / "shards"
+    meta = pack_corpus([clean_dir], tok_dir, shards_dir, PackConfig(val_fraction=0.02), overwrite=True, progress=progress)
+    timings["pack_s"] = time.perf_counter() - t
+    s = meta["splits"]
+    say(f"pack: train {s['train']['tokens']:,} tokens, val {s['val']['tokens']:,} tokens -> {shards_dir}")
+    return shards_dir, {"clean": stats, "shards": meta, "timings": timings}
 
 
 def plan_training(shards_dir: Path, model: str, minutes: float, batch_size: int, block_size: int) -> TrainConfig:
