@@ -171,3 +171,13 @@ def shards(tmp_path_factory, stdlib_texts):
     model_file = root / "small.yaml"
     model_file.write_text(yaml.safe_dump({"preset": "tiny", **SMALL}))
     return root / "shards", model_file
+
+
+def one_line_error(r, *fragments):
+    """A CLI result that failed with exit 1 and one `lmforge: error:` line holding every fragment."""
+    assert r.code == 1, (r.code, r.err)
+    lines = r.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lmforge: error: "), r.err
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+    return lines[0]

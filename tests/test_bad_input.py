@@ -12,18 +12,10 @@ import pytest
 
 from conftest import leftovers, read_jsonl_dir, write_jsonl
 
+from conftest import one_line_error
 from lmforge.errors import LmforgeError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def one_line_error(r, *fragments):
-    assert r.code == 1, (r.code, r.err)
-    lines = r.err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("lmforge: error: "), r.err
-    for f in fragments:
-        assert f in lines[0], (f, lines[0])
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from math import comb
 
 import pytest
 
-from conftest import write_jsonl
+from conftest import one_line_error, write_jsonl
 
 from lmforge.eval.code import (STOP, Problem, generate_completions, load_problems, pass_at_k, program,
                                CodeEvalConfig)
@@ -242,14 +242,6 @@ def test_missing_namespaces_refuse_to_start_unless_unsafe(monkeypatch, capsys):
 
 
 # -- bad input -------------------------------------------------------------------------------------
-def one_line_error(r, *fragments):
-    assert r.code == 1, (r.code, r.err)
-    lines = r.err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("lmforge: error: "), r.err
-    for f in fragments:
-        assert f in lines[0], (f, lines[0])
-
-
 @pytest.mark.parametrize("content, fragments", [
     (json.dumps({k: v for k, v in ADD.items() if k != "test"}) + "\n", [":1:", "missing field 'test'"]),
     (json.dumps(ADD) + "\n" + '{"task_id": "x", "prompt": 3}\n', [":2:", "'prompt' must be a non-empty string"]),
