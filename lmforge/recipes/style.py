@@ -138,11 +138,12 @@ def _finetune(cfg: StyleConfig, out: Path, data: dict, echo: Callable[[str], Non
     from lmforge.train.config import FinetuneConfig, FinetuneTrainConfig
     from lmforge.train.finetune import finetune
 
-    def train_config(max_steps: int) -> FinetuneTrainConfig:
+    def train_config(max_steps: int, calibrating: bool = False) -> FinetuneTrainConfig:
+        # The calibration times bare steps: no evaluations or checkpoints inside its window.
+        every = 0 if calibrating else max(1, max_steps // 8)
         return FinetuneTrainConfig(max_steps=max_steps, batch_size=cfg.batch_size, block_size=cfg.block_size, lr=cfg.lr,
                                    min_lr=cfg.lr / 10, warmup_steps=max(1, min(10, max_steps // 10)),
-                                   eval_every=max(1, max_steps // 8), eval_batches=8,
-                                   checkpoint_every=max(1, max_steps // 8), log_every=1)
+                                   eval_every=every, eval_batches=8, checkpoint_every=every, log_every=1)
 
     # No replay of the base model's chat replies and no retention check: moving away from the base
     # is the point here.
@@ -150,16 +151,16 @@ def _finetune(cfg: StyleConfig, out: Path, data: dict, echo: Callable[[str], Non
     lora = LoRAConfig(rank=cfg.lora_rank)
     run_dir = out / "run"
 
-    def train(folder: Path, max_steps: int, progress: bool = False, resume: bool = False) -> dict:
-        return finetune(cfg.model, data["train"], folder, ft, train_config(max_steps), lora, val_data=data["val"],
-                        resume=resume, overwrite=not resume, progress=progress, sample_count=0)
+    def train(folder: Path, max_steps: int, progress: bool = False, resume: bool = False, calibrating: bool = False) -> dict:
+        return finetune(cfg.model, data["train"], folder, ft, train_config(max_steps, calibrating), lora,
+                        val_data=data["val"], resume=resume, overwrite=not resume, progress=progress, sample_count=0)
 
     if cfg.max_steps:
         steps = cfg.max_steps
     elif resuming(run_dir):
         steps = saved_max_steps(run_dir)
     else:
-        steps = steps_for_budget(lambda folder, n: train(folder, n), out / "run.calibration", cfg.budget,
+        steps = steps_for_budget(lambda folder, n: train(folder, n, calibrating=True), out / "run.calibration", cfg.budget,
                                  steps=cfg.calibration_steps, window=(2, cfg.calibration_steps - 2), echo=echo)
     summary = train(run_dir, steps, progress=cfg.progress, resume=resuming(run_dir))
     return {"model": str(run_dir), "base": cfg.model, "steps": summary["steps"], "lora_rank": cfg.lora_rank,
