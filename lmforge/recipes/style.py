@@ -54,6 +54,7 @@ class StyleConfig:
     max_steps: int = 0  # a fixed step count instead of the budget (tests)
     val_fraction: float = 0.05  # the text's tail held out for perplexity
     max_train_chars: int = 400_000  # the head of a long text is plenty for a style
+    max_val_chars: int = 12_000  # the held-out tail's start: every evaluation scores all of it
     block_size: int = 128
     batch_size: int = 4
     lr: float = 1e-3
@@ -82,13 +83,22 @@ def resolve_text(text: Path | None) -> Path:
     raise LmforgeError(f"no text given and the demo's {DEMO_TEXT} is not here: pass --data FILE (any text in one style)")
 
 
-def split_text(text: str, val_fraction: float, max_train_chars: int) -> tuple[str, str]:
-    """(train, val): the tail is held out, cut at a line break so that no line is split."""
+def split_text(text: str, val_fraction: float, max_train_chars: int, max_val_chars: int = 0) -> tuple[str, str]:
+    """(train, val): the tail is held out, cut at a line break so that no line is split; each
+    part is then capped (at a line break) at its maximum length (0 = no cap)."""
     if len(text) < 2000:
         raise LmforgeError(f"the text has {len(text)} characters; a style needs at least 2,000")
     cut = text.rfind("\n", 0, int(len(text) * (1 - val_fraction)))
     cut = cut if cut > 0 else int(len(text) * (1 - val_fraction))
-    return text[:cut][:max_train_chars], text[cut:]
+    train, val = text[:cut], text[cut:]
+    return _cap(train, max_train_chars), _cap(val, max_val_chars)
+
+
+def _cap(text: str, limit: int) -> str:
+    if not limit or len(text) <= limit:
+        return text
+    end = text.rfind("\n", 0, limit)
+    return text[:end + 1] if end > 0 else text[:limit]
 
 
 def pick_prompts(val: str, n: int, seed: int = 0) -> list[str]:
@@ -124,7 +134,7 @@ def _data(cfg: StyleConfig, out: Path) -> dict:
 
     source = resolve_text(cfg.text)
     text = source.read_text(encoding="utf-8", errors="strict")
-    train, val = split_text(text, cfg.val_fraction, cfg.max_train_chars)
+    train, val = split_text(text, cfg.val_fraction, cfg.max_train_chars, cfg.max_val_chars)
     (out / "data").mkdir(exist_ok=True)
     write_text_atomic(out / "data" / "train.txt", train)
     write_text_atomic(out / "data" / "val.txt", val)
