@@ -376,7 +376,7 @@ class El { constructor(id) { this.id = id; this.children = []; this.style = {}; 
   this._html = ""; this.textContent = ""; const cl = new Set(); this.classList = {add: (c) => cl.add(c), remove: (c) => cl.delete(c)}; }
   set innerHTML(v) { this.children = []; } get innerHTML() { return ""; }
   appendChild(c) { this.children.push(c); if (this.id === "select" && this.children.length === 1) this.value = c.value; return c; }
-  getContext() { return {fillRect() {}, strokeRect() {}}; }
+  getContext() { const f = () => {}; return {fillRect: f, strokeRect: f, fillText: f, save: f, restore: f, translate: f, rotate: f}; }
   getBoundingClientRect() { return {top: 0, left: 0}; } }
 const els = {};
 globalThis.document = {
@@ -391,7 +391,8 @@ q[q.length - 1].onmouseenter();
 if (!els["info"].textContent.includes("attends to")) throw new Error("hover shows nothing: " + els["info"].textContent);
 els["head"].value = "mean"; els["head"].onchange();
 els["kind"].value = String(JSON.parse(DATA).kinds.length - 1); els["kind"].onchange();
-els["matrix"].onmousemove({target: els["matrix"], clientX: 1, clientY: 1});
+els["matrix"].onmousemove({target: els["matrix"], clientX: 100, clientY: 100});  // past the labels: cell (0, 0)
+if (!els["info"].textContent.startsWith("weight of key 0")) throw new Error("matrix hover: " + els["info"].textContent);
 console.log("ok", keys.length);
 """
     program = f"const DATA = {json.dumps(data)};\n{dom}\n{script}\n{check}"

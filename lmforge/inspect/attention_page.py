@@ -15,7 +15,7 @@ CSS = """
 .side { font-size: 0.8em; color: #666; margin: 0.8em 0 0.2em; }
 .tok.query { outline: 2px solid #d62728; }
 #info { min-height: 2.8em; font-size: 0.9em; margin: 0.8em 0; color: #333; }
-#matrix { border: 1px solid #ddd; image-rendering: pixelated; margin-top: 0.5em; }
+#matrix { margin-top: 0.5em; }
 """
 
 SCRIPT = r"""
@@ -86,19 +86,30 @@ function clear(redraw = true) {
   if (redraw) drawMatrix(-1, -1);
 }
 function cell() { return Math.max(3, Math.min(18, Math.floor(560 / Math.max(cur.w.length, cur.w[0].length)))); }
+function margin() { return cell() >= 9 ? 84 : 0; }  // token labels beside the rows and above the columns
+function label(t) { t = show(t); return t.length > 11 ? t.slice(0, 10) + "…" : t; }
 function drawMatrix(hi, hj) {
-  const c = $("matrix"), n = cell(), T = cur.w.length, S = cur.w[0].length;
-  c.width = S * n; c.height = T * n; const g = c.getContext("2d");
+  const c = $("matrix"), n = cell(), m = margin(), T = cur.w.length, S = cur.w[0].length;
+  c.width = S * n + m; c.height = T * n + m; const g = c.getContext("2d");
   g.fillStyle = "#fff"; g.fillRect(0, 0, c.width, c.height);
   for (let i = 0; i < T; i++) for (let j = 0; j < S; j++) {
-    g.fillStyle = "rgba(33,113,181," + (cur.w[i][j] / cur.max).toFixed(3) + ")"; g.fillRect(j * n, i * n, n, n);
+    g.fillStyle = "rgba(33,113,181," + (cur.w[i][j] / cur.max).toFixed(3) + ")"; g.fillRect(m + j * n, m + i * n, n, n);
   }
-  if (hi >= 0) { g.strokeStyle = "#d62728"; g.lineWidth = 1; g.strokeRect(0.5, hi * n + 0.5, S * n - 1, n - 1); }
-  if (hj >= 0) { g.strokeStyle = "#ff7f0e"; g.strokeRect(hj * n + 0.5, 0.5, n - 1, T * n - 1); }
+  if (m) {
+    g.font = Math.min(12, n - 2) + "px monospace"; g.textBaseline = "middle";
+    for (let i = 0; i < T; i++) { g.fillStyle = i === hi ? "#d62728" : "#333"; g.textAlign = "right"; g.fillText(label(cur.q[i]), m - 4, m + i * n + n / 2); }
+    for (let j = 0; j < S; j++) {
+      g.save(); g.translate(m + j * n + n / 2, m - 4); g.rotate(-Math.PI / 2); g.textAlign = "left";
+      g.fillStyle = j === hj ? "#ff7f0e" : "#333"; g.fillText(label(cur.k[j]), 0, 0); g.restore();
+    }
+  }
+  g.lineWidth = 1;
+  if (hi >= 0) { g.strokeStyle = "#d62728"; g.strokeRect(m + 0.5, m + hi * n + 0.5, S * n - 1, n - 1); }
+  if (hj >= 0) { g.strokeStyle = "#ff7f0e"; g.strokeRect(m + hj * n + 0.5, m + 0.5, n - 1, T * n - 1); }
 }
 $("matrix").onmousemove = (e) => {
-  const n = cell(), r = e.target.getBoundingClientRect();
-  const i = Math.floor((e.clientY - r.top) / n), j = Math.floor((e.clientX - r.left) / n);
+  const n = cell(), m = margin(), r = e.target.getBoundingClientRect();
+  const i = Math.floor((e.clientY - r.top - m) / n), j = Math.floor((e.clientX - r.left - m) / n);
   if (i >= 0 && i < cur.w.length && j >= 0 && j < cur.w[0].length) focus(i, j);
 };
 $("matrix").onmouseleave = () => clear();

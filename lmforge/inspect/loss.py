@@ -93,7 +93,7 @@ def render_page(tl: TokenLosses, tokenizer, *, model_name: str, source: str) -> 
     bpb = f"{r.bits_per_byte:.4f}" if r.bits_per_byte is not None else "—"
     facts = [("perplexity", f"{r.perplexity:.4f}"), ("mean loss (NLL)", f"{r.nll:.4f} nats/token"),
              ("bits per byte", bpb), ("tokens scored", f"{r.tokens:,} of {r.total_tokens:,}"),
-             ("windows", f"{r.windows:,} of {r.context} tokens, stride {r.stride}")]
+             ("windows", f"{r.windows:,} (context {r.context} tokens, stride {r.stride})")]
     rows = "".join(f"<tr><td>{escape(k)}</td><td>{escape(v)}</td></tr>" for k, v in facts)
     body = f"""<h1>Per-token loss: {escape(model_name)}</h1>
 <p class="meta">{escape(source)}</p>
