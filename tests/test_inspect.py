@@ -103,8 +103,8 @@ def test_decoder_attention_maps_are_the_weights_the_model_computes(cfg):
     ids = torch.randint(0, cfg.vocab_size, (17,), generator=torch.Generator().manual_seed(1)).tolist()
     with _Outputs({f"{i}": b.attn.qkv for i, b in enumerate(model.blocks)}) as qkv:
         maps, logits = capture_attention(model, _inputs(ids))
-    assert set(maps) == {"self"} and len(maps["self"]) == cfg.n_layer
-    for i, probs in enumerate(maps["self"]):
+    assert set(maps) == {"self"} and list(maps["self"]) == list(range(cfg.n_layer))
+    for i, probs in maps["self"].items():
         assert probs.shape == (cfg.n_head, 17, 17)
         torch.testing.assert_close(probs.sum(-1), torch.ones(cfg.n_head, 17), atol=1e-5, rtol=0)
         lower = torch.ones(17, 17, dtype=torch.bool).tril()
@@ -113,6 +113,9 @@ def test_decoder_attention_maps_are_the_weights_the_model_computes(cfg):
         torch.testing.assert_close(probs, _manual(q, k, causal=True), atol=1e-5, rtol=1e-4)
         if cfg.n_kv_head != cfg.n_head:  # the check tells grouped-query layouts apart
             assert not torch.allclose(probs, _manual(q, k, True, kv_of=lambda h, g: h % cfg.n_kv_head), atol=1e-3)
+    # Only the layers asked for record; the others keep their kernels.
+    only, _ = capture_attention(model, _inputs(ids), {"self": [1]})
+    assert list(only["self"]) == [1] and torch.equal(only["self"][1], maps["self"][1])
     # The recorded forward is the model's forward: the same logits as without recording.
     with torch.inference_mode():
         plain, _ = model(torch.tensor([ids]))
@@ -136,15 +139,15 @@ def test_encoder_decoder_maps_self_and_cross_attention(cfg):
         maps, logits = capture_attention(model, _inputs(tgt, src))
     assert [len(maps[k]) for k in ("encoder", "decoder", "cross")] == [2, 3, 3]
     H, Hkv, hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-    for i, probs in enumerate(maps["encoder"]):  # both ways: no zeros
+    for i, probs in maps["encoder"].items():  # both ways: no zeros
         assert probs.shape == (H, 13, 13) and bool((probs > 0).all())
         q, k = _self_qk(out[f"enc{i}"], cfg)
         torch.testing.assert_close(probs, _manual(q, k, causal=False), atol=1e-5, rtol=1e-4)
-    for i, probs in enumerate(maps["decoder"]):
+    for i, probs in maps["decoder"].items():
         assert probs.shape == (H, 9, 9) and bool((probs.triu(1) == 0).all())
         q, k = _self_qk(out[f"dec{i}"], cfg)
         torch.testing.assert_close(probs, _manual(q, k, causal=True), atol=1e-5, rtol=1e-4)
-    for i, probs in enumerate(maps["cross"]):  # decoder queries over the source: no positions, no mask
+    for i, probs in maps["cross"].items():  # decoder queries over the source: no positions, no mask
         assert probs.shape == (H, 9, 13)
         torch.testing.assert_close(probs.sum(-1), torch.ones(H, 9), atol=1e-5, rtol=0)
         q = out[f"xq{i}"].view(9, H, hd)
@@ -305,11 +308,25 @@ def test_attention_cli_writes_pngs_and_one_page(cli, tmp_path, tiny_model_dir):
     _run_page_script(page)
 
     one = tmp_path / "one"
-    r = cli("inspect", "attention", tiny_model_dir, "hello world", "--layer", -1, "--head", 2, "-o", one)
+    text = "hello </script><b>world</b>"  # markup in the text stays text
+    r = cli("inspect", "attention", tiny_model_dir, text, "--layer", -1, "--head", 2, "-o", one)
     assert r.code == 0, r.err
     assert sorted(p.name for p in one.iterdir()) == ["attention-layer1.png", "attention.html"]
-    data = json.loads(re.search(r'id="attention-data">(.*?)</script>', (one / "attention.html").read_text(), re.S).group(1))
-    assert data["heads"] == [2] and data["kinds"][0]["layers"] == [1]
+    page = (one / "attention.html").read_text(encoding="utf-8")
+    assert page.count("</script>") == 2 and "<b>" not in page
+    data = json.loads(re.search(r'id="attention-data">(.*?)</script>', page, re.S).group(1))
+    assert data["heads"] == [2] and data["kinds"][0]["layers"] == [1] and "".join(data["tokens"]["tgt"]) == text
+
+
+def test_inspect_help_through_typer():
+    from typer.testing import CliRunner
+
+    from lmforge.cli import app
+
+    r = CliRunner().invoke(app, ["inspect", "--help"])
+    assert r.exit_code == 0 and all(c in r.output for c in ("attention", "logit-lens", "loss"))
+    r = CliRunner().invoke(app, ["inspect", "attention", "--help"])
+    assert r.exit_code == 0 and "--layer" in r.output and "--source" in r.output
 
 
 def test_attention_and_lens_cli_on_an_encoder_decoder(cli, tmp_path, stdlib_texts):
@@ -409,8 +426,14 @@ def _one_line_error(r, *needles):
         assert n in lines[0], lines[0]
 
 
-def test_bad_input_is_one_line(cli, tmp_path, tiny_model_dir):
+def test_bad_input_is_one_line(cli, tmp_path, tiny_model_dir, monkeypatch):
     out = tmp_path / "o"
+    from lmforge.inspect import attention
+
+    monkeypatch.setattr(attention, "MAX_WEIGHTS", 1000)
+    _one_line_error(cli("inspect", "attention", tiny_model_dir, "one two three four five six", "-o", out),
+                    "too many", "--layer")
+    monkeypatch.undo()
     _one_line_error(cli("inspect", "attention", tiny_model_dir, "", "-o", out), "empty")
     _one_line_error(cli("inspect", "logit-lens", tiny_model_dir, "", "-o", out), "empty")
     _one_line_error(cli("inspect", "attention", tiny_model_dir, "hi", "--layer", 2, "-o", out), "--layer 2", "0..1")

@@ -15,6 +15,8 @@ from lmforge.inspect.capture import KIND_TITLES, capture_attention
 from lmforge.inspect.inputs import Inputs, check_head, prepare_inputs, token_label
 
 LABELLED_TOKENS = 48  # axes name their tokens up to this many; beyond, only positions
+# The most weights one page holds (~3 characters each in its JSON): beyond, a browser struggles.
+MAX_WEIGHTS = 8_000_000
 
 
 @dataclass
@@ -60,9 +62,15 @@ def attention_maps(loaded, text: str, source: str | None = None, *, layer: int |
     layers = _pick_layers(n_layers, layer)
     head = check_head(head, config.n_head)
     inputs = prepare_inputs(loaded, text, source)
-    captured, logits = capture_attention(model, inputs)
     heads = list(range(config.n_head)) if head is None else [head]
-    maps = {kind: {i: captured[kind][i][heads] for i in idx} for kind, idx in layers.items()}
+    T, S = len(inputs.ids), len(inputs.src_ids or inputs.ids)
+    sizes = {"self": T * T, "decoder": T * T, "encoder": S * S, "cross": T * S}
+    weights = sum(len(idx) * len(heads) * sizes[kind] for kind, idx in layers.items())
+    if weights > MAX_WEIGHTS:
+        raise LmforgeError(f"{weights:,} attention weights ({T} tokens) are too many for one page (at most "
+                           f"{MAX_WEIGHTS:,}): pick a layer (--layer) or a head (--head), or a shorter text")
+    captured, logits = capture_attention(model, inputs, layers)
+    maps = {kind: {i: probs[heads] for i, probs in captured[kind].items()} for kind in layers}
     return AttentionMaps(maps, heads, inputs, logits, n_kv_head=config.n_kv_head)
 
 

@@ -36,14 +36,17 @@ def attention_layers(model) -> dict[str, list]:
 
 
 @contextmanager
-def record_attention(model) -> Iterator[dict[str, list[list[torch.Tensor]]]]:
+def record_attention(model, keep: dict[str, list[int]] | None = None) -> Iterator[dict[str, list[list[torch.Tensor]]]]:
     """While active, every attention call appends its probabilities (fp32, on the CPU, [B,
-    n_head, T, S]) to maps[kind][layer]; the layers are reset afterwards, whatever happens."""
+    n_head, T, S]) to maps[kind][layer]; the layers are reset afterwards, whatever happens.
+    keep: only these layers of each kind record (the others run their usual kernels and their
+    lists stay empty); None: all."""
     layers = attention_layers(model)
     maps: dict[str, list[list[torch.Tensor]]] = {kind: [[] for _ in mods] for kind, mods in layers.items()}
     for kind, mods in layers.items():
         for i, module in enumerate(mods):
-            module.record_probs = _appender(maps[kind][i])
+            if keep is None or i in keep.get(kind, ()):
+                module.record_probs = _appender(maps[kind][i])
     try:
         yield maps
     finally:
@@ -72,16 +75,22 @@ def forward(model, inputs: Inputs) -> torch.Tensor:
     return logits[0]
 
 
-def capture_attention(model, inputs: Inputs) -> tuple[dict[str, list[torch.Tensor]], torch.Tensor]:
-    """({kind: [probabilities [n_head, T, S] of layer 0, 1, ...]}, logits [T, vocab]) of one forward."""
-    with record_attention(model) as maps:
+def capture_attention(model, inputs: Inputs, keep: dict[str, list[int]] | None = None
+                      ) -> tuple[dict[str, dict[int, torch.Tensor]], torch.Tensor]:
+    """({kind: {layer: probabilities [n_head, T, S]}} for the layers in `keep` (None: all),
+    logits [T, vocab]) of one forward."""
+    if keep is None:
+        keep = {kind: list(range(len(mods))) for kind, mods in attention_layers(model).items()}
+    with record_attention(model, keep) as maps:
         logits = forward(model, inputs)
-    out = {}
-    for kind, layers in maps.items():
-        for i, calls in enumerate(layers):
+    out: dict[str, dict[int, torch.Tensor]] = {}
+    for kind, layers in keep.items():
+        out[kind] = {}
+        for i in layers:
+            calls = maps[kind][i]
             if len(calls) != 1:
                 raise RuntimeError(f"{kind} attention layer {i} ran {len(calls)} times in one forward")
-        out[kind] = [calls[0][0] for calls in layers]
+            out[kind][i] = calls[0][0]
     return out, logits
 
 
