@@ -44,6 +44,9 @@ app.add_typer(data_app, name="data")
 from lmforge.cli_recipe import recipe_app  # noqa: E402  (imports no torch)
 
 app.add_typer(recipe_app, name="recipe")
+from lmforge.cli_inspect import inspect_app  # noqa: E402  (imports no torch)
+
+app.add_typer(inspect_app, name="inspect")
 
 Inputs = Annotated[list[str], typer.Argument(help="Files, folders (walked recursively) or globs.", show_default=False)]
 Out = Annotated[Path, typer.Option("-o", "--out", help="Output folder (written atomically).", show_default=False)]

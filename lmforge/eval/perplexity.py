@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 from lmforge.errors import LmforgeError, check_counts
 
 if TYPE_CHECKING:
-    from lmforge.generate.engine import Engine
+    from lmforge.generate.engine import Engine, TokenScores
 
 
 def perplexity_from_nll(nll: float | None) -> float | None:
@@ -107,8 +107,11 @@ class PerplexityResult:
 
 
 def score_stream(engine: "Engine", ids: Sequence[int], context: int, stride: int, *, batch_size: int = 4,
-                 n_bytes: int | None = None, progress: Callable[[int, int], None] | None = None) -> PerplexityResult:
-    """Sliding-window perplexity of a token stream through the Engine's scorer."""
+                 n_bytes: int | None = None, progress: Callable[[int, int], None] | None = None,
+                 on_window: Callable[[Window, "TokenScores"], None] | None = None) -> PerplexityResult:
+    """Sliding-window perplexity of a token stream through the Engine's scorer. on_window(w, s) is
+    given each window's scores: s.logprobs[i] is that of token w.first_scored + i (per-token
+    views, such as `lmforge inspect loss`, read them there)."""
     if len(ids) < 2:
         raise LmforgeError(f"need at least 2 tokens to measure perplexity, the text has {len(ids)}")
     if context > engine.config.block_size:
@@ -122,7 +125,9 @@ def score_stream(engine: "Engine", ids: Sequence[int], context: int, stride: int
         chunk = plan[i : i + batch_size]
         scored = engine.score([ids[w.begin : w.end] for w in chunk], [w.first_scored - w.begin for w in chunk],
                               batch_tokens=batch_size * context)
-        for s in scored:
+        for w, s in zip(chunk, scored):
+            if on_window is not None:
+                on_window(w, s)
             nll = -float(s.logprobs.double().sum())
             total += nll
             count += len(s.logprobs)

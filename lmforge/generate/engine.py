@@ -68,6 +68,8 @@ class TokenScores:
 
     logprobs: torch.Tensor  # [n] float32: log p(ids[i] | ids[:i]) for i in start..len-1
     greedy: torch.Tensor  # [n] bool: ids[i] was the model's most likely next token
+    top_ids: torch.Tensor | None = None  # [n] int64: the model's most likely token at each of those positions
+    top_logprobs: torch.Tensor | None = None  # [n] float32: its log-probability
 
     @property
     def total(self) -> float:
@@ -644,9 +646,11 @@ class Engine:
             rows = logits[row, start - 1 - first : len(seq) - 1 - first].float()
             targets = ids[row, start : len(seq)]
             picked = rows.gather(-1, targets[:, None]).squeeze(-1)
-            logprobs = picked - torch.logsumexp(rows, dim=-1)
-            greedy = rows.argmax(-1) == targets
-            out.append(TokenScores(logprobs.cpu(), greedy.cpu()))
+            lse = torch.logsumexp(rows, dim=-1)
+            logprobs = picked - lse
+            top = rows.argmax(-1)
+            top_logprobs = rows.gather(-1, top[:, None]).squeeze(-1) - lse
+            out.append(TokenScores(logprobs.cpu(), (top == targets).cpu(), top.cpu(), top_logprobs.cpu()))
         return out
 
     def score_continuations(self, requests: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]], *,

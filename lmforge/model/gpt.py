@@ -237,6 +237,11 @@ class Attention(nn.Module):
         self.kv_repeat = config.n_head // config.n_kv_head if gqa and not SDPA_GQA else 1
         self.sdpa_kwargs = {"enable_gqa": True} if gqa and SDPA_GQA else {}
 
+    # A callable given each call's attention probabilities [B, n_head, T, S] (lmforge.inspect
+    # sets it): the call then computes them explicitly and takes its output from them, so what
+    # is recorded is exactly what the layer used. None: the fused kernels below.
+    record_probs = None
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
         """softmax(q k^T / sqrt(head_dim), masked) v with the heads merged, through `proj`.
 
@@ -250,7 +255,9 @@ class Attention(nn.Module):
         is_causal = mask is None
         if mask is False:
             mask = None
-        if is_causal and uses_short_kernel(q, dropout):
+        if self.record_probs is not None:
+            y = self._attend_recorded(q, k, v, mask, is_causal, dropout)
+        elif is_causal and uses_short_kernel(q, dropout):
             y = short_causal_attention(q, k, v)
         else:
             if self.kv_repeat > 1:
@@ -261,6 +268,24 @@ class Attention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         y = self.proj(y)
         return F.dropout(y, dropout, True) if dropout else y
+
+    def _attend_recorded(self, q, k, v, mask, is_causal: bool, dropout: float) -> torch.Tensor:
+        """`attend`'s math written out, handing the probabilities to `record_probs`: query head h
+        reads kv head h // (n_head / n_kv_head), as SDPA's enable_gqa and the short kernel do."""
+        group = q.shape[1] // k.shape[1]
+        if group > 1:
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        scores = torch.matmul(q, k.transpose(-2, -1)).float() * (1.0 / math.sqrt(q.shape[-1]))
+        if is_causal:
+            T, S = q.shape[2], k.shape[2]
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(q.dtype)
+        self.record_probs(probs)
+        if dropout:
+            probs = F.dropout(probs, dropout, True)
+        return torch.matmul(probs, v)
 
 
 class CausalSelfAttention(Attention):
