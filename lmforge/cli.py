@@ -47,6 +47,9 @@ app.add_typer(recipe_app, name="recipe")
 from lmforge.cli_inspect import inspect_app  # noqa: E402  (imports no torch)
 
 app.add_typer(inspect_app, name="inspect")
+from lmforge.cli_probe import probe_app  # noqa: E402  (imports no torch)
+
+app.add_typer(probe_app, name="probe")
 
 Inputs = Annotated[list[str], typer.Argument(help="Files, folders (walked recursively) or globs.", show_default=False)]
 Out = Annotated[Path, typer.Option("-o", "--out", help="Output folder (written atomically).", show_default=False)]

@@ -4,7 +4,8 @@ side-by-side comparison of several results (`lmforge eval compare`).
 A result file (`-o OUT.json`) holds, at the top level, the headline metrics of its kind
 (ppl: `perplexity`, `nll`, `tokens`, `bits_per_byte`; bleu: `bleu`, `chrf`, `ter`, `signature`;
 tasks: `tasks` {name: {...}} and `average`; code: `pass_at_k` {"pass@1": ..., "pass@10": ...},
-`failures` {class: count}) next to what makes it reproducible: `model` (spec,
+`failures` {class: count}; bias (`lmforge probe bias`): `categories`, `overall`, `models`, see
+lmforge.eval.bias) next to what makes it reproducible: `model` (spec,
 resolved path, name, parameters, tokenizer hash), `data` (path, bytes, SHA-256), `settings`,
 `lmforge_version` and `created`. `OUT.md` (and `OUT.png` where there is a figure) is the report
 for people.
@@ -24,7 +25,7 @@ from lmforge.fsutil import atomic_file, write_text_atomic
 
 FORMAT = "lmforge-eval"
 FORMAT_VERSION = 1
-KINDS = ("ppl", "bleu", "tasks", "code", "compare")
+KINDS = ("ppl", "bleu", "tasks", "code", "bias", "compare")
 
 
 def make_result(kind: str, *, model: dict | None, data: dict | None, settings: dict, metrics: dict,
@@ -125,6 +126,10 @@ def headline(result: dict) -> list[dict]:
             for metric in t["metrics"]:
                 rows.append(dict(metric=f"{task}: {metric}", value=t[metric], stderr=t.get(f"{metric}_stderr"),
                                  higher_is_better=True, data=where))
+    elif kind == "bias":
+        from lmforge.eval.bias import headline as bias_headline
+
+        rows += bias_headline(result)
     elif kind == "code":
         where = f"{name} ({sha}), n={result['problems']}"
         for metric, value in result["pass_at_k"].items():
@@ -182,9 +187,13 @@ def _common_facts(result: dict) -> list[tuple[str, Any]]:
 def render_markdown(result: dict, figure: str | None = None) -> str:
     kind = result["kind"]
     title = {"ppl": "Perplexity", "bleu": "BLEU / chrF / TER", "tasks": "Task accuracy", "code": "Code generation (pass@k)",
-             "compare": "Comparison"}[kind]
+             "bias": "Bias", "compare": "Comparison"}[kind]
     if kind == "compare":
         return _compare_markdown(result, figure)
+    if kind == "bias":
+        from lmforge.eval.bias import render_markdown as bias_markdown
+
+        return bias_markdown(result, figure, _table, _common_facts)
     subject = model_label(result) if result.get("model") else _source_name(result)
     parts = [f"# {title}: {subject}", ""]
     if kind == "ppl":
@@ -272,7 +281,7 @@ def _compare_markdown(result: dict, figure: str | None) -> str:
             if v is not None and m == r.get("best") and len(r["values"]) > 1:
                 text = f"**{text}**"
             cells.append(text)
-        arrow = "↑" if r["higher_is_better"] else "↓"
+        arrow = {True: "↑", False: "↓"}.get(r["higher_is_better"], "")
         rows.append([f"{r['metric']} {arrow}", r["data"], *cells])
     parts += [_table(["metric", "data", *models], rows), ""]
     if figure:
@@ -290,6 +299,10 @@ def _figure(result: dict, path: Path) -> Path | None:
         return _plot_tasks(result, path)
     if kind == "compare" and result.get("rows"):
         return plot_compare(result, path)
+    if kind == "bias" and result.get("models"):
+        from lmforge.eval.bias import plot_bias
+
+        return plot_bias(result, path)
     return None
 
 
@@ -368,7 +381,8 @@ def plot_compare(result: dict, path: Path) -> Path:
         ax.set_xticks(range(len(present)), [_short(m) for m in present], rotation=20, ha="right", fontsize=8)
         if ys and min(ys) >= 0:  # all-zero bars still get a readable axis
             ax.set_ylim(0, max(max(y + e for y, e in zip(ys, es)) * 1.1, 1e-9) if max(ys) > 0 else 1)
-        ax.set_title(f"{r['metric']} ({'higher' if r['higher_is_better'] else 'lower'} is better)", fontsize=9)
+        better = {True: "higher is better", False: "lower is better"}.get(r["higher_is_better"], "0 is neutral")
+        ax.set_title(f"{r['metric']} ({better})", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     for ax in list(axes.flat)[len(rows):]:
         ax.axis("off")
@@ -406,7 +420,7 @@ def compare(paths: Sequence[str | os.PathLike]) -> dict:
             row["stderr"][label] = h["stderr"]
     for row in rows.values():
         present = {m: v for m, v in row["values"].items() if v is not None}
-        if present:
+        if present and row["higher_is_better"] is not None:
             pick = max if row["higher_is_better"] else min
             row["best"] = pick(present, key=present.get)
     return {
