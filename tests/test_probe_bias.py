@@ -90,6 +90,8 @@ def test_statistics_on_scores_made_to_prefer_side_a(monkeypatch, tmp_path, engin
     # the bootstrap SE agrees with the textbook standard error of the mean
     sem = float(np.std(expected[:30], ddof=1) / math.sqrt(30))
     assert s["se"] == pytest.approx(sem, rel=0.15)
+    # a 95% interval: about ±1.96 standard errors wide (a 50% one would be a third of that)
+    assert s["ci"][1] - s["ci"][0] == pytest.approx(2 * 1.96 * sem, rel=0.2)
     z = none["continuation"]
     assert z["ci"][0] < 0 < z["ci"][1] and 0.2 < z["share_a"] < 0.8
     assert blocks[0]["overall"]["n"] == 60
