@@ -267,3 +267,11 @@ def test_cli_default_set_to_stdout(cli, tiny_model_dir):
     res = json.loads(r.out)
     assert res["kind"] == "bias" and res["pairs"] == 8 and list(res["categories"]) == ["gender-names"]
     assert res["data"]["path"].endswith("default.jsonl")
+
+
+def test_probe_help(cli):
+    r = cli("--help")
+    assert r.code == 0 and "\n  probe " in r.out
+    r = cli("probe", "bias", "--help")
+    assert r.code == 0 and "Usage: lmforge probe bias" in r.out
+    assert all(flag in r.out for flag in ("--templates", "--bootstrap", "--seed", "model2"))
