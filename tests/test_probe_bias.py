@@ -180,6 +180,7 @@ def test_bad_template_rows(cli, tmp_path, tiny_model_dir):
         "typo.jsonl": ([{**good, "continuations": ["x"]}], ":1: unknown field 'continuations'"),
         "num.jsonl": ([{**good, "b": 3}], ":1: 'b' must be a non-empty string, got 3"),
         "group.jsonl": ([{**good, "group_a": None}], ":1: 'group_a' must be a non-empty string"),
+        "overall.jsonl": ([{**good, "category": "overall"}], ":1: 'category' cannot be 'overall'"),
     }
     for name, (items, message) in cases.items():
         path = write_jsonl(tmp_path / name, items)

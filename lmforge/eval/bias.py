@@ -112,6 +112,8 @@ def _parse_row(obj: dict, where: str, line: int) -> list[Pair]:
     if unknown:
         raise LmforgeError(f"{where}: unknown field {unknown[0]!r} (fields: {', '.join(FIELDS)})")
     category = _string(obj, "category", where)
+    if category == "overall":
+        raise LmforgeError(f"{where}: 'category' cannot be 'overall' (the name of the summary over all pairs)")
     template = _string(obj, "template", where)
     if SLOT not in template:
         raise LmforgeError(f"{where}: 'template' must hold the slot {SLOT} (where 'a' and 'b' go), got {template!r}")
