@@ -51,6 +51,10 @@ from lmforge.cli_probe import probe_app  # noqa: E402  (imports no torch)
 
 app.add_typer(probe_app, name="probe")
 
+from lmforge.cli_tune import tune_app  # noqa: E402  (imports no torch)
+
+app.add_typer(tune_app, name="tune")
+
 Inputs = Annotated[list[str], typer.Argument(help="Files, folders (walked recursively) or globs.", show_default=False)]
 Out = Annotated[Path, typer.Option("-o", "--out", help="Output folder (written atomically).", show_default=False)]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace the output if it exists.")]

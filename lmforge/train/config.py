@@ -9,7 +9,7 @@ from typing import Callable, Literal
 from lmforge.errors import LmforgeError
 
 OptimizerName = Literal["adamw", "sgd"]
-Schedule = Literal["cosine", "linear", "constant"]
+Schedule = Literal["cosine", "linear", "constant", "exponential"]
 Precision = Literal["auto", "fp32", "bf16"]
 Heap = Literal["keep", "release", "pool"]
 Strategy = Literal["auto", "none", "ddp", "fsdp"]
@@ -25,7 +25,7 @@ class TrainConfig:
     lr: float = 1e-3  # peak learning rate
     min_lr: float = 1e-4  # learning rate at the end of the decay
     warmup_steps: int | None = None  # linear warmup from 0 to lr (default: 10% of max_steps, at most 100)
-    schedule: Schedule = "cosine"  # decay after warmup: cosine, linear, or constant
+    schedule: Schedule = "cosine"  # decay after warmup: cosine, linear, or constant; exponential rises from --min-lr to --lr instead (the LR range test, `lmforge tune lr-range`)
     weight_decay: float = 0.1  # on 2-D weights only; never on norms, biases, embeddings
     beta1: float = 0.9  # AdamW first-moment decay
     beta2: float = 0.95  # AdamW second-moment decay
@@ -66,9 +66,12 @@ class TrainConfig:
             # `check` is written so that NaN fails it; an infinite value is no setting either.
             if not ok_type or not math.isfinite(value) or not check(value):
                 raise LmforgeError(f"{train_flag(f.name)} must be {what}, got {value!r}")
+        if self.schedule == "exponential" and not self.min_lr > 0:
+            raise LmforgeError(f"--schedule exponential rises from {train_flag('min_lr')} to {train_flag('lr')}: "
+                               f"{train_flag('min_lr')} must be above 0, got {self.min_lr!r}")
         if self.min_lr > self.lr:
             raise LmforgeError(f"{train_flag('min_lr')} ({self.min_lr}) must not exceed {train_flag('lr')} ({self.lr})")
-        for name, allowed in (("optimizer", ("adamw", "sgd")), ("schedule", ("cosine", "linear", "constant")),
+        for name, allowed in (("optimizer", ("adamw", "sgd")), ("schedule", ("cosine", "linear", "constant", "exponential")),
                               ("precision", ("auto", "fp32", "bf16")), ("heap", ("keep", "release", "pool")),
                               ("strategy", ("auto", "none", "ddp", "fsdp"))):
             if getattr(self, name) not in allowed:

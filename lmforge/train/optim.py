@@ -24,6 +24,11 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     """Learning rate for optimizer step `step` (0-based): linear warmup, then the decay."""
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "exponential":
+        # The LR range test: min_lr at the first step after warmup, lr at the last, a constant
+        # factor between steps (evenly spaced on a log axis).
+        span = cfg.max_steps - 1 - cfg.warmup_steps
+        return cfg.min_lr * (cfg.lr / cfg.min_lr) ** ((step - cfg.warmup_steps) / span if span > 0 else 0.0)
     if cfg.schedule == "constant":
         return cfg.lr
     span = max(1, cfg.max_steps - cfg.warmup_steps)

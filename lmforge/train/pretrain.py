@@ -34,7 +34,7 @@ from lmforge.train.data import ShardBatches
 from lmforge.train.distributed import Distributed, choose_strategy, describe_batch, follower_summary, launched_run
 from lmforge.train.metrics import METRICS_FILE, read_metrics
 from lmforge.train.runlock import RunDir
-from lmforge.train.trainer import Trainer, TrainResult, resume_checkpoint
+from lmforge.train.trainer import StepHook, Trainer, TrainResult, resume_checkpoint
 from lmforge.yamlio import read_yaml
 
 RUN_CONFIG = "config.yaml"
@@ -96,17 +96,22 @@ def pretrain(
     sample_prompts: tuple[str, ...] = SAMPLE_PROMPTS,
     sample_tokens: int = 120,
     pause_at: int | None = None,
+    on_step: StepHook | None = None,
+    report: bool = True,
 ) -> dict:
     """Under torchrun, every rank calls this; rank 0 returns the summary, the others
-    {"rank": r, "steps": ..., "signal": ...}."""
+    {"rank": r, "steps": ..., "signal": ...}. `on_step`: the Trainer's hook (lmforge.tune);
+    `report=False` skips the baselines, samples and report.md (the summary is then the
+    training's alone, with the checkpoint)."""
     cfg.check_schedule()
     with launched_run(out, "pretrain", cfg, new=not (resume or resume_from), overwrite=overwrite) as (run, job, device):
         return _pretrain(run, data, model, cfg, model_overrides, resume, resume_from, progress,
-                         sample_prompts, sample_tokens, pause_at, job, device)
+                         sample_prompts, sample_tokens, pause_at, job, device, on_step, report)
 
 
 def _pretrain(run: RunDir, data, model, cfg, model_overrides, resume, resume_from, progress,
-              sample_prompts, sample_tokens, pause_at, job: Distributed, device: torch.device) -> dict:
+              sample_prompts, sample_tokens, pause_at, job: Distributed, device: torch.device,
+              on_step: StepHook | None = None, report: bool = True) -> dict:
     run_dir = run.path
     from lmforge.data.parallel import is_pair_file
 
@@ -169,7 +174,7 @@ def _pretrain(run: RunDir, data, model, cfg, model_overrides, resume, resume_fro
         tokens_per_step=cfg.batch_size * block_size * cfg.grad_accum * job.world_size,
         progress=progress,
         on_checkpoint=run.checkpointed,
-        job=job, device=device,
+        job=job, device=device, on_step=on_step,
     )
     if job.is_main:
         print(f"[pretrain] {model_config.name}: {n_params / 1e6:.2f}M parameters, {net.flops_per_token(block_size) / 1e6:.1f} "
@@ -178,6 +183,10 @@ def _pretrain(run: RunDir, data, model, cfg, model_overrides, resume, resume_fro
     result = trainer.fit(resume_from=ckpt, pause_at=pause_at)
     if not job.is_main:
         return follower_summary(job, result)
+    if not report:
+        summary = {**training_summary(result, n_params), "checkpoint": str(result.checkpoint) if result.checkpoint else None}
+        write_text_atomic(run_dir / SUMMARY, json.dumps(summary, indent=2))
+        return summary
     return finish_run(run_dir, result, net, tokenizer, shards, n_params, sample_prompts, sample_tokens)
 
 

@@ -6,6 +6,7 @@ fields, so we encode them by hand instead of pulling in TensorFlow or tensorboar
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import struct
@@ -84,10 +85,20 @@ class ScalarWriter:
 
     def add_scalars(self, step: int, values: dict[str, float]) -> None:
         summary = b"".join(
-            _length_delimited(1, _length_delimited(1, tag.encode()) + _field(2, 5, struct.pack("<f", float(v))))
+            _length_delimited(1, _length_delimited(1, tag.encode()) + _field(2, 5, struct.pack("<f", _float32(v))))
             for tag, v in values.items() if v is not None
         )
         self._write(_event(time.time(), step, summary=summary))
 
     def close(self) -> None:
         self._file.close()
+
+
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _float32(v) -> float:
+    """A scalar as TensorBoard's float32: past its range, infinite (a diverging run's grad norm,
+    an LR range test's loss) rather than an OverflowError."""
+    v = float(v)
+    return math.copysign(math.inf, v) if math.isfinite(v) and abs(v) > _FLOAT32_MAX else v

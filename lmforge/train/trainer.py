@@ -63,7 +63,7 @@ class BatchSource(Protocol):
 @dataclass
 class TrainResult:
     step: int
-    stopped_because: str  # max_steps | early_stop | time_budget | interrupted | paused
+    stopped_because: str  # max_steps | early_stop | time_budget | interrupted | paused | an on_step hook's reason
     train_loss: float | None
     val_loss: float | None
     best_val_loss: float | None
@@ -102,6 +102,21 @@ class RetentionCheck:
     data: "BatchSource"  # only its val_batches() are read
     tolerance: float
     guard: bool = False
+
+
+class TrainingDiverged(LmforgeError):
+    """The loss of a step was not finite (NaN or infinite); `step` is that step (1-based)."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
+# Told of every optimizer step: (step, {"train_loss", "lr"} and "val_loss" at an evaluation).
+# It returns None to go on, or a reason (a word, e.g. "pruned") to stop after this step: the run
+# then ends as a stop for any other reason does (final checkpoint, TrainResult.stopped_because
+# the reason). lmforge.tune uses it to stop an LR range test past divergence and to prune trials.
+StepHook = Callable[[int, dict], "str | None"]
 
 
 class _StopFlag:
@@ -162,8 +177,10 @@ class Trainer:
         extra_eval: ExtraEval | None = None,
         job: Distributed = SINGLE,
         device: torch.device | None = None,
+        on_step: StepHook | None = None,
     ):
         self.model = model
+        self.on_step = on_step
         self.job = job  # several ranks: each runs this loop on its slice of every batch (lmforge.train.distributed)
         self.extra_eval = extra_eval
         self.retention = retention
@@ -324,11 +341,10 @@ class Trainer:
                     train_loss = loss_total / (cfg.grad_accum * self.job.world_size)
                     if not math.isfinite(train_loss):
                         good = list_checkpoints(self.run_dir)
-                        raise LmforgeError(
+                        raise TrainingDiverged(
                             f"training diverged: loss is {train_loss} at step {step + 1}; "
                             f"the last good checkpoint is {good[-1] if good else 'none (none was saved yet)'}; "
-                            "lower --lr or raise --warmup-steps"
-                        )
+                            "lower --lr or raise --warmup-steps", step + 1)
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
                     if pool is not None:
@@ -383,6 +399,11 @@ class Trainer:
                         bar.set_postfix(loss=f"{train_loss:.4f}", **({"val": f"{val_loss:.4f}"} if val_loss is not None else {}),
                                         tok_s=f"{tokens_per_s or 0:,.0f}", mfu=f"{(mfu or 0) * 100:.1f}%",
                                         **({"budget_left": f"{max(0.0, left):.0f}s"} if left is not None else {}))
+                    if self.on_step is not None:
+                        seen = {"train_loss": train_loss, "lr": lr, **({"val_loss": row["val_loss"]} if "val_loss" in row else {})}
+                        reason = self.on_step(step, seen)
+                        if reason and step < cfg.max_steps:
+                            stopped, stop_now = reason, True
                     if over_budget and step < cfg.max_steps:
                         stopped, stop_now = "time_budget", True
                     if stop_requested:
