@@ -3,6 +3,7 @@ real range test and real sweeps (pruning, resume, best.yaml), one-line errors fo
 
 import json
 import math
+import os
 import re
 
 import numpy as np
@@ -129,7 +130,7 @@ def test_sweep_prunes_resumes_and_writes_best(shards, tmp_path, cli):
     r = cli("tune", "sweep", config, "--trials", 3, "-o", out)
     assert r.code == 0 and "nothing to run" in r.out and len(states(out)) == 3
     results = (out / "results.md").read_text()
-    assert "| trial | state | lr | weight_decay | best val loss | steps |" in results and "pruned" in results
+    assert "| trial | state | lr | weight_decay | val loss (best; pruned: last) | steps |" in results and "pruned" in results
     assert (out / "slice.png").stat().st_size > 5_000
     best = yaml.safe_load((out / "best.yaml").read_text())
     assert best["train"]["lr"] in (2e-2, 1e-2) and best["train"]["max_steps"] == 6
@@ -143,6 +144,10 @@ def test_sweep_prunes_resumes_and_writes_best(shards, tmp_path, cli):
 
 def test_sweep_three_trials_with_tpe(shards, tmp_path, cli):
     config = sweep_config(tmp_path, shards, lr={"low": 1e-3, "high": 3e-2, "log": True}, batch_size=[2, 4])
+    # data and model given relative to the config's folder (not to the current directory)
+    tree = yaml.safe_load(config.read_text())
+    tree.update(data=os.path.relpath(tree["data"], tmp_path), model=os.path.relpath(tree["model"], tmp_path))
+    config.write_text(yaml.safe_dump(tree))
     r = cli("tune", "sweep", config, "--trials", 3)  # default OUT: beside the config
     assert r.code == 0, r.err
     out = tmp_path / "sweep-sweep"
@@ -150,6 +155,8 @@ def test_sweep_three_trials_with_tpe(shards, tmp_path, cli):
     study = optuna.load_study(study_name="lmforge-sweep", storage=f"sqlite:///{out / 'study.db'}")
     assert all(1e-3 <= t.params["lr"] <= 3e-2 and t.params["batch_size"] in (2, 4) for t in study.trials)
     assert all(t.intermediate_values for t in study.trials)  # val loss reported at each eval
+    best = yaml.safe_load((out / "best.yaml").read_text())
+    assert best["data"] == str(shards[0].resolve()) and best["model"] == str(shards[1].resolve())
 
 
 @pytest.mark.parametrize("change, fragments", [

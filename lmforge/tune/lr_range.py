@@ -192,7 +192,9 @@ def plot_range(recorder: RangeRecorder, picks: dict, path: Path) -> Path:
     ax.plot([recorder.lrs[j]], [recorder.smoothed[j]], "s", color="tab:green", label=f"minimum at {recorder.lrs[j]:.2e}")
     ax.set_xscale("log")
     low, high = min(recorder.smoothed), max(recorder.smoothed[: j + 1])
-    ax.set_ylim(low - 0.1 * (high - low + 1e-9), max(recorder.smoothed[-1], high) + 0.1 * (high - low + 1e-9))
+    # The descent fills the plot; the divergence past the minimum leaves through the top.
+    pad = 0.1 * (high - low) or 0.1 * abs(high) or 0.1
+    ax.set_ylim(low - pad, high + 2.5 * pad)
     ax.set_xlabel("learning rate (log scale)")
     ax.set_ylabel("train loss (nats/token)")
     ax.set_title("LR range test")

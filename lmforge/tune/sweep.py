@@ -10,7 +10,7 @@ CONFIG.yaml holds what a `lmforge pretrain --config` file holds (data, model, tr
       lr: {low: 1.0e-4, high: 1.0e-2, log: true}   # a range (float, or int when low and high are)
       weight_decay: {low: 0.0, high: 0.2}
       batch_size: [8, 16]                          # a list: one of these values
-    sweep: {seed: 0, startup_trials: 2, warmup_evals: 0}   # optional: sampler seed, pruner settings
+    sweep: {seed: 0, startup_trials: 2, warmup_evals: 1}   # optional: sampler seed, pruner settings
 
 Each trial is a real short pretraining run (lmforge.train.pretrain, the one Trainer) in
 OUT/trials/trial-NNN; its val loss at every evaluation is reported to the trial through the
@@ -70,7 +70,7 @@ class SweepConfig:
     search: list[Param]
     seed: int = 0
     startup_trials: int = 2
-    warmup_evals: int = 0
+    warmup_evals: int = 1  # evaluations a trial runs before it may be pruned (the first is noisy)
     raw: dict = field(default_factory=dict)
 
 
@@ -299,12 +299,14 @@ def write_results(study, config: SweepConfig, out: Path) -> dict:
     result = {"study": str(out / STUDY_FILE), "trials": len(trials),
               "complete": len(complete), "pruned": sum(t.state == optuna.trial.TrialState.PRUNED for t in trials),
               "failed": sum(t.state == optuna.trial.TrialState.FAIL for t in trials)}
-    table = markdown_table(["trial", "state", *searched, "best val loss", "steps"], rows)
+    table = markdown_table(["trial", "state", *searched, "val loss (best; pruned: last)", "steps"], rows)
     parts = ["# Sweep results", "", f"Config: `{config.path}`; study `{out / STUDY_FILE}` ({STUDY_NAME}).", "",
              f"{result['complete']} complete, {result['pruned']} pruned, {result['failed']} failed.", "", table, ""]
     if complete:
         best = study.best_trial
-        best_config = {"data": str(_data_path(config).resolve()), "model": _model_spec(config),
+        model = _model_spec(config)
+        model = str(Path(model).resolve()) if Path(model).is_file() else model  # best.yaml lives elsewhere
+        best_config = {"data": str(_data_path(config).resolve()), "model": model,
                        "train": {**config.train, **best.params}}
         write_text_atomic(out / "best.yaml", f"# lmforge tune sweep {config.path}: trial {best.number}, best val loss "
                           f"{best.value:.4f}\n# lmforge pretrain --config best.yaml -o RUN\n"
