@@ -191,3 +191,19 @@ def test_sweep_without_optuna_says_how_to_install(shards, tmp_path, cli, monkeyp
     monkeypatch.setitem(sys.modules, "optuna", None)  # import optuna -> ImportError
     one_line_error(cli("tune", "sweep", sweep_config(tmp_path, shards), "--trials", 1, "-o", tmp_path / "o"),
                    "pip install lmforge[tune]")
+
+
+def test_sweep_reruns_a_trial_an_interruption_left_running(shards, tmp_path, cli):
+    config = sweep_config(tmp_path, shards)
+    out = tmp_path / "sw"
+    out.mkdir()
+    study = optuna.create_study(study_name="lmforge-sweep", storage=f"sqlite:///{out / 'study.db'}", direction="minimize")
+    trial = study.ask()  # as a sweep killed mid-trial leaves it: RUNNING, its settings drawn
+    trial.suggest_float("lr", 1e-3, 3e-2, log=True)
+    trial.suggest_categorical("weight_decay", [0.0, 0.1])
+    r = cli("tune", "sweep", config, "--trials", 1, "-o", out)
+    assert r.code == 0, r.err
+    assert "trial 0 was interrupted" in r.out
+    trials = optuna.load_study(study_name="lmforge-sweep", storage=f"sqlite:///{out / 'study.db'}").get_trials()
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
+    assert trials[1].params == trials[0].params and trials[1].user_attrs["retry_of"] == 0

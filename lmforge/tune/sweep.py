@@ -238,7 +238,9 @@ def run_sweep(config_path: str | Path, trials: int, out: str | Path | None = Non
         study.tell(t.number, state=optuna.trial.TrialState.FAIL)
         study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
         echo(f"[sweep] trial {t.number} was interrupted: marked failed, its settings queued again")
-    done = len(study.get_trials(deepcopy=False, states=finished))
+    # An interrupted trial, re-run, does not count toward --trials: its retry does.
+    retried = {t.user_attrs["retry_of"] for t in study.get_trials(deepcopy=False) if "retry_of" in t.user_attrs}
+    done = len(study.get_trials(deepcopy=False, states=finished)) - len(retried)
     study = open_study(out, config, done)
     left = trials - done
     if left <= 0:
