@@ -116,6 +116,7 @@ class TrainingDiverged(LmforgeError):
 # It returns None to go on, or a reason (a word, e.g. "pruned") to stop after this step: the run
 # then ends as a stop for any other reason does (final checkpoint, TrainResult.stopped_because
 # the reason). lmforge.tune uses it to stop an LR range test past divergence and to prune trials.
+# Under several ranks every rank calls it with the same (agreed) losses; it must answer alike on all.
 StepHook = Callable[[int, dict], "str | None"]
 
 
