@@ -29,7 +29,10 @@ def run(
                                                 "running again on it continues an interrupted run.")] = None,
     budget: Annotated[Optional[float], typer.Option(help="Minutes of training (default: the recipe's).")] = None,
     model: Annotated[Optional[str], typer.Option(help="The base model, for recipes that start from one.")] = None,
-    data: Annotated[Optional[Path], typer.Option(help="The recipe's data (style: a text file in the style).")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="The recipe's data (style: a text file in the style; chatbot: "
+                                                 "chat JSONL as fine-tuning reads it).")] = None,
+    checks: Annotated[Optional[Path], typer.Option(help="chatbot with --data: scripted checks, JSONL of "
+                                                   "{messages, expect: regex of the last reply}.")] = None,
     max_steps: Annotated[int, typer.Option(help="A fixed number of training steps instead of the budget (0 = budget).")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Start over in an existing --out.")] = False,
 ):
@@ -44,6 +47,8 @@ def run(
     out = out or Path(f"runs/recipe-{name}")
     minutes = budget if budget is not None else info.budget
     try:
+        if checks is not None and name != "chatbot":
+            raise LmforgeError(f"--checks is for the chatbot recipe, not {name}")
         if name == "style":
             from lmforge.recipes.style import StyleConfig, run_style
 
@@ -51,6 +56,13 @@ def run(
             if model:
                 cfg.model = model
             run_style(cfg, echo=typer.echo)
+        elif name == "chatbot":
+            from lmforge.recipes.chatbot import ChatbotConfig, run_chatbot
+
+            cfg = ChatbotConfig(out=out, budget=minutes, data=data, checks=checks, max_steps=max_steps, overwrite=overwrite)
+            if model:
+                cfg.model = model
+            run_chatbot(cfg, echo=typer.echo)
         elif name == "translation":
             if model or data:
                 raise LmforgeError("the translation recipe takes no --model/--data (see `lmforge recipe translation --help`)")

@@ -21,6 +21,8 @@ class RecipeInfo:
 RECIPES = {r.name: r for r in (
     RecipeInfo("style", 15.0, "content creation: LoRA-tune SmolLM2 on a text in one style (tinyshakespeare); base vs tuned "
                "samples at several temperatures/top-p/min-p, with perplexity and distinct-n"),
+    RecipeInfo("chatbot", 15.0, "a support chatbot: LoRA-tune SmolLM2 on chats about an invented product (system prompts, "
+               "multi-turn); held-out loss on assistant tokens, scripted multi-turn checks and controls before/after"),
     RecipeInfo("translation", 30.0, "German-English from the Ding dictionary: an encoder-decoder and a decoder-only model "
                "of its size, BLEU/chrF greedy and beam-4 (also `lmforge recipe translation` with all its options)"),
 )}
