@@ -14,7 +14,22 @@ from conftest import write_jsonl
 from lmforge.errors import LmforgeError
 from lmforge.recipes.chatbot import BUILTIN_DATA, ChatbotConfig, masked_text, matches, run_chatbot, show_template
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+# The slow test's short run of the real model (measured: see the README's chatbot recipe).
+SLOW_STEPS = 30
+SLOW_LOSS_DROP = 0.3
+SLOW_MORE_CHECKS = 3
+
+
+@pytest.fixture(autouse=True)
+def one_thread_for_tiny_models(request):
+    """One thread for the tiny model (see conftest.one_thread); the slow test's SmolLM2 keeps them all."""
+    import torch
+
+    threads = torch.get_num_threads()
+    if not request.node.get_closest_marker("slow"):
+        torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def small(tiny_model_dir, out, **kw) -> ChatbotConfig:
@@ -192,3 +207,28 @@ def test_bad_checks_and_a_text_file_give_one_line_errors(tiny_model_dir, tmp_pat
     assert res.code == 1 and "not a text file" in res.err
     res = cli("recipe", "run", "style", "--checks", text, "-o", tmp_path / "s")
     assert res.code == 1 and "--checks is for the chatbot recipe" in res.err
+
+
+def test_recipe_list_names_the_chatbot(cli):
+    res = cli("recipe", "list")
+    assert res.code == 0 and re.search(r"^chatbot\s+15 min", res.out, re.MULTILINE)
+
+
+@pytest.fixture(scope="module")
+def smollm2_home(tmp_path_factory):
+    from conftest import lmforge_test_home
+
+    yield from lmforge_test_home(tmp_path_factory)
+
+
+@pytest.mark.slow
+def test_the_real_recipe_teaches_smollm2_the_support_facts(smollm2_home, tmp_path):
+    """SmolLM2-135M-Instruct, the built-in chat set, a short fixed run (the recipe's lr, batch and
+    replay; replies cut at 32 tokens, where every expected answer of a right reply already is)."""
+    r = run_chatbot(ChatbotConfig(out=tmp_path / "chatbot", max_steps=SLOW_STEPS, max_new_tokens=32, progress=False))
+    before, after = r["before"], r["after"]
+    print(json.dumps({w: {"heldout": x["heldout"]["loss"], "checks": x["checks_passed"], "controls": x["controls_passed"],
+                          "passed": [c["id"] for c in x["checks"] if c["pass"]]} for w, x in (("before", before), ("after", after))}))
+    assert after["heldout"]["loss"] < before["heldout"]["loss"] - SLOW_LOSS_DROP
+    assert after["checks_passed"] >= before["checks_passed"] + SLOW_MORE_CHECKS
+    assert after["controls_passed"] >= len(after["controls"]) - 1  # general knowledge kept

@@ -49,7 +49,7 @@ class ChatbotConfig:
     model: str = "smollm2-135m-instruct"
     data: Path | None = None  # the user's chats (JSONL); None = the built-in support set
     checks: Path | None = None  # scripted checks for --data (JSONL: messages + expect)
-    budget: float = 15.0  # minutes for the whole recipe; fine-tuning gets what the evaluations leave
+    budget: float = 15.0  # minutes for the whole recipe; fine-tuning gets what the evaluations leave (see _finetune)
     max_steps: int = 0  # a fixed step count instead of the budget (tests)
     batch_size: int = 8
     lr: float = 3e-4
@@ -278,8 +278,10 @@ def _finetune(cfg: ChatbotConfig, out: Path, data: dict, before: dict, echo: Cal
     elif resuming(run_dir):
         steps, minutes = _saved_steps(run_dir), None
     else:
-        # The evaluation after costs about what the baseline did; the timing run costs its own minute.
-        minutes = max(1.0, cfg.budget - 2 * before["stage_seconds"] / 60 - cfg.calibration_minutes)
+        # The evaluation after costs about what the baseline did, and so do the base model's replies
+        # that fine-tuning writes first (replay and the retention check: ~60 greedy replies); the
+        # timing run costs its own minute.
+        minutes = max(1.0, cfg.budget - 3 * before["stage_seconds"] / 60 - cfg.calibration_minutes)
         # Timed without replay/retention: they only add the base model's replies up front, not step time.
         quick = FinetuneConfig(method="lora", data_format="auto", replay=0.0, retention_tolerance=0.0)
         steps = steps_for_budget(lambda folder, n: train(folder, n, quick), out / "run.calibration", minutes,
