@@ -27,7 +27,8 @@ def run(
     name: Annotated[str, typer.Argument(help="The recipe (lmforge recipe list).", show_default=False)],
     out: Annotated[Optional[Path], typer.Option("-o", "--out", help="Output folder (default runs/recipe-NAME); "
                                                 "running again on it continues an interrupted run.")] = None,
-    budget: Annotated[Optional[float], typer.Option(help="Minutes of training (default: the recipe's).")] = None,
+    budget: Annotated[Optional[float], typer.Option(help="Minutes (default: the recipe's): of training for style, of "
+                                                    "the whole recipe for chatbot.")] = None,
     model: Annotated[Optional[str], typer.Option(help="The base model, for recipes that start from one.")] = None,
     data: Annotated[Optional[Path], typer.Option(help="The recipe's data (style: a text file in the style; chatbot: "
                                                  "chat JSONL as fine-tuning reads it).")] = None,
