@@ -225,7 +225,10 @@ def smollm2_home(tmp_path_factory):
 
 @pytest.mark.slow
 def test_the_real_recipe_teaches_smollm2_the_support_facts(smollm2_home, tmp_path):
-    """SmolLM2-135M-Instruct, the built-in chat set, the recipe's settings for a fixed step count."""
+    """SmolLM2-135M-Instruct, the built-in chat set, the recipe's settings for a fixed step count.
+    It gave the measured run's figures exactly (2.043 -> 0.631, 4 -> 8, 6 -> 5) in 24.7 minutes on
+    the 2 cores shared with other jobs (load 4-6); on an idle machine ~6-7 minutes (estimated from
+    ~5 s a step, not measured)."""
     r = run_chatbot(ChatbotConfig(out=tmp_path / "chatbot", max_steps=SLOW_STEPS, progress=False))
     before, after = r["before"], r["after"]
     print(json.dumps({w: {"heldout": x["heldout"]["loss"], "checks": x["checks_passed"], "controls": x["controls_passed"],
