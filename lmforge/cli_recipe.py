@@ -27,9 +27,14 @@ def run(
     name: Annotated[str, typer.Argument(help="The recipe (lmforge recipe list).", show_default=False)],
     out: Annotated[Optional[Path], typer.Option("-o", "--out", help="Output folder (default runs/recipe-NAME); "
                                                 "running again on it continues an interrupted run.")] = None,
-    budget: Annotated[Optional[float], typer.Option(help="Minutes of training (default: the recipe's).")] = None,
-    model: Annotated[Optional[str], typer.Option(help="The base model (style), the model scored beside ours (code; '' = none).")] = None,
-    data: Annotated[Optional[Path], typer.Option(help="The recipe's data (style: a text file in the style).")] = None,
+    budget: Annotated[Optional[float], typer.Option(help="Minutes (default: the recipe's): of training for style and code, "
+                                                    "of the whole recipe for chatbot.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="The base model (style, chatbot); the model scored beside ours "
+                                                 "(code; '' = none).")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="The recipe's data (style: a text file in the style; chatbot: "
+                                                 "chat JSONL as fine-tuning reads it).")] = None,
+    checks: Annotated[Optional[Path], typer.Option(help="chatbot with --data: scripted checks, JSONL of "
+                                                   "{messages, expect: regex of the last reply}.")] = None,
     max_steps: Annotated[int, typer.Option(help="A fixed number of training steps instead of the budget (0 = budget).")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Start over in an existing --out.")] = False,
 ):
@@ -44,6 +49,8 @@ def run(
     out = out or Path(f"runs/recipe-{name}")
     minutes = budget if budget is not None else info.budget
     try:
+        if checks is not None and name != "chatbot":
+            raise LmforgeError(f"--checks is for the chatbot recipe, not {name}")
         if name == "style":
             from lmforge.recipes.style import StyleConfig, run_style
 
@@ -60,6 +67,13 @@ def run(
             if model is not None:
                 cfg.compare = model
             run_code(cfg, echo=typer.echo)
+        elif name == "chatbot":
+            from lmforge.recipes.chatbot import ChatbotConfig, run_chatbot
+
+            cfg = ChatbotConfig(out=out, budget=minutes, data=data, checks=checks, max_steps=max_steps, overwrite=overwrite)
+            if model:
+                cfg.model = model
+            run_chatbot(cfg, echo=typer.echo)
         elif name == "translation":
             if model or data:
                 raise LmforgeError("the translation recipe takes no --model/--data (see `lmforge recipe translation --help`)")
