@@ -27,6 +27,22 @@ def save_png(fig, path: Path, dpi: int = 110) -> Path:
     return path
 
 
+def grouped_bars(ax, labels: Sequence[str], series: dict[str, Sequence[float]], *, ylabel: str, title: str = "",
+                 rotate: bool = False) -> None:
+    """One group of bars per label, one bar per series in each (base vs tuned, before vs after,
+    model vs model), on `ax`."""
+    width = 0.8 / max(1, len(series))
+    for k, (name, values) in enumerate(series.items()):
+        ax.bar([i + (k - (len(series) - 1) / 2) * width for i in range(len(labels))], list(values), width=width, label=name)
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, rotation=20 if rotate else 0, ha="right" if rotate else "center", fontsize=8)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend()
+
+
 def plot_loss_curves(rows: list[dict], path: Path, *, baselines: dict[str, float] | None = None, title: str = "") -> Path:
     """Train and val loss against step (left), learning rate (right); dashed lines for baselines."""
     fig, (ax, ax_lr) = subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 1]})

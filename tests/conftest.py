@@ -181,3 +181,22 @@ def one_line_error(r, *fragments):
     for f in fragments:
         assert f in lines[0], (f, lines[0])
     return lines[0]
+
+
+def interrupt_first_finetune(monkeypatch, at: int) -> list:
+    """Make the first `finetune` call of a recipe stop at step `at` and raise KeyboardInterrupt,
+    as Ctrl-C right after that checkpoint would; later calls run as they are. Returns the
+    `resume` argument of every call."""
+    import lmforge.train.finetune as ft_module
+
+    real, calls = ft_module.finetune, []
+
+    def pausing(*args, **kw):
+        calls.append(kw.get("resume"))
+        if len(calls) == 1:
+            real(*args, **{**kw, "pause_at": at})
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(ft_module, "finetune", pausing)
+    return calls

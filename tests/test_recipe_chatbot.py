@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_jsonl
+from conftest import interrupt_first_finetune, write_jsonl
 from lmforge.errors import LmforgeError
 from lmforge.recipes.chatbot import BUILTIN_DATA, ChatbotConfig, masked_text, matches, run_chatbot, show_template
 
@@ -127,20 +127,7 @@ def test_chatbot_recipe_end_to_end_and_continues_after_an_interruption(tiny_mode
 def test_an_interrupted_fine_tune_resumes_from_its_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
     """Killed mid-training (here: paused at step 4 of 8), the same command continues the run
     from its checkpoint instead of starting it again."""
-    import lmforge.train.finetune as ft_module
-
-    real = ft_module.finetune
-    calls = []
-
-    def pausing(*args, **kw):
-        calls.append(kw.get("resume"))
-        if len(calls) == 1:
-            kw["pause_at"] = 4
-            real(*args, **kw)
-            raise KeyboardInterrupt  # as if Ctrl-C came right after the step-4 checkpoint
-        return real(*args, **kw)
-
-    monkeypatch.setattr(ft_module, "finetune", pausing)
+    calls = interrupt_first_finetune(monkeypatch, at=4)
     cfg = small(tiny_model_dir, tmp_path / "chatbot")
     with pytest.raises(KeyboardInterrupt):
         run_chatbot(cfg, echo=lambda m: None)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import interrupt_first_finetune
+
 from lmforge.errors import LmforgeError
 from lmforge.recipes.style import Setting, StyleConfig, distinct_n, pick_prompts, run_style, split_text
 
@@ -73,20 +75,7 @@ def test_style_recipe_end_to_end_and_continues_after_an_interruption(tiny_model_
 def test_an_interrupted_fine_tune_resumes_from_its_checkpoint(tiny_model_dir, text, tmp_path, monkeypatch):
     """Killed mid-training (here: paused at step 6 of 12), the same command continues the run
     from its checkpoint instead of starting it again."""
-    import lmforge.train.finetune as ft_module
-
-    real = ft_module.finetune
-    calls = []
-
-    def pausing(*args, **kw):
-        calls.append(kw.get("resume"))
-        if len(calls) == 1:
-            kw["pause_at"] = 6
-            real(*args, **kw)
-            raise KeyboardInterrupt  # as if Ctrl-C came right after the step-6 checkpoint
-        return real(*args, **kw)
-
-    monkeypatch.setattr(ft_module, "finetune", pausing)
+    calls = interrupt_first_finetune(monkeypatch, at=6)
     cfg = small(tiny_model_dir, text, tmp_path / "style")
     cfg.settings = SETTINGS[:1]
     with pytest.raises(KeyboardInterrupt):

@@ -342,7 +342,7 @@ def commands(run_dir: Path, data: dict) -> list[str]:
 def plot_chatbot(metrics: Path, before: dict, after: dict, path: Path) -> Path:
     """Left: train/val/retention loss over the fine-tune, held-out loss before (at step 0) and
     after (at the last step). Right: checks passed per kind and controls kept, before and after."""
-    from lmforge.report import save_png, subplots
+    from lmforge.report import grouped_bars, save_png, subplots
     from lmforge.train.metrics import column, read_metrics
 
     fig, (ax, bars) = subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [3, 2]})
@@ -365,15 +365,10 @@ def plot_chatbot(metrics: Path, before: dict, after: dict, path: Path) -> Path:
         rows = result["controls"] if kind == "controls" else [r for r in result["checks"] if r["kind"] == kind]
         return sum(r["pass"] for r in rows) / len(rows) if rows else 0.0
 
-    for k, (label, result) in enumerate((("before", before), ("after", after))):
-        bars.bar([i + (k - 0.5) * 0.4 for i in range(len(kinds))], [share(result, kind) for kind in kinds], width=0.4, label=label)
-    bars.set_xticks(range(len(kinds)))
-    bars.set_xticklabels(kinds)
+    grouped_bars(bars, kinds, {label: [share(result, kind) for kind in kinds]
+                               for label, result in (("before", before), ("after", after))},
+                 ylabel="share passed", title="scripted checks and controls")
     bars.set_ylim(0, 1.05)
-    bars.set_ylabel("share passed")
-    bars.set_title("scripted checks and controls")
-    bars.grid(axis="y", alpha=0.3)
-    bars.legend()
     fig.tight_layout()
     return save_png(fig, path)
 

@@ -110,20 +110,12 @@ def _evaluate(cfg: CodeRecipeConfig, out: Path, name: str, spec: str, echo: Call
 
 def plot_failures(evals: dict[str, dict], path: Path) -> Path:
     """How the samples failed, per model: one bar per outcome (passed, assertion, syntax error...)."""
-    from lmforge.report import save_png, subplots
+    from lmforge.report import grouped_bars, save_png, subplots
 
     outcomes = list(dict.fromkeys(k for e in evals.values() for k in e["outcomes"]))
     fig, ax = subplots(1, 1, figsize=(8, 4))
-    width = 0.8 / max(1, len(evals))
-    for k, (name, e) in enumerate(evals.items()):
-        counts = e["outcomes"]
-        ax.bar([i + k * width for i in range(len(outcomes))], [counts.get(o, 0) for o in outcomes], width=width, label=name)
-    ax.set_xticks([i + width * (len(evals) - 1) / 2 for i in range(len(outcomes))])
-    ax.set_xticklabels(outcomes, rotation=20, ha="right", fontsize=8)
-    ax.set_ylabel("samples")
-    ax.set_title("how the samples ended")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend()
+    grouped_bars(ax, outcomes, {name: [e["outcomes"].get(o, 0) for o in outcomes] for name, e in evals.items()},
+                 ylabel="samples", title="how the samples ended", rotate=True)
     fig.tight_layout()
     return save_png(fig, path)
 

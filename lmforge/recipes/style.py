@@ -230,20 +230,14 @@ def _round(x: float | None) -> float | None:
 def plot_settings(by_setting: list[dict], path: Path) -> Path:
     """Per sampling setting: the samples' median perplexity under the tuned model (left) and
     distinct-2 (right), base and tuned side by side."""
-    from lmforge.report import save_png, subplots
+    from lmforge.report import grouped_bars, save_png, subplots
 
     names = list(dict.fromkeys(r["setting"] for r in by_setting))
     fig, axes = subplots(1, 2, figsize=(11, 4))
     for ax, key, label in ((axes[0], "median_tuned_ppl", "median perplexity under the tuned model"),
                            (axes[1], "distinct_2", "distinct-2 (unique bigrams / all)")):
-        for k, which in enumerate(("base", "tuned")):
-            values = [next((r[key] for r in by_setting if r["model"] == which and r["setting"] == n), None) or 0 for n in names]
-            ax.bar([i + (k - 0.5) * 0.4 for i in range(len(names))], values, width=0.4, label=which)
-        ax.set_xticks(range(len(names)))
-        ax.set_xticklabels(names, rotation=20, ha="right", fontsize=8)
-        ax.set_ylabel(label)
-        ax.grid(axis="y", alpha=0.3)
-        ax.legend()
+        grouped_bars(ax, names, {which: [next((r[key] for r in by_setting if r["model"] == which and r["setting"] == n), None)
+                                          or 0 for n in names] for which in ("base", "tuned")}, ylabel=label, rotate=True)
     axes[0].set_yscale("log")
     fig.tight_layout()
     return save_png(fig, path)

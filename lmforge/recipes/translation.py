@@ -14,10 +14,13 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from lmforge.data.ding import DEFAULT_DING, DingConfig
 from lmforge.errors import LmforgeError
+
+if TYPE_CHECKING:
+    from lmforge.train.config import TrainConfig
 
 APT_PACKAGE = "trans-de-en"
 DEFAULT_PRESET = "seq2seq-tiny"
