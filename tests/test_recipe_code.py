@@ -27,7 +27,8 @@ def test_code_recipe_reduced(tmp_path, tiny_model_dir):
     said = []
     r = run_code(cfg, echo=said.append)
     out = tmp_path / "out"
-    assert r["pretrain"]["steps"] == 6 and set(r["evals"]) == {"ours", str(tiny_model_dir)}
+    assert r["pretrain"]["steps"] == 6 and set(r["evals"]) == {"ours", "llama"}  # the compared model by its folder's name
+    assert (out / "eval-llama.json").is_file() and (out / "stages" / "eval-llama.json").is_file()
     for e in r["evals"].values():
         assert e["problems"] == 2 and e["samples"] == 6 and sum(e["outcomes"].values()) == 6
         assert 0.0 <= e["pass_at_k"]["pass@1"] <= 1.0 and "pass@10" not in e["pass_at_k"]  # 3 samples: no pass@10

@@ -14,10 +14,12 @@ Stages (each resumable): data -> pretrain -> eval-ours -> eval-<compare model> -
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from lmforge.errors import LmforgeError
 from lmforge.recipes.stages import RecipeDir, resuming, saved_max_steps
 
 OURS = "ours"
@@ -51,12 +53,20 @@ def run_code(cfg: CodeRecipeConfig, echo: Callable[[str], None] = print) -> dict
     out = recipe.out
     data = recipe.stage("data", lambda: _data(cfg, out, echo))
     trained = recipe.stage("pretrain", lambda: _pretrain(cfg, out, data, echo))
-    models = {OURS: trained["model"], **({cfg.compare: cfg.compare} if cfg.compare else {})}
+    models = {OURS: trained["model"], **({file_label(cfg.compare): cfg.compare} if cfg.compare else {})}
     evals = {name: recipe.stage(f"eval-{name}", lambda spec=spec, name=name: _evaluate(cfg, out, name, spec, echo))
              for name, spec in models.items()}
     plot = plot_failures(evals, out / "failures.png")
     results = {"data": data, "pretrain": trained, "evals": evals, "plot": str(plot)}
     return recipe.finish(results, code_report(cfg, results))
+
+
+def file_label(spec: str) -> str:
+    """A model spec as a file-name part: a known name as it is, a path by its last component."""
+    label = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(spec).name or spec).strip("-.")
+    if not label or label == OURS:
+        raise LmforgeError(f"--model {spec!r}: cannot name its results file (give a model name or a folder with a name)")
+    return label
 
 
 def _data(cfg: CodeRecipeConfig, out: Path, echo: Callable[[str], None]) -> dict:
