@@ -101,6 +101,7 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
 
 def check_chats(path: Path) -> list[dict]:
     """The records of a chat JSONL, each checked by fine-tuning's own reader (one-line errors)."""
+    from lmforge.jsonio import read_jsonl
     from lmforge.train.sft import _check_chat, record_to_messages
 
     path = Path(path)
@@ -109,8 +110,9 @@ def check_chats(path: Path) -> list[dict]:
     if path.suffix != ".jsonl":
         raise LmforgeError(f"{path}: the chatbot recipe reads chat JSONL (messages, conversations or instruction/output "
                            "records), not a text file")
-    records = read_records(path)
-    for i, record in enumerate(records, 1):
+    records = []
+    for i, record in read_jsonl(path, allow_empty=True):  # i: the file's line number, blank lines counted
+        records.append(record)
         kind, messages, _ = record_to_messages(record, f"{path}:{i}")
         if kind == "text":
             raise LmforgeError(f"{path}:{i}: a text record; the chatbot recipe trains on chats (messages, "
@@ -123,10 +125,11 @@ def read_checks(path: Path) -> list[dict]:
     """Scripted checks: {"messages": [...], "expect": regex, optional "id"/"kind"}, the chat ending
     in a user turn (or in an assistant turn, the reference, which is dropped before asking)."""
     from lmforge.chat import check_messages
+    from lmforge.jsonio import read_jsonl
 
     path = Path(path)
     checks = []
-    for i, record in enumerate(read_records(path), 1):
+    for i, record in read_jsonl(path, allow_empty=True):  # i: the file's line number
         where = f"{path}:{i}"
         if not isinstance(record.get("messages"), list) or not isinstance(record.get("expect"), str):
             raise LmforgeError(f"{where}: a check needs 'messages' (a chat) and 'expect' (a regex its reply must match)")
