@@ -105,6 +105,14 @@ def build_corpus(out: Path, inputs: Sequence[str] | None, vocab_size: int, progr
 def plan_training(shards_dir: Path, model: str, minutes: float, batch_size: int, block_size: int) -> TrainConfig:
     """Choose max_steps so the learning-rate schedule completes within the time budget: time a few
     steps of the real model on this machine first (the budget also stops the run as a backstop)."""
+    step_s = time_one_step(shards_dir, model, batch_size, block_size)
+    # Evaluation and checkpoints take time too: plan for 85% of the budget in steps.
+    return training_plan(max(20, int(0.85 * minutes * 60 / step_s)), batch_size, block_size, minutes)
+
+
+def time_one_step(shards_dir: Path, model: str, batch_size: int, block_size: int) -> float:
+    """Seconds per optimizer step of `model` at this batch on this machine (the median of three
+    after a first step that pays one-off allocation costs)."""
     shards = TokenShards(shards_dir)
     config = resolve_model_config(model, {"block_size": max(block_size, get_preset(model).block_size)}, shards.vocab_size)
     net = GPT(config)
@@ -118,12 +126,14 @@ def plan_training(shards_dir: Path, model: str, minutes: float, batch_size: int,
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
-    step_s = sorted(times[1:])[1]  # the first step pays one-off allocation costs
-    budget = minutes * 60
-    # Evaluation and checkpoints take time too: plan for 85% of the budget in steps.
-    max_steps = max(20, int(0.85 * budget / step_s))
+    return sorted(times[1:])[1]
+
+
+def training_plan(max_steps: int, batch_size: int, block_size: int, minutes: float) -> TrainConfig:
+    """The quickstart's schedule for `max_steps` (warmup, evaluations, checkpoints scale with it);
+    the budget stops the run as a backstop."""
     return TrainConfig(
         max_steps=max_steps, batch_size=batch_size, block_size=block_size, lr=2e-3, min_lr=2e-4,
         warmup_steps=min(max_steps, max(10, max_steps // 20)), eval_every=max(10, max_steps // 10), eval_batches=10,
-        checkpoint_every=max(10, max_steps // 4), log_every=max(1, max_steps // 100), time_budget=budget,
+        checkpoint_every=max(10, max_steps // 4), log_every=max(1, max_steps // 100), time_budget=minutes * 60,
     )

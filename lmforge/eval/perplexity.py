@@ -220,11 +220,18 @@ def evaluate_perplexity(model_spec: str, data: str | Path, config: PerplexityCon
                         device: str = "cpu", progress: bool = False) -> dict:
     """`lmforge eval ppl`: load the model, read and tokenize the data, score it; a result dict
     (see lmforge.eval.results) with `perplexity`, `nll`, `tokens` and `bits_per_byte`."""
+    config = config or PerplexityConfig()
+    engine, loaded = load_engine(model_spec, device)
+    return perplexity_with(engine, loaded, model_spec, data, config, progress=progress)
+
+
+def perplexity_with(engine, loaded, model_spec: str, data: str | Path, config: PerplexityConfig, *,
+                    progress: bool = False) -> dict:
+    """`evaluate_perplexity` on a model already loaded (`load_engine`'s pair): a caller that also
+    generates or scores with it loads it once."""
     from lmforge.eval.io import fingerprint
     from lmforge.eval.results import make_result, model_info
 
-    config = config or PerplexityConfig()
-    engine, loaded = load_engine(model_spec, device)
     block = engine.config.block_size
     context = config.context or block
     stride = config.stride or max(1, context // 2)

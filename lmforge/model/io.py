@@ -24,8 +24,10 @@ and what is wrong, not as a torch traceback or NaN output.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -242,23 +244,38 @@ def load_model_dir(path: str | os.PathLike, device: torch.device | str = "cpu",
     return model_from_state_dict(config, sd, source=str(file), device=device, dtype=dtype), config
 
 
+@contextlib.contextmanager
+def through_dcp(distributed: bool):
+    """Around a torch.distributed.checkpoint call: it wraps any failure in a CheckpointException (a
+    BaseException), which would bypass the one-line errors (a full disk says so, ENOSPC inside it
+    is the cause): the first rank's own exception is raised instead. And without a process group
+    (`distributed` False) it warns on every call that it assumes one process, which is exactly
+    what is meant."""
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        if not distributed:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        try:
+            yield
+        except dcp.CheckpointException as e:
+            cause = next(iter(e.failures.values()), (None, None))[0]
+            if isinstance(cause, Exception):
+                raise cause from None
+            raise
+
+
 def read_weight_shards(folder: Path) -> dict[str, torch.Tensor]:
     """The whole weights of an FSDP checkpoint's `model/`, assembled in this process from every
     rank's parts (torch.distributed.checkpoint reads the offsets from the files' headers)."""
-    import warnings
-
     import torch.distributed.checkpoint as dcp
 
     try:
-        reader = dcp.HuggingFaceStorageReader(str(folder))
-        shapes = reader.read_metadata().state_dict_metadata
-        weights = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in shapes.items()}
-        with warnings.catch_warnings():  # it warns that no process group means one process: here it does
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        with through_dcp(distributed=False):
+            reader = dcp.HuggingFaceStorageReader(str(folder))
+            shapes = reader.read_metadata().state_dict_metadata
+            weights = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in shapes.items()}
             dcp.load(weights, storage_reader=reader, no_dist=True)
-    except dcp.CheckpointException as e:
-        cause = next(iter(e.failures.values()), (None, None))[0]
-        raise LmforgeError(f"{folder}: the weight shards do not assemble: {cause or e}") from None
     except Exception as e:  # a torn header, a missing part: safetensors and DCP raise their own kinds
         raise LmforgeError(f"{folder}: the weight shards do not assemble: {type(e).__name__}: {e}") from None
     return weights

@@ -79,17 +79,18 @@ def _data(cfg: CodeRecipeConfig, out: Path, echo: Callable[[str], None]) -> dict
 
 
 def _pretrain(cfg: CodeRecipeConfig, out: Path, data: dict, echo: Callable[[str], None]) -> dict:
-    from lmforge.quickstart import plan_training
+    from lmforge.quickstart import time_one_step, training_plan
     from lmforge.train.pretrain import pretrain
 
     run_dir, shards = out / "run", Path(data["shards"])
     resume = resuming(run_dir)
-    tc = plan_training(shards, cfg.preset, cfg.budget, cfg.batch_size, cfg.block_size)
-    if cfg.max_steps or resume:
-        steps = saved_max_steps(run_dir) if resume else cfg.max_steps
-        tc = dataclasses.replace(tc, max_steps=steps, warmup_steps=min(tc.warmup_steps, max(1, steps // 10)),
-                                 eval_every=max(1, steps // 10), checkpoint_every=max(1, steps // 4),
-                                 log_every=1 if steps < 100 else tc.log_every)
+    if resume:  # the plan the interrupted run was started with, not a new timing
+        steps = saved_max_steps(run_dir)
+    elif cfg.max_steps:
+        steps = cfg.max_steps
+    else:  # as the quickstart plans: 85% of the budget in steps, the rest for evaluations
+        steps = max(20, int(0.85 * cfg.budget * 60 / time_one_step(shards, cfg.preset, cfg.batch_size, cfg.block_size)))
+    tc = training_plan(steps, cfg.batch_size, cfg.block_size, cfg.budget)
     echo(f"[recipe] pretrain: {cfg.preset}, {tc.max_steps} steps of {cfg.batch_size} x {cfg.block_size} tokens"
          + (" (continuing from its checkpoint)" if resume else ""))
     summary = pretrain(str(shards), cfg.preset, run_dir, tc, resume=resume, overwrite=not resume, progress=cfg.progress,
@@ -103,18 +104,18 @@ def _evaluate(cfg: CodeRecipeConfig, out: Path, name: str, spec: str, echo: Call
     from lmforge.eval.code import CodeEvalConfig, evaluate_code
     from lmforge.eval.results import write_result
 
-    r = evaluate_code(spec, cfg.problems, CodeEvalConfig(samples=cfg.samples, temperature=cfg.temperature,
+    result = evaluate_code(spec, cfg.problems, CodeEvalConfig(samples=cfg.samples, temperature=cfg.temperature,
                                                          max_new_tokens=cfg.max_new_tokens, limit=cfg.limit),
                       progress=cfg.progress, warn=echo)
-    write_result(r, out / f"eval-{name}.json")  # `lmforge eval compare` reads these
-    m = r  # the metrics sit at the top level of a result
-    echo(f"[recipe] {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in m["pass_at_k"].items()))
-    problems = r["details"]["problems"]
+    write_result(result, out / f"eval-{name}.json")  # `lmforge eval compare` reads these
+    echo(f"[recipe] {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in result["pass_at_k"].items()))
+    problems = result["details"]["problems"]
     # The report shows one sample: a passing one where there is one, else the first.
     example = next((p for p in problems if p["correct"]), problems[0] if problems else None)
-    outcomes = {"passed": m["passed"], **m["failures"]}
-    return {"model": spec, "pass_at_k": m["pass_at_k"], "outcomes": outcomes, "problems": m["problems"],
-            "samples": m["samples"], "notes": r.get("notes", []), "file": str(out / f"eval-{name}.json"),
+    # The metrics sit at the top level of a result (lmforge.eval.results).
+    outcomes = {"passed": result["passed"], **result["failures"]}
+    return {"model": spec, "pass_at_k": result["pass_at_k"], "outcomes": outcomes, "problems": result["problems"],
+            "samples": result["samples"], "notes": result.get("notes", []), "file": str(out / f"eval-{name}.json"),
             "solved": [p["task_id"] for p in problems if p["correct"]], "example": example}
 
 

@@ -199,10 +199,14 @@ def _samples(cfg: StyleConfig, out: Path, prompts: list[str], tuned: str) -> dic
 def _score(cfg: StyleConfig, data: dict, tuned: str, samples: dict) -> dict:
     """Perplexity of each sample's continuation under the tuned model, distinct-n per (model, setting),
     and the held-out text's perplexity under both models."""
-    from lmforge.eval.perplexity import PerplexityConfig, evaluate_perplexity, load_engine
+    from lmforge.eval.perplexity import PerplexityConfig, load_engine, perplexity_with
     from lmforge.eval.tasks import encode_pair, loglikelihoods
 
-    engine, loaded = load_engine(tuned)
+    val = {}
+    for which, spec in (("base", cfg.model), ("tuned", tuned)):
+        engine, loaded = load_engine(spec)
+        val[which] = round(perplexity_with(engine, loaded, spec, data["val"], PerplexityConfig())["perplexity"], 2)
+    # `engine` is now the tuned model's: it scores every sample.
     rows = [r for r in samples["rows"] if r["text"].strip()]
     pairs = [encode_pair(loaded.tokenizer, r["prompt"], r["text"]) for r in rows]
     for r, (_, cont), (total, _, _) in zip(rows, pairs, loglikelihoods(engine, pairs)):
@@ -216,10 +220,6 @@ def _score(cfg: StyleConfig, data: dict, tuned: str, samples: dict) -> dict:
             by_setting.append({"model": which, "setting": s.name, "temperature": s.temperature, "samples": len(group),
                                "median_tuned_ppl": ppls[len(ppls) // 2] if ppls else None,
                                "distinct_1": _round(distinct_n(texts, 1)), "distinct_2": _round(distinct_n(texts, 2))})
-    val = {}
-    for which, spec in (("base", cfg.model), ("tuned", tuned)):
-        r = evaluate_perplexity(spec, data["val"], PerplexityConfig(), progress=False)
-        val[which] = round(r["perplexity"], 2)
     return {"by_setting": by_setting, "samples": rows, "val_perplexity": val}
 
 

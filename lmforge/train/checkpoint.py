@@ -21,7 +21,6 @@ import contextlib
 import json
 import os
 import shutil
-import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,7 +33,7 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_op
 from lmforge.errors import LmforgeError
 from lmforge.fsutil import atomic_dir, write_text_atomic
 from lmforge.manifest import previous_good_hint, verify_manifest, write_manifest
-from lmforge.model.io import WEIGHT_SHARDS_DIR
+from lmforge.model.io import WEIGHT_SHARDS_DIR, through_dcp
 from lmforge.train.distributed import SINGLE, Distributed
 
 CHECKPOINTS = "checkpoints"
@@ -85,25 +84,6 @@ def verify_checkpoint(folder: Path) -> None:
     verify_manifest(folder, required=True)
 
 
-@contextlib.contextmanager
-def _through_dcp(job: Distributed):
-    """Around a torch.distributed.checkpoint call: it wraps any failure in a CheckpointException (a
-    BaseException), which would bypass the one-line errors (a full disk says so, ENOSPC inside it
-    is the cause): the first rank's own exception is raised instead. And it warns on every call
-    without a process group that it assumes one process, which is exactly what a single-process
-    run means."""
-    with warnings.catch_warnings():
-        if not job.active:
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        try:
-            yield
-        except dcp.CheckpointException as e:
-            cause = next(iter(e.failures.values()), (None, None))[0]
-            if isinstance(cause, Exception):
-                raise cause from None
-            raise
-
-
 def save_optimizer(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, job: Distributed) -> None:
     """The optimizer state by parameter name: tensors through torch.distributed.checkpoint into
     folder/optimizer/ (every rank writes its part; a collective), the rest to optimizer.json (rank 0)."""
@@ -116,7 +96,7 @@ def save_optimizer(folder: Path, model: nn.Module, optimizer: torch.optim.Optimi
                 shapes[f"{fqn}/{key}"] = {"shape": list(value.shape), "dtype": str(value.dtype).removeprefix("torch.")}
             else:
                 scalars[f"{fqn}/{key}"] = value
-    with _through_dcp(job):
+    with through_dcp(job.active):
         dcp.save(tensors, storage_writer=dcp.HuggingFaceStorageWriter(str(folder / OPTIMIZER_DIR), save_distributed=True),
                  no_dist=not job.active)
     if job.is_main:
@@ -131,7 +111,7 @@ def save_model_shards(folder: Path, model: nn.Module, job: Distributed) -> None:
     weights = get_model_state_dict(model)
     if getattr(getattr(model, "config", None), "tie_embeddings", False):
         weights.pop("lm_head.weight", None)
-    with _through_dcp(job):
+    with through_dcp(job.active):
         dcp.save(weights, storage_writer=dcp.HuggingFaceStorageWriter(str(folder / WEIGHT_SHARDS_DIR), save_distributed=True),
                  no_dist=not job.active)
 
@@ -150,7 +130,7 @@ def load_optimizer(folder: Path, model: nn.Module, optimizer: torch.optim.Optimi
         # A per-parameter tensor takes the parameter's layout (its DTensor shard under FSDP).
         templates[name] = (torch.zeros_like(param, dtype=dtype) if info["shape"] == list(param.shape)
                            else torch.zeros(info["shape"], dtype=dtype, device=param.device))
-    with _through_dcp(job):
+    with through_dcp(job.active):
         dcp.load(templates, storage_reader=dcp.HuggingFaceStorageReader(str(folder / OPTIMIZER_DIR)), no_dist=not job.active)
     state: dict[str, dict[str, Any]] = {}
     for name, value in [*templates.items(), *meta["scalars"].items()]:

@@ -9,6 +9,7 @@ and summary.json. While a process owns it, `.RUN.lock` beside it says which (lmf
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -160,15 +161,16 @@ def _pretrain(run: RunDir, data, model, cfg, model_overrides, resume, resume_fro
     if job.is_main:
         write_text_atomic(run_dir / RUN_CONFIG, yaml.safe_dump(run_config, sort_keys=False))
 
+    run_extra = {"run": {"data": run_config["data"]}}  # config.json's note of the data the weights came from
     n_params = net.param_count()  # before the Trainer wraps (under FSDP: shards) the model
     batches = ShardBatches(train_split, val_split, batch_size=cfg.batch_size, block_size=block_size,
                            grad_accum=cfg.grad_accum, seed=cfg.seed, eval_batches=cfg.eval_batches,
                            rank=job.rank, world_size=job.world_size)
     trainer = Trainer(
         net, cfg, batches, run_dir,
-        write_model=lambda folder: write_model_files(net, folder, tokenizer, {"run": {"data": run_config["data"]}}),
-        write_model_meta=lambda folder: write_model_files(net, folder, tokenizer, {"run": {"data": run_config["data"]}},
-                                                          with_weights=False),
+        write_model=functools.partial(write_model_files, net, tokenizer=tokenizer, extra_config=run_extra),
+        write_model_meta=functools.partial(write_model_files, net, tokenizer=tokenizer, extra_config=run_extra,
+                                           with_weights=False),
         param_groups=net.configure_optimizer_groups(cfg.weight_decay),
         flops_per_token=net.flops_per_token(block_size),
         tokens_per_step=cfg.batch_size * block_size * cfg.grad_accum * job.world_size,
