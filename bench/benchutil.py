@@ -43,11 +43,14 @@ def tree_rss_bytes(pid: int) -> int:
     return total
 
 
-def run_measured(code: str, env: dict | None = None, argv: list[str] | None = None) -> dict:
+def run_measured(code: str, env: dict | None = None, argv: list[str] | None = None, show_stderr: bool = False) -> dict:
     """Run `code` (which prints one JSON object last) in a fresh interpreter, or the command
-    `argv` when given (a peer's own interpreter and script); add peak_rss_mb."""
+    `argv` when given (a peer's own interpreter and script); add peak_rss_mb. `show_stderr`: the
+    child's stderr goes to ours as it comes (progress of a long step) instead of being kept for
+    the error message."""
     proc = subprocess.Popen(
-        argv or [sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        argv or [sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE,
+        stderr=None if show_stderr else subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONPATH": str(REPO / "bench"), **(env or {})},
     )
     peak = 0
@@ -63,7 +66,8 @@ def run_measured(code: str, env: dict | None = None, argv: list[str] | None = No
     out, err = proc.communicate()
     watcher.join()
     if proc.returncode != 0:
-        raise RuntimeError(f"benchmark step failed:\n{err[-3000:]}")
+        raise RuntimeError(f"benchmark step failed:\n{err[-3000:]}" if err is not None else
+                           f"benchmark step failed (exit status {proc.returncode}); its stderr is above")
     result = json.loads(out.strip().splitlines()[-1])
     result["peak_rss_mb"] = round(peak / 2**20, 1)
     return result
