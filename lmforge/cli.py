@@ -19,9 +19,11 @@ from lmforge.data.sources import DEFAULT_EXTENSIONS, EncodingErrors
 from lmforge.errors import LmforgeError
 from lmforge.generate.params import SamplingParams
 from lmforge.model.config import ModelConfig
+from lmforge.model.hardware import GPUS
 from lmforge.tokenizer import TokenizerTrainConfig
 from lmforge.train.config import TrainConfig
 from lmforge.train.translation_config import TranslationConfig
+
 
 app = typer.Typer(
     name="lmforge",
@@ -412,25 +414,124 @@ def quantize(
 @app.command()
 @with_config(model_overrides=Spec(ModelConfig, "model.", overrides=True))
 def estimate(
-    model: Annotated[str, typer.Option(help="A preset or a YAML/JSON file of model settings.")] = "tiny",
+    model: Annotated[str, typer.Option(help="A preset, a YAML/JSON file of model settings, or a known pretrained model's name (its architecture).")] = "tiny",
     batch_size: Annotated[int, typer.Option(help="Sequences per batch.")] = 16,
     seq_len: Annotated[int, typer.Option(help="Tokens per sequence (0 = the model's context).")] = 0,
     optimizer: Annotated[str, typer.Option(help="adamw or sgd.")] = "adamw",
+    gpu: Annotated[Optional[str], typer.Option("--gpu", help="Predict for a named GPU (datasheet memory, FLOP/s, bandwidth) instead of this machine: " + ", ".join(GPUS) + ".", show_default=False)] = None,
+    inference: Annotated[bool, typer.Option("--inference", help="Also estimate inference: KV cache, memory, decode and prefill tokens/s.")] = False,
+    context: Annotated[int, typer.Option(help="Inference: tokens of context (0 = the model's).")] = 0,
+    inference_batch: Annotated[int, typer.Option("--inference-batch", help="Inference: sequences decoded together.")] = 1,
+    weights: Annotated[str, typer.Option(help="Inference: weight storage, fp32, bf16, q8_0, q4_1 or q4_0.")] = "fp32",
+    measure: Annotated[bool, typer.Option("--measure", help="Also measure on this machine (a few training steps on random tokens; with --inference, instead, decoding with a pretrained model) and record the figures for `lmforge choose`.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
     model_overrides: dict = None,
 ):
-    """Estimate parameters, FLOPs per token and training memory for a model."""
-    from lmforge.model.estimate import estimate_memory
-    from lmforge.train.pretrain import resolve_model_config
+    """Estimate parameters, FLOPs, memory and speed of training (and inference) for a model, here or on a named GPU."""
+    from lmforge.model.hardware import target
+    from lmforge.model.speed import inference_estimate, training_estimate, training_speed
 
-    config = resolve_model_config(model, model_overrides)
-    est = estimate_memory(config, batch_size, seq_len or config.block_size, optimizer=optimizer)
+    config, pretrained = _estimate_config(model, model_overrides)
+    seq = seq_len or config.block_size
+    hw = target(gpu)
+    if measure and gpu:
+        raise LmforgeError("--measure measures this machine; drop --gpu")
+    est = training_estimate(config, batch_size, seq, hw, optimizer=optimizer)
+    speed = training_speed(config, batch_size, seq, hw, optimizer=optimizer)
+    out: dict = {"model": config.name, "hardware": hw.describe(), "train": {**est, **speed.to_dict()}}
+    if inference:
+        out["inference"] = inference_estimate(config, hw, batch_size=inference_batch, context=context,
+                                              weight_format=weights).to_dict()
+    if measure:
+        out["measured"] = _measure_and_record(model, config, pretrained, batch_size, seq, optimizer, inference,
+                                              inference_batch, weights, out)
+    if as_json:
+        _echo_json(out)
+        return
     gib = lambda b: f"{b / 2**30:.3f} GiB"  # noqa: E731
     typer.echo(f"{config.name}: {est['params']:,} parameters, {est['flops_per_token'] / 1e9:.3f} GFLOP per token (train)")
     if config.is_encoder_decoder:
         typer.echo(f"  encoder-decoder ({config.n_encoder_layer}+{config.n_layer} layers): sources and targets of "
-                   f"{seq_len or config.block_size} tokens each; FLOPs per target token")
+                   f"{seq} tokens each; FLOPs per target token")
+    typer.echo(f"training memory ({hw.precision}, batch {batch_size} x {seq}):")
     for key in ("weights", "grads", "optimizer", "activations", "logits", "total"):
         typer.echo(f"  {key:<12} {gib(est[key])}")
+    typer.echo(f"  {'peak':<12} {gib(est['peak'])} (the total + the backward's transients, as measured: lmforge.model.speed)")
+    typer.echo(f"on {hw.describe()}:")
+    typer.echo(f"  training     {speed.tokens_per_s:,.0f} tokens/s predicted (step {speed.step_seconds:.3f} s = matmuls "
+               f"{speed.matmul_seconds:.3f} s at {speed.matmul_efficiency:.0%} of peak + memory traffic "
+               f"{speed.memory_seconds:.3f} s; MFU {speed.mfu:.0%}); memory {'fits' if est['peak'] <= hw.memory_bytes else 'does NOT fit'}")
+    if inference:
+        inf = out["inference"]
+        typer.echo(f"  inference    {weights} weights {inf['weight_bytes'] / 1e6:,.0f} MB + KV cache {inf['kv_cache_bytes'] / 1e6:,.1f} MB "
+                   f"(batch {inf['batch_size']} x context {inf['context']}) = {inf['memory_bytes'] / 1e6:,.0f} MB; decode "
+                   f"{inf['decode_tokens_per_s']:,.1f} tokens/s ({inf['ms_per_token']:.1f} ms a token, {inf['bound']}-bound); "
+                   f"prefill {inf['prefill_tokens_per_s']:,.0f} tokens/s")
+    if measure:
+        for mode, m in out["measured"].items():
+            predicted = out["train"]["tokens_per_s"] if mode == "train" else out["inference"]["decode_tokens_per_s"]
+            typer.echo(f"  measured {mode:<7} {m['tokens_per_s']:,.1f} tokens/s (predicted {predicted:,.1f}: "
+                       f"{predicted / m['tokens_per_s']:.2f}x); peak RSS {m['peak_rss_bytes'] / 1e6:,.0f} MB "
+                       f"(process before the model {m['baseline_rss_bytes'] / 1e6:,.0f} MB)")
+
+
+def _estimate_config(spec: str, overrides: dict | None) -> tuple[ModelConfig, str | None]:
+    """A preset/YAML as pretrain reads it, or a known pretrained model by its architecture."""
+    from lmforge.interop.registry import KNOWN_MODELS
+    from lmforge.train.pretrain import resolve_model_config
+
+    if spec in KNOWN_MODELS:
+        return resolve_model_config(KNOWN_MODELS[spec].architecture, overrides or {}), spec
+    return resolve_model_config(spec, overrides or {}), None
+
+
+def _measure_and_record(spec: str, config: ModelConfig, pretrained: str | None, batch_size: int, seq: int,
+                        optimizer: str, inference: bool, inference_batch: int, weights: str, out: dict) -> dict:
+    from lmforge.model import measure
+
+    figures: dict = {}
+    if not inference:
+        figures["train"] = measure.measure_training(config, batch_size, seq, optimizer=optimizer)
+        measure.record_measured(measure.measurement_key(spec, "train", batch_size, seq), figures["train"])
+    else:  # alone in its process: the peak RSS is decoding's, not a training step's
+        if pretrained is None:
+            raise LmforgeError("--measure --inference: give a pretrained model's name (--model "
+                               "smollm2-135m-instruct): decoding is measured on the model lmforge loads")
+        from lmforge.interop.registry import KNOWN_MODELS
+
+        km = KNOWN_MODELS[pretrained]
+        if weights not in (km.quant_format, "fp32"):
+            raise LmforgeError(f"--weights {weights}: {pretrained} is stored as {km.quant_format} "
+                               "(or fp32 when imported so); measure one of those")
+        figures["decode"] = measure.measure_decode(pretrained, batch_size=inference_batch,
+                                                   import_dtype="fp32" if weights == "fp32" else None)
+        measure.record_measured(measure.measurement_key(pretrained, "decode", inference_batch,
+                                                        figures["decode"]["context"], weights), figures["decode"])
+    return figures
+
+
+@app.command()
+def choose(
+    ram: Annotated[Optional[str], typer.Option("--ram", help="Memory the model may use, e.g. 8G, 512M (default: what is available now; with --gpu, the GPU's).", show_default=False)] = None,
+    gpu: Annotated[Optional[str], typer.Option("--gpu", help="Choose for a named GPU: " + ", ".join(GPUS) + ".", show_default=False)] = None,
+    latency_ms: Annotated[Optional[float], typer.Option("--latency-ms", help="Reject models whose decoded token takes longer.", show_default=False)] = None,
+    task: Annotated[str, typer.Option("--task", help="chat, code or translation.")] = "chat",
+    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+):
+    """Rank the models lmforge knows for a task on this machine (or a named GPU), and say why the others don't fit."""
+    from lmforge.choose import choose as run_choose
+    from lmforge.choose import parse_size, render
+    from lmforge.model.hardware import target
+    from lmforge.model.measure import load_measured
+
+    hw = target(gpu)
+    limit = parse_size(ram) if ram else hw.memory_bytes
+    verdicts = run_choose(task, hw, ram_bytes=limit, latency_ms=latency_ms, measured=load_measured())
+    if as_json:
+        _echo_json({"task": task, "hardware": hw.describe(), "memory_limit_bytes": limit,
+                    "models": [v.to_dict() for v in verdicts]})
+        return
+    typer.echo(render(verdicts, task, hw, limit))
 
 
 @app.command()

