@@ -71,7 +71,7 @@ class Verdict:
     memory_bytes: int
     speed: str  # what the speed figure is, with its unit
     speed_value: float
-    measured: bool
+    measured: str  # "" (predicted) or the settings it was measured at, e.g. "batch 1, context 128"
     quality: list[str] = field(default_factory=list)
     rejected: list[str] = field(default_factory=list)
     note: str = ""
@@ -103,12 +103,16 @@ def _pretrained() -> list[tuple[str, str, ModelConfig]]:
     return out
 
 
-def _measured(measured: dict, name: str, mode: str, fmt: str = "") -> dict | None:
+def _measured(measured: dict, name: str, mode: str, fmt: str = "") -> tuple[dict | None, str]:
+    """A figure `lmforge estimate --measure` recorded for the model (any batch and length: the
+    settings are shown beside it), and those settings in words."""
     for key, figures in measured.items():
-        model, m, *rest = key.split("|")
-        if model == name and m == mode and (not fmt or (rest[2:] or [""])[0] == fmt):
-            return figures
-    return None
+        model, m, batch, length, *rest = key.split("|")
+        if model == name and m == mode and (not fmt or (rest or [""])[0] == fmt):
+            unit = "context" if mode == "decode" else "x"
+            at = f"batch {batch[1:]}, context {length}" if unit == "context" else f"batch {batch[1:]} x {length}"
+            return figures, at
+    return None, ""
 
 
 def choose(task: str, hw: Hardware, *, ram_bytes: int | None = None, latency_ms: float | None = None,
@@ -121,10 +125,10 @@ def choose(task: str, hw: Hardware, *, ram_bytes: int | None = None, latency_ms:
     verdicts: list[Verdict] = []
     for name, fmt, config in _pretrained():
         est = inference_estimate(config, hw, context=min(context, config.block_size), weight_format=fmt)
-        seen = _measured(measured, name, "decode", fmt) if hw.kind == "cpu" else None
+        seen, at = _measured(measured, name, "decode", fmt) if hw.kind == "cpu" else (None, "")
         ms = seen["step_seconds"] * 1000 if seen else est.ms_per_token
         v = Verdict(name, "pretrained", fmt, _params(config), est.memory_bytes + RUNTIME_BYTES, "ms/token", ms,
-                    bool(seen), [str(q) for q in QUALITY.get((name, task), ())])
+                    at, [str(q) for q in QUALITY.get((name, task), ())])
         if task == "translation" and name in ENGLISH_ONLY:
             v.rejected.append("English-only (its model card), never trained to translate")
         _check_fit(v, limit, hw)
@@ -133,11 +137,11 @@ def choose(task: str, hw: Hardware, *, ram_bytes: int | None = None, latency_ms:
         verdicts.append(v)
     for name, config in PRESETS.items():
         seq = min(context, config.block_size)
-        seen = _measured(measured, name, "train") if hw.kind == "cpu" else None
+        seen, at = _measured(measured, name, "train") if hw.kind == "cpu" else (None, "")
         speed = seen["tokens_per_s"] if seen else training_speed(config, TRAIN_BATCH, seq, hw).tokens_per_s
         need = training_estimate(config, TRAIN_BATCH, seq, hw)["peak"] + RUNTIME_BYTES
         v = Verdict(name, "preset", "fp32" if hw.precision == "fp32" else "bf16 autocast", _params(config), need,
-                    "training tokens/s", speed, bool(seen),
+                    "training tokens/s", speed, at,
                     note=f"untrained: {speed * 3600 / 1e6:.1f}M training tokens an hour at batch {TRAIN_BATCH} x {seq}")
         if task == "translation" and not config.is_encoder_decoder:
             v.note += "; as a translator, a decoder-only twin (recipe translation trains both)"
@@ -176,7 +180,7 @@ def render(verdicts: list[Verdict], task: str, hw: Hardware, limit: int) -> str:
         if v.rejected:
             continue
         rank += 1
-        how = "measured" if v.measured else "predicted"
+        how = f"measured, {v.measured}" if v.measured else "predicted"
         fig = f"{v.speed_value:,.1f} {v.speed} ({how})"
         lines.append(f"{rank:>2}  {v.name:<24} {v.kind:<10} {v.weight_format:<13} {v.params / 1e6:>7.1f}M "
                      f"{v.memory_bytes / 1e9:>7.2f} GB  {fig}")

@@ -143,8 +143,8 @@ def test_choose_prefers_a_measured_figure(no_timing):
                 "smollm2-135m-instruct|decode|b1|128|q8_0": {"tokens_per_s": 100.0, "step_seconds": 0.01}}
     verdicts = {(v.name, v.weight_format): v for v in choose("code", _cpu(), measured=measured)}
     tiny, q8 = verdicts[("tiny", "fp32")], verdicts[("smollm2-135m-instruct", "q8_0")]
-    assert tiny.measured and tiny.speed_value == 1234.5
-    assert q8.measured and q8.speed_value == pytest.approx(10.0)  # ms a token
+    assert tiny.measured == "batch 8 x 256" and tiny.speed_value == 1234.5
+    assert q8.measured == "batch 1, context 128" and q8.speed_value == pytest.approx(10.0)  # ms a token
     assert not verdicts[("smollm2-135m-instruct", "fp32")].measured
 
 
