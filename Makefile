@@ -26,10 +26,10 @@ quickstart: $(VENV)/.core
 	$(BIN)/lmforge quickstart --overwrite
 
 test: $(VENV)/.test
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -m "not slow" --durations=25
 
 test-slow: $(VENV)/.test
-	$(BIN)/python -m pytest -m slow
+	$(BIN)/python -m pytest -m slow --durations=25
 
 test-all: test test-slow
 

@@ -179,6 +179,7 @@ def test_resume_across_world_sizes(nodrop, tmp_path):
     np.testing.assert_allclose(losses(tmp_path / "c"), ref, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow  # torchrun twice; the DDP equality above runs in the default suite
 def test_gradient_accumulation_across_ranks(nodrop, tmp_path):
     """2 ranks x batch 2 x 2 micro-steps (no gradient sync on the inner one) == 1 x batch 4 x 2 micro-steps
     (each micro-step's global batch is drawn as a whole, as a step's is without accumulation)."""
@@ -187,6 +188,7 @@ def test_gradient_accumulation_across_ranks(nodrop, tmp_path):
     np.testing.assert_allclose(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow  # waits for torchrun to notice a dead rank
 def test_a_killed_rank_stops_the_others_and_the_run_resumes(nodrop, tmp_path):
     data, model_file = nodrop
     pids = tmp_path / "pids"
@@ -234,7 +236,8 @@ def test_heap_pool_under_fsdp_is_refused_in_one_line(nodrop, tmp_path):
     assert r.returncode != 0 and "--heap pool does not work with --strategy fsdp" in r.stderr
 
 
-@pytest.mark.parametrize("method,strategy", [("lora", "ddp"), ("lora", "fsdp"), ("full", "fsdp")])
+@pytest.mark.parametrize("method,strategy", [("lora", "ddp"), pytest.param("lora", "fsdp", marks=pytest.mark.slow),
+                                             pytest.param("full", "fsdp", marks=pytest.mark.slow)])
 def test_finetune_on_two_processes_is_the_single_process_run(tiny_model_dir, tmp_path, method, strategy):
     """LoRA on chats of different lengths (the loss is a mean over every trained token of the step,
     on all ranks together), with the base model's replay chats written by rank 0 and read by rank 1;
