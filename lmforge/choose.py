@@ -58,6 +58,8 @@ QUALITY: dict[tuple[str, str], tuple[Quality, ...]] = {
     ),
     ("smollm2-135m-instruct", "code"): (
         Quality("lmforge eval tasks code accuracy", 0.667, "bench/README.md, Evaluation: `lmforge eval tasks`"),
+        Quality("HumanEval pass@1 (first 40 problems, raw prompt without the chat template)", 0.0,
+                "bench/README.md, Recipes: `lmforge recipe run code`"),
     ),
 }
 
