@@ -21,9 +21,9 @@ Decoding (one new token in each of b sequences, context c):
 
 Efficiencies. On this machine (kind "cpu") the matmul efficiency is measured: a product of the
 model's own widest shape, timed now, against the measured peak; the bytes of a training step move
-at the elementwise bandwidth, measured now with an op that writes a fresh tensor (as every
-activation is made): ~7 GB/s here against ~50 GB/s of plain reads, because the fresh pages are
-faulted in and written through the caches. (Checked: bench/bench_estimate.py.)
+at the elementwise bandwidth, a share of the measured read bandwidth fitted to measured steps
+(hardware.ELEMENTWISE_SHARE: ~10 GB/s here against ~48 GB/s of plain reads; norms, activations
+and softmaxes write fresh tensors and compute as they go). (Checked: bench/bench_estimate.py.)
 The overhead of a decoded token
 beyond its bytes (CPU_LAYER_OVERHEAD_S a layer: the Engine's loop, sampling, the kernels' fork/joins)
 is fitted to lmforge's own decoders on SmolLM2 at batch 1: 186.9 tokens/s in q4_1 (96.4 MB of
