@@ -59,11 +59,14 @@ def test_a_cipher_is_learned_to_a_high_bleu(pairs_file, tmp_path):
     path, vocab = pairs_file
     tcfg = TranslationConfig(tokenizer_kind="word", vocab_size=vocab, bleu_samples=64)
     summary = train_translation(path, "seq2seq-tiny", tmp_path / "run",
-                                cfg(max_steps=1200, batch_size=32, eval_every=600, checkpoint_every=1200, log_every=100,
-                                    warmup_steps=10, lr=3e-3, seed=1),
+                                # lr 1e-3 x 2400 steps reaches BLEU 100 for every seed tried, on AVX2 and
+                                # AVX-512 kernels alike; 3e-3 x 1200 learned the cipher for 1 seed/ISA in 4
+                                # (the runs agree to rounding for ~100 steps, then part ways).
+                                cfg(max_steps=2400, batch_size=32, eval_every=1200, checkpoint_every=2400, log_every=100,
+                                    warmup_steps=10, lr=1e-3, seed=1),
                                 tcfg, model_overrides=SMALL, progress=False)
     rows = [r for r in read_metrics(tmp_path / "run" / "metrics.csv") if r["val_bleu"]]
-    assert [int(r["step"]) for r in rows] == [600, 1200] and all(r["val_chrf"] for r in rows)
+    assert [int(r["step"]) for r in rows] == [1200, 2400] and all(r["val_chrf"] for r in rows)
     # The untrained model's translations of the same sample: the baseline.
     best, config = load_model_dir(tmp_path / "run" / "best")
     tokenizers = PairTokenizers.load(tmp_path / "run" / "best")
