@@ -108,12 +108,11 @@ def _pretrained() -> list[tuple[str, str, ModelConfig]]:
 def _measured(measured: dict, name: str, mode: str, fmt: str = "") -> tuple[dict | None, str]:
     """A figure `lmforge estimate --measure` recorded for the model (any batch and length: the
     settings are shown beside it), and those settings in words."""
-    for key, figures in measured.items():
-        model, m, batch, length, *rest = key.split("|")
-        if model == name and m == mode and (not fmt or (rest or [""])[0] == fmt):
-            unit = "context" if mode == "decode" else "x"
-            at = f"batch {batch[1:]}, context {length}" if unit == "context" else f"batch {batch[1:]} x {length}"
-            return figures, at
+    for figures in measured.values():
+        if figures.get("model") == name and figures.get("mode") == mode and (not fmt or figures.get("weights") == fmt):
+            if mode == "decode":
+                return figures, f"batch {figures['batch_size']}, context {figures['context']}"
+            return figures, f"batch {figures['batch_size']} x {figures['seq_len']}"
     return None, ""
 
 

@@ -491,7 +491,7 @@ def _measure_and_record(spec: str, config: ModelConfig, pretrained: str | None, 
 
     figures: dict = {}
     if not inference:
-        figures["train"] = measure.measure_training(config, batch_size, seq, optimizer=optimizer)
+        figures["train"] = {"model": spec, **measure.measure_training(config, batch_size, seq, optimizer=optimizer)}
         measure.record_measured(measure.measurement_key(spec, "train", batch_size, seq), figures["train"])
     else:  # alone in its process: the peak RSS is decoding's, not a training step's
         if pretrained is None:
@@ -503,8 +503,9 @@ def _measure_and_record(spec: str, config: ModelConfig, pretrained: str | None, 
         if weights not in (km.quant_format, "fp32"):
             raise LmforgeError(f"--weights {weights}: {pretrained} is stored as {km.quant_format} "
                                "(or fp32 when imported so); measure one of those")
-        figures["decode"] = measure.measure_decode(pretrained, batch_size=inference_batch,
-                                                   import_dtype="fp32" if weights == "fp32" else None)
+        figures["decode"] = {"model": pretrained, "weights": weights,
+                             **measure.measure_decode(pretrained, batch_size=inference_batch,
+                                                      import_dtype="fp32" if weights == "fp32" else None)}
         measure.record_measured(measure.measurement_key(pretrained, "decode", inference_batch,
                                                         figures["decode"]["context"], weights), figures["decode"])
     return figures

@@ -103,6 +103,12 @@ def test_measured_training_peak_is_within_a_quarter_of_the_prediction(tmp_path):
     recorded = json.loads((tmp_path / "measured.json").read_text())
     (figures,) = recorded.values()
     assert figures["llama-tiny|train|b2|256"]["tokens_per_s"] == m["tokens_per_s"]
+    # An unreadable measurements file is refused in one line, never silently replaced.
+    (tmp_path / "measured.json").write_text("{torn")
+    again = subprocess.run([sys.executable, "-m", "lmforge", "estimate", "--model", "tiny", "--batch-size", "1",
+                            "--seq-len", "8", "--measure"], capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert again.returncode == 1 and "measured.json: not a measurements file" in again.stderr
+    assert (tmp_path / "measured.json").read_text() == "{torn"
 
 
 def _cpu(memory: int = 24 * 10**9) -> Hardware:
@@ -139,8 +145,11 @@ def test_choose_rejects_what_does_not_fit_or_is_too_slow(no_timing):
 
 
 def test_choose_prefers_a_measured_figure(no_timing):
-    measured = {"tiny|train|b8|256": {"tokens_per_s": 1234.5, "step_seconds": 1.0},
-                "smollm2-135m-instruct|decode|b1|128|q8_0": {"tokens_per_s": 100.0, "step_seconds": 0.01}}
+    measured = {"tiny|train|b8|256": {"model": "tiny", "mode": "train", "batch_size": 8, "seq_len": 256,
+                                       "tokens_per_s": 1234.5, "step_seconds": 1.0},
+                "smollm2-135m-instruct|decode|b1|128|q8_0": {"model": "smollm2-135m-instruct", "mode": "decode",
+                                                             "weights": "q8_0", "batch_size": 1, "context": 128,
+                                                             "tokens_per_s": 100.0, "step_seconds": 0.01}}
     verdicts = {(v.name, v.weight_format): v for v in choose("code", _cpu(), measured=measured)}
     tiny, q8 = verdicts[("tiny", "fp32")], verdicts[("smollm2-135m-instruct", "q8_0")]
     assert tiny.measured == "batch 8 x 256" and tiny.speed_value == 1234.5

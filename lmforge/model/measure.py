@@ -128,26 +128,28 @@ def _file() -> Path:
     return cache_dir() / MEASURED_FILE
 
 
-def load_measured() -> dict:
-    """{key: figures} recorded on this machine (other machines' entries are kept but not returned)."""
-    path = _file()
+def _read_all(path: Path) -> dict:
+    """Every machine's entries, or a one-line error naming the file: a file lmforge cannot read is
+    refused, never silently replaced."""
     if not path.exists():
         return {}
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise LmforgeError(f"{path}: not a measurements file lmforge wrote ({e}); delete it to start over") from None
-    return data.get(machine_signature(), {}) if isinstance(data, dict) else {}
+    if not isinstance(data, dict):
+        raise LmforgeError(f"{path}: not a measurements file lmforge wrote (a JSON object expected); delete it to start over")
+    return data
+
+
+def load_measured() -> dict:
+    """{key: figures} recorded on this machine (other machines' entries are kept but not returned)."""
+    return _read_all(_file()).get(machine_signature(), {})
 
 
 def record_measured(key: str, figures: dict) -> Path:
     path = _file()
-    data: dict = {}
-    if path.exists():
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            data = {}
+    data = _read_all(path)
     data.setdefault(machine_signature(), {})[key] = figures
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, json.dumps(data, indent=1, sort_keys=True))

@@ -177,11 +177,6 @@ def weight_bytes(config: ModelConfig, params: int, weight_format: str) -> int:
     return int((params - embedding) * WEIGHT_BYTES[weight_format] + embedding * WEIGHT_BYTES["q8_0"])
 
 
-def _matmul_params(config: ModelConfig) -> int:
-    est = estimate_memory(config, 1, 1)
-    return est["flops_per_token"] // 6 - 2 * config.n_layer * config.n_head * config.head_dim  # N of 6N
-
-
 def inference_estimate(config: ModelConfig, hw: Hardware, *, batch_size: int = 1, context: int = 0,
                        weight_format: str = "fp32") -> InferenceEstimate:
     if weight_format not in WEIGHT_BYTES:
@@ -193,12 +188,13 @@ def inference_estimate(config: ModelConfig, hw: Hardware, *, batch_size: int = 1
     if batch_size < 1 or not 1 <= context <= config.block_size:
         raise LmforgeError(f"estimate --inference: batch {batch_size} and context {context} must be positive, "
                            f"the context at most the model's {config.block_size}")
-    params = estimate_memory(config, 1, 1)["params"]
+    one = estimate_memory(config, 1, 1)  # meta-device counts: parameters and FLOPs a token
+    params = one["params"]
     weights = weight_bytes(config, params, weight_format)
     kv_element = 2 if hw.precision == "bf16" else 4
     kv_full = kv_cache_bytes(config, batch_size, context, kv_element)
     activations = batch_size * (config.vocab_size + 4 * config.n_embd + 2 * config.intermediate_size) * 4
-    n = _matmul_params(config)
+    n = one["flops_per_token"] // 6 - 2 * config.n_layer * config.n_head * config.head_dim  # N of 6N (context 1)
     # A step at the middle of the context (a reply's average position), each sequence one token.
     kv_read = kv_cache_bytes(config, batch_size, context // 2, kv_element)
     attention_flops = 4 * config.n_layer * config.n_head * config.head_dim * (context // 2)
