@@ -27,8 +27,8 @@ def run(
     name: Annotated[str, typer.Argument(help="The recipe (lmforge recipe list).", show_default=False)],
     out: Annotated[Optional[Path], typer.Option("-o", "--out", help="Output folder (default runs/recipe-NAME); "
                                                 "running again on it continues an interrupted run.")] = None,
-    budget: Annotated[Optional[float], typer.Option(help="Minutes (default: the recipe's): of training for style and code, "
-                                                    "of the whole recipe for chatbot.")] = None,
+    budget: Annotated[Optional[float], typer.Option(help="Minutes for the whole recipe (default: the recipe's), evaluations "
+                                                    "included: training gets what they leave.")] = None,
     model: Annotated[Optional[str], typer.Option(help="The base model (style, chatbot); the model scored beside ours "
                                                  "(code; '' = none).")] = None,
     data: Annotated[Optional[Path], typer.Option(help="The recipe's data (style: a text file in the style; chatbot: "
@@ -77,8 +77,10 @@ def run(
         elif name == "translation":
             if model or data:
                 raise LmforgeError("the translation recipe takes no --model/--data (see `lmforge recipe translation --help`)")
-            translation(out=out, minutes=minutes / 2, overwrite=overwrite, max_steps=max_steps)
-            return
+            from lmforge.recipes.translation import DEFAULT_OVERRIDES, RecipeConfig, run_recipe
+
+            run_recipe(RecipeConfig(out=out, budget=minutes, overwrite=overwrite, max_steps=max_steps,
+                                    model_overrides=dict(DEFAULT_OVERRIDES)), echo=typer.echo)
     except LmforgeError as e:
         typer.echo(f"lmforge: error: {e}", err=True)
         raise typer.Exit(1) from None

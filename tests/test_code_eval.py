@@ -16,8 +16,9 @@ import pytest
 
 from conftest import one_line_error, write_jsonl
 
-from lmforge.eval.code import (STOP, Problem, generate_completions, load_problems, pass_at_k, program,
-                               CodeEvalConfig)
+from lmforge.errors import LmforgeError
+from lmforge.eval.code import (CHAT_STOP, STOP, Problem, chat_message, completion_from_reply, generate_completions,
+                               load_problems, pass_at_k, program, CodeEvalConfig)
 from lmforge.eval.sandbox import Sandbox, SandboxConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -299,8 +300,181 @@ def test_generation_is_cut_at_the_stop_sequences(tiny_model_dir):
     engine, _ = load_engine(str(tiny_model_dir))
     problems = [Problem(**ADD), Problem(**REV)]
     config = CodeEvalConfig(samples=2, temperature=1.0, max_new_tokens=24, batch_size=3)
-    got, cut = generate_completions(engine, problems, config)
+    got, replies, cut = generate_completions(engine, problems, config)
     assert list(got) == ["t/add", "t/rev"] and all(len(v) == 2 for v in got.values()) and cut == 0
+    assert replies is None  # raw: the completion is the generated text itself
     assert all(stop not in c for cs in got.values() for c in cs for stop in STOP)
-    again, _ = generate_completions(engine, problems, config)
+    again, _, _ = generate_completions(engine, problems, config)
     assert again == got  # seeded
+
+
+# -- --prompt-format chat (instruct models) ---------------------------------------------------------
+TYPED = {"task_id": "t/total", "prompt": "from typing import List\n\n\ndef total(xs: List[int]) -> int:\n"
+         "    \"\"\"Sum of xs.\"\"\"\n", "entry_point": "total",
+         "test": "def check(candidate):\n    assert candidate([1, 2, 3]) == 6\n    assert candidate([]) == 0\n"}
+WHOLE = "def add(a, b):\n    return a + b\n"
+
+CHAT_REPLIES = [  # (reply, the completion it becomes): each passes ADD when run
+    (f"Here it is:\n\n```python\n{WHOLE}```\n\nIt adds a and b.", "\n" + WHOLE),  # fenced, with a language
+    (f"```\n{WHOLE}```", "\n" + WHOLE),  # a plain fence
+    ("```python\ndef add(a, b):\n    return a + b", "\n" + WHOLE),  # no closing fence: the stop string cut it
+    (f"```py\n{WHOLE}```\nor\n```python\ndef add(a, b):\n    return 0\n```\n", "\n" + WHOLE),  # the first block only
+    ("    return a + b\n", "    return a + b\n"),  # no fence: the reply as it is
+    ("```python\n    return a + b\n```\n", "    return a + b\n"),  # a body only: continues the prompt's function
+    ("```python\nimport math\n\ndef add(a, b):\n    return math.fsum([a, b])\n```",  # imports before the function
+     "\nimport math\n\ndef add(a, b):\n    return math.fsum([a, b])\n"),
+]
+
+
+@pytest.mark.parametrize("reply, completion", CHAT_REPLIES)
+def test_completion_from_reply_takes_the_first_fenced_block(sandbox, reply, completion):
+    add = Problem(**ADD)
+    got = completion_from_reply(reply, add)
+    assert got == completion
+    r = sandbox.run(program(add, got))
+    assert r.passed, (r.failure, r.stderr_tail)
+
+
+def test_a_replied_function_replaces_the_prompts_and_keeps_its_imports(sandbox):
+    # Replies drop `from typing import List`: after the prompt, the prompt's import is in effect.
+    typed = Problem(**TYPED)
+    reply = "```python\ndef total(xs: List[int]) -> int:\n    return sum(xs)\n```"
+    completion = completion_from_reply(reply, typed)
+    assert completion == "\ndef total(xs: List[int]) -> int:\n    return sum(xs)\n"
+    r = sandbox.run(program(typed, completion))
+    assert r.passed, (r.failure, r.stderr_tail)
+    alone = sandbox.run(completion + "\n" + typed.test + "\ncheck(total)\n")  # what the prompt's import saves it from
+    assert alone.failure == "exception:NameError" and "List" in alone.stderr_tail
+    wrong = completion_from_reply("```python\ndef total(xs: List[int]) -> int:\n    return len(xs)\n```", typed)
+    assert sandbox.run(program(typed, wrong)).failure == "assertion"  # the reply's definition is the one checked
+    # A prompt with no body yet (no docstring) still takes the whole function.
+    rev = Problem(**REV)
+    done = sandbox.run(program(rev, completion_from_reply("```python\ndef rev(s):\n    return s[::-1]\n```", rev)))
+    assert done.passed, (done.failure, done.stderr_tail)
+
+
+def test_prompt_format_is_checked(cli, tmp_path, problem_file):
+    with pytest.raises(LmforgeError, match="--prompt-format must be raw or chat, got 'json'"):
+        CodeEvalConfig(prompt_format="json")
+    one_line_error(cli("eval", "code", "x", "--problems", problem_file, "--prompt-format", "Chat"), "--prompt-format")
+    assert CodeEvalConfig().stop == STOP and CodeEvalConfig().prompt_format == "raw"
+    assert CodeEvalConfig(prompt_format="chat").stop == CHAT_STOP == ["\n```\n"]
+    assert CodeEvalConfig(prompt_format="chat", stop=["\nEND"]).stop == ["\nEND"]  # one given is kept
+    comp = completions_file(tmp_path, [("t/add", "    return a + b\n")])
+    one_line_error(cli("eval", "code", "--problems", problem_file, "--completions", comp, "--prompt-format", "chat"),
+                   "--prompt-format chat", "--completions")
+
+
+class CannedEngine:
+    """An Engine that records the prompts and parameters it is given and answers with canned
+    texts; encoding, lengths and the tokenizer are a real model's."""
+
+    def __init__(self, engine, texts: dict[str, str]):
+        self.engine, self.texts = engine, texts  # {a fragment of the prompt: the text generated for it}
+        self.tokenizer, self.device, self.decode_backend_used = engine.tokenizer, engine.device, None
+        self.prompts, self.params = [], []
+
+    def encode(self, prompt):
+        return self.engine.encode(prompt)
+
+    def check_length(self, ids, params, truncate=None):
+        return self.engine.check_length(ids, params, truncate)
+
+    def generate_ids(self, prompts, params):
+        from lmforge.generate.engine import Completion
+
+        out = []
+        for ids in prompts:
+            self.prompts.append(ids)
+            self.params.append(params)
+            text = self.tokenizer.decode(ids)
+            reply = next(v for k, v in self.texts.items() if k in text)
+            out += [Completion(list(ids), [], reply, "stop")] * params.num_return_sequences
+        return out
+
+
+def canned(tiny_model_dir, monkeypatch, texts):
+    from lmforge.eval import perplexity
+
+    engine, loaded = perplexity.load_engine(str(tiny_model_dir))
+    fake = CannedEngine(engine, texts)
+    monkeypatch.setattr(perplexity, "load_engine", lambda spec, device="cpu": (fake, loaded))
+    return fake
+
+
+def test_chat_prompts_go_through_the_chat_template_and_replies_are_converted(tiny_model_dir, tmp_path, problem_file,
+                                                                            monkeypatch):
+    from lmforge.chat import render_chat
+    from lmforge.eval.code import evaluate_code
+
+    replies = {"def add(": f"Sure!\n```python\n{WHOLE}", "def rev(": "```python\ndef rev(s):\n    return s\n```"}
+    fake = canned(tiny_model_dir, monkeypatch, replies)
+    config = CodeEvalConfig(prompt_format="chat", samples=2, temperature=0.8, max_new_tokens=12)  # the prompts fit the context of 128 whole
+    r = evaluate_code(str(tiny_model_dir), problem_file, config, SandboxConfig(timeout=3))
+    # One user message through the model's own template, with the generation prompt; the problem's
+    # prompt inside it, fenced.
+    texts = sorted(fake.tokenizer.decode(ids) for ids in fake.prompts)
+    for text, p in zip(texts, (Problem(**ADD), Problem(**REV))):
+        assert text.startswith("<|im_start|>user\n") and text.endswith("<|im_end|>\n<|im_start|>assistant\n")
+        assert "```python\n" + p.prompt + "```" in text and chat_message(p) in text
+        want = render_chat(fake.tokenizer, [{"role": "user", "content": chat_message(p)}], add_generation_prompt=True)
+        assert want.ids in fake.prompts
+    # Cut at a closing fence only, within max_new_tokens, ending at the model's eos as ever.
+    assert all(p.stop == CHAT_STOP and p.max_new_tokens == 12 and not p.ignore_eos for p in fake.params)
+    assert r["settings"]["stop"] == CHAT_STOP
+    assert r["settings"]["prompt"].startswith("chat: ") and "Complete the following Python function" in r["settings"]["prompt"]
+    assert "first fenced block" in r["settings"]["prompt"]
+    samples = {p["task_id"]: p["samples"] for p in r["details"]["problems"]}
+    assert [s["reply"] for s in samples["t/add"]] == [replies["def add("]] * 2  # what the model wrote
+    assert [s["completion"] for s in samples["t/add"]] == ["\n" + WHOLE] * 2  # what ran
+    assert [s["status"] for s in samples["t/add"]] == ["passed"] * 2
+    assert [s["failure"] for s in samples["t/rev"]] == ["assertion"] * 2
+    assert r["pass_at_k"] == {"pass@1": 0.5}
+
+
+def test_raw_prompts_are_unchanged_by_default(tiny_model_dir, tmp_path, problem_file, monkeypatch):
+    from lmforge.eval.code import evaluate_code
+
+    texts = {"def add(": "    return a + b\n```\n", "def rev(": "    return s[::-1]"}
+    fake = canned(tiny_model_dir, monkeypatch, texts)
+    r = evaluate_code(str(tiny_model_dir), problem_file, CodeEvalConfig(max_new_tokens=12), SandboxConfig(timeout=3))
+    assert sorted(fake.prompts) == sorted([fake.encode(ADD["prompt"]), fake.encode(REV["prompt"])])  # the bare prompt
+    assert all(p.stop == STOP for p in fake.params)
+    assert r["settings"]["prompt"] == "raw (no chat template)" and r["settings"]["stop"] == STOP
+    for p in r["details"]["problems"]:
+        assert [list(s)[:4] for s in p["samples"]] == [["completion", "status", "failure", "seconds"]]  # no reply key
+    got = {p["task_id"]: p["samples"][0]["completion"] for p in r["details"]["problems"]}
+    assert got == {"t/add": texts["def add("], "t/rev": texts["def rev("]}  # the text as generated, unconverted
+    assert r["pass_at_k"] == {"pass@1": 0.5}  # the fence the raw text carries is a syntax error, not removed
+
+
+def test_tiny_chat_model_generates_replies_and_scores_them(cli, tmp_path, tiny_model_dir, problem_file):
+    out = tmp_path / "chat.json"
+    r = cli("eval", "code", tiny_model_dir, "--problems", problem_file, "--prompt-format", "chat", "--samples", "2",
+            "--temperature", "0.8", "--max-new-tokens", "16", "--timeout", "3", "-o", out, "--no-progress")
+    assert r.code == 0, r.err
+    result = json.loads(out.read_text())
+    assert result["samples"] == 4 and result["settings"]["stop"] == CHAT_STOP
+    assert not any("cut from the left" in n for n in result["notes"])  # the whole chat prompt was seen
+    problems = {p["task_id"]: Problem(**p) for p in (ADD, REV)}
+    for p in result["details"]["problems"]:
+        for s in p["samples"]:
+            assert "\n```\n" not in s["reply"]
+            assert s["completion"] == completion_from_reply(s["reply"], problems[p["task_id"]])
+            assert s["status"] in ("passed", "failed")
+
+
+def test_chat_needs_a_chat_template(cli, tmp_path, tiny_model_dir, problem_file):
+    import shutil
+
+    from lmforge.manifest import write_manifest
+
+    model = tmp_path / "plain"
+    shutil.copytree(tiny_model_dir, model)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    del config["chat_template"]
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    write_manifest(model)
+    one_line_error(cli("eval", "code", model, "--problems", problem_file, "--prompt-format", "chat", "-o",
+                       tmp_path / "x.json", "--no-progress"), "--prompt-format chat: this model has no chat template")
+    assert not (tmp_path / "x.json").exists()

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import write_jsonl
 from lmforge.data.embedded import stdlib_files
-from lmforge.recipes.code import CodeRecipeConfig, run_code
+from lmforge.recipes.code import CodeRecipeConfig, predict_eval_seconds, run_code
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -22,7 +22,8 @@ def test_code_recipe_reduced(tmp_path, tiny_model_dir):
     problems = write_jsonl(tmp_path / "problems.jsonl", [ADD, NONE])
     inputs = tuple(str(p) for p in sorted(stdlib_files())[:200])
     cfg = CodeRecipeConfig(out=tmp_path / "out", max_steps=6, preset="tiny", vocab_size=300, batch_size=4, block_size=64,
-                           inputs=inputs, compare=str(tiny_model_dir), problems=str(problems), limit=0, samples=3,
+                           inputs=inputs, compare=str(tiny_model_dir), compare_prompt="raw", problems=str(problems),
+                           limit=0, samples=3,
                            temperature=0.8, max_new_tokens=16, progress=False)
     said = []
     r = run_code(cfg, echo=said.append)
@@ -36,6 +37,12 @@ def test_code_recipe_reduced(tmp_path, tiny_model_dir):
         assert saved["kind"] == "code" and saved["samples"] == 6
     report = (out / "report.md").read_text()
     assert "| ours |" in report and "pass@1" in report and (out / "failures.png").stat().st_size > 1000
+
+    # what the budget plans for our model's evaluation before it exists: 2 problems of 3 samples
+    # fit one batch of 8; executing them costs what the compared model's 6 programs did
+    predicted = predict_eval_seconds(cfg, out / "shards", r["evals"]["llama"])
+    assert predicted["batches"] == 1 and predicted["execute_seconds"] == round(r["evals"]["llama"]["seconds"]["execute"], 3)
+    assert predicted["decode_step_seconds"] > 0 and predicted["generate_seconds"] > 0 and predicted["seconds"] >= 0
 
     # an interruption after the pretraining: the rerun reuses data and pretrain, and scores again
     for name in r["evals"]:

@@ -60,11 +60,11 @@ def test_style_recipe_end_to_end_and_continues_after_an_interruption(tiny_model_
     assert json.loads((out / "results.json").read_text())["finetune"]["steps"] == 12
 
     # an interruption after the fine-tune: the rerun reuses the finished stages
-    (out / "stages" / "score.json").unlink()
+    (out / "stages" / "tuned.json").unlink()
     (out / "results.json").unlink()
     messages.clear()
     again = run_style(small(tiny_model_dir, text, out), echo=messages.append)
-    assert any("finetune: done before" in m for m in messages) and any("samples: done before" in m for m in messages)
+    assert any("finetune: done before" in m for m in messages) and any("base: done before" in m for m in messages)
     assert again["val_perplexity"] == r["val_perplexity"]
 
     # other settings on the same folder are refused
@@ -95,3 +95,18 @@ def test_style_recipe_on_smollm2_moves_it_toward_the_text(tmp_path):
     r = run_style(cfg, echo=lambda s: None)
     assert r["val_perplexity"]["tuned"] < r["val_perplexity"]["base"]
     assert {s["model"] for s in r["samples"]} == {"base", "tuned"}
+
+
+def test_the_budget_covers_the_whole_recipe(tiny_model_dir, text, tmp_path):
+    """No --max-steps: the base model's turn is timed first, and fine-tuning (its timing run
+    included) gets the budget less that turn, the data, and the tuned model's predicted turn."""
+    cfg = small(tiny_model_dir, text, tmp_path / "style", max_steps=0, budget=0.4)
+    cfg.settings = SETTINGS[:1]
+    said = []
+    r = run_style(cfg, echo=said.append)
+    stages = {p.stem: json.loads(p.read_text())["stage_seconds"] for p in (tmp_path / "style" / "stages").glob("*.json")}
+    planned = r["finetune"]["train_minutes"] * 60
+    # planned at the fine-tune's start: the stage's own first seconds (imports) are spent by then
+    assert 24 - stages["data"] - 2.2 * stages["base"] - 3 <= planned <= 24 - stages["data"] - 2.2 * stages["base"] + 0.1
+    assert any("budget 0.4 min:" in s and "the tuned model's samples and scoring" in s for s in said)
+    assert any("calibration:" in s for s in said) and r["finetune"]["steps"] >= 8

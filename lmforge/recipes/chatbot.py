@@ -60,7 +60,6 @@ class ChatbotConfig:
     overwrite: bool = False
     progress: bool = True
     calibration_steps: int = 8  # timed to turn minutes into steps
-    calibration_minutes: float = 1.0  # what the timing run itself costs (model load, 8 steps), taken from the budget
 
     def recorded(self) -> dict:
         """What decides the results: a continued run must have the same."""
@@ -71,11 +70,11 @@ class ChatbotConfig:
 def run_chatbot(cfg: ChatbotConfig, echo: Callable[[str], None] = print) -> dict:
     from lmforge.train.metrics import METRICS_FILE
 
-    recipe = RecipeDir(cfg.out, "chatbot", cfg.recorded(), overwrite=cfg.overwrite, echo=echo)
+    recipe = RecipeDir(cfg.out, "chatbot", cfg.recorded(), overwrite=cfg.overwrite, echo=echo, budget_minutes=cfg.budget)
     out = recipe.out
     data = recipe.stage("data", lambda: prepare_data(cfg, out))
     before = recipe.stage("baseline", lambda: evaluate(cfg.model, data, cfg, echo))
-    tuned = recipe.stage("finetune", lambda: _finetune(cfg, out, data, before, echo))
+    tuned = recipe.stage("finetune", lambda: _finetune(cfg, recipe, data, before, echo))
     after = recipe.stage("after", lambda: evaluate(tuned["model"], data, cfg, echo))
     template = show_template(cfg.model, data)
     plot = plot_chatbot(Path(tuned["model"]) / METRICS_FILE, before, after, out / "chatbot.png")
@@ -254,7 +253,7 @@ def evaluate(model: str, data: dict, cfg: ChatbotConfig, echo: Callable[[str], N
 
 # -- fine-tuning -----------------------------------------------------------------------------
 
-def _finetune(cfg: ChatbotConfig, out: Path, data: dict, before: dict, echo: Callable[[str], None]) -> dict:
+def _finetune(cfg: ChatbotConfig, recipe: RecipeDir, data: dict, before: dict, echo: Callable[[str], None]) -> dict:
     from lmforge.model.lora import LoRAConfig
     from lmforge.train.config import FinetuneConfig, FinetuneTrainConfig
     from lmforge.train.finetune import finetune
@@ -267,6 +266,7 @@ def _finetune(cfg: ChatbotConfig, out: Path, data: dict, before: dict, echo: Cal
                                    eval_every=every, checkpoint_every=every, log_every=1)
 
     lora = LoRAConfig(rank=cfg.lora_rank)
+    out = recipe.out
     run_dir = out / "run"
 
     def train(folder: Path, max_steps: int, ft: FinetuneConfig, progress: bool = False, resume: bool = False) -> dict:
@@ -283,8 +283,9 @@ def _finetune(cfg: ChatbotConfig, out: Path, data: dict, before: dict, echo: Cal
     else:
         # The evaluation after costs about what the baseline did, and so do the base model's replies
         # that fine-tuning writes first (replay and the retention check: ~60 greedy replies); the
-        # timing run costs its own minute.
-        minutes = max(1.0, cfg.budget - 3 * before["stage_seconds"] / 60 - cfg.calibration_minutes)
+        # timing run's own time comes out of what is left (steps_for_budget).
+        minutes = recipe.training_minutes(2 * before["stage_seconds"], "the base model's replies for replay and the "
+                                          "evaluation after")
         # Timed without replay/retention: they only add the base model's replies up front, not step time.
         quick = FinetuneConfig(method="lora", data_format="auto", replay=0.0, retention_tolerance=0.0)
         steps = steps_for_budget(lambda folder, n: train(folder, n, quick), out / "run.calibration", minutes,

@@ -7,7 +7,10 @@ what the fine-tune changed and what the sampling controls do:
   (the share of unique unigrams/bigrams over the setting's samples: diversity);
 - the held-out text's perplexity under both models (the headline figure).
 
-Stages (each resumable): data -> finetune -> samples -> score -> report.
+The budget is the whole recipe's. Stages (each resumable): data -> base (the base model's samples
+and held-out perplexity, timed) -> finetune (the budget less what was spent and the tuned model's
+turn, predicted from the base model's) -> tuned (its samples and perplexity, and every sample
+scored under it) -> report.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ class StyleConfig:
     out: Path = Path("runs/recipe-style")
     model: str = "smollm2-135m-instruct"
     text: Path | None = None  # the text in the target style (default: tinyshakespeare, where present)
-    budget: float = 15.0  # minutes of fine-tuning
+    budget: float = 15.0  # minutes for the whole recipe (fine-tuning gets what the samples and scoring leave)
     max_steps: int = 0  # a fixed step count instead of the budget (tests)
     val_fraction: float = 0.05  # the text's tail held out for perplexity
     max_train_chars: int = 400_000  # the head of a long text is plenty for a style
@@ -117,12 +120,12 @@ def distinct_n(texts: list[str], n: int) -> float | None:
 
 
 def run_style(cfg: StyleConfig, echo: Callable[[str], None] = print) -> dict:
-    recipe = RecipeDir(cfg.out, "style", cfg.recorded(), overwrite=cfg.overwrite, echo=echo)
+    recipe = RecipeDir(cfg.out, "style", cfg.recorded(), overwrite=cfg.overwrite, echo=echo, budget_minutes=cfg.budget)
     out = recipe.out
     data = recipe.stage("data", lambda: _data(cfg, out))
-    tuned = recipe.stage("finetune", lambda: _finetune(cfg, out, data, echo))
-    samples = recipe.stage("samples", lambda: _samples(cfg, out, data["prompts"], tuned["model"]))
-    scores = recipe.stage("score", lambda: _score(cfg, data, tuned["model"], samples))
+    base = recipe.stage("base", lambda: _samples_and_perplexity(cfg, "base", cfg.model, data))
+    tuned = recipe.stage("finetune", lambda: _finetune(cfg, recipe, data, base, echo))
+    scores = recipe.stage("tuned", lambda: _score(cfg, data, tuned["model"], base))
     plot = plot_settings(scores["by_setting"], out / "style.png")
     results = {"data": data, "finetune": tuned, "val_perplexity": scores["val_perplexity"],
                "by_setting": scores["by_setting"], "samples": scores["samples"], "plot": str(plot)}
@@ -143,7 +146,12 @@ def _data(cfg: StyleConfig, out: Path) -> dict:
             "prompts": pick_prompts(val, cfg.prompts)}
 
 
-def _finetune(cfg: StyleConfig, out: Path, data: dict, echo: Callable[[str], None]) -> dict:
+# The tuned model's turn after fine-tuning = the base model's (the same samples and perplexity, the
+# adapter merged into the same shapes) + scoring every sample under it: a fifth more, with margin.
+TUNED_TURN_PER_BASE = 1.2
+
+
+def _finetune(cfg: StyleConfig, recipe: RecipeDir, data: dict, base: dict, echo: Callable[[str], None]) -> dict:
     from lmforge.model.lora import LoRAConfig
     from lmforge.train.config import FinetuneConfig, FinetuneTrainConfig
     from lmforge.train.finetune import finetune
@@ -159,55 +167,56 @@ def _finetune(cfg: StyleConfig, out: Path, data: dict, echo: Callable[[str], Non
     # is the point here.
     ft = FinetuneConfig(method="lora", data_format="text", select="best", replay=0.0, retention_tolerance=0.0)
     lora = LoRAConfig(rank=cfg.lora_rank)
+    out = recipe.out
     run_dir = out / "run"
 
     def train(folder: Path, max_steps: int, progress: bool = False, resume: bool = False, calibrating: bool = False) -> dict:
         return finetune(cfg.model, data["train"], folder, ft, train_config(max_steps, calibrating), lora,
                         val_data=data["val"], resume=resume, overwrite=not resume, progress=progress, sample_count=0)
 
+    minutes = None
     if cfg.max_steps:
         steps = cfg.max_steps
     elif resuming(run_dir):
         steps = saved_max_steps(run_dir)
     else:
-        steps = steps_for_budget(lambda folder, n: train(folder, n, calibrating=True), out / "run.calibration", cfg.budget,
+        minutes = recipe.training_minutes(TUNED_TURN_PER_BASE * base["stage_seconds"], "the tuned model's samples and scoring")
+        steps = steps_for_budget(lambda folder, n: train(folder, n, calibrating=True), out / "run.calibration", minutes,
                                  steps=cfg.calibration_steps, window=(2, cfg.calibration_steps - 2), echo=echo)
     summary = train(run_dir, steps, progress=cfg.progress, resume=resuming(run_dir))
     return {"model": str(run_dir), "base": cfg.model, "steps": summary["steps"], "lora_rank": cfg.lora_rank,
             "train_seconds": summary.get("train_seconds"), "best_val_loss": summary.get("best_val_loss"),
-            "tokens_seen": summary.get("tokens_seen")}
+            "tokens_seen": summary.get("tokens_seen"), "train_minutes": minutes}
 
 
-def _samples(cfg: StyleConfig, out: Path, prompts: list[str], tuned: str) -> dict:
-    """Every prompt x setting x seed from both models (one batched Engine call per model and setting)."""
-    from lmforge.eval.perplexity import load_engine
+def _samples_and_perplexity(cfg: StyleConfig, which: str, spec: str, data: dict) -> dict:
+    """One model's samples (every prompt x setting x seed; one batched Engine call per setting
+    and seed) and the held-out text's perplexity under it."""
+    from lmforge.eval.perplexity import PerplexityConfig, load_engine, perplexity_with
     from lmforge.generate.sampling import SamplingParams
 
+    engine, loaded = load_engine(spec)
     rows = []
-    for which, spec in (("base", cfg.model), ("tuned", tuned)):
-        engine, _ = load_engine(spec)
-        for s in cfg.settings:
-            for seed in range(cfg.seeds if s.temperature > 0 else 1):
-                params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
-                                        top_k=s.top_k, min_p=s.min_p, repetition_penalty=s.repetition_penalty,
-                                        seed=seed)
-                for prompt, done in zip(prompts, engine.generate(prompts, params)):
-                    rows.append({"model": which, "setting": s.name, "seed": seed, "prompt": prompt, "text": done.text})
-    return {"rows": rows}
+    for s in cfg.settings:
+        for seed in range(cfg.seeds if s.temperature > 0 else 1):
+            params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
+                                    top_k=s.top_k, min_p=s.min_p, repetition_penalty=s.repetition_penalty, seed=seed)
+            for prompt, done in zip(data["prompts"], engine.generate(data["prompts"], params)):
+                rows.append({"model": which, "setting": s.name, "seed": seed, "prompt": prompt, "text": done.text})
+    ppl = perplexity_with(engine, loaded, spec, data["val"], PerplexityConfig())["perplexity"]
+    return {"rows": rows, "val_perplexity": round(ppl, 2)}
 
 
-def _score(cfg: StyleConfig, data: dict, tuned: str, samples: dict) -> dict:
-    """Perplexity of each sample's continuation under the tuned model, distinct-n per (model, setting),
-    and the held-out text's perplexity under both models."""
-    from lmforge.eval.perplexity import PerplexityConfig, load_engine, perplexity_with
+def _score(cfg: StyleConfig, data: dict, tuned: str, base: dict) -> dict:
+    """The tuned model's samples and perplexity; then each sample's (both models') continuation
+    scored under the tuned model, and distinct-n per (model, setting)."""
+    from lmforge.eval.perplexity import load_engine
     from lmforge.eval.tasks import encode_pair, loglikelihoods
 
-    val = {}
-    for which, spec in (("base", cfg.model), ("tuned", tuned)):
-        engine, loaded = load_engine(spec)
-        val[which] = round(perplexity_with(engine, loaded, spec, data["val"], PerplexityConfig())["perplexity"], 2)
-    # `engine` is now the tuned model's: it scores every sample.
-    rows = [r for r in samples["rows"] if r["text"].strip()]
+    mine = _samples_and_perplexity(cfg, "tuned", tuned, data)
+    val = {"base": base["val_perplexity"], "tuned": mine["val_perplexity"]}
+    engine, loaded = load_engine(tuned)
+    rows = [dict(r) for r in base["rows"] + mine["rows"] if r["text"].strip()]
     pairs = [encode_pair(loaded.tokenizer, r["prompt"], r["text"]) for r in rows]
     for r, (_, cont), (total, _, _) in zip(rows, pairs, loglikelihoods(engine, pairs)):
         r["tuned_ppl"] = round(math.exp(-total / len(cont)), 2)

@@ -30,10 +30,16 @@ DEFAULT_OVERRIDES = {"n_embd": 192, "intermediate_size": 768, "n_encoder_layer":
                      "n_kv_head": 4, "block_size": 128, "dropout": 0.1}
 
 
+# Scoring a model on the test split (greedy and beam-4), as a share of a whole-recipe budget, until
+# the first model's scoring has been timed.
+SCORING_SHARE = 0.05
+
+
 @dataclass
 class RecipeConfig:
     out: Path = Path("runs/recipe-translation")
-    minutes: float = 15.0  # training time budget per model (minutes)
+    minutes: float = 15.0  # training time budget per model (minutes); used when budget is 0
+    budget: float = 0.0  # minutes for the whole recipe (`lmforge recipe run translation`): the models share what data and scoring leave
     preset: str = DEFAULT_PRESET
     model_overrides: dict = field(default_factory=lambda: dict(DEFAULT_OVERRIDES))
     vocab_size: int = 4000
@@ -147,7 +153,7 @@ def _train_config(cfg: RecipeConfig, max_steps: int, time_budget: float = 0.0) -
 
 
 def _steps_for_budget(model: str, overrides: dict, train_file: Path, tcfg, cfg: RecipeConfig, scratch: Path,
-                      echo: Callable[[str], None]) -> int:
+                      minutes: float, echo: Callable[[str], None]) -> int:
     """The step count that fills the time budget (lmforge.recipes.stages.steps_for_budget), timed on
     a throwaway run without evaluations."""
     from lmforge.recipes.stages import steps_for_budget
@@ -159,12 +165,13 @@ def _steps_for_budget(model: str, overrides: dict, train_file: Path, tcfg, cfg: 
         train_translation(train_file, model, folder, p, dataclasses.replace(tcfg, bleu_samples=0),
                           model_overrides=overrides, overwrite=True, progress=False)
 
-    return steps_for_budget(probe, scratch, cfg.minutes, echo=echo)
+    return steps_for_budget(probe, scratch, minutes, echo=echo)
 
 
 def _train_and_score(name: str, model: str, overrides: dict, run_dir: Path, data: Path, train_file: Path,
-                     cfg: RecipeConfig, echo: Callable[[str], None]) -> dict:
-    """Train one model on `train_file`, score it on data/test.jsonl (greedy and beam-4)."""
+                     cfg: RecipeConfig, minutes: Callable[[], float], echo: Callable[[str], None]) -> dict:
+    """Train one model on `train_file` for `minutes()` (asked only when a budget plans the run),
+    score it on data/test.jsonl (greedy and beam-4)."""
     from lmforge.eval.bleu import BleuGenerateConfig, generate_and_score
     from lmforge.model.io import read_model_config
     from lmforge.train.metrics import METRICS_FILE, read_metrics
@@ -175,18 +182,23 @@ def _train_and_score(name: str, model: str, overrides: dict, run_dir: Path, data
 
     tcfg = TranslationConfig(val_data=str(data / "val.jsonl"), vocab_size=cfg.vocab_size, bleu_samples=cfg.bleu_samples)
     resume = resuming(run_dir)  # an interrupted recipe: the run continues from its checkpoint, as planned
+    planned = None
     if cfg.max_steps:
         tc = _train_config(cfg, cfg.max_steps)
+    elif resume:  # as the interrupted run was planned; its clock backstop is off
+        tc = _train_config(cfg, saved_max_steps(run_dir))
     else:  # the budget's steps, cosine over them; the clock still stops a run the calibration misjudged
-        steps = saved_max_steps(run_dir) if resume else _steps_for_budget(
-            model, overrides, train_file, tcfg, cfg, run_dir.with_name(run_dir.name + ".calibration"), echo)
-        tc = _train_config(cfg, steps, time_budget=cfg.minutes * 60 * 1.1)
+        planned = minutes()
+        steps = _steps_for_budget(model, overrides, train_file, tcfg, cfg, run_dir.with_name(run_dir.name + ".calibration"),
+                                  planned, echo)
+        tc = _train_config(cfg, steps, time_budget=planned * 60 * 1.1)
     if resume:
         echo(f"{name}: continuing {run_dir} from its last checkpoint")
     t0 = time.time()
     summary = train_translation(train_file, model, run_dir, tc, tcfg, model_overrides=overrides,
                                 resume=resume, overwrite=not resume, progress=cfg.progress)
     train_wall = time.time() - t0
+    scoring_started = time.time()
     test = data / "test.jsonl"
     scores, examples = {}, []
     for decoding, beams in (("greedy", 1), ("beam4", 4)):
@@ -210,11 +222,11 @@ def _train_and_score(name: str, model: str, overrides: dict, run_dir: Path, data
         "model": {"name": config.name, "arch": config.arch, "params": summary["params"],
                   "layers": f"{config.n_encoder_layer}+{config.n_layer}" if config.is_encoder_decoder else str(config.n_layer),
                   "n_embd": config.n_embd, "vocab_size": config.vocab_size, "block_size": config.block_size},
-        "training": {"minutes": cfg.minutes, "steps": summary["steps"], "stopped_because": summary["stopped_because"],
+        "training": {"minutes": planned, "steps": summary["steps"], "stopped_because": summary["stopped_because"],
                      "train_seconds": summary["train_seconds"], "wall_seconds": round(train_wall, 1),
                      "best_val_loss": summary["best_val_loss"], "val_bleu": summary["val_bleu"],
                      "val_chrf": summary["val_chrf"], "run": str(run_dir)},
-        "test": {"limit": cfg.test_limit, **scores},
+        "test": {"limit": cfg.test_limit, **scores, "seconds": round(time.time() - scoring_started, 1)},
         "bleu_curve": curve,
         "examples": examples,
     }
@@ -234,7 +246,7 @@ def run_recipe(cfg: RecipeConfig, echo: Callable[[str], None] = print, runner=No
     from lmforge.train.translation import decoder_only_twin
 
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "overwrite", "progress", "install")}
-    recipe = RecipeDir(cfg.out, "translation", settings, overwrite=cfg.overwrite, echo=echo)
+    recipe = RecipeDir(cfg.out, "translation", settings, overwrite=cfg.overwrite, echo=echo, budget_minutes=cfg.budget)
     out = recipe.out
     ding = _ding_file(ensure_dictionary(Path(cfg.ding_path), cfg.install, echo, runner))
 
@@ -257,9 +269,21 @@ def run_recipe(cfg: RecipeConfig, echo: Callable[[str], None] = print, runner=No
     data_info = recipe.stage("data", extract)
     data, train_file = out / "data", Path(data_info["train_file"])
 
-    # 2. the encoder-decoder, 3. the decoder-only model of its size, on the same pairs and budget
+    # 2. the encoder-decoder, 3. the decoder-only model of its size, on the same pairs and budget.
+    # With a whole-recipe budget the models share what is left after the data, less each one's
+    # scoring: guessed for the first (SCORING_SHARE of the budget), measured for the second.
+    count = 2 if cfg.decoder_only else 1
+
+    def first_minutes() -> float:
+        if not cfg.budget:
+            return cfg.minutes
+        scoring = SCORING_SHARE * cfg.budget * 60
+        share = (cfg.budget * 60 - recipe.seconds_spent() - count * scoring) / count
+        return recipe.training_minutes(count * scoring + (count - 1) * share,
+                                       "scoring both models and training the second" if count == 2 else "scoring")
+
     models = {"encoder-decoder": recipe.stage("encoder-decoder", lambda: _train_and_score(
-        "encoder-decoder", cfg.preset, cfg.model_overrides, out / "run", data, train_file, cfg, echo))}
+        "encoder-decoder", cfg.preset, cfg.model_overrides, out / "run", data, train_file, cfg, first_minutes, echo))}
     runs = {"encoder-decoder": out / "run"}
     if cfg.decoder_only:
         def twin_stage() -> dict:
@@ -268,7 +292,10 @@ def run_recipe(cfg: RecipeConfig, echo: Callable[[str], None] = print, runner=No
             write_text_atomic(spec, yaml.safe_dump(twin.to_dict(), sort_keys=False))
             echo(f"decoder-only twin: {twin.n_layer} layers of width {twin.n_embd}, context {twin.block_size} "
                  "(the parameter count nearest the encoder-decoder's)")
-            return _train_and_score("decoder-only", str(spec), {}, out / "run-decoder-only", data, train_file, cfg, echo)
+            scoring = models["encoder-decoder"]["test"].get("seconds", SCORING_SHARE * cfg.budget * 60)
+            minutes = (lambda: recipe.training_minutes(scoring, "its scoring")) if cfg.budget else (lambda: cfg.minutes)
+            return _train_and_score("decoder-only", str(spec), {}, out / "run-decoder-only", data, train_file, cfg,
+                                    minutes, echo)
 
         models["decoder-only"] = recipe.stage("decoder-only", twin_stage)
         runs["decoder-only"] = out / "run-decoder-only"
