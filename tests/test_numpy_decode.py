@@ -26,11 +26,12 @@ CONFIGS = {
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 @pytest.mark.parametrize("padded", [False, True])
-def test_decode_steps_match_the_torch_forward(name, padded):
+@pytest.mark.parametrize("B", [3, 11])  # 11: more rows than one kernel block of 8
+def test_decode_steps_match_the_torch_forward(name, padded, B):
     model = random_model(CONFIGS[name])
-    B, T = 3, 6
+    T = 6
     prompt = torch.randint(0, 300, (B, T))
-    lengths = [6, 4, 2] if padded else [T] * B
+    lengths = [(6, 4, 2)[row % 3] for row in range(B)] if padded else [T] * B
     key_mask = torch.zeros(B, 20, dtype=torch.bool)
     for row, n in enumerate(lengths):
         key_mask[row, T - n : T] = True
@@ -42,7 +43,7 @@ def test_decode_steps_match_the_torch_forward(name, padded):
         for cache in (ours, ref):
             model(prompt, positions=positions if padded else None, attn_mask=mask, cache=cache)
         decoder = NumpyDecoder(model)
-        tok = torch.tensor([7, 8, 9])
+        tok = torch.arange(7, 7 + B)
         for _ in range(4):
             kwargs = {}
             if padded:

@@ -28,7 +28,7 @@ def test_training_gets_the_budget_less_what_was_spent_and_what_comes_after(tmp_p
 def test_a_budget_the_evaluations_alone_exceed_is_refused_naming_what_it_needs(tmp_path):
     recipe = recipe_dir(tmp_path, 3)
     (recipe.out / "stages" / "data.json").write_text(json.dumps({"stage_seconds": 120.0}))
-    with pytest.raises(LmforgeError, match=r"--budget 3: .*the evals need ~3.0 min.*give --budget 6 or more"):
+    with pytest.raises(LmforgeError, match=r"--budget 3: .*~3.0 min are planned for the evals.*give --budget 6 or more"):
         recipe.training_minutes(180, "the evals")
     with pytest.raises(LmforgeError, match="no budget to plan training by"):
         recipe_dir(tmp_path / "none", 0).training_minutes(0, "nothing")

@@ -137,3 +137,18 @@ def test_real_recipe_reduced(tmp_path):
     assert results["test"]["greedy"]["segments"] == results["decoder_only"]["test"]["greedy"]["segments"] == 100
     assert results["bleu_curve"] and results["decoder_only"]["bleu_curve"] and (tmp_path / "out" / "bleu.png").exists()
     assert sum("calibration:" in line for line in said) == 2  # the minutes became a step count per model
+
+
+def test_a_whole_recipe_budget_is_shared_by_the_two_models(tmp_path):
+    """`lmforge recipe run translation --budget M`: the first model gets half of what the data and
+    both scorings (guessed) leave, the second what is left after its scoring (the first model's,
+    measured); both plans are printed, and both fit in the budget."""
+    lines = []
+    cfg = _tiny(tmp_path)
+    cfg.max_steps, cfg.budget = 0, 0.6
+    results = run_recipe(cfg, echo=lines.append)
+    plans = [line for line in lines if line.startswith("[recipe] budget 0.6 min:")]
+    assert len(plans) == 2 and "scoring both models and training the second" in plans[0] and "its scoring" in plans[1]
+    first, second = results["training"]["minutes"], results["decoder_only"]["training"]["minutes"]
+    assert 0 < first < 0.3 and 0 < second and first + second < 0.6
+    assert results["test"]["seconds"] > 0 and results["training"]["steps"] >= 40  # at least the timed run's steps

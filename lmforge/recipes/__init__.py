@@ -22,7 +22,7 @@ RECIPES = {r.name: r for r in (
     RecipeInfo("style", 15.0, "content creation: LoRA-tune SmolLM2 on a text in one style (tinyshakespeare); base vs tuned "
                "samples at several temperatures/top-p/min-p, with perplexity and distinct-n"),
     RecipeInfo("code", 20.0, "code generation: pretrain a small model on the standard library's source, then "
-               "HumanEval pass@1/pass@10 (sandboxed execution) beside SmolLM2-135M-Instruct's"),
+               "HumanEval pass@1/pass@10 (sandboxed execution) beside SmolLM2-135M-Instruct's (through its chat template)"),
     RecipeInfo("chatbot", 15.0, "a support chatbot: LoRA-tune SmolLM2 on chats about an invented product (system prompts, "
                "multi-turn); held-out loss on assistant tokens, scripted multi-turn checks and controls before/after"),
     RecipeInfo("translation", 30.0, "German-English from the Ding dictionary: an encoder-decoder and a decoder-only model "

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Callable
 
 from lmforge.errors import LmforgeError
+from lmforge.recipes import RECIPES
 from lmforge.recipes.stages import RecipeDir, resuming, steps_for_budget
 
 BUILTIN_DATA = Path(__file__).resolve().parent / "data" / "chatbot"
@@ -49,7 +50,7 @@ class ChatbotConfig:
     model: str = "smollm2-135m-instruct"
     data: Path | None = None  # the user's chats (JSONL); None = the built-in support set
     checks: Path | None = None  # scripted checks for --data (JSONL: messages + expect)
-    budget: float = 15.0  # minutes for the whole recipe; fine-tuning gets what the evaluations leave (see _finetune)
+    budget: float = RECIPES["chatbot"].budget  # minutes for the whole recipe; fine-tuning gets what the evaluations leave (see _finetune)
     max_steps: int = 0  # a fixed step count instead of the budget (tests)
     batch_size: int = 8
     lr: float = 3e-4

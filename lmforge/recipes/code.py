@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from lmforge.errors import LmforgeError
+from lmforge.recipes import RECIPES
 from lmforge.recipes.stages import RecipeDir, resuming, saved_max_steps
 
 OURS = "ours"
@@ -33,7 +34,7 @@ OURS = "ours"
 @dataclass
 class CodeRecipeConfig:
     out: Path = Path("runs/recipe-code")
-    budget: float = 30.0  # minutes for the whole recipe (pretraining gets what the evaluations leave)
+    budget: float = RECIPES["code"].budget  # minutes for the whole recipe (pretraining gets what the evaluations leave)
     max_steps: int = 0  # a fixed step count instead of the budget (tests)
     preset: str = "tiny"
     vocab_size: int = 4096

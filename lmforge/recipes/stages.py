@@ -99,8 +99,8 @@ class RecipeDir:
         left = self.budget_minutes * 60 - spent - after_seconds
         if left < least_minutes * 60:
             need = math.ceil((spent + after_seconds) / 60 + least_minutes)
-            raise LmforgeError(f"--budget {self.budget_minutes:g}: the recipe has spent {spent / 60:.1f} min and {after} "
-                               f"need ~{after_seconds / 60:.1f} min, which leaves {max(left, 0) / 60:.1f} min to train "
+            raise LmforgeError(f"--budget {self.budget_minutes:g}: the recipe has spent {spent / 60:.1f} min and "
+                               f"~{after_seconds / 60:.1f} min are planned for {after}, which leaves {max(left, 0) / 60:.1f} min to train "
                                f"(at least {least_minutes:g}); give --budget {need} or more, or --max-steps N")
         self.echo(f"[recipe] budget {self.budget_minutes:g} min: {spent / 60:.1f} spent, ~{after_seconds / 60:.1f} "
                   f"planned for {after} -> {left / 60:.1f} min to train")

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from lmforge.errors import LmforgeError
+from lmforge.recipes import RECIPES
 from lmforge.recipes.stages import RecipeDir, resuming, saved_max_steps, steps_for_budget
 
 DEMO_TEXT = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -53,7 +54,7 @@ class StyleConfig:
     out: Path = Path("runs/recipe-style")
     model: str = "smollm2-135m-instruct"
     text: Path | None = None  # the text in the target style (default: tinyshakespeare, where present)
-    budget: float = 15.0  # minutes for the whole recipe (fine-tuning gets what the samples and scoring leave)
+    budget: float = RECIPES["style"].budget  # minutes for the whole recipe (fine-tuning gets what the samples and scoring leave)
     max_steps: int = 0  # a fixed step count instead of the budget (tests)
     val_fraction: float = 0.05  # the text's tail held out for perplexity
     max_train_chars: int = 400_000  # the head of a long text is plenty for a style
