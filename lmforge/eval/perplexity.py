@@ -255,14 +255,15 @@ def perplexity_with(engine, loaded, model_spec: str, data: str | Path, config: P
     )
 
 
-def load_engine(model_spec: str, device: str = "cpu"):
+def load_engine(model_spec: str, device: str = "cpu", dequantize: bool = False):
     """(Engine, LoadedModel) for a model spec (model dir, run dir, known name, ...): what every
-    eval scores and generates with."""
+    eval scores and generates with. dequantize: a quantized model's fp32 values (what
+    fine-tuning starts from), to compare it with a model tuned from it on equal terms."""
     from lmforge.generate.engine import Engine
     from lmforge.interop.registry import load_model
     from lmforge.runtime import resolve_device
 
-    loaded = load_model(model_spec, device=resolve_device(device))
+    loaded = load_model(model_spec, device=resolve_device(device), dequantize=dequantize)
     return Engine.for_loaded(loaded), loaded
 
 

@@ -259,24 +259,26 @@ def _finetune(cfg: ChatbotConfig, recipe: RecipeDir, data: dict, before: dict, e
     from lmforge.train.config import FinetuneConfig, FinetuneTrainConfig
     from lmforge.train.finetune import finetune
 
-    def train_config(max_steps: int, timing: bool = False) -> FinetuneTrainConfig:
+    def train_config(max_steps: int, timing: bool = False, clock: float = 0.0) -> FinetuneTrainConfig:
         # The timing run evaluates and checkpoints only at its end, outside the timed window.
         every = max_steps if timing else max(1, max_steps // 8)
         return FinetuneTrainConfig(max_steps=max_steps, batch_size=cfg.batch_size, block_size=cfg.block_size, lr=cfg.lr,
                                    min_lr=cfg.lr / 10, warmup_steps=max(1, min(5, max_steps // 10)),
-                                   eval_every=every, checkpoint_every=every, log_every=1)
+                                   eval_every=every, checkpoint_every=every, log_every=1, time_budget=clock)
 
     lora = LoRAConfig(rank=cfg.lora_rank)
     out = recipe.out
     run_dir = out / "run"
 
-    def train(folder: Path, max_steps: int, ft: FinetuneConfig, progress: bool = False, resume: bool = False) -> dict:
+    def train(folder: Path, max_steps: int, ft: FinetuneConfig, progress: bool = False, resume: bool = False,
+              clock: float = 0.0) -> dict:
         timing = folder != run_dir
-        return finetune(cfg.model, data["train"], folder, ft, train_config(max_steps, timing), lora, val_data=data["val"],
-                        resume=resume, overwrite=not resume, progress=progress, sample_count=0)
+        return finetune(cfg.model, data["train"], folder, ft, train_config(max_steps, timing, clock), lora,
+                        val_data=data["val"], resume=resume, overwrite=not resume, progress=progress, sample_count=0)
 
     # The run: replay of the base model's own replies, and the retention check (fine-tuning's defaults).
     ft = FinetuneConfig(method="lora", data_format="auto", select="final", replay=cfg.replay)
+    clock = 0.0  # the training's own clock, a backstop where the steps run slower than timed
     if cfg.max_steps:
         steps, minutes = cfg.max_steps, None
     elif resuming(run_dir):
@@ -287,12 +289,14 @@ def _finetune(cfg: ChatbotConfig, recipe: RecipeDir, data: dict, before: dict, e
         # timing run's own time comes out of what is left (steps_for_budget).
         minutes = recipe.training_minutes(2 * before["stage_seconds"], "the base model's replies for replay and the "
                                           "evaluation after")
+        deadline = time.time() + minutes * 60
         # Timed without replay/retention: they only add the base model's replies up front, not step time.
         quick = FinetuneConfig(method="lora", data_format="auto", replay=0.0, retention_tolerance=0.0)
         steps = steps_for_budget(lambda folder, n: train(folder, n, quick), out / "run.calibration", minutes,
                                  steps=cfg.calibration_steps, window=(2, cfg.calibration_steps - 2), echo=echo)
-    summary = train(run_dir, steps, ft, progress=cfg.progress, resume=resuming(run_dir))
-    keys = ("steps", "train_seconds", "start_val_loss", "val_loss", "best_val_loss", "retention_start", "retention_end",
+        clock = max(deadline - time.time(), 1.0)
+    summary = train(run_dir, steps, ft, progress=cfg.progress, resume=resuming(run_dir), clock=clock)
+    keys = ("steps", "stopped_because", "train_seconds", "start_val_loss", "val_loss", "best_val_loss", "retention_start", "retention_end",
             "retention_warned_at", "tokens_seen", "trainable_params", "examples")
     return {"model": str(run_dir), "base": cfg.model, "lora_rank": cfg.lora_rank, "lr": cfg.lr, "batch_size": cfg.batch_size,
             "train_minutes": minutes, **{k: summary.get(k) for k in keys}}

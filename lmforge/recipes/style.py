@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -147,8 +148,8 @@ def _data(cfg: StyleConfig, out: Path) -> dict:
             "prompts": pick_prompts(val, cfg.prompts)}
 
 
-# The tuned model's turn after fine-tuning = the base model's (the same samples and perplexity, the
-# adapter merged into the same shapes) + scoring every sample under it: a fifth more, with margin.
+# The tuned model's turn after fine-tuning = the base model's (the same samples and perplexity, both
+# in fp32, the adapter merged into the same shapes) + scoring every sample under it: a fifth more.
 TUNED_TURN_PER_BASE = 1.2
 
 
@@ -157,12 +158,13 @@ def _finetune(cfg: StyleConfig, recipe: RecipeDir, data: dict, base: dict, echo:
     from lmforge.train.config import FinetuneConfig, FinetuneTrainConfig
     from lmforge.train.finetune import finetune
 
-    def train_config(max_steps: int, calibrating: bool = False) -> FinetuneTrainConfig:
+    def train_config(max_steps: int, calibrating: bool = False, clock: float = 0.0) -> FinetuneTrainConfig:
         # The calibration times bare steps: no evaluations or checkpoints inside its window.
         every = 0 if calibrating else max(1, max_steps // 8)
         return FinetuneTrainConfig(max_steps=max_steps, batch_size=cfg.batch_size, block_size=cfg.block_size, lr=cfg.lr,
                                    min_lr=cfg.lr / 10, warmup_steps=max(1, min(10, max_steps // 10)),
-                                   eval_every=every, eval_batches=8, checkpoint_every=every, log_every=1)
+                                   eval_every=every, eval_batches=8, checkpoint_every=every, log_every=1,
+                                   time_budget=clock)
 
     # No replay of the base model's chat replies and no retention check: moving away from the base
     # is the point here.
@@ -171,32 +173,38 @@ def _finetune(cfg: StyleConfig, recipe: RecipeDir, data: dict, base: dict, echo:
     out = recipe.out
     run_dir = out / "run"
 
-    def train(folder: Path, max_steps: int, progress: bool = False, resume: bool = False, calibrating: bool = False) -> dict:
-        return finetune(cfg.model, data["train"], folder, ft, train_config(max_steps, calibrating), lora,
+    def train(folder: Path, max_steps: int, progress: bool = False, resume: bool = False, calibrating: bool = False,
+              clock: float = 0.0) -> dict:
+        return finetune(cfg.model, data["train"], folder, ft, train_config(max_steps, calibrating, clock), lora,
                         val_data=data["val"], resume=resume, overwrite=not resume, progress=progress, sample_count=0)
 
-    minutes = None
+    minutes, clock = None, 0.0  # clock: the training's own, a backstop where steps run slower than timed
     if cfg.max_steps:
         steps = cfg.max_steps
     elif resuming(run_dir):
         steps = saved_max_steps(run_dir)
     else:
         minutes = recipe.training_minutes(TUNED_TURN_PER_BASE * base["stage_seconds"], "the tuned model's samples and scoring")
+        deadline = time.time() + minutes * 60
         steps = steps_for_budget(lambda folder, n: train(folder, n, calibrating=True), out / "run.calibration", minutes,
                                  steps=cfg.calibration_steps, window=(2, cfg.calibration_steps - 2), echo=echo)
-    summary = train(run_dir, steps, progress=cfg.progress, resume=resuming(run_dir))
+        clock = max(deadline - time.time(), 1.0)
+    summary = train(run_dir, steps, progress=cfg.progress, resume=resuming(run_dir), clock=clock)
     return {"model": str(run_dir), "base": cfg.model, "steps": summary["steps"], "lora_rank": cfg.lora_rank,
             "train_seconds": summary.get("train_seconds"), "best_val_loss": summary.get("best_val_loss"),
             "tokens_seen": summary.get("tokens_seen"), "train_minutes": minutes}
 
 
-def _samples_and_perplexity(cfg: StyleConfig, which: str, spec: str, data: dict) -> dict:
+def _samples_and_perplexity(cfg: StyleConfig, which: str, spec: str, data: dict, engine=None, loaded=None) -> dict:
     """One model's samples (every prompt x setting x seed; one batched Engine call per setting
-    and seed) and the held-out text's perplexity under it."""
+    and seed) and the held-out text's perplexity under it. Both models run in fp32: the base's
+    quantized weights are dequantized, as fine-tuning does, so that the comparison measures the
+    fine-tune alone (and the base's turn costs what the tuned one will: the budget's prediction)."""
     from lmforge.eval.perplexity import PerplexityConfig, load_engine, perplexity_with
     from lmforge.generate.sampling import SamplingParams
 
-    engine, loaded = load_engine(spec)
+    if engine is None:
+        engine, loaded = load_engine(spec, dequantize=True)
     rows = []
     for s in cfg.settings:
         for seed in range(cfg.seeds if s.temperature > 0 else 1):
@@ -214,9 +222,9 @@ def _score(cfg: StyleConfig, data: dict, tuned: str, base: dict) -> dict:
     from lmforge.eval.perplexity import load_engine
     from lmforge.eval.tasks import encode_pair, loglikelihoods
 
-    mine = _samples_and_perplexity(cfg, "tuned", tuned, data)
+    engine, loaded = load_engine(tuned, dequantize=True)
+    mine = _samples_and_perplexity(cfg, "tuned", tuned, data, engine, loaded)
     val = {"base": base["val_perplexity"], "tuned": mine["val_perplexity"]}
-    engine, loaded = load_engine(tuned)
     rows = [dict(r) for r in base["rows"] + mine["rows"] if r["text"].strip()]
     pairs = [encode_pair(loaded.tokenizer, r["prompt"], r["text"]) for r in rows]
     for r, (_, cont), (total, _, _) in zip(rows, pairs, loglikelihoods(engine, pairs)):
