@@ -189,9 +189,10 @@ def _train_and_score(name: str, model: str, overrides: dict, run_dir: Path, data
         tc = _train_config(cfg, saved_max_steps(run_dir))
     else:  # the budget's steps, cosine over them; the clock still stops a run the calibration misjudged
         planned = minutes()
+        deadline = time.time() + planned * 60  # the timing run's time is the budget's too
         steps = _steps_for_budget(model, overrides, train_file, tcfg, cfg, run_dir.with_name(run_dir.name + ".calibration"),
                                   planned, echo)
-        tc = _train_config(cfg, steps, time_budget=planned * 60 * 1.1)
+        tc = _train_config(cfg, steps, time_budget=max(deadline - time.time(), 1.0))
     if resume:
         echo(f"{name}: continuing {run_dir} from its last checkpoint")
     t0 = time.time()
