@@ -77,10 +77,9 @@ def run(
         elif name == "translation":
             if model or data:
                 raise LmforgeError("the translation recipe takes no --model/--data (see `lmforge recipe translation --help`)")
-            from lmforge.recipes.translation import DEFAULT_OVERRIDES, RecipeConfig, run_recipe
+            from lmforge.recipes.translation import RecipeConfig, run_recipe
 
-            run_recipe(RecipeConfig(out=out, budget=minutes, overwrite=overwrite, max_steps=max_steps,
-                                    model_overrides=dict(DEFAULT_OVERRIDES)), echo=typer.echo)
+            run_recipe(RecipeConfig(out=out, budget=minutes, overwrite=overwrite, max_steps=max_steps), echo=typer.echo)
     except LmforgeError as e:
         typer.echo(f"lmforge: error: {e}", err=True)
         raise typer.Exit(1) from None

@@ -40,6 +40,7 @@ def test_steps_for_budget_counts_the_calibration_run_against_the_minutes(tmp_pat
         (folder / "metrics.csv").write_text("step,elapsed_s\n10,1.0\n30,3.0\n")
         time.sleep(1.0)
 
-    planned = steps_for_budget(train, tmp_path / "scratch", minutes=0.1, steps=5, echo=lambda s: None)
-    # 6 s less the ~1 s calibration, 85% of it at 10 steps/s: ~42 (51 had the calibration been free)
-    assert 38 <= planned <= 43 and not (tmp_path / "scratch").exists()
+    plan = steps_for_budget(train, tmp_path / "scratch", minutes=0.1, steps=5, echo=lambda s: None)
+    # 6 s less the ~1 s calibration, 85% of it at 10 steps/s: ~42 (51 had the calibration been free);
+    # the ~5 s left are the run's clock
+    assert 38 <= plan.steps <= 43 and 4.0 <= plan.seconds <= 5.0 and not (tmp_path / "scratch").exists()

@@ -70,6 +70,12 @@ class CodeEvalConfig:
     seed: int = 0  # sampling seed
     prompt_format: str = "raw"  # raw: the problem's prompt as is, cut at HumanEval's stop sequences (base models; the paper's protocol). chat: one user message through the model's own chat template asking for the whole function in a ```python block, cut at the closing fence; the block's code is run, replacing the prompt's function when it defines it (instruct models)
 
+    @property
+    def problems_per_batch(self) -> int:
+        """Problems generated together: all their samples in one batch of at most batch_size
+        sequences (one problem when its samples alone fill it)."""
+        return max(1, self.batch_size // self.samples)
+
     def __post_init__(self) -> None:
         check_counts(self, at_least_0=("limit", "seed"), at_least_1=("samples", "max_new_tokens", "batch_size"))
         if self.prompt_format not in PROMPT_FORMATS:
@@ -241,7 +247,7 @@ def generate_completions(engine, problems: Sequence[Problem], config: CodeEvalCo
         cut += len(kept) < len(ids)
         prompts.append(kept)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    per_batch = max(1, config.batch_size // config.samples)
+    per_batch = config.problems_per_batch
     out: dict[str, list[str]] = {}
     bar = _bar(progress, len(problems) * config.samples, "generating")
     for b, k in enumerate(range(0, len(order), per_batch)):

@@ -289,12 +289,11 @@ def _finetune(cfg: ChatbotConfig, recipe: RecipeDir, data: dict, before: dict, e
         # timing run's own time comes out of what is left (steps_for_budget).
         minutes = recipe.training_minutes(2 * before["stage_seconds"], "the base model's replies for replay and the "
                                           "evaluation after")
-        deadline = time.time() + minutes * 60
         # Timed without replay/retention: they only add the base model's replies up front, not step time.
         quick = FinetuneConfig(method="lora", data_format="auto", replay=0.0, retention_tolerance=0.0)
-        steps = steps_for_budget(lambda folder, n: train(folder, n, quick), out / "run.calibration", minutes,
+        plan = steps_for_budget(lambda folder, n: train(folder, n, quick), out / "run.calibration", minutes,
                                  steps=cfg.calibration_steps, window=(2, cfg.calibration_steps - 2), echo=echo)
-        clock = max(deadline - time.time(), 1.0)
+        steps, clock = plan.steps, plan.seconds
     summary = train(run_dir, steps, ft, progress=cfg.progress, resume=resuming(run_dir), clock=clock)
     keys = ("steps", "stopped_because", "train_seconds", "start_val_loss", "val_loss", "best_val_loss", "retention_start", "retention_end",
             "retention_warned_at", "tokens_seen", "trainable_params", "examples")

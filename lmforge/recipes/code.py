@@ -139,7 +139,7 @@ def predict_eval_seconds(cfg: CodeRecipeConfig, shards: Path, compared: dict | N
     config = resolve_model_config(cfg.preset, {"block_size": cfg.block_size}, tokenizer.vocab_size)
     eval_cfg = CodeEvalConfig(samples=cfg.samples, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens)
     problems = len(load_problems(cfg.problems, cfg.limit))
-    batches = math.ceil(problems / max(1, eval_cfg.batch_size // cfg.samples))
+    batches = math.ceil(problems / eval_cfg.problems_per_batch)
     new = min(cfg.max_new_tokens, config.block_size - 2)
     timed = time_decode(Engine(GPT(config), tokenizer), cfg.samples, config.block_size - new - 1, min(16, new), repeats=2)
     generate = batches * (timed["prefill_seconds"] + new * timed["step_seconds"])

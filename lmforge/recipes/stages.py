@@ -130,14 +130,20 @@ def saved_max_steps(run_dir: Path) -> int:
     return int(yaml.safe_load((Path(run_dir) / RUN_CONFIG).read_text(encoding="utf-8"))["train"]["max_steps"])
 
 
+@dataclass(frozen=True)
+class BudgetPlan:
+    steps: int  # the run's max_steps: its cosine schedule ends there
+    seconds: float  # what is left of the minutes after the timing run: the run's clock, a backstop (time_budget)
+
+
 def steps_for_budget(train: Callable[[Path, int], Any], scratch: Path, minutes: float, fraction: float = 0.85, *,
                      steps: int = CALIBRATION_STEPS, window: tuple[int, int] = (10, 30),
-                     echo: Callable[[str], None] = print) -> int:
+                     echo: Callable[[str], None] = print) -> BudgetPlan:
     """The step count that fills `minutes` from now: `train(scratch, steps)` timed here (a
     throwaway run, from step window[0] to window[1]); what is left of the minutes after it goes
-    `fraction` to steps and the rest to the run's evaluations and checkpoints. A cosine schedule
-    needs its end up front, and a step count, unlike a clock, makes the run itself repeatable
-    (`--resume` is exact)."""
+    `fraction` to steps and the rest to the run's evaluations and checkpoints, and is the run's
+    clock should its steps run slower than timed. A cosine schedule needs its end up front, and a
+    step count, unlike a clock, makes the run itself repeatable (`--resume` is exact)."""
     from lmforge.train.metrics import METRICS_FILE, read_metrics
 
     first, last = window
@@ -156,7 +162,7 @@ def steps_for_budget(train: Callable[[Path, int], Any], scratch: Path, minutes: 
     planned = max(steps, int(rate * left * fraction))
     echo(f"[recipe] calibration: {rate:.3f} steps/s here (timed in {calibration:.0f} s) -> {planned} steps in the "
          f"{left / 60:.1f} minutes left")
-    return planned
+    return BudgetPlan(planned, max(left, 1.0))
 
 
 def _jsonable(value: Any) -> Any:

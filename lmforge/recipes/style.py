@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -185,10 +184,9 @@ def _finetune(cfg: StyleConfig, recipe: RecipeDir, data: dict, base: dict, echo:
         steps = saved_max_steps(run_dir)
     else:
         minutes = recipe.training_minutes(TUNED_TURN_PER_BASE * base["stage_seconds"], "the tuned model's samples and scoring")
-        deadline = time.time() + minutes * 60
-        steps = steps_for_budget(lambda folder, n: train(folder, n, calibrating=True), out / "run.calibration", minutes,
+        plan = steps_for_budget(lambda folder, n: train(folder, n, calibrating=True), out / "run.calibration", minutes,
                                  steps=cfg.calibration_steps, window=(2, cfg.calibration_steps - 2), echo=echo)
-        clock = max(deadline - time.time(), 1.0)
+        steps, clock = plan.steps, plan.seconds
     summary = train(run_dir, steps, progress=cfg.progress, resume=resuming(run_dir), clock=clock)
     return {"model": str(run_dir), "base": cfg.model, "steps": summary["steps"], "lora_rank": cfg.lora_rank,
             "train_seconds": summary.get("train_seconds"), "best_val_loss": summary.get("best_val_loss"),

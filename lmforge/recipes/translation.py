@@ -20,6 +20,7 @@ from lmforge.data.ding import DEFAULT_DING, DingConfig
 from lmforge.errors import LmforgeError
 
 if TYPE_CHECKING:
+    from lmforge.recipes.stages import BudgetPlan
     from lmforge.train.config import TrainConfig
 
 APT_PACKAGE = "trans-de-en"
@@ -153,7 +154,7 @@ def _train_config(cfg: RecipeConfig, max_steps: int, time_budget: float = 0.0) -
 
 
 def _steps_for_budget(model: str, overrides: dict, train_file: Path, tcfg, cfg: RecipeConfig, scratch: Path,
-                      minutes: float, echo: Callable[[str], None]) -> int:
+                      minutes: float, echo: Callable[[str], None]) -> "BudgetPlan":
     """The step count that fills the time budget (lmforge.recipes.stages.steps_for_budget), timed on
     a throwaway run without evaluations."""
     from lmforge.recipes.stages import steps_for_budget
@@ -189,10 +190,9 @@ def _train_and_score(name: str, model: str, overrides: dict, run_dir: Path, data
         tc = _train_config(cfg, saved_max_steps(run_dir))
     else:  # the budget's steps, cosine over them; the clock still stops a run the calibration misjudged
         planned = minutes()
-        deadline = time.time() + planned * 60  # the timing run's time is the budget's too
-        steps = _steps_for_budget(model, overrides, train_file, tcfg, cfg, run_dir.with_name(run_dir.name + ".calibration"),
-                                  planned, echo)
-        tc = _train_config(cfg, steps, time_budget=max(deadline - time.time(), 1.0))
+        plan = _steps_for_budget(model, overrides, train_file, tcfg, cfg, run_dir.with_name(run_dir.name + ".calibration"),
+                                 planned, echo)
+        tc = _train_config(cfg, plan.steps, time_budget=plan.seconds)
     if resume:
         echo(f"{name}: continuing {run_dir} from its last checkpoint")
     t0 = time.time()
