@@ -14,6 +14,11 @@ one seed in each process: the same sources and targets (random token ids), of ra
 within --src-len / --tgt-len, right-padded to the longest row, the source padding masked; the
 decoder needs no target mask (causal, right padding). Throughput counts *target tokens that are not
 padding* per second (the tokens a translation model learns from; sources are not counted).
+Given the same padded batches, lmforge runs every token-wise layer (the Linears, norms and MLPs
+of both stacks) on the real tokens alone and lays them out on the padded grid for attention only
+(lmforge.model.packing), while Marian runs everything on the grid: what lmforge skips is the
+padding's work (`target_padding_share`, `source_padding_share` in the JSON). Equal-length batches
+(`--src-len 24 24 --tgt-len 24 24`) have none, and give the equal-work ratio.
 
 Each side runs --runs times, each time in a fresh process (so its peak RSS is its own), in
 interleaved rounds (A B, A B, ...): a neighbour slowing the machine hits both alike. A run's
@@ -329,7 +334,9 @@ def main() -> None:
                     "target_tokens_per_step_mean": round(statistics.mean(b["target_tokens"] for b in batches), 1),
                     "source_tokens_per_step_mean": round(statistics.mean(b["source_tokens"] for b in batches), 1),
                     "target_padding_share": round(1 - sum(b["target_tokens"] for b in batches)
-                                                  / sum(b["padded_target"] for b in batches), 3)},
+                                                  / sum(b["padded_target"] for b in batches), 3),
+                    "source_padding_share": round(1 - sum(b["source_tokens"] for b in batches)
+                                                  / sum(b["padded_source"] for b in batches), 3)},
         "dropout": 0.0,
         "optimizer": "torch.optim.AdamW(lr=1e-4, weight_decay=0.01, fused=True) on both sides (both Trainers' default)",
     }

@@ -17,6 +17,7 @@ from lmforge.errors import LmforgeError
 from lmforge.interop import hf_seq2seq
 from lmforge.model import GPT, ModelConfig, get_preset, load_model_dir, save_model_dir
 from lmforge.model.estimate import estimate_memory
+from lmforge.model.packing import target_keep
 from lmforge.model.seq2seq import Seq2Seq
 
 try:
@@ -150,6 +151,44 @@ def test_activation_checkpointing_gives_the_same_loss_and_grads():
         grads.append([p.grad for p in model.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+# -- the padding-free layout (lmforge.model.packing) --------------------------------------------
+def _padded_reference(model, src, mask, tgt, targets, smoothing):
+    """The loss on the padded grid: every layer over every position (the layout before packing)."""
+    h = model.decode_states(tgt, model.encode_tokens(src, mask, None), mask)
+    keep = targets != -100
+    return F.cross_entropy(model.lm_head(h[keep]).float(), targets[keep], label_smoothing=smoothing)
+
+
+@pytest.mark.parametrize("ckpt", [False, True])
+@pytest.mark.parametrize("kind", CONFIGS)
+def test_packed_training_gives_the_padded_loss_and_gradients(kind, ckpt):
+    cfg = CONFIGS[kind]
+    model = random_seq2seq(cfg).train()
+    model.activation_checkpointing = ckpt
+    src, mask, tgt = batch(cfg, src_len=12, tgt_len=10)
+    src, mask, tgt = torch.cat([src, src[:1]]), torch.cat([mask, torch.zeros_like(mask[:1])]), torch.cat([tgt, tgt[:1]])
+    targets = tgt.roll(-1, 1)
+    targets[0, 7:] = -100  # right padding: skipped
+    targets[1, 2] = -100  # inside a row: no loss there, but later positions read that token
+    targets[2, 4:] = -100
+    rows = []
+    model.encoder.blocks[0].mlp.fc.register_forward_hook(lambda m, a, out: rows.append(a[0].shape))
+    model.decoder.blocks[0].mlp.fc.register_forward_hook(lambda m, a, out: rows.append(a[0].shape))
+    logits, loss = model(src, tgt, mask, targets=targets, label_smoothing=0.1)
+    assert logits is None
+    # the MLPs ran on the real tokens alone (row 3's source is all padding: it keeps its 12 positions)
+    real_src = int(mask[:3].sum()) + 12
+    assert rows[:2] == [torch.Size([real_src, cfg.n_embd]), torch.Size([int(target_keep(targets).sum()), cfg.n_embd])]
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    ref = _padded_reference(model, src, mask, tgt, targets, 0.1)
+    torch.testing.assert_close(loss, ref)
+    ref.backward()
+    for (name, p), g in zip(model.named_parameters(), grads):
+        torch.testing.assert_close(g, p.grad, msg=lambda m: f"{name}: {m}")
 
 
 # -- the cache ----------------------------------------------------------------------------------

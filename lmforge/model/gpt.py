@@ -29,6 +29,7 @@ from lmforge.errors import LmforgeError
 from lmforge.model.attention import short_causal_attention, uses_short_kernel
 from lmforge.model.config import ModelConfig
 from lmforge.model.fused import linear_cross_entropy_applies, linear_cross_entropy_sum, rms_norm, swiglu
+from lmforge.model.packing import Packing, target_keep
 
 
 def _sdpa_supports_gqa() -> bool:
@@ -242,13 +243,14 @@ class Attention(nn.Module):
     # is recorded is exactly what the layer used. None: the fused kernels below.
     record_probs = None
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, packing: Packing | None = None) -> torch.Tensor:
         """softmax(q k^T / sqrt(head_dim), masked) v with the heads merged, through `proj`.
 
         q [B, n_head, T, hd]; k, v [B, n_kv_head, S, hd]. mask None: causal attention, T == S
         (the fast path); mask False: every key is visible (decoding one token against a cache,
         an encoder without padding, cross-attention); else a bool mask broadcastable to
-        [B, n_head, T, S], True = may attend.
+        [B, n_head, T, S], True = may attend. packing: the queries' kept positions; the output
+        is then [N, C], packed before `proj` (lmforge.model.packing).
         """
         B, _, T, _ = q.shape
         dropout = self.dropout if self.training else 0.0
@@ -266,6 +268,8 @@ class Attention(nn.Module):
                 q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, **self.sdpa_kwargs
             )
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+        if packing is not None:
+            y = packing.pack(y)
         y = self.proj(y)
         return F.dropout(y, dropout, True) if dropout else y
 
@@ -297,10 +301,14 @@ class CausalSelfAttention(Attention):
         qkv = Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * config.head_dim, bias=config.bias)
         super().__init__(config, qkv=qkv)
 
-    def forward(self, x, rope, mask, cache: KVCache | None, layer: int) -> torch.Tensor:
-        B, T, C = x.shape
+    def forward(self, x, rope, mask, cache: KVCache | None, layer: int, packing: Packing | None = None) -> torch.Tensor:
+        """x [B, T, C], or [N, C] packed by `packing` (then the output is packed too)."""
         H, Hkv = self.n_head, self.n_kv_head
-        qkv = self.qkv(x).view(B, T, H + 2 * Hkv, self.head_dim)
+        qkv = self.qkv(x)
+        if packing is not None:  # the projection ran on the real tokens alone; attention needs the grid
+            qkv = packing.pad(qkv)
+        B, T, _ = qkv.shape
+        qkv = qkv.view(B, T, H + 2 * Hkv, self.head_dim)
         qk, v = qkv.split((H + Hkv, Hkv), dim=2)
         if rope is not None:  # rotate q and k together: one set of ops instead of two
             qk = apply_rope(qk, *rope)
@@ -308,7 +316,7 @@ class CausalSelfAttention(Attention):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, hd]
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        return self.attend(q, k, v, mask)
+        return self.attend(q, k, v, mask, packing)
 
 
 class MLP(nn.Module):
@@ -344,8 +352,9 @@ class Block(nn.Module):
         self.norm_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope=None, mask=None, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.norm_1(x), rope, mask, cache, layer)
+    def forward(self, x, rope=None, mask=None, cache: KVCache | None = None, layer: int = 0,
+                packing: Packing | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm_1(x), rope, mask, cache, layer, packing)
         return x + self.mlp(self.norm_2(x))
 
 
@@ -423,7 +432,8 @@ class GPT(nn.Module):
         """idx [B, T] token ids -> (logits [B, T, vocab], loss or None).
 
         targets: [B, T] int64, -100 = ignore; loss is the mean cross-entropy (in fp32) over the
-            other positions.
+            other positions. In training mode the positions after a row's last target (right
+            padding) are skipped by every layer, and their logits come back as zeros.
         positions: [B, T] int64 position of each token (left-padded batches); default
             start..start+T-1, where start is cache.pos (0 without a cache). Not range-checked:
             they must be < block_size.
@@ -457,23 +467,34 @@ class GPT(nn.Module):
             x = F.dropout(x, self.config.dropout, True)
 
         mask = self._attention_mask(attn_mask, T, start, idx.device)
+        # Training on padded rows (fine-tuning batches): the token-wise layers run on the
+        # positions up to each row's last target alone (lmforge.model.packing; the same loss).
+        packing = None
+        if self.training and targets is not None and cache is None:
+            packing = Packing.of(target_keep(targets))
+        if packing is not None:
+            x = packing.pack(x)
         for i, block in enumerate(self.blocks):
             if self.activation_checkpointing and self.training and cache is None:
-                x = checkpoint(block, x, rope, mask, None, i, use_reentrant=False)
+                x = checkpoint(block, x, rope, mask, None, i, packing, use_reentrant=False)
             else:
-                x = block(x, rope, mask, cache, i)
+                x = block(x, rope, mask, cache, i, packing)
         if cache is not None:
             cache.pos = S
 
         if targets is None and logits_to_keep > 0:
             x = x[:, -logits_to_keep:]
         h = self.norm_f(x)
+        if packing is not None:  # one row of the kept tokens
+            h, targets = h.unsqueeze(0), packing.pack(targets).unsqueeze(0)
         if targets is not None and self.loss_chunk and h.shape[0] * h.shape[1] > self.loss_chunk:
             return None, self._chunked_loss(h, targets)
         logits = self.lm_head(h)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        if packing is not None:  # [B, T, vocab] as always; zeros at the skipped positions, which have no target
+            logits = packing.pad(logits[0])
         return logits, loss
 
     def _chunk_loss_sum(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -46,6 +46,7 @@ from torch.utils.checkpoint import checkpoint
 from lmforge.errors import LmforgeError
 from lmforge.model.config import ModelConfig
 from lmforge.model.gpt import GPT, Attention, Block, KVCache, Linear, make_norm, rope_cache
+from lmforge.model.packing import Packing, target_keep
 
 
 class CrossAttention(Attention):
@@ -58,20 +59,27 @@ class CrossAttention(Attention):
         kv = Linear(config.n_embd, 2 * config.n_kv_head * config.head_dim, bias=config.bias)
         super().__init__(config, q=q, kv=kv)
 
-    def keys_values(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """memory [B, S, n_embd] -> k, v [B, n_kv_head, S, head_dim]."""
-        B, S, _ = memory.shape
-        kv = self.kv(memory).view(B, S, 2 * self.n_kv_head, self.head_dim).transpose(1, 2)
+    def keys_values(self, memory: torch.Tensor, packing: Packing | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """memory [B, S, n_embd] (or [N, n_embd] packed by `packing`) -> k, v [B, n_kv_head, S, head_dim]."""
+        kv = self.kv(memory)
+        if packing is not None:
+            kv = packing.pad(kv)
+        B, S, _ = kv.shape
+        kv = kv.view(B, S, 2 * self.n_kv_head, self.head_dim).transpose(1, 2)
         return kv[:, : self.n_kv_head], kv[:, self.n_kv_head :]
 
-    def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, beams: int = 1) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, beams: int = 1,
+                packing: Packing | None = None) -> torch.Tensor:
         """beams > 1: x holds B * beams rows (beam j of source b at row b * beams + j) and k, v,
         mask hold B, one per source: the beams of a source become its query positions, one
-        attention call (never causal) serving them all, the same math row by row."""
-        R, T, _ = x.shape
+        attention call (never causal) serving them all, the same math row by row.
+        packing: x is [N, C], the target's kept positions (training), and so is the output."""
         q = self.q(x)
+        if packing is not None:
+            q = packing.pad(q)
+        R, T, _ = q.shape
         if beams == 1:
-            return self.attend(q.view(R, T, self.n_head, self.head_dim).transpose(1, 2), k, v, mask)
+            return self.attend(q.view(R, T, self.n_head, self.head_dim).transpose(1, 2), k, v, mask, packing)
         B = R // beams
         q = q.view(B, beams * T, self.n_head, self.head_dim).transpose(1, 2)  # [B, heads, beams * T, hd]
         return self.attend(q, k, v, mask).view(R, T, -1)  # mask: the source padding mask, or False
@@ -86,9 +94,9 @@ class DecoderBlock(Block):
         self.cross_attn = CrossAttention(config)
 
     def forward(self, x, cross_k, cross_v, cross_mask, rope=None, mask=None, cache: KVCache | None = None,
-                layer: int = 0, beams: int = 1) -> torch.Tensor:
-        x = x + self.attn(self.norm_1(x), rope, mask, cache, layer)
-        x = x + self.cross_attn(self.norm_cross(x), cross_k, cross_v, cross_mask, beams)
+                layer: int = 0, beams: int = 1, packing: Packing | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm_1(x), rope, mask, cache, layer, packing)
+        x = x + self.cross_attn(self.norm_cross(x), cross_k, cross_v, cross_mask, beams, packing)
         return x + self.mlp(self.norm_2(x))
 
 
@@ -229,15 +237,34 @@ class Seq2Seq(nn.Module):
     # -- encoder, decoder, forward ----------------------------------------------------------
     def encode(self, src_ids: torch.Tensor, src_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Source ids [B, S] -> the encoder output ("memory") [B, S, n_embd]; src_mask [B, S]
-        bool, True = real token (None: no padding). Rows at padding positions are garbage."""
+        bool, True = real token (None: no padding). The stack runs on the real tokens alone
+        (`encode_tokens`); the rows at padding positions come back as zeros."""
+        packing = self.source_packing(src_mask)
+        memory = self.encode_tokens(src_ids, src_mask, packing)
+        return memory if packing is None else packing.pad(memory)
+
+    def encode_tokens(self, src_ids: torch.Tensor, src_mask: torch.Tensor | None,
+                      packing: Packing | None) -> torch.Tensor:
+        """The encoder stack in a chosen layout: packing None runs every position and returns
+        [B, S, n_embd] (padding's rows are garbage); a Packing (`source_packing`) runs its kept
+        tokens and returns them, [N, n_embd]."""
         x, rope = self._embed(self.encoder, self.tok_emb if self.src_tok_emb is None else self.src_tok_emb, src_ids, 0)
         mask = self.source_mask(src_mask, src_ids)
+        if packing is not None:
+            x = packing.pack(x)
         for block in self.encoder.blocks:
             if self.activation_checkpointing and self.training:
-                x = checkpoint(block, x, rope, mask, use_reentrant=False)
+                x = checkpoint(block, x, rope, mask, None, 0, packing, use_reentrant=False)
             else:
-                x = block(x, rope, mask)  # a Block given a padding mask attends both ways
+                x = block(x, rope, mask, packing=packing)  # a Block given a padding mask attends both ways
         return self.encoder.norm_f(x)
+
+    def source_packing(self, src_mask: torch.Tensor | None) -> Packing | None:
+        """The packing that leaves out a batch's source padding (None: none to leave out). A
+        source of nothing but padding keeps its positions, as `source_mask` lets it see them."""
+        if src_mask is None or src_mask.dtype != torch.bool:
+            return None  # no padding, or a mask `source_mask` will refuse
+        return Packing.of(src_mask | ~src_mask.any(1, keepdim=True))
 
     def decode(self, tgt_ids: torch.Tensor, memory: torch.Tensor | None = None, src_mask: torch.Tensor | None = None,
                *, cache: Seq2SeqCache | None = None, logits_to_keep: int = 0) -> torch.Tensor:
@@ -252,8 +279,11 @@ class Seq2Seq(nn.Module):
 
     def decode_states(self, tgt_ids: torch.Tensor, memory: torch.Tensor | None = None,
                       src_mask: torch.Tensor | None = None, *, cache: Seq2SeqCache | None = None,
-                      logits_to_keep: int = 0) -> torch.Tensor:
-        """`decode` before the head: the decoder's final-norm states [B, T, n_embd]."""
+                      logits_to_keep: int = 0, memory_packing: Packing | None = None,
+                      packing: Packing | None = None) -> torch.Tensor:
+        """`decode` before the head: the decoder's final-norm states [B, T, n_embd].
+        Teacher forcing only: memory_packing says `memory` is packed (`encode_tokens`);
+        packing runs the target's kept positions alone and returns their states, [N, n_embd]."""
         T = tgt_ids.shape[1]
         start = 0 if cache is None else cache.pos
         if cache is not None and start + T > cache.max_len:
@@ -261,20 +291,24 @@ class Seq2Seq(nn.Module):
         if cache is None:
             if memory is None:
                 raise LmforgeError("decode: give the encoder output (memory) or a cache made from it")
-            cross = [block.cross_attn.keys_values(memory) for block in self.decoder.blocks]
-            cross_mask = self.source_mask(src_mask, memory)
+            cross = [block.cross_attn.keys_values(memory, memory_packing) for block in self.decoder.blocks]
+            cross_mask = self.source_mask(src_mask, memory if memory_packing is None else src_mask)
         else:
+            if memory_packing is not None or packing is not None:
+                raise LmforgeError("decode: packed layouts are for teacher forcing, not for decoding with a cache")
             cross, cross_mask = cache.cross, cache.src_mask
         beams = 1 if cache is None else cache.beams
         x, rope = self._embed(self.decoder, self.tok_emb, tgt_ids, start)
+        if packing is not None:
+            x = packing.pack(x)
         mask = GPT._attention_mask(None, T, start, tgt_ids.device)  # causal (over the cache, too)
         self_cache = None if cache is None else cache.self_attn
         for i, block in enumerate(self.decoder.blocks):
             k, v = cross[i]
             if self.activation_checkpointing and self.training and cache is None:
-                x = checkpoint(block, x, k, v, cross_mask, rope, mask, use_reentrant=False)
+                x = checkpoint(block, x, k, v, cross_mask, rope, mask, None, 0, 1, packing, use_reentrant=False)
             else:
-                x = block(x, k, v, cross_mask, rope, mask, self_cache, i, beams)
+                x = block(x, k, v, cross_mask, rope, mask, self_cache, i, beams, packing)
         if cache is not None:
             cache.self_attn.pos = start + T
         if logits_to_keep > 0:
@@ -292,15 +326,28 @@ class Seq2Seq(nn.Module):
         some are -100 the head runs on the other positions alone and logits is None (as GPT's
         chunked loss): padding's logits are never needed, and the vocabulary-wide matmuls,
         forward and backward, are the costliest of a step (the same loss and gradients).
+        Padding is skipped before the head too: with targets, every token-wise layer of both
+        stacks runs on the real tokens alone (lmforge.model.packing; the same loss to rounding).
         """
-        h = self.decode_states(tgt_ids, self.encode(src_ids, src_mask), src_mask)
+        src_packing = self.source_packing(src_mask)
+        memory = self.encode_tokens(src_ids, src_mask, src_packing)
         if targets is None:
+            h = self.decode_states(tgt_ids, memory, src_mask, memory_packing=src_packing)
             return self.lm_head(h), None
+        if targets.shape != tgt_ids.shape:
+            raise LmforgeError(f"targets have shape {list(targets.shape)}, the decoder inputs {list(tgt_ids.shape)}")
+        tgt_packing = Packing.of(target_keep(targets))
+        h = self.decode_states(tgt_ids, memory, src_mask, memory_packing=src_packing, packing=tgt_packing)
+        if tgt_packing is not None:
+            targets = tgt_packing.pack(targets)
+            h = h.unsqueeze(0)  # [1, N, C]: one row of the kept tokens, for the rule below
+            targets = targets.unsqueeze(0)
         keep = targets != -100
         if bool(keep.all()):
             logits = self.lm_head(h)
-            return logits, F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
-                                           label_smoothing=label_smoothing)
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                                   label_smoothing=label_smoothing)
+            return (None if tgt_packing is not None else logits), loss
         kept = self.lm_head(h[keep])
         return None, F.cross_entropy(kept.float(), targets[keep], label_smoothing=label_smoothing)
 
