@@ -43,6 +43,8 @@ def autocast(device: torch.device, precision: str):
 def measured_peak_flops(device_str: str, precision: str) -> float:
     """Dense matmul FLOP/s this device reaches now (the denominator of MFU): a measured peak is
     honest on CPUs, whose datasheet peak depends on clocks, vector units and thread count."""
+    from lmforge.model.cpu_matmul import mm  # the library the model's Linear layers use
+
     device = torch.device(device_str)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     # A private generator: measuring must not move the global RNG that seeds training.
@@ -60,7 +62,7 @@ def measured_peak_flops(device_str: str, precision: str) -> float:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t = time.perf_counter()
-            a @ b
+            mm(a, b)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             took = time.perf_counter() - t

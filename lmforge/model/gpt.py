@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from lmforge.errors import LmforgeError
+from lmforge.model import cpu_matmul
 from lmforge.model.attention import short_causal_attention, uses_short_kernel
 from lmforge.model.config import ModelConfig
 from lmforge.model.fused import linear_cross_entropy_applies, linear_cross_entropy_sum, rms_norm, swiglu
@@ -105,6 +106,7 @@ class Linear(nn.Linear):
     """
 
     numpy_blas = False
+    # fp32 CPU products otherwise go to the library lmforge.model.cpu_matmul picks for this CPU.
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
@@ -115,6 +117,8 @@ class Linear(nn.Linear):
             out = torch.from_numpy(w @ flat[0] if rows == 1 else flat @ w.T)
             out = out.reshape(*x.shape[:-1], w.shape[0])
             return out if self.bias is None else out + self.bias
+        if cpu_matmul.applies(x, self.weight):
+            return cpu_matmul.linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
