@@ -377,8 +377,12 @@ def main() -> None:
         result["profile"] = {side: run_measured(prof_call.format(side, args.preset, args.threads, max(2, args.steps // 2),
                                                                  geometry[2:], args.attn), env=env)
                              for side in SIDES}
+    from lmforge.model.cpu_matmul import cpu_matmul_backend
+
     result["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-                         "platform": platform.platform()}
+                         "platform": platform.platform(),
+                         # lmforge's fp32 CPU products (lmforge.model.cpu_matmul); Marian's are torch's
+                         "lmforge_cpu_matmul": cpu_matmul_backend()}
     print(json.dumps(result, indent=2))
 
 

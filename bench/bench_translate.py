@@ -185,9 +185,13 @@ def main() -> None:
     import torch
     import transformers
 
+    from lmforge.model.cpu_matmul import cpu_matmul_backend
+
     result["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
                          "torch": torch.__version__, "transformers": transformers.__version__,
-                         "load_average_end": os.getloadavg()}
+                         "load_average_end": os.getloadavg(),
+                         # lmforge's fp32 CPU products (lmforge.model.cpu_matmul); transformers' are torch's
+                         "lmforge_cpu_matmul": cpu_matmul_backend()}
     print(json.dumps(result, indent=2))
 
 
