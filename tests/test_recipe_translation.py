@@ -150,5 +150,5 @@ def test_a_whole_recipe_budget_is_shared_by_the_two_models(tmp_path):
     plans = [line for line in lines if line.startswith("[recipe] budget 0.6 min:")]
     assert len(plans) == 2 and "scoring both models and training the second" in plans[0] and "its scoring" in plans[1]
     first, second = results["training"]["minutes"], results["decoder_only"]["training"]["minutes"]
-    assert 0 < first < 0.3 and 0 < second and first + second < 0.6
+    assert 0 < first < 0.3 and 0 < second <= first and first + second < 0.6  # never more time than the first
     assert results["test"]["seconds"] >= 0 and results["training"]["steps"] >= 40  # the scoring is timed; at least the timed run's steps

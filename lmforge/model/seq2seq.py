@@ -19,6 +19,8 @@ sources are right-padded: positions count from the first token, as in mBART); tg
 (teacher forcing: the start token, then the target shifted right) and tgt_out [B, T], the
 tokens to predict, with -100 where nothing is (padding): the loss skips them. The decoder is
 causal, so right padding of the target never reaches a real position and needs no mask.
+Padding costs attention only: the Linears, norms and MLPs of both stacks run on the real tokens
+alone (`encode`, and `forward` with targets; lmforge.model.packing).
 
 Generation: `memory = encode(src, mask)`, `cache = new_cache(memory, mask, max_len)`, then
 `decode(next_ids, cache=cache)` per step: self-attention keys/values are appended to the cache,

@@ -294,7 +294,20 @@ def run_recipe(cfg: RecipeConfig, echo: Callable[[str], None] = print, runner=No
             echo(f"decoder-only twin: {twin.n_layer} layers of width {twin.n_embd}, context {twin.block_size} "
                  "(the parameter count nearest the encoder-decoder's)")
             scoring = models["encoder-decoder"]["test"].get("seconds", SCORING_SHARE * cfg.budget * 60)
-            minutes = (lambda: recipe.training_minutes(scoring, "its scoring")) if cfg.budget else (lambda: cfg.minutes)
+            first = models["encoder-decoder"]["training"].get("minutes")
+
+            def minutes() -> float:
+                if not cfg.budget:
+                    return cfg.minutes
+                left = recipe.training_minutes(scoring, "its scoring")
+                # The two are compared on equal time: when the encoder-decoder's planned steps
+                # ended early, what it left is not handed to its twin.
+                if first and left > first:
+                    echo(f"[recipe] decoder-only: {first:.1f} min to train, as the encoder-decoder "
+                         f"({left:.1f} are left in the budget)")
+                    return first
+                return left
+
             return _train_and_score("decoder-only", str(spec), {}, out / "run-decoder-only", data, train_file, cfg,
                                     minutes, echo)
 
