@@ -113,9 +113,11 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Te
     return _product(x, w, b)
 
 
-def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b for 2-D tensors by the library `Linear` uses: what a measured matmul peak (MFU's
+def mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b for 2-D tensors (into `out` if given) by the library `Linear` uses: for products
+    outside a Linear (the chunked head's loss) and for what a measured matmul peak (MFU's
     denominator, the speed model's efficiency) must time."""
     if applies(a, b):
-        return _product(a, b.t(), None)
-    return a @ b
+        y = _product(a, b.t(), None)
+        return y if out is None else out.copy_(y)
+    return a @ b if out is None else torch.mm(a, b, out=out)

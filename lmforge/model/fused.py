@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from lmforge.model import cpu_matmul
+
 
 class RecipeBook(Protocol):
     def offer(self, out: torch.Tensor, fn: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...]) -> None: ...
@@ -138,7 +140,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         for i in range(0, h.shape[0], chunk):
             rows, t = h[i : i + chunk], targets[i : i + chunk]
-            logits = torch.mm(rows, weight.t()).float()
+            logits = cpu_matmul.mm(rows, weight.t()).float()
             lse = torch.logsumexp(logits, dim=-1)
             total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
             if need_h or need_w:
@@ -146,9 +148,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 d_logits[torch.arange(t.shape[0], device=t.device), t] -= 1.0
                 d_logits = d_logits.to(h.dtype)
                 if need_h:
-                    torch.mm(d_logits, weight, out=grad_h[i : i + chunk])
+                    cpu_matmul.mm(d_logits, weight, out=grad_h[i : i + chunk])
                 if need_w:
-                    grad_w.addmm_(d_logits.t(), rows)
+                    grad_w.addmm_(d_logits.t(), rows)  # in place (MKL); oneDNN would need a [vocab, C] temporary a chunk
         ctx.save_for_backward(*(g for g in (grad_h, grad_w) if g is not None))
         ctx.have = (need_h, need_w)
         return total
