@@ -76,6 +76,8 @@ def test_linear_layers_take_the_chosen_library(backend, monkeypatch):
     assert calls == [torch.Size([4, 16]), torch.Size([8, 4])]
     calls.clear()
     layer.double()(x.double())  # not fp32: torch's product
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast asked for: torch's, in bf16
+        assert layer.float()(x).dtype == torch.bfloat16
     backend("torch")
     layer.float()(x)
     assert calls == []

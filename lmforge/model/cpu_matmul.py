@@ -97,10 +97,12 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 def applies(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether `linear` takes this product: plain fp32 CPU tensors (no subclass such as FSDP's
-    DTensor, nothing being traced by torch.compile) when oneDNN is the backend."""
+    DTensor, nothing being traced by torch.compile, no bf16 autocast asked for) when oneDNN is
+    the backend."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32
             and type(x) in _PLAIN and type(w) in _PLAIN and x.layout == torch.strided
-            and not torch.compiler.is_compiling() and cpu_matmul_backend() == "onednn")
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+            and cpu_matmul_backend() == "onednn")
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
