@@ -22,27 +22,9 @@ from functools import lru_cache
 import torch
 
 from lmforge.errors import LmforgeError
+from lmforge.model.hardware import cpu_fields
 
 BACKENDS = ("auto", "torch", "onednn")
-
-
-def _cpu_flags() -> tuple[str, set[str]]:
-    """(vendor, flags) from /proc/cpuinfo; ("", set()) where there is none (macOS, Windows)."""
-    vendor, flags = "", set()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key == "vendor_id" and not vendor:
-                    vendor = value.strip()
-                elif key == "flags" and not flags:
-                    flags = set(value.split())
-                if vendor and flags:
-                    break
-    except OSError:
-        pass
-    return vendor, flags
 
 
 def rule_choice(vendor: str, flags: set[str]) -> str:
@@ -59,7 +41,8 @@ def cpu_matmul_backend() -> str:
     if asked == "onednn" and not available:
         raise LmforgeError("LMFORGE_CPU_MATMUL=onednn: this PyTorch build has no oneDNN linear kernel")
     if asked == "auto":
-        return rule_choice(*_cpu_flags()) if available else "torch"
+        cpu = cpu_fields()
+        return rule_choice(cpu.get("vendor_id", ""), set(cpu.get("flags", "").split())) if available else "torch"
     return asked
 
 

@@ -86,6 +86,23 @@ def measured_bandwidth() -> float:
 ELEMENTWISE_SHARE = 0.22
 
 
+@cache
+def cpu_fields() -> dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo ("vendor_id", "model name", "flags", ...);
+    empty where there is no such file (macOS, Windows)."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if not line.strip():
+                    break  # the end of the first processor's block
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    return fields
+
+
 def this_machine() -> Hardware:
     """This machine's CPU as lmforge uses it: the matmul peak and read bandwidth measured now (a
     busy machine measures slower, as it would run slower), the memory the OS calls available."""

@@ -21,21 +21,14 @@ import torch
 from lmforge.errors import LmforgeError
 from lmforge.fsutil import write_text_atomic
 from lmforge.model.config import ModelConfig
+from lmforge.model.hardware import cpu_fields
 
 MEASURED_FILE = "measured.json"
 
 
 def machine_signature() -> str:
     """CPU model and thread count: figures from another machine, or other threads, don't apply."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    cpu = cpu_fields().get("model name") or platform.processor() or platform.machine()
     return f"{cpu} x {torch.get_num_threads()} threads"
 
 

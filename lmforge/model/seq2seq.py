@@ -341,17 +341,15 @@ class Seq2Seq(nn.Module):
         tgt_packing = Packing.of(target_keep(targets))
         h = self.decode_states(tgt_ids, memory, src_mask, memory_packing=src_packing, packing=tgt_packing)
         if tgt_packing is not None:
-            targets = tgt_packing.pack(targets)
-            h = h.unsqueeze(0)  # [1, N, C]: one row of the kept tokens, for the rule below
-            targets = targets.unsqueeze(0)
+            targets = tgt_packing.pack(targets)  # [N], as h is [N, C]; a -100 inside a row stays
         keep = targets != -100
-        if bool(keep.all()):
+        every = bool(keep.all())
+        if every and tgt_packing is None:  # nothing skipped: the full logits are the caller's
             logits = self.lm_head(h)
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
-                                   label_smoothing=label_smoothing)
-            return (None if tgt_packing is not None else logits), loss
-        kept = self.lm_head(h[keep])
-        return None, F.cross_entropy(kept.float(), targets[keep], label_smoothing=label_smoothing)
+            return logits, F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                                           label_smoothing=label_smoothing)
+        kept = self.lm_head(h if every else h[keep])
+        return None, F.cross_entropy(kept.float(), targets if every else targets[keep], label_smoothing=label_smoothing)
 
     # -- generation ---------------------------------------------------------------------------
     def new_cache(self, memory: torch.Tensor, src_mask: torch.Tensor | None = None,
