@@ -94,6 +94,21 @@ def test_few_row_products_match_dequantized_reference(name, rows, cols, lanes):
         assert (err <= b).all(), f"R={r}: error {err.max():.3g} above the bound at {np.unravel_index((err / b).argmax(), err.shape)}"
 
 
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("lanes", [8, 16])
+def test_a_rows_sums_do_not_depend_on_the_rows_beside_it(name, lanes):
+    """Continuous batching relies on it: a sequence decodes to the same bits alone or in a batch.
+    The calls take a different number of weight groups at each row count (4 at one row, 2 at
+    two, 1 from four) and leave some over at 5 and 7 groups; every row, every count, same bits."""
+    for out_rows in (40, 56, 64):
+        w = pack(random_blocks(name, out_rows, 96, seed=out_rows))
+        x = (np.random.default_rng(out_rows).standard_normal((8, 96)) * 3).astype(np.float32)
+        alone = np.concatenate([few_row_linear(x[i : i + 1], w, lanes) for i in range(8)])
+        for rows in range(2, 9):
+            assert np.array_equal(few_row_linear(x[:rows], w, lanes), alone[:rows]), f"{out_rows} outputs, {rows} rows"
+        assert np.array_equal(many_row_linear(np.concatenate([x, x[::-1]]), w, lanes), np.concatenate([alone, alone[::-1]]))
+
+
 def _cpu_has(mode: str) -> bool:
     import llvmlite.binding as llvm
 
