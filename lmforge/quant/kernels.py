@@ -40,9 +40,11 @@ exactly.
 Either way a row's sums do not depend on the other rows of the batch, so a prompt decodes to the
 same tokens alone or batched.
 
-Rows beyond 8 (prefill, scoring) run the same block step in calls of eight rows over tiles of
-x (`many_row_linear`): 120-138 G multiply-adds/s on two cores, where torch's BLAS on the fp32
-weights reaches 84-98 and dequantizing W first cost 1 ns a weight on top. `dequantize_columns`
+Rows beyond 8 (prefill, scoring) run the same block step in calls of eight rows (and one of the
+1-7 left) over tiles of x, each tile's groups shared between the threads (`many_row_linear`):
+120-138 G multiply-adds/s on two AVX2 cores, where torch's BLAS on the fp32 weights reaches 84-98
+and dequantizing W first cost 1 ns a weight on top; ~200 G on two Zen 5 cores with AVX-512
+(SmolLM2's 42-token prefill: 22 ms of products). `dequantize_columns`
 writes a slice of W's transpose in fp32, for the backward pass (lmforge.quant.modules).
 `rows_of` decodes embedding rows.
 
