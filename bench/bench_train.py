@@ -224,7 +224,7 @@ def main() -> None:
         if ours in result and peer in result:
             result[f"speedup_{ours}_vs_{peer}"] = round(result[peer]["ms_per_iter"] / result[ours]["ms_per_iter"], 3)
     ten_m = call.format(f"lmforge_run({shards!r}, {str(work / 'run-10m')!r}, b.TEN_M_MODEL, "
-                        "{**b.NANOGPT_TRAIN, 'max_steps': 60, 'batch_size': 8, 'block_size': 256, 'eval_every': 0, 'eval_batches': 1})")
+                        "{**b.NANOGPT_TRAIN, 'max_steps': 60, 'warmup_steps': 10, 'batch_size': 8, 'block_size': 256, 'eval_every': 0, 'eval_batches': 1})")
     r = run_measured(ten_m, env={"OMP_NUM_THREADS": "2"})
     result["mfu_10m"] = {"params": r["params"], "mfu_median": round(r["mfu_median"], 4),
                          "tokens_per_s": round(8 * 256 / r["ms_per_iter"] * 1000, 1), "peak_rss_mb": r["peak_rss_mb"]}
