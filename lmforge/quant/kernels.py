@@ -163,9 +163,9 @@ def _group_dot(typingctx, kind, rows, lanes, count, qs, d, m, x, y, g, r0):
     multiply-added into every row's sums: SUMS accumulators per row and group (the weight vectors
     alternate between them, to shorten the chains of dependent multiply-adds), added at the end;
     the same operations in the same order whatever rows and count are, so a row's result does not
-    depend on the rows beside it. With 16 lanes a vector holds elements j and j + 1 of the eight rows, as
-    row n's pair in lanes 2n, 2n + 1 (a byte shuffle of the packed layout), so that x's pair
-    broadcasts as one 64-bit load; the pair's two sums are added when the groups are done.
+    depend on the rows beside it. With 16 lanes a vector holds elements j and j + 1 of the eight
+    rows, as row n's pair in lanes 2n, 2n + 1 (a byte shuffle of the packed layout), so that x's
+    pair broadcasts as one 64-bit load; the pair's two sums are added when the groups are done.
     qs/d/m: a PackedWeight's arrays; x [rows, K] fp32; y [R, groups*8]: y[r, 8g:8(g+count)] is
     written."""
     if not all(isinstance(a, types.IntegerLiteral) for a in (kind, rows, lanes, count)):
