@@ -170,108 +170,140 @@ def _group_dot(typingctx, kind, rows, lanes, count, qs, d, m, x, y, g, r0):
     written."""
     if not all(isinstance(a, types.IntegerLiteral) for a in (kind, rows, lanes, count)):
         return None
-    K_, R, L, C = kind.literal_value, rows.literal_value, lanes.literal_value, count.literal_value
-    J = 32 if K_ == 0 else 16  # value bytes per block and row
-    step = L // GROUP  # elements of a row per vector: 1 or 2
-    vf, vi8, vi32 = _vec(_F32, L), _vec(_I8, L), _vec(_I32, L)
     sig = types.void(kind, rows, lanes, count, _U8A, _U16A, _U16A, _F32A2, _F32A2, types.int64, types.int64)
 
     def codegen(context, builder, signature, args):
-        _, _, _, _, qs_a, d_a, m_a, x_a, y_a, g, r0 = args
-        qp = _data(context, builder, _U8A, qs_a)
-        dp, mp = _data(context, builder, _U16A, d_a), _data(context, builder, _U16A, m_a)
-        xp, yp = (_data(context, builder, _F32A2, a) for a in (x_a, y_a))
-        xs = cgutils.create_struct_proxy(_F32A2)(context, builder, value=x_a)
-        ys = cgutils.create_struct_proxy(_F32A2)(context, builder, value=y_a)
-        K = cgutils.unpack_tuple(builder, xs.shape, 2)[1]
-        nb = builder.udiv(K, _i64(BLOCK))
-        n_out = cgutils.unpack_tuple(builder, ys.shape, 2)[1]
-        zero = ir.Constant(vf, [0.0] * L)
-        # acc[r][c][s]: row r's partial sums for group g + c (registers after mem2reg)
-        S = SUMS
-        acc = [[[cgutils.alloca_once_value(builder, zero) for _ in range(S)] for _ in range(C)] for _ in range(R)]
-        rows_at = [builder.mul(builder.add(r0, _i64(r)), K) for r in range(R)]
-
-        def widen(v8):
-            """Eight rows' scales in the L lanes (each row's in both of its lanes)."""
-            if L == GROUP:
-                return v8
-            return builder.shuffle_vector(v8, v8, ir.Constant(_vec(_I32, L), [i // 2 for i in range(L)]))
-
-        def broadcast(row, col):
-            """x[row, col .. col + step) over the lanes: one value in all (8 lanes), or the pair
-            repeated (16: one 64-bit broadcast load)."""
-            if step == 1:
-                return _splat(builder, builder.load(builder.gep(xp, [builder.add(row, col)])))
-            pair = _load(builder, xp, builder.add(row, col), _vec(_F32, step))
-            return builder.shuffle_vector(pair, pair, ir.Constant(_vec(_I32, L), [i % 2 for i in range(L)]))
-
-        with cgutils.for_range(builder, nb) as loop:
-            b = loop.index
-            xoff = builder.mul(b, _i64(BLOCK))
-            qoffs, scales = [], []
-            for c in range(C):
-                blk = builder.add(builder.mul(builder.add(g, _i64(c)), nb), b)
-                qoffs.append(builder.mul(blk, _i64(J * GROUP)))
-                dv = _scales(builder, dp, builder.mul(blk, _i64(GROUP)))
-                mv = (_scales(builder, mp, builder.mul(blk, _i64(GROUP))) if K_ == 2
-                      else builder.fmul(dv, ir.Constant(_V8F, [-8.0] * GROUP)) if K_ == 1 else None)
-                scales.append((widen(dv), None if mv is None else widen(mv)))
-            if R >= PREFETCH_ROWS:  # the groups' value bytes PREFETCH_BYTES ahead, one cache line at a time
-                for c in range(C):
-                    for line in range(0, J * GROUP, 64):
-                        _prefetch(builder, builder.gep(qp, [builder.add(qoffs[c], _i64(PREFETCH_BYTES + line))]))
-            for j in range(0, J, step):
-                weights = []  # per group: [(dequantized vector, element of its first lane)]
-                for c in range(C):
-                    raw = _load(builder, qp, builder.add(qoffs[c], _i64(j * GROUP)), vi8)
-                    if step == 2:  # [j of rows 0..7, j + 1 of rows 0..7] -> row n's pair in lanes 2n, 2n + 1
-                        raw = builder.shuffle_vector(raw, raw, ir.Constant(_vec(_I32, L), _PAIRS))
-                    dw, mw = scales[c]
-                    if K_ == 0:
-                        weights.append([(builder.fmul(builder.sitofp(raw, vf), dw), j)])
-                    else:  # byte j: element j in the low nibble, j + 16 in the high one
-                        v = builder.zext(raw, vi32)
-                        lo = builder.sitofp(builder.and_(v, ir.Constant(vi32, [15] * L)), vf)
-                        hi = builder.sitofp(builder.lshr(v, ir.Constant(vi32, [4] * L)), vf)
-                        weights.append([(_fma(builder, lo, dw, mw), j), (_fma(builder, hi, dw, mw), j + 16)])
-                cols = [col for _, col in weights[0]]
-
-                def add(r, c, i, bx):
-                    a = acc[r][c][(j // step * len(cols) + i) % S]
-                    builder.store(_fma(builder, weights[c][i][0], bx, builder.load(a)), a)
-
-                # Emitted in the order that keeps the fewest vectors live: x's broadcasts for all
-                # rows, then group by group (few rows), or row by row over the groups (8 rows,
-                # whose 16 broadcasts would not fit beside the sums). Each sum gets the same
-                # multiply-adds in the same order either way.
-                if R * len(cols) + R * C * S <= 24:
-                    bxs = [[broadcast(rows_at[r], builder.add(xoff, _i64(col))) for col in cols] for r in range(R)]
-                    for c in range(C):
-                        for r in range(R):
-                            for i in range(len(cols)):
-                                add(r, c, i, bxs[r][i])
-                else:
-                    for r in range(R):
-                        for i, col in enumerate(cols):
-                            bx = broadcast(rows_at[r], builder.add(xoff, _i64(col)))
-                            for c in range(C):
-                                add(r, c, i, bx)
-        for r in range(R):
-            for c in range(C):
-                total = builder.load(acc[r][c][0])
-                for a in acc[r][c][1:]:
-                    total = builder.fadd(total, builder.load(a))
-                if L != GROUP:  # row n's two sums: lanes 2n and 2n + 1
-                    even = builder.shuffle_vector(total, total, ir.Constant(_vec(_I32, GROUP), list(range(0, L, 2))))
-                    odd = builder.shuffle_vector(total, total, ir.Constant(_vec(_I32, GROUP), list(range(1, L, 2))))
-                    total = builder.fadd(even, odd)
-                col = builder.mul(builder.add(g, _i64(c)), _i64(GROUP))
-                out = builder.gep(yp, [builder.add(builder.mul(builder.add(r0, _i64(r)), n_out), col)])
-                builder.store(total, builder.bitcast(out, _V8F.as_pointer()), align=4)
+        _emit_group_dot(context, builder, kind.literal_value, rows.literal_value, lanes.literal_value,
+                        count.literal_value, args[4:])
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+@intrinsic(prefer_literal=True)
+def _group_dot_rows(typingctx, kind, lanes, rows, qs, d, m, x, y, g, r0):
+    """`_group_dot` for one group with the row count known at run time (1..8; more count as 8):
+    a switch over the eight row counts' code, for the last call of a tile."""
+    if not all(isinstance(a, types.IntegerLiteral) for a in (kind, lanes)):
+        return None
+    sig = types.void(kind, lanes, types.int64, _U8A, _U16A, _U16A, _F32A2, _F32A2, types.int64, types.int64)
+
+    def codegen(context, builder, signature, args):
+        count = args[2]
+        done = builder.append_basic_block("rows.done")
+        blocks = {n: builder.append_basic_block(f"rows.{n}") for n in range(1, ROWS + 1)}
+        switch = builder.switch(count, blocks[ROWS])
+        for n, block in blocks.items():
+            if n < ROWS:
+                switch.add_case(ir.Constant(count.type, n), block)
+            builder.position_at_end(block)
+            _emit_group_dot(context, builder, kind.literal_value, n, lanes.literal_value, 1, args[3:])
+            builder.branch(done)
+        builder.position_at_end(done)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def _emit_group_dot(context, builder, K_: int, R: int, L: int, C: int, args) -> None:
+    """`_group_dot`'s IR for format K_, R rows, L lanes and C groups; args: its arrays and indices
+    (qs, d, m, x, y, g, r0)."""
+    J = 32 if K_ == 0 else 16  # value bytes per block and row
+    step = L // GROUP  # elements of a row per vector: 1 or 2
+    vf, vi8, vi32 = _vec(_F32, L), _vec(_I8, L), _vec(_I32, L)
+    qs_a, d_a, m_a, x_a, y_a, g, r0 = args
+    qp = _data(context, builder, _U8A, qs_a)
+    dp, mp = _data(context, builder, _U16A, d_a), _data(context, builder, _U16A, m_a)
+    xp, yp = (_data(context, builder, _F32A2, a) for a in (x_a, y_a))
+    xs = cgutils.create_struct_proxy(_F32A2)(context, builder, value=x_a)
+    ys = cgutils.create_struct_proxy(_F32A2)(context, builder, value=y_a)
+    K = cgutils.unpack_tuple(builder, xs.shape, 2)[1]
+    nb = builder.udiv(K, _i64(BLOCK))
+    n_out = cgutils.unpack_tuple(builder, ys.shape, 2)[1]
+    zero = ir.Constant(vf, [0.0] * L)
+    # acc[r][c][s]: row r's partial sums for group g + c (registers after mem2reg)
+    S = SUMS
+    acc = [[[cgutils.alloca_once_value(builder, zero) for _ in range(S)] for _ in range(C)] for _ in range(R)]
+    rows_at = [builder.mul(builder.add(r0, _i64(r)), K) for r in range(R)]
+
+    def widen(v8):
+        """Eight rows' scales in the L lanes (each row's in both of its lanes)."""
+        if L == GROUP:
+            return v8
+        return builder.shuffle_vector(v8, v8, ir.Constant(_vec(_I32, L), [i // 2 for i in range(L)]))
+
+    def broadcast(row, col):
+        """x[row, col .. col + step) over the lanes: one value in all (8 lanes), or the pair
+        repeated (16: one 64-bit broadcast load)."""
+        if step == 1:
+            return _splat(builder, builder.load(builder.gep(xp, [builder.add(row, col)])))
+        pair = _load(builder, xp, builder.add(row, col), _vec(_F32, step))
+        return builder.shuffle_vector(pair, pair, ir.Constant(_vec(_I32, L), [i % 2 for i in range(L)]))
+
+    with cgutils.for_range(builder, nb) as loop:
+        b = loop.index
+        xoff = builder.mul(b, _i64(BLOCK))
+        qoffs, scales = [], []
+        for c in range(C):
+            blk = builder.add(builder.mul(builder.add(g, _i64(c)), nb), b)
+            qoffs.append(builder.mul(blk, _i64(J * GROUP)))
+            dv = _scales(builder, dp, builder.mul(blk, _i64(GROUP)))
+            mv = (_scales(builder, mp, builder.mul(blk, _i64(GROUP))) if K_ == 2
+                  else builder.fmul(dv, ir.Constant(_V8F, [-8.0] * GROUP)) if K_ == 1 else None)
+            scales.append((widen(dv), None if mv is None else widen(mv)))
+        if R >= PREFETCH_ROWS:  # the groups' value bytes PREFETCH_BYTES ahead, one cache line at a time
+            for c in range(C):
+                for line in range(0, J * GROUP, 64):
+                    _prefetch(builder, builder.gep(qp, [builder.add(qoffs[c], _i64(PREFETCH_BYTES + line))]))
+        for j in range(0, J, step):
+            weights = []  # per group: [(dequantized vector, element of its first lane)]
+            for c in range(C):
+                raw = _load(builder, qp, builder.add(qoffs[c], _i64(j * GROUP)), vi8)
+                if step == 2:  # [j of rows 0..7, j + 1 of rows 0..7] -> row n's pair in lanes 2n, 2n + 1
+                    raw = builder.shuffle_vector(raw, raw, ir.Constant(_vec(_I32, L), _PAIRS))
+                dw, mw = scales[c]
+                if K_ == 0:
+                    weights.append([(builder.fmul(builder.sitofp(raw, vf), dw), j)])
+                else:  # byte j: element j in the low nibble, j + 16 in the high one
+                    v = builder.zext(raw, vi32)
+                    lo = builder.sitofp(builder.and_(v, ir.Constant(vi32, [15] * L)), vf)
+                    hi = builder.sitofp(builder.lshr(v, ir.Constant(vi32, [4] * L)), vf)
+                    weights.append([(_fma(builder, lo, dw, mw), j), (_fma(builder, hi, dw, mw), j + 16)])
+            cols = [col for _, col in weights[0]]
+
+            def add(r, c, i, bx):
+                a = acc[r][c][(j // step * len(cols) + i) % S]
+                builder.store(_fma(builder, weights[c][i][0], bx, builder.load(a)), a)
+
+            # Emitted in the order that keeps the fewest vectors live: x's broadcasts for all
+            # rows, then group by group (few rows), or row by row over the groups (8 rows,
+            # whose 16 broadcasts would not fit beside the sums). Each sum gets the same
+            # multiply-adds in the same order either way. (Row by row at 1-4 rows too: SmolLM2's
+            # products 2.97-3.03 vs 2.80-2.87 ms at 1 row, 3.38-3.78 vs 3.27-3.54 at 4.)
+            if R * len(cols) + R * C * S <= 24:
+                bxs = [[broadcast(rows_at[r], builder.add(xoff, _i64(col))) for col in cols] for r in range(R)]
+                for c in range(C):
+                    for r in range(R):
+                        for i in range(len(cols)):
+                            add(r, c, i, bxs[r][i])
+            else:
+                for r in range(R):
+                    for i, col in enumerate(cols):
+                        bx = broadcast(rows_at[r], builder.add(xoff, _i64(col)))
+                        for c in range(C):
+                            add(r, c, i, bx)
+    for r in range(R):
+        for c in range(C):
+            total = builder.load(acc[r][c][0])
+            for a in acc[r][c][1:]:
+                total = builder.fadd(total, builder.load(a))
+            if L != GROUP:  # row n's two sums: lanes 2n and 2n + 1
+                even = builder.shuffle_vector(total, total, ir.Constant(_vec(_I32, GROUP), list(range(0, L, 2))))
+                odd = builder.shuffle_vector(total, total, ir.Constant(_vec(_I32, GROUP), list(range(1, L, 2))))
+                total = builder.fadd(even, odd)
+            col = builder.mul(builder.add(g, _i64(c)), _i64(GROUP))
+            out = builder.gep(yp, [builder.add(builder.mul(builder.add(r0, _i64(r)), n_out), col)])
+            builder.store(total, builder.bitcast(out, _V8F.as_pointer()), align=4)
 
 
 _VNNI_CPUS = {"cascadelake", "cooperlake", "icelake-client", "icelake-server", "tigerlake", "rocketlake",
@@ -583,23 +615,8 @@ def _make_many(kind: int, lanes: int):
             end = min(rows, t + TILE)
             for g in prange(groups):
                 for r in range(t, end, 8):
-                    left = end - r  # one group a call, as the few-row kernels (the same sums)
-                    if left >= 8:
-                        _group_dot(kind, 8, lanes, 1, qs, d, m, x, y, g, r)
-                    elif left == 7:
-                        _group_dot(kind, 7, lanes, 1, qs, d, m, x, y, g, r)
-                    elif left == 6:
-                        _group_dot(kind, 6, lanes, 1, qs, d, m, x, y, g, r)
-                    elif left == 5:
-                        _group_dot(kind, 5, lanes, 1, qs, d, m, x, y, g, r)
-                    elif left == 4:
-                        _group_dot(kind, 4, lanes, 1, qs, d, m, x, y, g, r)
-                    elif left == 3:
-                        _group_dot(kind, 3, lanes, 1, qs, d, m, x, y, g, r)
-                    elif left == 2:
-                        _group_dot(kind, 2, lanes, 1, qs, d, m, x, y, g, r)
-                    else:
-                        _group_dot(kind, 1, lanes, 1, qs, d, m, x, y, g, r)
+                    # one group a call, as the few-row kernels (the same sums); 1-7 rows at the end
+                    _group_dot_rows(kind, lanes, min(8, end - r), qs, d, m, x, y, g, r)
 
     return kernel
 
