@@ -765,6 +765,7 @@ def serve(
     max_prompt_chars: Annotated[int, typer.Option(help="Characters of prompt text in one request.")] = 200_000,
     max_body_bytes: Annotated[int, typer.Option(help="Request body size; larger is answered 413.")] = 2 << 20,
     prefill_chunk: Annotated[int, typer.Option(help="Prompt tokens prefilled per step beside the running batch (longer prompts go in pieces).")] = 512,
+    prefix_reuse: Annotated[bool, typer.Option("--prefix-reuse/--no-prefix-reuse", help="Let a prompt continue a finished request's cached prefix (a shared system prompt, the earlier turns of a chat) instead of prefilling it again. The replies are the same bits either way.")] = True,
     cors_origin: Annotated[Optional[list[str]], typer.Option("--cors-origin", help="A browser origin allowed to call the API (repeat the flag).", show_default=False)] = None,
     served_model_name: Annotated[Optional[str], typer.Option(help="The model id clients send and /v1/models lists (default: MODEL).", show_default=False)] = None,
     drain_seconds: Annotated[float, typer.Option(help="On Ctrl-C: how long in-flight requests may take to finish.")] = 30.0,
@@ -790,7 +791,7 @@ def serve(
                            max_batch=max_batch, max_queue=max_queue, max_model_len=max_model_len,
                            max_tokens_limit=max_tokens_limit, max_n=max_n, max_messages=max_messages,
                            max_prompt_chars=max_prompt_chars, max_body_bytes=max_body_bytes, prefill_chunk=prefill_chunk,
-                           cors_origins=list(cors_origin or []), drain_seconds=drain_seconds,
+                           prefix_reuse=prefix_reuse, cors_origins=list(cors_origin or []), drain_seconds=drain_seconds,
                            int8_activations=int8_activations, stream_interval_ms=stream_interval,
                            log_level=log_level))
 

@@ -10,6 +10,7 @@ import pytest
 from lmforge.generate.batcher import ContinuousBatcher
 from lmforge.generate.engine import Engine
 from lmforge.generate.sampling import SamplingParams
+from lmforge.quant.kernels import INT8
 
 
 @pytest.fixture(scope="module")
@@ -167,3 +168,65 @@ def test_a_server_sized_cache_takes_memory_only_for_the_tokens_it_holds():
     cache.v[:, :, :, :100] = 1.0
     assert float(cache.k[0, 31, 0, 99, 0]) == 1.0 and float(cache.k[0, 31, 0, 100, 0]) == 0.0
     assert _rss_bytes() - before < cache_bytes / 8
+
+
+def _finish(batcher: ContinuousBatcher, prompt: list[int], params: SamplingParams) -> list[int]:
+    rid = batcher.submit(prompt, params)
+    ids = []
+    while batcher.busy:
+        ids += [e.token_id for e in batcher.step() if e.request_id == rid and e.token_id is not None]
+    return ids
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_a_prompt_continues_the_prefix_a_finished_request_left_in_its_slot(quantized, reuse):
+    """A request that repeats a finished one's prompt (a shared system prompt) or continues its
+    conversation (prompt + reply + a new turn) prefills only the rest, in the slot holding the
+    longest shared prefix, and still gets exactly the text it gets alone."""
+    engine = Engine(quantized.model, quantized.tokenizer)
+    params = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True)
+    system = engine.encode("# A helpful assistant.\n")
+    first, other = system + engine.encode("def main():"), engine.encode("while True:")
+    batcher = ContinuousBatcher(engine, max_batch=2, reuse_prefix=reuse)
+    prefilled = []
+    real_prefill = batcher._prefill
+    batcher._prefill = lambda seq, n: (prefilled.append(n), real_prefill(seq, n))[1]
+    reply = _finish(batcher, first, params)
+    # Nothing shared: the empty slot, so that the first request's cache stays for later.
+    assert _finish(batcher, other, params) == engine.generate_ids([other], params)[0].ids
+    if reuse:
+        assert batcher.held[0][: len(first)] == first and batcher.held[1][: len(other)] == other
+    # A request continuing `other` takes slot 1 though slot 0 is free too.
+    rid = batcher.submit(other + engine.encode(" pass"), params)
+    batcher.step()
+    assert [seq.slot for seq in batcher.active.values()] == [1 if reuse else 0]
+    batcher.cancel(rid)
+    while batcher.busy:
+        batcher.step()
+    # The conversation goes on: the whole first request is in the cache but its last token
+    # (never fed back to the model).
+    turn = first + reply + engine.encode("\n# again:\n")
+    prefilled.clear()
+    before = batcher.reused_tokens
+    got = _finish(batcher, turn, params)
+    assert got == engine.generate_ids([turn], params)[0].ids
+    shared = len(first) + len(reply) - 1
+    assert prefilled == ([len(turn) - shared] if reuse else [len(turn)])
+    assert batcher.reused_tokens - before == (shared if reuse else 0)
+    # The same prompt again: all of it shared but the last token, which gives the first logits.
+    prefilled.clear()
+    assert _finish(batcher, turn, params) == got and prefilled == ([1] if reuse else [len(turn)])
+
+
+@pytest.mark.skipif(INT8 is None, reason="int8 activations need AVX2 or AVX-512 VNNI")
+def test_with_int8_activations_only_prefilled_tokens_are_reused(quantized):
+    """int8 decode steps write other bits than the prefill: a reply is never reused, a prompt is."""
+    engine = Engine(quantized.model, quantized.tokenizer, int8_activations=True)
+    params = SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True)
+    prompt = engine.encode("def main():")
+    batcher = ContinuousBatcher(engine, max_batch=1)
+    reply = _finish(batcher, prompt, params)
+    assert batcher.held[0] == prompt
+    turn = prompt + reply + engine.encode(" x")
+    assert _finish(batcher, turn, params) == engine.generate_ids([turn], params)[0].ids
+    assert batcher.reused_tokens == len(prompt)

@@ -10,8 +10,9 @@ from safetensors.numpy import load_file
 
 from conftest import random_model
 from test_numpy_decode import CONFIGS as DECODE_CONFIGS
+from lmforge.errors import LmforgeError
 from lmforge.generate.engine import Engine
-from lmforge.generate.numpy_decode import NumpyDecoder
+from lmforge.generate.numpy_decode import PREFILL_TOKENS, NumpyDecoder
 from lmforge.model.gpt import Linear
 from lmforge.model.io import load_model_dir, model_state_dict, save_model_dir, write_model_files
 from lmforge.quant.kernels import INT8
@@ -108,7 +109,6 @@ def test_int8_activation_steps_are_close_and_do_not_depend_on_the_batch(dirs, na
 
 
 def test_int8_activations_are_refused_where_they_do_not_apply(dirs, tiny_model_dir):
-    from lmforge.errors import LmforgeError
     from lmforge.tokenizer import Tokenizer
 
     f, _ = load_model_dir(dirs[("llama-gqa", "q8_0")], dequantize=True)
@@ -207,3 +207,49 @@ def test_rows_at_their_own_lengths_decode_as_each_sequence_alone(dirs, name):
                 assert torch.equal(got[r], decoder.step(tok[r : r + 1], c)[0])
             lengths += 1
             tok = got[:, -1].argmax(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("name, fmt", CASES)
+def test_numpy_prefill_matches_the_model_and_does_not_depend_on_its_pieces(dirs, name, fmt):
+    """The decoder's prefill gives the dequantized model's logits and cache; a prompt prefilled in
+    pieces, or decoded token by token, leaves the same bits in the cache as prefilled whole (what
+    the serving batcher's prefix reuse rests on)."""
+    q, _ = load_model_dir(dirs[(name, fmt)])
+    f, _ = load_model_dir(dirs[(name, fmt)], dequantize=True)
+    torch.manual_seed(4)
+    prompt = torch.randint(0, 300, (1, 13)).tolist()[0]  # 13 rows: 8 + 5 in the many-row kernel
+    decoder = NumpyDecoder(q)
+    assert decoder.prefills(13) and not decoder.prefills(PREFILL_TOKENS + 1)
+    with torch.inference_mode():
+        fc, whole = f.new_cache(1, 24), q.new_cache(1, 24)
+        want, _ = f(torch.tensor([prompt]), cache=fc, logits_to_keep=1)
+        got = decoder.prefill(prompt, whole)
+        assert whole.pos == 13
+        torch.testing.assert_close(got, want[0, -1], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(whole.k[:, :, :, :13], fc.k[:, :, :, :13], atol=1e-4, rtol=1e-4)
+        pieces = q.new_cache(1, 24)
+        for a, b in ((0, 1), (1, 9), (9, 13)):
+            last = decoder.prefill(prompt[a:b], pieces)
+        assert torch.equal(last, got)
+        stepped = q.new_cache(1, 24)
+        decoder.prefill(prompt[:4], stepped)
+        for t in prompt[4:]:
+            step_logits = decoder.step(torch.tensor([[t]]), stepped)
+        assert torch.equal(step_logits[0, -1], got)
+        for c in (pieces, stepped):
+            assert torch.equal(c.k[:, :, :, :13], whole.k[:, :, :, :13]) and torch.equal(c.v[:, :, :, :13], whole.v[:, :, :, :13])
+
+
+def test_numpy_prefill_refuses_what_it_does_not_compute(dirs):
+    q, _ = load_model_dir(dirs[("llama-gqa", "q4_1")])
+    f, _ = load_model_dir(dirs[("llama-gqa", "q4_1")], dequantize=True)
+    assert not NumpyDecoder(f).prefills(4)  # fp32 products: torch's BLAS prefills those
+    with pytest.raises(LmforgeError, match="fp32 products"):
+        NumpyDecoder(f).prefill([1, 2, 3], f.new_cache(1, 8))
+    decoder = NumpyDecoder(q)
+    with pytest.raises(LmforgeError, match=f"up to {PREFILL_TOKENS} tokens"):
+        decoder.prefill(list(range(PREFILL_TOKENS + 1)), q.new_cache(1, PREFILL_TOKENS + 2))
+    with pytest.raises(LmforgeError, match="one-row cache"):
+        decoder.prefill([1, 2], q.new_cache(2, 8))
+    with pytest.raises(LmforgeError, match="KV cache full"):
+        decoder.prefill([1, 2, 3], q.new_cache(1, 2))

@@ -8,6 +8,13 @@ row's logits are the same bits as its sequence decoded alone — so a request's 
 depend on who else is being served. Models the numpy decoder does not run (LoRA layers, GPUs)
 decode row by row in torch on the same slots.
 
+Prefix reuse: a slot's cache keeps what its last request wrote after the request ends, and a
+newcomer takes the free slot whose kept tokens share the longest prefix with its prompt (a chat's
+system prompt, or the whole earlier conversation), prefilling only the rest. This holds where
+the numpy decoder prefills the prompt (a quantized model's prompt of up to
+`numpy_decode.PREFILL_TOKENS` tokens): there every position's keys and values are the same bits
+however the prompt was split, so the reply is still the one `Engine.generate_ids` gives.
+
 Tokens are picked by the Engine's own `_pick` and text is held back by the same rule as
 `Engine.stream_ids` (`_safe_end`), so stopping and sampling behave as everywhere else.
 """
@@ -58,7 +65,8 @@ class ContinuousBatcher:
     same bits as `Engine.generate_ids` computes); a longer one in pieces of `prefill_chunk`.
     """
 
-    def __init__(self, engine: Engine, max_batch: int = 8, max_len: int | None = None, prefill_chunk: int = 512):
+    def __init__(self, engine: Engine, max_batch: int = 8, max_len: int | None = None, prefill_chunk: int = 512,
+                 reuse_prefix: bool = True):
         engine._decoder_only("continuous batching (serve)")
         if max_batch < 1:
             raise LmforgeError(f"max_batch must be >= 1, got {max_batch}")
@@ -79,6 +87,11 @@ class ContinuousBatcher:
         self._ids = itertools.count()
         self._decoder = None
         self._decoder_checked = False
+        self.reuse_prefix = reuse_prefix
+        # Per slot, the tokens whose keys/values its cache row holds at positions [0, len): kept
+        # after its request ends, for the next one with the same prefix.
+        self.held: list[list[int]] = [[] for _ in range(max_batch)]
+        self.reused_tokens = 0  # prompt tokens not prefilled thanks to a kept prefix, all requests
 
     # -- requests ------------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams, logprobs: int | None = None) -> int:
@@ -145,6 +158,8 @@ class ContinuousBatcher:
                 budget -= piece
                 if seq.slot < 0:
                     self._take_slot(self.waiting.pop(0))
+                    left = len(seq.prompt_ids) - seq.prefilled  # less after a reused prefix
+                    piece = min(piece, left)
                 logits = self._prefill(seq, piece)
                 if seq.prefilled < len(seq.prompt_ids):
                     if seq not in self.prefilling:
@@ -157,7 +172,19 @@ class ContinuousBatcher:
 
     def _take_slot(self, seq: _Sequence) -> None:
         engine, p = self.engine, seq.params
-        seq.slot = self.free.pop(0)
+        shared = [0] * len(self.free)
+        best = 0  # the lowest free slot
+        if self.reuse_prefix and self._numpy_prefill(seq):
+            shared = [_shared_prefix(self.held[slot], seq.prompt_ids) for slot in self.free]
+            # The longest shared prefix; on ties the slot holding the fewest tokens (the others'
+            # may serve a later request), then the lowest.
+            best = max(range(len(self.free)), key=lambda i: (shared[i], -len(self.held[self.free[i]]), -i))
+        seq.slot = self.free.pop(best)
+        # At least the last prompt token is prefilled: its logits give the first token.
+        seq.prefilled = min(shared[best], len(seq.prompt_ids) - 1)
+        self.reused_tokens += seq.prefilled
+        self.held[seq.slot] = seq.prompt_ids[: seq.prefilled]
+        self.lengths[seq.slot] = seq.prefilled
         self.active[seq.slot] = seq
         device = engine.device
         seq.generator = torch.Generator(device=device).manual_seed(p.seed) if p.seed is not None else None
@@ -169,16 +196,26 @@ class ContinuousBatcher:
         if p.counts_tokens:
             seq.counts = torch.zeros((1, engine.config.vocab_size), dtype=torch.float32, device=device)
 
+    def _numpy_prefill(self, seq: _Sequence) -> bool:
+        """Whether seq's prompt is prefilled by the numpy decoder: by the same rule as
+        `Engine.generate_ids`, so that its cache holds the same bits."""
+        decoder = self._numpy_decoder()
+        return decoder is not None and decoder.prefills(len(seq.prompt_ids))
+
     def _prefill(self, seq: _Sequence, n: int) -> torch.Tensor:
         """Run the next n prompt tokens of seq into its slot; the last position's logits [vocab]."""
         view = self.cache.rows(seq.slot, seq.slot + 1)
         view.pos = seq.prefilled
-        ids = torch.tensor([seq.prompt_ids[seq.prefilled : seq.prefilled + n]], dtype=torch.long,
-                           device=self.engine.device)
-        logits, _ = self.model(ids, cache=view, logits_to_keep=1)
+        piece = seq.prompt_ids[seq.prefilled : seq.prefilled + n]
+        if self._numpy_prefill(seq):
+            logits = self._numpy_decoder().prefill(piece, view)
+        else:
+            ids = torch.tensor([piece], dtype=torch.long, device=self.engine.device)
+            logits = self.model(ids, cache=view, logits_to_keep=1)[0][0, -1]
         seq.prefilled += n
+        self.held[seq.slot] = seq.prompt_ids[: seq.prefilled]
         self.lengths[seq.slot] = seq.prefilled
-        return logits[0, -1]
+        return logits
 
     def _decode(self, slots: list[int]) -> torch.Tensor:
         """Logits [len(slots), vocab] for the tokens waiting in `slots` (sorted), each at its own
@@ -204,7 +241,11 @@ class ContinuousBatcher:
                     token = torch.tensor([[self.next_token[s]]], dtype=torch.long, device=self.engine.device)
                     rows.append(self.model(token, cache=view, logits_to_keep=1)[0])
                 out = torch.cat(rows)
+        # Keys/values a decode step wrote are prefill's bits too, except with int8 activations.
+        keep = decoder is not None and not decoder.int8
         for s in slots:
+            if keep:
+                self.held[s].append(self.next_token[s])
             self.lengths[s] += 1
         return out[:, -1]
 
@@ -266,6 +307,18 @@ class ContinuousBatcher:
         if seq in self.prefilling:
             self.prefilling.remove(seq)
         self.next_token.pop(slot, None)
-        self.lengths[slot] = 0
+        # The kept tokens stay; a dummy token decoded in this row while it is free (see _decode)
+        # is written past them. A full row keeps one position less, for that write.
+        del self.held[slot][self.max_len - 1 if self.reuse_prefix else 0 :]
+        self.lengths[slot] = len(self.held[slot])
         self.free.append(slot)
         self.free.sort()
+
+
+def _shared_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens a and b share."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n

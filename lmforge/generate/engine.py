@@ -386,8 +386,12 @@ class Engine:
         alive = torch.ones(B, dtype=torch.bool, device=device)
         cache = self._cache_for(B, b.total)
         longest = b.ids.shape[1]
-        logits, _ = self.model(b.ids, positions=b.positions, cache=cache, logits_to_keep=1,
-                               attn_mask=None if b.key_mask is None else b.key_mask[:, :longest])
+        if B == 1 and b.key_mask is None and decoder is not None and decoder.prefills(longest):
+            # A quantized model's short prompt: the decoder's prefill, as the serving batcher's
+            logits = decoder.prefill(b.ids[0].tolist(), cache)[None, None]
+        else:
+            logits, _ = self.model(b.ids, positions=b.positions, cache=cache, logits_to_keep=1,
+                                   attn_mask=None if b.key_mask is None else b.key_mask[:, :longest])
         for step in range(params.max_new_tokens):
             history = None if b.history is None else b.history[:, : longest + step]
             nxt = self._pick(logits[:, -1, :], params, step, generator, b.seen, banned, b.counts, history, b.start)

@@ -163,13 +163,44 @@ def _exp_nonpositive(x):
     return value if x >= np.float32(-87.0) else np.float32(0.0)
 
 
+@njit(inline="always", fastmath=_FAST)
+def _rotate(src, dst, c, sn, use_rope, dim, half):
+    """dst = src rotated by RoPE (cos row c, signed sin row sn), or copied without RoPE."""
+    if use_rope:
+        for d in range(dim):
+            other = d + half if d < half else d - half
+            dst[d] = src[d] * c[d] + src[other] * sn[d]
+    else:
+        for d in range(dim):
+            dst[d] = src[d]
+
+
+@njit(inline="always", fastmath=_FAST)
+def _write_kv(qkv, b, kv, heads, kv_heads, c, sn, use_rope, keys, values, cache_row, start):
+    """Query row b's key (rotated) and value of kv head kv, into its cache row at `start`."""
+    dim = qkv.shape[2]
+    _rotate(qkv[b, heads + kv], keys[cache_row, kv, start], c, sn, use_rope, dim, dim // 2)
+    vsrc = qkv[b, heads + kv_heads + kv]
+    vdst = values[cache_row, kv, start]
+    for d in range(dim):
+        vdst[d] = vsrc[d]
+
+
 @njit(parallel=True, fastmath=_FAST, cache=True)
-def _attend(qkv, pos, cos, sin, use_rope, keys, values, starts, bias, use_bias, scale, out):
+def _attend(qkv, pos, cos, sin, use_rope, keys, values, cache_rows, starts, bias, use_bias, scale, write_first, out):
     batch, width, dim = qkv.shape
     kv_heads = keys.shape[1]
     heads = width - 2 * kv_heads
     group = heads // kv_heads
     half = dim // 2
+    if write_first:
+        # Several query rows of one sequence (a prefill): every key and value is in the cache
+        # before any row attends over them; the same arithmetic per row as the fused write below.
+        for unit in prange(batch * kv_heads):
+            b = unit // kv_heads
+            kv = unit - b * kv_heads
+            row = pos[b] if use_rope else 0
+            _write_kv(qkv, b, kv, heads, kv_heads, cos[row], sin[row], use_rope, keys, values, cache_rows[b], starts[b])
     # One unit of work per (row, kv head): RoPE on its query heads and its key, the cache write,
     # then attention for the query heads that share the key/value rows (read once for all).
     for unit in prange(batch * kv_heads):
@@ -177,26 +208,17 @@ def _attend(qkv, pos, cos, sin, use_rope, keys, values, starts, bias, use_bias, 
         kv = unit - b * kv_heads
         start = starts[b]  # this row's cached positions: the new key goes there
         length = start + 1
+        cache_row = cache_rows[b]
         q = np.empty((group, dim), dtype=np.float32)
         row = pos[b] if use_rope else 0  # without RoPE the tables are a placeholder
         c = cos[row]
         sn = sin[row]
-        for gi in range(group + 1):
-            src = qkv[b, kv * group + gi] if gi < group else qkv[b, heads + kv]
-            dst = q[gi] if gi < group else keys[b, kv, start]
-            if use_rope:
-                for d in range(dim):
-                    other = d + half if d < half else d - half
-                    dst[d] = src[d] * c[d] + src[other] * sn[d]
-            else:
-                for d in range(dim):
-                    dst[d] = src[d]
-        vsrc = qkv[b, heads + kv_heads + kv]
-        vdst = values[b, kv, start]
-        for d in range(dim):
-            vdst[d] = vsrc[d]
-        kb = keys[b, kv]
-        vb = values[b, kv]
+        for gi in range(group):
+            _rotate(qkv[b, kv * group + gi], q[gi], c, sn, use_rope, dim, half)
+        if not write_first:
+            _write_kv(qkv, b, kv, heads, kv_heads, c, sn, use_rope, keys, values, cache_row, start)
+        kb = keys[cache_row, kv]
+        vb = values[cache_row, kv]
         scores = np.empty((group, length), dtype=np.float32)
         for s in range(length):
             for gi in range(group):
@@ -243,7 +265,7 @@ _EMPTY2 = np.zeros((1, 1), dtype=np.float32)
 
 def decode_attention(qkv: np.ndarray, pos: np.ndarray, rope: tuple[np.ndarray, np.ndarray] | None,
                      keys: np.ndarray, values: np.ndarray, start: "int | np.ndarray", bias: np.ndarray | None,
-                     scale: float) -> np.ndarray:
+                     scale: float, cache_rows: np.ndarray | None = None) -> np.ndarray:
     """One decode step of a layer's attention for one new token per row.
 
     qkv [B, H + 2*Hkv, D]: the fused projection's output. q and k are rotated (RoPE tables
@@ -253,14 +275,20 @@ def decode_attention(qkv: np.ndarray, pos: np.ndarray, rope: tuple[np.ndarray, n
     own (a cache whose rows hold prompts of different lengths, side by side from position 0).
     keys, values [B, Hkv, max_len, D] (a layer of the KVCache; query head h
     reads kv head h // (H / Hkv)); bias [B, start + 1] additive (-inf = masked) or None.
+    cache_rows: int64 [B], the cache row each query row writes and reads (default: row b's own).
+    Given, several query rows may be tokens of one sequence (a prefill; start: each token's
+    position), and every key and value is written before any row attends. A query row's output
+    is the same bits either way, whatever rows are beside it.
     Returns [B, H*D]."""
     batch, width, dim = qkv.shape
     heads = width - 2 * keys.shape[1]
     out = np.empty((batch, heads * dim), dtype=np.float32)
     cos, sin = rope if rope is not None else (_EMPTY2, _EMPTY2)
     starts = np.full(batch, start, np.int64) if np.isscalar(start) else np.ascontiguousarray(start, dtype=np.int64)
-    _attend(np.ascontiguousarray(qkv), pos, cos, sin, rope is not None, keys, values, starts,
-            _EMPTY2 if bias is None else bias, bias is not None, np.float32(scale), out)
+    shared = cache_rows is not None
+    rows = np.ascontiguousarray(cache_rows, dtype=np.int64) if shared else np.arange(batch, dtype=np.int64)
+    _attend(np.ascontiguousarray(qkv), pos, cos, sin, rope is not None, keys, values, rows, starts,
+            _EMPTY2 if bias is None else bias, bias is not None, np.float32(scale), shared, out)
     return out
 
 

@@ -32,7 +32,8 @@ def run_server(config: ServeConfig, notify=lambda text: print(text, file=sys.std
     engine = Engine(loaded.model, loaded.tokenizer, stop_token_ids=loaded.generation.get("stop_token_ids", ()),
                     int8_activations=config.int8_activations)
     max_len = context_served(config, loaded.model.config.block_size)
-    worker = GenerationWorker(engine, max_batch=config.max_batch, max_len=max_len, prefill_chunk=config.prefill_chunk)
+    worker = GenerationWorker(engine, max_batch=config.max_batch, max_len=max_len, prefill_chunk=config.prefill_chunk,
+                              reuse_prefix=config.prefix_reuse)
     worker.warm_up()
     tok = loaded.tokenizer
     spec = HttpSpec(config, tok.hf.to_str().encode("utf-8"), tok.config, dict(loaded.generation),

@@ -72,7 +72,8 @@ def build_server(config: ServeConfig, loaded) -> Server:
     engine = Engine(loaded.model, loaded.tokenizer, stop_token_ids=loaded.generation.get("stop_token_ids", ()),
                     int8_activations=config.int8_activations)
     max_len = context_served(config, loaded.model.config.block_size)
-    worker = GenerationWorker(engine, max_batch=config.max_batch, max_len=max_len, prefill_chunk=config.prefill_chunk)
+    worker = GenerationWorker(engine, max_batch=config.max_batch, max_len=max_len, prefill_chunk=config.prefill_chunk,
+                              reuse_prefix=config.prefix_reuse)
     metrics, inbox = ServeMetrics(), QueueInbox()
     link = ThreadLink(inbox, metrics, Admission(config.max_batch, config.max_queue))
     threads = []

@@ -25,6 +25,7 @@ class ServeConfig:
     max_prompt_chars: int = 200_000  # characters of prompt text in one request
     max_body_bytes: int = 2 << 20  # request body size; larger is answered 413
     prefill_chunk: int = 512  # prompt tokens prefilled per step beside the running decode batch
+    prefix_reuse: bool = True  # a newcomer's prompt continues a finished request's cached prefix (batcher)
     cors_origins: list[str] = field(default_factory=list)  # browser origins allowed to call the API
     drain_seconds: float = 30.0  # on Ctrl-C: how long in-flight requests may take to finish
     int8_activations: bool = False  # quantized models: llama.cpp's int8 products (faster batches)

@@ -50,10 +50,11 @@ class QueueInbox:
 
 
 class GenerationWorker:
-    def __init__(self, engine: Engine, *, max_batch: int, max_len: int, prefill_chunk: int):
+    def __init__(self, engine: Engine, *, max_batch: int, max_len: int, prefill_chunk: int, reuse_prefix: bool = True):
         self.engine = engine
         self.max_batch, self.max_len, self.prefill_chunk = max_batch, max_len, prefill_chunk
-        self.batcher = ContinuousBatcher(engine, max_batch=max_batch, max_len=max_len, prefill_chunk=prefill_chunk)
+        self.reuse_prefix = reuse_prefix
+        self.batcher = self._new_batcher()
         self._owner: dict[int, tuple[int, int]] = {}  # batcher request id -> (request key, sequence index)
         self._requests: dict[int, list[int]] = {}  # request key -> its batcher request ids not finished
         self._stopped = False
@@ -141,8 +142,11 @@ class GenerationWorker:
             outbox.send(key, -1, Failure(500, f"generation failed: {error}"))
         self._owner.clear()
         self._requests.clear()
-        self.batcher = ContinuousBatcher(self.engine, max_batch=self.max_batch, max_len=self.max_len,
-                                         prefill_chunk=self.prefill_chunk)
+        self.batcher = self._new_batcher()
+
+    def _new_batcher(self) -> ContinuousBatcher:
+        return ContinuousBatcher(self.engine, max_batch=self.max_batch, max_len=self.max_len,
+                                 prefill_chunk=self.prefill_chunk, reuse_prefix=self.reuse_prefix)
 
 
 def start_thread(worker: GenerationWorker, inbox: QueueInbox, outbox: Outbox) -> threading.Thread:
