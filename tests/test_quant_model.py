@@ -253,3 +253,33 @@ def test_numpy_prefill_refuses_what_it_does_not_compute(dirs):
         decoder.prefill([1, 2], q.new_cache(2, 8))
     with pytest.raises(LmforgeError, match="KV cache full"):
         decoder.prefill([1, 2, 3], q.new_cache(1, 2))
+
+
+def test_a_step_on_some_rows_of_a_cache_leaves_the_others_alone(dirs):
+    """The batcher's busy slots, wherever they are: rows=[3, 0, 2] of a 4-row cache decode as
+    each sequence alone, and row 1 (a free slot holding a finished request's prefix) is untouched."""
+    q, _ = load_model_dir(dirs[("llama-gqa", "q4_1")])
+    torch.manual_seed(5)
+    prompts = [torch.randint(0, 300, (1, n)) for n in (4, 6, 3)]
+    decoder = NumpyDecoder(q)
+    with torch.inference_mode():
+        shared = q.new_cache(4, 16)
+        q(torch.randint(0, 300, (1, 5)), cache=shared.rows(1, 2))
+        kept = shared.k[:, 1].clone(), shared.v[:, 1].clone()
+        rows = np.array([3, 0, 2], np.int64)
+        alone = [q.new_cache(1, 16) for _ in prompts]
+        for r, p, c in zip(rows, prompts, alone):
+            q(p, cache=shared.rows(int(r), int(r) + 1))
+            q(p, cache=c)
+        lengths = np.array([p.shape[1] for p in prompts], np.int64)
+        tok = torch.tensor([[11], [12], [13]])
+        for _ in range(3):
+            got = decoder.step(tok, shared, lengths=lengths, rows=rows)
+            for i, c in enumerate(alone):
+                assert torch.equal(got[i], decoder.step(tok[i : i + 1], c)[0])
+            lengths += 1
+            tok = got[:, -1].argmax(-1, keepdim=True)
+        assert torch.equal(shared.k[:, 1], kept[0]) and torch.equal(shared.v[:, 1], kept[1])
+        for bad in (np.array([3, 3, 2]), np.array([0, 1, 4]), np.array([0, 1])):
+            with pytest.raises(LmforgeError, match="distinct rows"):
+                decoder.step(tok, shared, lengths=lengths, rows=bad)

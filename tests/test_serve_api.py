@@ -156,6 +156,27 @@ def test_streaming_chunks_add_up_to_the_whole_reply_with_exact_usage(live, loade
     prompt_tokens = len(render_chat(loaded.tokenizer, messages, add_generation_prompt=True).ids)
     for u in (whole.usage, chunks[-1].usage):
         assert (u.prompt_tokens, u.completion_tokens, u.total_tokens) == (prompt_tokens, 25, prompt_tokens + 25)
+    # The second request found the first's prompt in a slot's cache (prefix reuse): all of it but
+    # the last token, which is prefilled for the first logits; the text is the same all the same.
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == prompt_tokens - 1
+
+
+def test_a_continued_chat_reuses_the_earlier_turns_and_gets_its_offline_text(live, loaded, engine):
+    client = live.client()
+    cached_before = live.metric("lmforge_prompt_tokens_cached_total")
+    turn = [{"role": "system", "content": "You answer in one line."}, {"role": "user", "content": "Pick a color."}]
+    first = client.chat.completions.create(model=NAME, messages=turn, max_tokens=12, temperature=0,
+                                           extra_body={"ignore_eos": True})
+    reply = first.choices[0].message.content
+    turn += [{"role": "assistant", "content": reply}, {"role": "user", "content": "Another one?"}]
+    second = client.chat.completions.create(model=NAME, messages=turn, max_tokens=12, temperature=0,
+                                            extra_body={"ignore_eos": True})
+    ids = render_chat(loaded.tokenizer, turn, add_generation_prompt=True).ids
+    assert second.choices[0].message.content == offline(engine, ids, max_new_tokens=12, temperature=0.0,
+                                                        ignore_eos=True).text
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached >= first.usage.prompt_tokens  # at least the first turn's prompt (its reply too where it re-tokenizes the same)
+    assert live.metric("lmforge_prompt_tokens_cached_total") - cached_before >= cached
 
 
 def test_same_seed_same_text_and_n_choices(live, loaded, engine):

@@ -44,6 +44,7 @@ class _Sequence:
     logprobs: int | None = None  # None: no log-probs; k: the picked token's and the top k
     slot: int = -1
     prefilled: int = 0  # prompt tokens already in the slot's cache
+    reused: int = 0  # of those, the ones a finished request left there (prefix reuse)
     generated: list[int] = field(default_factory=list)
     emitted: int = 0  # characters of the text already handed out
     generator: torch.Generator | None = None
@@ -167,7 +168,8 @@ class ContinuousBatcher:
                     break
                 if seq in self.prefilling:
                     self.prefilling.remove(seq)
-                events.append(self._advance(seq, logits))
+                events.append(event := self._advance(seq, logits))
+                event.cached = seq.reused
         return events
 
     def _take_slot(self, seq: _Sequence) -> None:
@@ -181,8 +183,8 @@ class ContinuousBatcher:
             best = max(range(len(self.free)), key=lambda i: (shared[i], -len(self.held[self.free[i]]), -i))
         seq.slot = self.free.pop(best)
         # At least the last prompt token is prefilled: its logits give the first token.
-        seq.prefilled = min(shared[best], len(seq.prompt_ids) - 1)
-        self.reused_tokens += seq.prefilled
+        seq.prefilled = seq.reused = min(shared[best], len(seq.prompt_ids) - 1)
+        self.reused_tokens += seq.reused
         self.held[seq.slot] = seq.prompt_ids[: seq.prefilled]
         self.lengths[seq.slot] = seq.prefilled
         self.active[seq.slot] = seq
@@ -219,20 +221,14 @@ class ContinuousBatcher:
 
     def _decode(self, slots: list[int]) -> torch.Tensor:
         """Logits [len(slots), vocab] for the tokens waiting in `slots` (sorted), each at its own
-        length. The numpy decoder takes the span of rows slots[0]..slots[-1] in one step: a free
-        or prefilling row inside it decodes a dummy token at its current length (its cache entry
-        there is overwritten by its next prefill piece or its first token), which costs little
-        beside reading every weight once for all rows."""
-        first, last = slots[0], slots[-1] + 1
+        length. The numpy decoder takes just those rows of the cache in one step, wherever they
+        are (prefix reuse picks slots by what they hold, not by place)."""
         decoder = self._numpy_decoder()
         # As in Engine._run: torch keeps one thread during steps run by numpy's kernels.
         with inference_backend(self.model, self.engine.backend, switch_layers=decoder is None):
             if decoder is not None:
-                tokens = torch.zeros((last - first, 1), dtype=torch.long, device=self.engine.device)
-                for s in slots:
-                    tokens[s - first, 0] = self.next_token[s]
-                out = decoder.step(tokens, self.cache.rows(first, last), lengths=self.lengths[first:last])
-                out = out[[s - first for s in slots]]
+                tokens = torch.tensor([[self.next_token[s]] for s in slots], dtype=torch.long)
+                out = decoder.step(tokens, self.cache, lengths=self.lengths[slots], rows=np.array(slots, np.int64))
             else:  # the torch forward has one position per call: row by row
                 rows = []
                 for s in slots:
@@ -307,18 +303,21 @@ class ContinuousBatcher:
         if seq in self.prefilling:
             self.prefilling.remove(seq)
         self.next_token.pop(slot, None)
-        # The kept tokens stay; a dummy token decoded in this row while it is free (see _decode)
-        # is written past them. A full row keeps one position less, for that write.
-        del self.held[slot][self.max_len - 1 if self.reuse_prefix else 0 :]
-        self.lengths[slot] = len(self.held[slot])
+        if not self.reuse_prefix:
+            self.held[slot].clear()
+        self.lengths[slot] = 0
         self.free.append(slot)
         self.free.sort()
 
 
 def _shared_prefix(a: list[int], b: list[int]) -> int:
-    """How many leading tokens a and b share."""
+    """How many leading tokens a and b share (64 at a time while they agree: a slot may hold a
+    conversation of 2,000 tokens, compared for every newcomer)."""
     n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
+    i = 0
+    while i < n and a[i : i + 64] == b[i : i + 64]:
+        i += 64
+    i = min(i, n)
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i

@@ -18,3 +18,4 @@ class Event:
     sampled: int = 0  # tokens the model produced in this event, an end token included (usage counts these)
     logprob: float | None = None  # log p(token_id) under the model's own distribution, when asked
     top_logprobs: list[tuple[int, float]] | None = None  # the k most likely (token, log p), when asked
+    cached: int = 0  # on a sequence's first event: its prompt tokens found in the cache, not prefilled

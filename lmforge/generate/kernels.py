@@ -265,7 +265,7 @@ _EMPTY2 = np.zeros((1, 1), dtype=np.float32)
 
 def decode_attention(qkv: np.ndarray, pos: np.ndarray, rope: tuple[np.ndarray, np.ndarray] | None,
                      keys: np.ndarray, values: np.ndarray, start: "int | np.ndarray", bias: np.ndarray | None,
-                     scale: float, cache_rows: np.ndarray | None = None) -> np.ndarray:
+                     scale: float, cache_rows: np.ndarray | None = None, one_sequence: bool = False) -> np.ndarray:
     """One decode step of a layer's attention for one new token per row.
 
     qkv [B, H + 2*Hkv, D]: the fused projection's output. q and k are rotated (RoPE tables
@@ -275,20 +275,19 @@ def decode_attention(qkv: np.ndarray, pos: np.ndarray, rope: tuple[np.ndarray, n
     own (a cache whose rows hold prompts of different lengths, side by side from position 0).
     keys, values [B, Hkv, max_len, D] (a layer of the KVCache; query head h
     reads kv head h // (H / Hkv)); bias [B, start + 1] additive (-inf = masked) or None.
-    cache_rows: int64 [B], the cache row each query row writes and reads (default: row b's own).
-    Given, several query rows may be tokens of one sequence (a prefill; start: each token's
-    position), and every key and value is written before any row attends. A query row's output
-    is the same bits either way, whatever rows are beside it.
+    cache_rows: int64 [B], the cache row each query row writes and reads (default: row b's own;
+    the batcher's busy slots). one_sequence: the query rows are tokens of one sequence in one
+    cache row (a prefill; start: each token's position), so every key and value is written before
+    any row attends. A query row's output is the same bits either way, whatever rows are beside it.
     Returns [B, H*D]."""
     batch, width, dim = qkv.shape
     heads = width - 2 * keys.shape[1]
     out = np.empty((batch, heads * dim), dtype=np.float32)
     cos, sin = rope if rope is not None else (_EMPTY2, _EMPTY2)
     starts = np.full(batch, start, np.int64) if np.isscalar(start) else np.ascontiguousarray(start, dtype=np.int64)
-    shared = cache_rows is not None
-    rows = np.ascontiguousarray(cache_rows, dtype=np.int64) if shared else np.arange(batch, dtype=np.int64)
+    rows = np.arange(batch, dtype=np.int64) if cache_rows is None else np.ascontiguousarray(cache_rows, dtype=np.int64)
     _attend(np.ascontiguousarray(qkv), pos, cos, sin, rope is not None, keys, values, rows, starts,
-            _EMPTY2 if bias is None else bias, bias is not None, np.float32(scale), shared, out)
+            _EMPTY2 if bias is None else bias, bias is not None, np.float32(scale), one_sequence, out)
     return out
 
 

@@ -164,7 +164,8 @@ class NumpyDecoder:
 
     # -- the step ----------------------------------------------------------------------------
     def step(self, idx: torch.Tensor, cache: KVCache, *, positions: torch.Tensor | None = None,
-             attn_mask: torch.Tensor | None = None, lengths: np.ndarray | None = None) -> torch.Tensor:
+             attn_mask: torch.Tensor | None = None, lengths: np.ndarray | None = None,
+             rows: np.ndarray | None = None) -> torch.Tensor:
         """`GPT.forward(idx, positions=, attn_mask=, cache=, logits_to_keep=1)` for one new token
         per row: idx [B, 1] -> logits [B, 1, vocab]. Writes the keys/values at cache.pos and
         advances it. positions [B, 1] (default cache.pos for every row); attn_mask [B, cache.pos + 1]
@@ -174,19 +175,29 @@ class NumpyDecoder:
         different lengths). The new keys/values go to position lengths[b] of row b, which attends
         over [0, lengths[b]] at position lengths[b] (positions and attn_mask not taken); the
         caller advances lengths, cache.pos is not used. A row's logits are then the same bits as
-        that sequence decoded alone.
+        that sequence decoded alone. rows (with lengths): int64 [B], distinct, the cache row of
+        each token (the busy slots of a serving cache; default 0..B-1): other rows are untouched.
         The kernels run on the decoder's threads; the caller's numba count comes back after."""
         start = time.perf_counter()
         with kernel_threads(self.governor.threads()):
-            out = self._step(idx, cache, positions=positions, attn_mask=attn_mask, lengths=lengths)
+            out = self._step(idx, cache, positions=positions, attn_mask=attn_mask, lengths=lengths, rows=rows)
         self.governor.record(idx.shape[0], time.perf_counter() - start)
         return out
 
     def _step(self, idx: torch.Tensor, cache: KVCache, *, positions: torch.Tensor | None,
-              attn_mask: torch.Tensor | None, lengths: np.ndarray | None) -> torch.Tensor:
+              attn_mask: torch.Tensor | None, lengths: np.ndarray | None,
+              rows: np.ndarray | None) -> torch.Tensor:
         B = idx.shape[0]
         if idx.shape != (B, 1):
             raise LmforgeError(f"NumpyDecoder decodes one token per row: idx of shape {tuple(idx.shape)}")
+        if rows is not None:
+            rows = np.ascontiguousarray(rows, dtype=np.int64).reshape(-1)
+            if lengths is None or rows.shape != (B,) or len(set(rows.tolist())) != B \
+                    or not all(0 <= r < cache.batch_size for r in rows.tolist()):
+                raise LmforgeError(f"NumpyDecoder.step: rows must be {B} distinct rows of the cache's "
+                                   f"{cache.batch_size}, with lengths")
+        elif B > cache.batch_size:
+            raise LmforgeError(f"NumpyDecoder.step: {B} tokens for a cache of {cache.batch_size} rows")
         if lengths is not None:
             if positions is not None or attn_mask is not None:
                 raise LmforgeError("NumpyDecoder.step: lengths gives each row's positions; pass no positions or attn_mask")
@@ -206,7 +217,7 @@ class NumpyDecoder:
         bias = None
         if attn_mask is not None:
             bias = np.where(attn_mask.numpy(), np.float32(0), np.float32(-np.inf))
-        x = self._blocks(x, cache, pos, start, bias)
+        x = self._blocks(x, cache, pos, start, bias, rows)
         if lengths is None:
             cache.pos = top + 1
         logits = self._linear(self._norm(x, self.norm_f), self.head, self.head_b)
@@ -217,15 +228,15 @@ class NumpyDecoder:
         return x if self.pos_emb is None else x + self.pos_emb[pos]
 
     def _blocks(self, x: np.ndarray, cache: KVCache, pos: np.ndarray, start: np.ndarray, bias: np.ndarray | None,
-                cache_rows: np.ndarray | None = None) -> np.ndarray:
-        """Every block on rows x at positions pos, their keys/values written at start (into
-        cache_rows, see decode_attention); a prefill (cache_rows given) on prefill's products."""
-        prefill = cache_rows is not None
+                cache_rows: np.ndarray | None, prefill: bool = False) -> np.ndarray:
+        """Every block on rows x at positions pos, their keys/values written at start of
+        cache_rows (see decode_attention); prefill: x is one sequence's tokens, on prefill's
+        products."""
         K, V = cache.k.numpy(), cache.v.numpy()
         B, H, Hkv, hd = x.shape[0], self.H, self.Hkv, self.hd
         for i, L in enumerate(self.layers):
             qkv = self._linear(self._norm(x, L.norm_1), L.qkv, L.qkv_b, prefill).reshape(B, H + 2 * Hkv, hd)
-            y = decode_attention(qkv, pos, self.rope, K[i], V[i], start, bias, self.scale, cache_rows)
+            y = decode_attention(qkv, pos, self.rope, K[i], V[i], start, bias, self.scale, cache_rows, prefill)
             x = x + self._linear(y, L.proj, L.proj_b, prefill)
             h = self._mlp_act(self._linear(self._norm(x, L.norm_2), L.fc, L.fc_b, prefill))
             x = x + self._linear(h, L.down, L.down_b, prefill)
@@ -249,7 +260,7 @@ class NumpyDecoder:
         with kernel_threads(self.threads):
             pos = np.arange(cache.pos, cache.pos + n, dtype=np.int64)
             x = self._embed(np.asarray(ids, dtype=np.int64), pos)
-            x = self._blocks(x, cache, pos, pos, None, np.zeros(n, np.int64))
+            x = self._blocks(x, cache, pos, pos, None, np.zeros(n, np.int64), prefill=True)
             logits = self._linear(self._norm(x[-1:], self.norm_f), self.head, self.head_b, True)
         cache.pos += n
         return torch.from_numpy(np.ascontiguousarray(logits[0], dtype=np.float32))

@@ -137,6 +137,7 @@ class _Choice:
     text: list[str] = field(default_factory=list)
     finish_reason: str | None = None
     tokens: int = 0
+    cached: int = 0  # prompt tokens found in the KV cache
     logprobs: list[Event] = field(default_factory=list)
 
 
@@ -189,9 +190,13 @@ class Shape:
         return body
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+def usage(plan: Plan, completion_tokens: int, cached: list[int]) -> dict:
+    """OpenAI's usage object. cached: each sequence's prompt tokens found in the KV cache; a
+    prompt's count is the least of its n choices' (each choice prefills the prompt on its own)."""
+    cached_tokens = sum(min(cached[i : i + plan.n]) for i in range(0, len(cached), plan.n))
+    return {"prompt_tokens": plan.prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": plan.prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def _reason(event: Event) -> str:
@@ -215,6 +220,7 @@ async def respond(plan: Plan, ticket: Ticket, shape: Shape, client_gone: Callabl
             c = choices[index]
             c.text.append(item.text)
             c.tokens += item.sampled
+            c.cached += item.cached
             if item.logprob is not None:
                 c.logprobs.append(item)
             if item.finish_reason:
@@ -235,7 +241,8 @@ async def respond(plan: Plan, ticket: Ticket, shape: Shape, client_gone: Callabl
         head = plan.echo[index // plan.n] if plan.echo else ""
         out.append(shape.choice(index, head + "".join(c.text), c.finish_reason,
                                 shape.logprobs(c.logprobs, len(head)), delta=False))
-    return shape.envelope(out, chunk=False, usage=usage(plan.prompt_tokens, sum(c.tokens for c in choices)))
+    return shape.envelope(out, chunk=False, usage=usage(plan, sum(c.tokens for c in choices),
+                                                        [c.cached for c in choices]))
 
 
 def sse(data: dict | str) -> str:
@@ -247,6 +254,7 @@ async def stream(plan: Plan, ticket: Ticket, shape: Shape, include_usage: bool) 
     its finish_reason, the usage chunk when asked, then [DONE]. Text that could still turn out to
     start a stop string is held back by the batcher, so nothing sent is ever taken back."""
     tokens = 0
+    cached = [0] * len(plan.sequences)
     offsets = [0] * len(plan.sequences)
     if shape.chat:  # OpenAI opens each choice with its role
         for index in range(len(plan.sequences)):
@@ -282,6 +290,7 @@ async def stream(plan: Plan, ticket: Ticket, shape: Shape, include_usage: bool) 
                           else {"error": {"message": str(item), "type": "server_error", "param": None, "code": None}})
                 return
             tokens += item.sampled
+            cached[index] += item.cached
             if item.logprob is not None:
                 pending[index].append(item)
             texts[index] += item.text
@@ -295,5 +304,5 @@ async def stream(plan: Plan, ticket: Ticket, shape: Shape, include_usage: bool) 
             if texts[index]:
                 yield text_chunk(index)
     if include_usage:
-        yield sse(shape.envelope([], chunk=True, usage=usage(plan.prompt_tokens, tokens)))
+        yield sse(shape.envelope([], chunk=True, usage=usage(plan, tokens, cached)))
     yield sse("[DONE]")

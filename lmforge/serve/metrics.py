@@ -15,6 +15,9 @@ class ServeMetrics:
         self.requests = Counter("lmforge_requests", "HTTP requests answered, by endpoint and status",
                                 ["endpoint", "status"], registry=r)
         self.prompt_tokens = Counter("lmforge_prompt_tokens", "Prompt tokens of accepted requests", registry=r)
+        self.prompt_tokens_cached = Counter("lmforge_prompt_tokens_cached",
+                                            "Prompt tokens found in the KV cache (prefix reuse), not prefilled",
+                                            registry=r)
         self.generation_tokens = Counter("lmforge_generation_tokens", "Tokens generated", registry=r)
         self.queue_depth = Gauge("lmforge_queue_depth", "Sequences waiting for a slot in the decode batch", registry=r)
         self.batch_size = Gauge("lmforge_batch_size", "Sequences in the decode batch now", registry=r)

@@ -85,6 +85,8 @@ def deliver(ticket: Ticket, index: int, item: Event | Failure, metrics: ServeMet
             metrics.request_seconds.observe(now - ticket.created)
         ticket.events.put_nowait((-1, item.error()))
         return
+    if item.cached:
+        metrics.prompt_tokens_cached.inc(item.cached)
     if item.sampled:
         metrics.generation_tokens.inc(item.sampled)
         if ticket.first_token_at is None:
