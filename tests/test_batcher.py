@@ -170,12 +170,16 @@ def test_a_server_sized_cache_takes_memory_only_for_the_tokens_it_holds():
     assert _rss_bytes() - before < cache_bytes / 8
 
 
-def _finish(batcher: ContinuousBatcher, prompt: list[int], params: SamplingParams) -> list[int]:
+def _finish(batcher: ContinuousBatcher, prompt: list[int], params: SamplingParams) -> tuple[list[int], int]:
+    """The request's token ids, and the prompt tokens it found cached (its events' count)."""
     rid = batcher.submit(prompt, params)
-    ids = []
+    ids, cached = [], 0
     while batcher.busy:
-        ids += [e.token_id for e in batcher.step() if e.request_id == rid and e.token_id is not None]
-    return ids
+        for e in batcher.step():
+            if e.request_id == rid:
+                ids += [e.token_id] if e.token_id is not None else []
+                cached += e.cached
+    return ids, cached
 
 
 @pytest.mark.parametrize("reuse", [True, False])
@@ -191,9 +195,9 @@ def test_a_prompt_continues_the_prefix_a_finished_request_left_in_its_slot(quant
     prefilled = []
     real_prefill = batcher._prefill
     batcher._prefill = lambda seq, n: (prefilled.append(n), real_prefill(seq, n))[1]
-    reply = _finish(batcher, first, params)
+    reply, _ = _finish(batcher, first, params)
     # Nothing shared: the empty slot, so that the first request's cache stays for later.
-    assert _finish(batcher, other, params) == engine.generate_ids([other], params)[0].ids
+    assert _finish(batcher, other, params)[0] == engine.generate_ids([other], params)[0].ids
     if reuse:
         assert batcher.held[0][: len(first)] == first and batcher.held[1][: len(other)] == other
     # A request continuing `other` takes slot 1 though slot 0 is free too.
@@ -207,15 +211,14 @@ def test_a_prompt_continues_the_prefix_a_finished_request_left_in_its_slot(quant
     # (never fed back to the model).
     turn = first + reply + engine.encode("\n# again:\n")
     prefilled.clear()
-    before = batcher.reused_tokens
-    got = _finish(batcher, turn, params)
+    got, cached = _finish(batcher, turn, params)
     assert got == engine.generate_ids([turn], params)[0].ids
     shared = len(first) + len(reply) - 1
     assert prefilled == ([len(turn) - shared] if reuse else [len(turn)])
-    assert batcher.reused_tokens - before == (shared if reuse else 0)
+    assert cached == (shared if reuse else 0)
     # The same prompt again: all of it shared but the last token, which gives the first logits.
     prefilled.clear()
-    assert _finish(batcher, turn, params) == got and prefilled == ([1] if reuse else [len(turn)])
+    assert _finish(batcher, turn, params)[0] == got and prefilled == ([1] if reuse else [len(turn)])
 
 
 @pytest.mark.skipif(INT8 is None, reason="int8 activations need AVX2 or AVX-512 VNNI")
@@ -225,8 +228,8 @@ def test_with_int8_activations_only_prefilled_tokens_are_reused(quantized):
     params = SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True)
     prompt = engine.encode("def main():")
     batcher = ContinuousBatcher(engine, max_batch=1)
-    reply = _finish(batcher, prompt, params)
+    reply, _ = _finish(batcher, prompt, params)
     assert batcher.held[0] == prompt
     turn = prompt + reply + engine.encode(" x")
-    assert _finish(batcher, turn, params) == engine.generate_ids([turn], params)[0].ids
-    assert batcher.reused_tokens == len(prompt)
+    ids, cached = _finish(batcher, turn, params)
+    assert ids == engine.generate_ids([turn], params)[0].ids and cached == len(prompt)

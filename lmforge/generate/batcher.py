@@ -92,7 +92,6 @@ class ContinuousBatcher:
         # Per slot, the tokens whose keys/values its cache row holds at positions [0, len): kept
         # after its request ends, for the next one with the same prefix.
         self.held: list[list[int]] = [[] for _ in range(max_batch)]
-        self.reused_tokens = 0  # prompt tokens not prefilled thanks to a kept prefix, all requests
 
     # -- requests ------------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams, logprobs: int | None = None) -> int:
@@ -184,7 +183,6 @@ class ContinuousBatcher:
         seq.slot = self.free.pop(best)
         # At least the last prompt token is prefilled: its logits give the first token.
         seq.prefilled = seq.reused = min(shared[best], len(seq.prompt_ids) - 1)
-        self.reused_tokens += seq.reused
         self.held[seq.slot] = seq.prompt_ids[: seq.prefilled]
         self.lengths[seq.slot] = seq.prefilled
         self.active[seq.slot] = seq
@@ -215,7 +213,8 @@ class ContinuousBatcher:
             ids = torch.tensor([piece], dtype=torch.long, device=self.engine.device)
             logits = self.model(ids, cache=view, logits_to_keep=1)[0][0, -1]
         seq.prefilled += n
-        self.held[seq.slot] = seq.prompt_ids[: seq.prefilled]
+        if self.reuse_prefix:
+            self.held[seq.slot] = seq.prompt_ids[: seq.prefilled]
         self.lengths[seq.slot] = seq.prefilled
         return logits
 
@@ -238,7 +237,7 @@ class ContinuousBatcher:
                     rows.append(self.model(token, cache=view, logits_to_keep=1)[0])
                 out = torch.cat(rows)
         # Keys/values a decode step wrote are prefill's bits too, except with int8 activations.
-        keep = decoder is not None and not decoder.int8
+        keep = self.reuse_prefix and decoder is not None and not decoder.int8
         for s in slots:
             if keep:
                 self.held[s].append(self.next_token[s])
@@ -303,8 +302,6 @@ class ContinuousBatcher:
         if seq in self.prefilling:
             self.prefilling.remove(seq)
         self.next_token.pop(slot, None)
-        if not self.reuse_prefix:
-            self.held[slot].clear()
         self.lengths[slot] = 0
         self.free.append(slot)
         self.free.sort()

@@ -144,14 +144,14 @@ class NumpyDecoder:
 
     def _linear(self, x: np.ndarray, w: np.ndarray | PackedWeight, b: np.ndarray | None,
                 prefill: bool = False) -> np.ndarray:
-        if prefill:  # the products of torch's quantized layers (fp32 activations, any rows)
-            y = quant_matmul(x, w)
-            return y if b is None else y + b
+        # Prefill: the products of torch's quantized layers (fp32 activations, any rows).
         # Up to ROWS rows (a decode batch): the kernels that read each weight row once for all
         # rows; more rows run on them in blocks of ROWS. numpy's BLAS (W @ x.T) beyond ROWS rows
         # ran 30-65x slower inside a step on 2 cores, its threads contending with the kernels'
         # (tiny at batch 10: 138 ms a step against 2 ms in blocks; llama-tiny 207 against 6).
-        if isinstance(w, PackedWeight):
+        if prefill:
+            y = quant_matmul(x, w)
+        elif isinstance(w, PackedWeight):
             y = quant_kernels.product(x, w, self.int8) if x.shape[0] <= ROWS else quant_matmul(x, w)
         else:
             y = few_row_linear(x, w)
